@@ -1,0 +1,24 @@
+# Set-up and jobs. `make demo` and `make test` each do the whole set-up on a fresh machine.
+PYTHON ?= python
+PIP = $(PYTHON) -m pip
+# The CPU machines carry a local torch 2.13.0 CPU wheel; GPU machines come with their own torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench-cpu lint
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install ninja setuptools wheel
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[test]"
+
+demo: install
+	ppokernels info
+	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,ops,rounds \
+		--benchmark-group-by=group --benchmark-sort=name
+
+test: install
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable -x
+
+lint:
+	ruff check ppokernels tests benchmarks setup.py

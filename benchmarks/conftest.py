@@ -1,0 +1,31 @@
+"""Benchmark presets and parametrisation.
+
+Each ``bench_<stem>.py`` defines ``SHAPES = {"tiny": [...], "cpu": [...], "llm": [...]}`` and
+``PROVIDERS`` (or a ``providers(device)`` function); tests take ``shape`` and ``provider``
+arguments. The preset is "tiny" under ``--benchmark-disable`` (CI runs every benchmark once so none
+rots), else ``PPK_BENCH_PRESET``, else "llm" on a GPU and "cpu" on the CPU.
+"""
+
+import os
+
+import torch
+
+def preset(config) -> str:
+    if config.getoption("benchmark_disable", False):
+        return "tiny"
+    return os.environ.get("PPK_BENCH_PRESET") or ("llm" if torch.cuda.is_available() else "cpu")
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module
+    if "shape" in metafunc.fixturenames and hasattr(module, "SHAPES"):
+        shapes = module.SHAPES[preset(metafunc.config)]
+        metafunc.parametrize("shape", shapes, ids=[str(s) for s in shapes])
+    if "provider" in metafunc.fixturenames and hasattr(module, "providers"):
+        metafunc.parametrize("provider", module.providers(device()))
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", [device()])

@@ -1,0 +1,140 @@
+// CUDA kernels of the kl family: per-token KL estimators, forward and backward.
+#include "ppokernels/cuda_utils.cuh"
+#include "ppokernels/kl.h"
+
+namespace ppokernels {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void kl_fwd_kernel(const T* __restrict__ logprobs, const T* __restrict__ ref_logprobs,
+                              acc_t<T>* __restrict__ out, int64_t n, KLEstimator est,
+                              acc_t<T> clamp) {
+  using A = acc_t<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = kl_value<A>(load_as<A>(logprobs, i) - load_as<A>(ref_logprobs, i), est, clamp);
+  }
+}
+
+template <typename T>
+__global__ void kl_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ logprobs,
+                              const T* __restrict__ ref_logprobs, T* __restrict__ grad_logprobs,
+                              int64_t n, KLEstimator est, acc_t<T> clamp, bool straight_through) {
+  using A = acc_t<T>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A x = load_as<A>(logprobs, i) - load_as<A>(ref_logprobs, i);
+    store_as(grad_logprobs, i, grad[i] * kl_grad<A>(x, est, clamp, straight_through));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t kl_penalty_fwd(const T* logprobs, const T* ref_logprobs, acc_t<T>* out, int64_t n,
+                           KLEstimator est, double clamp, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  kl_fwd_kernel<T><<<elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+      logprobs, ref_logprobs, out, n, est, static_cast<acc_t<T>>(clamp));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t kl_penalty_bwd(const acc_t<T>* grad, const T* logprobs, const T* ref_logprobs,
+                           T* grad_logprobs, int64_t n, KLEstimator est, double clamp,
+                           bool straight_through, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  kl_bwd_kernel<T><<<elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+      grad, logprobs, ref_logprobs, grad_logprobs, n, est, static_cast<acc_t<T>>(clamp),
+      straight_through);
+  return cudaGetLastError();
+}
+
+#define PPK_INSTANTIATE(T)                                                                     \
+  template cudaError_t kl_penalty_fwd<T>(const T*, const T*, acc_t<T>*, int64_t, KLEstimator, \
+                                         double, cudaStream_t);                                \
+  template cudaError_t kl_penalty_bwd<T>(const acc_t<T>*, const T*, const T*, T*, int64_t,     \
+                                         KLEstimator, double, bool, cudaStream_t);
+PPK_INSTANTIATE(float)
+PPK_INSTANTIATE(double)
+PPK_INSTANTIATE(__half)
+PPK_INSTANTIATE(__nv_bfloat16)
+#undef PPK_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace ppokernels
+
+#ifndef PPK_KERNELS_ONLY
+// ---------------------------------------------------------------- torch glue
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "ppokernels/cuda_dispatch.h"
+
+namespace ppokernels {
+
+namespace {
+void check_inputs(const char* op, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                  const std::string& estimator, KLEstimator* est, bool* st) {
+  TORCH_CHECK(parse_kl_estimator(estimator.c_str(), est, st), op, ": unknown estimator '",
+              estimator, "'");
+  TORCH_CHECK(logprobs.sizes() == ref_logprobs.sizes(), op,
+              ": logprobs and ref_logprobs must have the same shape");
+  TORCH_CHECK(logprobs.scalar_type() == ref_logprobs.scalar_type(), op,
+              ": logprobs and ref_logprobs must have the same dtype");
+  TORCH_CHECK(ref_logprobs.device() == logprobs.device(), op, ": inputs on different devices");
+}
+}  // namespace
+
+at::Tensor kl_penalty_cuda(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                           const std::string& estimator, std::optional<double> clamp) {
+  KLEstimator est;
+  bool st;
+  check_inputs("kl_penalty", logprobs, ref_logprobs, estimator, &est, &st);
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const auto lp = logprobs.contiguous();
+  const auto ref = ref_logprobs.contiguous();
+  const auto out_dtype = lp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty(lp.sizes(), lp.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_cuda", [&] {
+    using T = typename cuda::CudaType<scalar_t>::type;
+    C10_CUDA_CHECK(cuda::kl_penalty_fwd<T>(cuda::ptr<scalar_t>(lp), cuda::ptr<scalar_t>(ref),
+                                           out.data_ptr<cuda::acc_t<T>>(), lp.numel(), est,
+                                           clamp.value_or(0.0), cuda::stream()));
+  });
+  return out;
+}
+
+at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& logprobs,
+                                    const at::Tensor& ref_logprobs, const std::string& estimator,
+                                    std::optional<double> clamp) {
+  KLEstimator est;
+  bool st;
+  check_inputs("kl_penalty_backward", logprobs, ref_logprobs, estimator, &est, &st);
+  TORCH_CHECK(grad.sizes() == logprobs.sizes(), "kl_penalty_backward: grad has the wrong shape");
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const auto lp = logprobs.contiguous();
+  const auto ref = ref_logprobs.contiguous();
+  const auto out_dtype = lp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto g = grad.to(out_dtype).contiguous();
+  auto grad_lp = at::empty_like(lp);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_bwd_cuda", [&] {
+    using T = typename cuda::CudaType<scalar_t>::type;
+    C10_CUDA_CHECK(cuda::kl_penalty_bwd<T>(g.data_ptr<cuda::acc_t<T>>(), cuda::ptr<scalar_t>(lp),
+                                           cuda::ptr<scalar_t>(ref), cuda::ptr<scalar_t>(grad_lp),
+                                           lp.numel(), est, clamp.value_or(0.0), st,
+                                           cuda::stream()));
+  });
+  return grad_lp;
+}
+
+TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("kl_penalty", &kl_penalty_cuda);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
+}
+
+}  // namespace ppokernels
+#endif  // PPK_KERNELS_ONLY

@@ -1,0 +1,17 @@
+"""ppokernels: fused kernels for the token-level arithmetic of PPO-style RL on language models.
+
+Every op is a registered torch op (``torch.ops.ppokernels.*``) with CPU C++, CUDA C++ and Triton
+kernels and a plain-PyTorch reference (:mod:`ppokernels.reference`). Public functions take tensors
+first, everything else keyword-only, and ``backend="auto" | "cpp" | "triton" | "reference"``.
+"""
+
+from ppokernels._backend import BackendUnavailable, info
+from ppokernels.ops.kl import kl_penalty
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "info",
+    "kl_penalty",
+]

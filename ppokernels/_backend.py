@@ -1,0 +1,126 @@
+"""The one place that knows which backends are built and picks one for an op call.
+
+Backends:
+  ``cpp``        the compiled extension ``ppokernels._C``: the CPU C++ kernel for CPU tensors, the
+                 CUDA C++ kernel for CUDA tensors (torch dispatches on the device).
+  ``triton``     Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+  ``reference``  plain PyTorch from :mod:`ppokernels.reference`, differentiable by autograd.
+
+``auto`` picks, for CUDA tensors, the faster built GPU kernel of the op (``FASTEST_GPU``, from the
+benchmarks), for CPU tensors the C++ kernel, and the reference when nothing is built.
+``PPOKERNELS_BACKEND`` replaces ``auto`` when set. Asking for a backend that is not built is an
+error that says how to build it; there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "reference")
+
+try:  # the compiled extension registers the C++ kernels when loaded
+    from ppokernels import _C  # noqa: F401
+
+    CPP_ERROR: str | None = None
+except ImportError as e:  # pure-Python install (PPOKERNELS_BUILD_EXT=0) or a failed build
+    CPP_ERROR = str(e)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# Which GPU kernel `auto` takes per op when both are built (set from benchmarks/results).
+FASTEST_GPU: dict[str, str] = {}
+
+BUILD_HINT = {
+    "cpp": "build the extension: pip install --no-build-isolation -e . "
+    "(without PPOKERNELS_BUILD_EXT=0)",
+    "cuda": "build the CUDA kernels: PPOKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e . "
+    "with a CUDA build of torch and nvcc on PATH",
+    "triton": "install triton (pip install triton); on CPU tensors Triton runs only with "
+    "TRITON_INTERPRET=1 set before ppokernels is imported",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for that is not built or cannot run on the given device."""
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _registered(key: str) -> frozenset[str]:
+    names = torch._C._dispatch_get_registrations_for_dispatch_key(key)
+    return frozenset(n.split("::")[1] for n in names if n.startswith("ppokernels::"))
+
+
+# Ops with a C++ kernel per device type, read once at import (not while torch.compile traces).
+CPP_KERNELS = {"cpu": _registered("CPU"), "cuda": _registered("CUDA")} if CPP_ERROR is None else {}
+
+
+def has_cpp(device_type: str = "cpu", op: str = "kl_penalty") -> bool:
+    """Whether ``ppokernels::<op>`` has a C++ kernel for ``device_type`` ("cpu" or "cuda")."""
+    return op in CPP_KERNELS.get(device_type, ())
+
+
+def has_triton(device_type: str = "cuda") -> bool:
+    """Whether Triton kernels can run on tensors of ``device_type``."""
+    if not HAS_TRITON:
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and interpreting())
+
+
+def choose(op: str, device: torch.device, backend: str = "auto") -> str:
+    """Backend that runs ``op`` on ``device``: "cpp", "triton" or "reference"."""
+    if backend == "auto":
+        backend = os.environ.get("PPOKERNELS_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    dev = device.type
+    if backend == "auto":
+        if dev == "cuda":
+            order = (
+                ("triton", "cpp")
+                if FASTEST_GPU.get(op, "triton") == "triton"
+                else ("cpp", "triton")
+            )
+        else:
+            order = ("cpp",)
+        for b in order:
+            if (b == "cpp" and has_cpp(dev, op)) or (b == "triton" and has_triton(dev)):
+                return b
+        return "reference"
+    if backend == "cpp" and not has_cpp(dev, op):
+        hint = BUILD_HINT["cuda" if dev == "cuda" else "cpp"]
+        why = f" ({CPP_ERROR})" if CPP_ERROR else ""
+        raise BackendUnavailable(
+            f"{op}: the C++ kernel for {dev} tensors is not built{why}; {hint}"
+        )
+    if backend == "triton" and not has_triton(dev):
+        raise BackendUnavailable(
+            f"{op}: the Triton backend cannot run on {dev} tensors; {BUILD_HINT['triton']}"
+        )
+    return backend
+
+
+def info() -> dict[str, object]:
+    """What is built and importable, for ``ppokernels info`` and bug reports."""
+    triton_version = None
+    if HAS_TRITON:
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cpp_cpu_kernels": has_cpp("cpu"),
+        "cpp_cuda_kernels": has_cpp("cuda"),
+        "cpp_error": CPP_ERROR,
+        "cuda_available": torch.cuda.is_available(),
+        "triton_interpreter": interpreting(),
+        "backend_override": os.environ.get("PPOKERNELS_BACKEND"),
+    }

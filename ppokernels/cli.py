@@ -1,0 +1,58 @@
+"""Command line: ``ppokernels info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    import ppokernels
+    from ppokernels import _backend
+
+    facts = {
+        "ppokernels": ppokernels.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
+    facts.update(_backend.info())
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        print(f"{key:<{width}}  {value}")
+    print("\nbackends per op (cpu / cuda):")
+    for name in ppokernels.__all__:
+        if name in ("BackendUnavailable", "info"):
+            continue
+        row = []
+        for dev in ("cpu", "cuda"):
+            opts = ["reference"]
+            if _backend.has_cpp(dev, name):
+                opts.append("cpp")
+            if _backend.has_triton(dev):
+                opts.append("triton")
+            row.append(",".join(opts))
+        print(f"  {name:<22} {row[0]:<26} {row[1]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ppokernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions and which backends are built")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=_info)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

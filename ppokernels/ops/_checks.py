@@ -1,0 +1,97 @@
+"""Argument checks shared by the public op functions.
+
+Every message starts with the op name and names the argument, so a bad call fails with a clear
+Python exception (TypeError for wrong kinds/dtypes, ValueError for wrong shapes/values) before any
+kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def tensor(
+    op: str, name: str, x, *, floating: bool = True, ndim: int | tuple[int, ...] | None = None
+):
+    """``x`` is a tensor (floating point unless ``floating=False``) with ``ndim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, float64, bfloat16 or float16, got {x.dtype}"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if x.dim() not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(
+                f"{op}: {name} must have {want} dimensions, got shape {tuple(x.shape)}"
+            )
+    return x
+
+
+def mask(op: str, name: str, m, like: torch.Tensor) -> torch.Tensor:
+    """A {0, 1} mask of ``like``'s shape and device (bool, integer or floating)."""
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(m).__name__}")
+    if m.dtype.is_complex:
+        raise TypeError(f"{op}: {name} must be bool, integer or floating, got {m.dtype}")
+    same_shape(op, name, m, "the data", like)
+    same_device(op, name, m, like)
+    return m
+
+
+def same_shape(op: str, name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if x.shape != other.shape:
+        raise ValueError(
+            f"{op}: {name} has shape {tuple(x.shape)} "
+            f"but {other_name} has shape {tuple(other.shape)}"
+        )
+
+
+def same_device(op: str, name: str, x: torch.Tensor, other: torch.Tensor) -> None:
+    if x.device != other.device:
+        raise ValueError(
+            f"{op}: {name} is on {x.device} but the other inputs are on {other.device}"
+        )
+
+
+def same_dtype(op: str, name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if x.dtype != other.dtype:
+        raise TypeError(f"{op}: {name} is {x.dtype} but {other_name} is {other.dtype}")
+
+
+def unit_interval(op: str, name: str, v) -> float:
+    """A Python number in [0, 1] (discount factors)."""
+    v = number(op, name, v)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1], got {v}")
+    return v
+
+
+def positive(op: str, name: str, v, *, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    v = number(op, name, v)
+    if not v > 0.0:
+        raise ValueError(f"{op}: {name} must be > 0, got {v}")
+    return v
+
+
+def number(op: str, name: str, v) -> float:
+    if isinstance(v, torch.Tensor) or isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} must be a Python float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
+    return v
+
+
+def choice(op: str, name: str, v, allowed) -> str:
+    if v not in allowed:
+        raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {v!r}")
+    return v

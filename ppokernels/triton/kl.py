@@ -1,0 +1,193 @@
+"""Triton kernels of the kl family: per-token KL estimators, forward and backward.
+
+Math as in ``csrc/include/ppokernels/kl.h``; estimator codes: k1 = 0, k2 = 1, k3 = 2, abs = 3.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ppokernels.triton._common import aot, expm1
+
+ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+BLOCK = 1024
+
+
+@triton.jit
+def _k3(x):
+    """exp(-x) - 1 + x; a Taylor series near 0, where the direct form cancels."""
+    s = 1.0 / 40320.0
+    s = 1.0 / 5040.0 - x * s
+    s = 1.0 / 720.0 - x * s
+    s = 1.0 / 120.0 - x * s
+    s = 1.0 / 24.0 - x * s
+    s = 1.0 / 6.0 - x * s
+    s = 0.5 - x * s
+    return tl.where(tl.abs(x) < 0.25, x * x * s, expm1(-x) + x)
+
+
+@triton.jit
+def _value(x, EST: tl.constexpr):
+    if EST == 0:
+        k = x
+    elif EST == 1:
+        k = 0.5 * x * x
+    elif EST == 2:
+        k = _k3(x)
+    else:
+        k = tl.abs(x)
+    return k
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    # inputs
+    logprobs_ptr,  # [n] fp32/fp64/bf16/fp16
+    ref_logprobs_ptr,  # [n] same dtype
+    # outputs
+    out_ptr,  # [n] fp32 (fp64 for fp64 inputs)
+    # shapes and scalars
+    n,
+    clamp,  # output clamp, used when HAS_CLAMP
+    # meta
+    EST: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # int64 before the multiply: n may exceed 2^31
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    acc = out_ptr.dtype.element_ty
+    a = tl.load(logprobs_ptr + offs, mask=valid, other=0.0).to(acc)
+    b = tl.load(ref_logprobs_ptr + offs, mask=valid, other=0.0).to(acc)
+    k = _value(a - b, EST)
+    if HAS_CLAMP:
+        k = tl.minimum(tl.maximum(k, -clamp), clamp)
+    tl.store(out_ptr + offs, k, mask=valid)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    # inputs
+    grad_ptr,  # [n] fp32/fp64, upstream gradient of the estimator
+    logprobs_ptr,  # [n]
+    ref_logprobs_ptr,  # [n]
+    # outputs
+    grad_logprobs_ptr,  # [n] dtype of logprobs
+    # shapes and scalars
+    n,
+    clamp,
+    # meta
+    EST: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    STRAIGHT_THROUGH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    acc = grad_ptr.dtype.element_ty
+    a = tl.load(logprobs_ptr + offs, mask=valid, other=0.0).to(acc)
+    b = tl.load(ref_logprobs_ptr + offs, mask=valid, other=0.0).to(acc)
+    g = tl.load(grad_ptr + offs, mask=valid, other=0.0)
+    x = a - b
+    if STRAIGHT_THROUGH:  # value of the named estimator, gradient of k2
+        d = x
+    else:
+        if EST == 0:
+            d = tl.full(x.shape, 1.0, acc)
+        elif EST == 1:
+            d = x
+        elif EST == 2:
+            d = -expm1(-x)
+        else:
+            d = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(acc)
+        if HAS_CLAMP:  # clamped values pass no gradient (the boundary itself does, as torch.clamp)
+            k = _value(x, EST)
+            d = tl.where((k < -clamp) | (k > clamp), 0.0, d)
+    tl.store(grad_logprobs_ptr + offs, (g * d).to(grad_logprobs_ptr.dtype.element_ty), mask=valid)
+
+
+def _parse(estimator: str) -> tuple[int, bool]:
+    st = estimator.endswith("+")
+    name = estimator[:-1] if st else estimator
+    if name not in ESTIMATORS:
+        raise ValueError(f"kl_penalty: unknown estimator {estimator!r}")
+    return ESTIMATORS[name], st
+
+
+@triton_op("ppokernels::kl_penalty_triton", mutates_args=())
+def kl_penalty_triton(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, clamp: float | None
+) -> torch.Tensor:
+    est, _ = _parse(estimator)
+    lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
+    out_dtype = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    out = torch.empty(lp.shape, dtype=out_dtype, device=lp.device)
+    n = lp.numel()
+    grid = (triton.cdiv(n, BLOCK),)
+    if n > 0:
+        wrap_triton(_kl_fwd_kernel)[grid](
+            lp,
+            ref,
+            out,
+            n,
+            clamp if clamp is not None else 0.0,
+            EST=est,
+            HAS_CLAMP=clamp is not None,
+            BLOCK=BLOCK,
+        )
+    return out
+
+
+@triton_op("ppokernels::kl_penalty_backward_triton", mutates_args=())
+def kl_penalty_backward_triton(
+    grad: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    estimator: str,
+    clamp: float | None,
+) -> torch.Tensor:
+    est, st = _parse(estimator)
+    lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
+    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    g = grad.to(acc).contiguous()
+    grad_lp = torch.empty_like(lp)
+    n = lp.numel()
+    grid = (triton.cdiv(n, BLOCK),)
+    if n > 0:
+        wrap_triton(_kl_bwd_kernel)[grid](
+            g,
+            lp,
+            ref,
+            grad_lp,
+            n,
+            clamp if clamp is not None else 0.0,
+            EST=est,
+            HAS_CLAMP=clamp is not None,
+            STRAIGHT_THROUGH=st,
+            BLOCK=BLOCK,
+        )
+    return grad_lp
+
+
+for _est in range(4):
+    _sig = {
+        "logprobs_ptr": "*bf16",
+        "ref_logprobs_ptr": "*bf16",
+        "out_ptr": "*fp32",
+        "n": "i64",
+        "clamp": "fp32",
+    }
+    aot(_kl_fwd_kernel, _sig, EST=_est, HAS_CLAMP=True, BLOCK=BLOCK)
+    _sig = {
+        "grad_ptr": "*fp32",
+        "logprobs_ptr": "*fp32",
+        "ref_logprobs_ptr": "*fp32",
+        "grad_logprobs_ptr": "*fp32",
+        "n": "i64",
+        "clamp": "fp32",
+    }
+    aot(_kl_bwd_kernel, _sig, EST=_est, HAS_CLAMP=True, STRAIGHT_THROUGH=False, BLOCK=BLOCK)
