@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 # The CPU machines carry a local torch 2.13.0 CPU wheel; GPU machines come with their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench-cpu lint
+.PHONY: install demo test lint build syntax
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -22,3 +22,16 @@ test: install
 
 lint:
 	ruff check ppokernels tests benchmarks setup.py
+
+# Developer helpers. `build` rebuilds the extension in place, serialised by a lock so that several
+# people (or agents) working in one tree do not build at once.
+build:
+	flock /tmp/ppokernels-build.lock env MAX_JOBS=$${MAX_JOBS:-2} \
+		$(PIP) install --no-build-isolation --no-deps -e . -q
+
+# Compile-check one C++ source quickly: make syntax FILE=csrc/cpu/gae.cpp
+syntax:
+	g++ -fsyntax-only -std=c++20 -mavx2 -mfma -mf16c -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 \
+		-I csrc/include $$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; \
+		import sysconfig; print(' '.join('-I'+p for p in include_paths()), \
+		'-I'+sysconfig.get_paths()['include'])") $(FILE)

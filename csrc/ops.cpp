@@ -28,11 +28,11 @@ TORCH_LIBRARY(ppokernels, m) {
       "-> (Tensor advantages, Tensor returns)");
   m.def(
       "gae_backward(Tensor grad_advantages, Tensor grad_returns, Tensor mask, float gamma, "
-      "float lam, str mode) -> (Tensor grad_rewards, Tensor grad_values)");
+      "float lam, str mode, ScalarType dtype) -> (Tensor grad_rewards, Tensor grad_values)");
   m.def("discounted_returns(Tensor rewards, Tensor mask, float gamma, str mode) -> Tensor");
   m.def(
-      "discounted_returns_backward(Tensor grad_returns, Tensor mask, float gamma, str mode) "
-      "-> Tensor");
+      "discounted_returns_backward(Tensor grad_returns, Tensor mask, float gamma, str mode, "
+      "ScalarType dtype) -> Tensor");
 
   // --- advantages: masked moments, whitening, group baselines (GRPO, RLOO, Dr.GRPO)
 

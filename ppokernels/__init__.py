@@ -6,6 +6,7 @@ first, everything else keyword-only, and ``backend="auto" | "cpp" | "triton" | "
 """
 
 from ppokernels._backend import BackendUnavailable, info
+from ppokernels.ops.gae import discounted_returns, gae
 from ppokernels.ops.kl import kl_penalty
 
 __version__ = "0.1.0"
@@ -13,5 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
     "info",
+    "discounted_returns",
+    "gae",
     "kl_penalty",
 ]

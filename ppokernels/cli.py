@@ -1,4 +1,4 @@
-"""Command line: ``ppokernels info``."""
+"""Command line: ``ppokernels info | train | bench``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="versions and which backends are built")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=_info)
+    # Each subcommand module adds its parser: add_parser(subparsers) sets defaults(fn=...).
+    for module in ("ppokernels.rl.cli", "ppokernels.bench"):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
+            continue
+        mod.add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 
