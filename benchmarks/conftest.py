@@ -1,9 +1,11 @@
 """Benchmark presets and parametrisation.
 
-Each ``bench_<stem>.py`` defines ``SHAPES = {"tiny": [...], "cpu": [...], "llm": [...]}`` and
-``PROVIDERS`` (or a ``providers(device)`` function); tests take ``shape`` and ``provider``
-arguments. The preset is "tiny" under ``--benchmark-disable`` (CI runs every benchmark once so none
-rots), else ``PPK_BENCH_PRESET``, else "llm" on a GPU and "cpu" on the CPU.
+Each ``bench_<stem>.py`` defines ``SHAPES = {"tiny": [...], "cpu": [...], "llm": [...]}`` and a
+``providers(device)`` function; tests take ``shape`` and ``provider`` arguments. The preset is
+"tiny" under ``--benchmark-disable`` (CI runs every benchmark once so none rots), else
+``PPK_BENCH_PRESET``, else "llm" on a GPU and "cpu" on the CPU. "cpu" holds the shapes of the
+CPU targets; "quick" (``ppokernels bench --preset quick``) is a module's ``SHAPES["quick"]`` when
+it has one, else the first "cpu" shape.
 """
 
 import os
@@ -23,7 +25,11 @@ def device() -> str:
 def pytest_generate_tests(metafunc):
     module = metafunc.module
     if "shape" in metafunc.fixturenames and hasattr(module, "SHAPES"):
-        shapes = module.SHAPES[preset(metafunc.config)]
+        name = preset(metafunc.config)
+        if name == "quick" and "quick" not in module.SHAPES:
+            shapes = module.SHAPES["cpu"][:1]
+        else:
+            shapes = module.SHAPES[name]
         metafunc.parametrize("shape", shapes, ids=[str(s) for s in shapes])
     if "provider" in metafunc.fixturenames and hasattr(module, "providers"):
         metafunc.parametrize("provider", module.providers(device()))

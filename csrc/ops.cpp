@@ -41,4 +41,26 @@ TORCH_LIBRARY(ppokernels, m) {
   // --- linear_logprobs: per-token log-probs and entropy from hidden states and lm_head weight
 
   // --- ppo_loss: clipped surrogate policy loss and clipped value loss
+  // Fused forward: (loss, metrics [clipfrac, approx_kl, dual_clipfrac, kl, entropy], row_stats
+  // [B, 2] = (aggregation weight, sequence log-ratio) per row, saved for the backward).
+  m.def(
+      "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, float clip_low, "
+      "float clip_high, float? dual_clip, float? logratio_clamp, str ratio_level, str agg, "
+      "float? num_tokens, float? num_seqs, float kl_coef, str kl_estimator, float? kl_clamp, "
+      "float entropy_coef) -> (Tensor loss, Tensor metrics, Tensor row_stats)");
+  m.def(
+      "ppo_policy_loss_backward(Tensor grad, Tensor logprobs, Tensor old_logprobs, "
+      "Tensor advantages, Tensor mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, "
+      "Tensor row_stats, float clip_low, float clip_high, float? dual_clip, "
+      "float? logratio_clamp, str ratio_level, float kl_coef, str kl_estimator, float? kl_clamp, "
+      "float entropy_coef) -> (Tensor grad_logprobs, Tensor grad_ref_logprobs, "
+      "Tensor grad_entropy)");
+  m.def(
+      "value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "
+      "str agg, float? num_tokens, float? num_seqs) -> (Tensor loss, Tensor clipfrac, "
+      "Tensor row_scale)");
+  m.def(
+      "value_loss_backward(Tensor grad, Tensor values, Tensor old_values, Tensor returns, "
+      "Tensor mask, Tensor row_scale, float? clip) -> Tensor");
 }

@@ -8,6 +8,12 @@ first, everything else keyword-only, and ``backend="auto" | "cpp" | "triton" | "
 from ppokernels._backend import BackendUnavailable, info
 from ppokernels.ops.gae import discounted_returns, gae
 from ppokernels.ops.kl import kl_penalty
+from ppokernels.ops.ppo_loss import (
+    PolicyLossOutput,
+    ValueLossOutput,
+    ppo_policy_loss,
+    value_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -17,4 +23,8 @@ __all__ = [
     "discounted_returns",
     "gae",
     "kl_penalty",
+    "PolicyLossOutput",
+    "ValueLossOutput",
+    "ppo_policy_loss",
+    "value_loss",
 ]

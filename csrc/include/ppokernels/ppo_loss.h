@@ -1,0 +1,203 @@
+// Per-token math of the ppo_loss family: PPO's clipped surrogate (with asymmetric "clip-higher"
+// bounds and dual clip) and the clipped value loss, plus the aggregation weights of the trainers'
+// loss modes. Written branch-free over T (float, double or a SIMD vector of floats; common.h),
+// so the CPU SIMD loops, the scalar tails and the CUDA threads run the same code.
+//
+// Policy, one token (Schulman et al. 2017; dual clip: Ye et al. 2019; veRL
+// compute_policy_loss_vanilla, research/trainers.md 2.4):
+//   L1 = -A r,  L2 = -A clip(r, 1 - clip_low, 1 + clip_high),  Lc = max(L1, L2)
+//   dual clip c > 1, A < 0:  L = min(Lc, -A c)
+// Gradient with respect to r: L1 wins (or ties, where r is inside the clip range and both terms
+// have slope -A) -> -A; L2 strictly wins -> r lies outside the range, slope 0; dual clip active ->
+// the constant -A c, slope 0. The flags are veRL's metrics: clipped = L2 > L1, dual = Lc > -A c
+// with A < 0.
+//
+// Value, one token (veRL compute_value_loss, OpenRLHF ValueLoss, trainers.md 2.6 / 3.3):
+//   vc = clip(v, v_old - clip, v_old + clip),  L = 0.5 max((v - R)^2, (vc - R)^2)
+// dL/dv = v - R unless the clipped term strictly wins (then v is outside the range: 0).
+#pragma once
+#include <cstring>
+
+#include "ppokernels/common.h"
+#include "ppokernels/kl.h"
+
+namespace ppokernels {
+
+// Loss aggregation modes (veRL agg_loss, trainers.md 2.5).
+enum class AggMode : int {
+  kTokenMean = 0,             // sum over valid tokens / (num_tokens or number of valid tokens)
+  kTokenSum = 1,              // sum over valid tokens
+  kSeqMeanTokenMean = 2,      // per-row masked mean, summed over rows / (num_seqs or B)
+  kSeqMeanTokenSum = 3,       // per-row masked sum, summed over rows / (num_seqs or B)
+  kSeqMeanTokenSumNorm = 4,   // as kSeqMeanTokenSum, / T as well (Dr.GRPO)
+};
+
+// Layout of the per-row partial sums of the policy forward (row_partials[b * kPolicyK + k]).
+enum PolicyPartial : int {
+  kPN = 0,        // number of valid tokens
+  kPLoss = 1,     // sum of the (weighted) surrogate
+  kPKL = 2,       // sum of the KL term (unscaled)
+  kPEntropy = 3,  // sum of the entropy
+  kPClip = 4,     // number of clipped tokens
+  kPNegLR = 5,    // sum of -logratio
+  kPDual = 6,     // number of tokens where the dual clip is active
+  kPolicyK = 7,
+};
+// Metrics vector of the policy forward: clipfrac, approx_kl, dual_clipfrac, kl, entropy.
+constexpr int kPolicyMetrics = 5;
+
+// 1 where c holds, else 0 (c a bool, or a SIMD comparison mask).
+template <typename T, typename C>
+PPK_HOST_DEVICE T as_flag(C c) {
+  return vselect(c, T(1), T(0));
+}
+
+// clamp(x, -c, c); c <= 0 means no clamp.
+template <typename T, typename S>
+PPK_HOST_DEVICE T clamp_logratio(T x, S c) {
+  return c > S(0) ? vmin(vmax(x, T(-c)), T(c)) : x;
+}
+
+// d clamp_logratio / dx: 1 inside [-c, c] (the boundary passes, as torch.clamp), else 0.
+template <typename T, typename S>
+PPK_HOST_DEVICE T clamp_logratio_grad(T x, S c) {
+  if (!(c > S(0))) return T(1);
+  return vselect(x < T(-c), T(0), vselect(x > T(c), T(0), T(1)));
+}
+
+// The clipped surrogate of one token from its ratio r and advantage A. Returns L; writes
+// dL/dr and veRL's two clip flags (1/0). dual <= 0 means no dual clip.
+template <typename T, typename S>
+PPK_HOST_DEVICE T policy_surrogate(T ratio, T adv, S clip_low, S clip_high, S dual, T* dl_dratio,
+                                   T* clipped, T* dual_active) {
+  const T neg_adv = T(0) - adv;
+  const T l1 = neg_adv * ratio;
+  const T l2 = neg_adv * vmin(vmax(ratio, T(S(1) - clip_low)), T(S(1) + clip_high));
+  const auto is_clipped = l2 > l1;
+  T loss = vmax(l1, l2);
+  T d = vselect(is_clipped, T(0), neg_adv);
+  *clipped = as_flag<T>(is_clipped);
+  if (dual > S(0)) {
+    const T l3 = neg_adv * T(dual);
+    const auto active = (adv < T(0)) & (loss > l3);
+    loss = vselect(active, l3, loss);
+    d = vselect(active, T(0), d);
+    *dual_active = as_flag<T>(active);
+  } else {
+    *dual_active = T(0);
+  }
+  *dl_dratio = d;
+  return loss;
+}
+
+// Scalars of the policy loss, in the kernel's math type S (double on the CPU, the accumulation type
+// on CUDA). Non-positive dual / logratio_clamp / kl_clamp mean "off".
+template <typename S>
+struct PolicyParams {
+  S clip_low, clip_high, dual, logratio_clamp, kl_coef, kl_clamp, entropy_coef;
+  KLEstimator est;
+  bool kl_straight_through, seq_ratio, has_ref;
+};
+
+// Forward of one valid token: the weighted surrogate, the (unscaled) KL term and veRL's metrics.
+// seq_lr is the row's sequence log-ratio (used when p.seq_ratio, GSPO).
+template <typename T, typename S>
+PPK_HOST_DEVICE T policy_token_forward(const PolicyParams<S>& p, T lp, T old, T ref, T adv, T w,
+                                       T seq_lr, T* kl, T* clipped, T* dual, T* neg_logratio) {
+  const T lr = clamp_logratio(lp - old, p.logratio_clamp);
+  const T ratio = vexp(p.seq_ratio ? seq_lr : lr);
+  T d;
+  const T loss = w * policy_surrogate(ratio, adv, p.clip_low, p.clip_high, p.dual, &d, clipped,
+                                      dual);
+  *kl = p.has_ref ? kl_value(lp - ref, p.est, p.kl_clamp) : T(0);
+  *neg_logratio = T(0) - lr;
+  return loss;
+}
+
+// Backward of one valid token: d(token loss)/d logprobs, surrogate plus kl_coef * KL term, before
+// the row's aggregation weight. *dkl = kl_coef * d KL / d logprobs (= -d/d ref_logprobs).
+// Token level: d ratio / d lp = ratio where the log-ratio is inside the clamp, else 0.
+// Sequence level (GSPO, veRL's gspo): ratio_t = exp(lp_t - sg(lp_t) + sg(seq_lr)), so the value is
+// the sequence ratio and d ratio_t / d lp_t = ratio_t.
+template <typename T, typename S>
+PPK_HOST_DEVICE T policy_token_backward(const PolicyParams<S>& p, T lp, T old, T ref, T adv, T w,
+                                        T seq_lr, T* dkl) {
+  const T raw = lp - old;
+  T ratio, dratio;
+  if (p.seq_ratio) {
+    ratio = vexp(seq_lr);
+    dratio = ratio;
+  } else {
+    ratio = vexp(clamp_logratio(raw, p.logratio_clamp));
+    dratio = ratio * clamp_logratio_grad(raw, p.logratio_clamp);
+  }
+  T d, c, du;
+  policy_surrogate(ratio, adv, p.clip_low, p.clip_high, p.dual, &d, &c, &du);
+  T g = w * d * dratio;
+  if (p.has_ref) {
+    *dkl = T(p.kl_coef) * kl_grad(lp - ref, p.est, p.kl_clamp, p.kl_straight_through);
+    g = g + *dkl;
+  } else {
+    *dkl = T(0);
+  }
+  return g;
+}
+
+// Clipped value loss of one token. clip <= 0 means none. Writes dL/dv and the clip flag.
+template <typename T, typename S>
+PPK_HOST_DEVICE T value_token(T v, T v_old, T ret, S clip, T* dl_dv, T* clipped) {
+  const T err = v - ret;
+  const T sq = err * err;
+  if (!(clip > S(0))) {
+    *dl_dv = err;
+    *clipped = T(0);
+    return T(0.5) * sq;
+  }
+  const T vc = vmin(vmax(v, v_old - T(clip)), v_old + T(clip));
+  const T errc = vc - ret;
+  const T sqc = errc * errc;
+  const auto is_clipped = sqc > sq;
+  *dl_dv = vselect(is_clipped, T(0), err);
+  *clipped = as_flag<T>(is_clipped);
+  return T(0.5) * vmax(sq, sqc);
+}
+
+// Weight of every valid token of one row in the aggregated loss (the loss is the sum over rows of
+// row_scale * row sum). n_row: valid tokens of the row; n_total: valid tokens of the batch;
+// num_tokens / num_seqs: global counts (<= 0: use the local ones); rows = B; width = T.
+// An empty row, or a batch with no valid token, gets weight 0: loss 0, zero gradient, no NaN.
+PPK_HOST_DEVICE double agg_row_scale(AggMode mode, double n_row, double n_total, double num_tokens,
+                                     double num_seqs, int64_t rows, int64_t width) {
+  const double seqs = num_seqs > 0 ? num_seqs : static_cast<double>(rows);
+  switch (mode) {
+    case AggMode::kTokenMean: {
+      const double d = num_tokens > 0 ? num_tokens : n_total;
+      return d > 0 ? 1.0 / d : 0.0;
+    }
+    case AggMode::kTokenSum: return 1.0;
+    case AggMode::kSeqMeanTokenMean: return n_row > 0 ? 1.0 / (n_row * seqs) : 0.0;
+    case AggMode::kSeqMeanTokenSum: return seqs > 0 ? 1.0 / seqs : 0.0;
+    default: return seqs > 0 && width > 0 ? 1.0 / (seqs * static_cast<double>(width)) : 0.0;
+  }
+}
+
+// Host-side parsers; false if unknown.
+inline bool parse_agg_mode(const char* name, AggMode* mode) {
+  const char* names[] = {"token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"};
+  for (int i = 0; i < 5; ++i) {
+    if (std::strcmp(name, names[i]) == 0) {
+      *mode = static_cast<AggMode>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+// "token" -> false, "sequence" (GSPO) -> true.
+inline bool parse_ratio_level(const char* name, bool* sequence) {
+  *sequence = std::strcmp(name, "sequence") == 0;
+  return *sequence || std::strcmp(name, "token") == 0;
+}
+
+}  // namespace ppokernels

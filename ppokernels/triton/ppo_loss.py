@@ -1,0 +1,312 @@
+"""Triton kernels of the ppo_loss family: the clipped policy loss, forward and backward.
+
+Math as in ``csrc/include/ppokernels/ppo_loss.h``. Forward: one program per row reduces the row
+into partial sums (``_policy_row_kernel``), then one program reduces the rows in a fixed order
+and applies the aggregation weights (``_policy_finalize_kernel``): deterministic, no atomics.
+Backward: elementwise over [B, T] with the per-row weight saved by the forward.
+Scalars travel as fp32 (Triton's type for Python floats), also for fp64 data.
+The value loss is in ``ppo_loss_value.py``, the per-token math in ``ppo_loss_math.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ppokernels.triton._common import aot
+from ppokernels.triton.kl import ESTIMATORS
+from ppokernels.triton.kl import _value as _kl_value
+from ppokernels.triton.ppo_loss_math import AGG, BLOCK, K, _agg_scale, _kl_grad, _surrogate
+
+
+@triton.jit
+def _policy_row_kernel(
+    # inputs, [B, T] unless noted
+    lp_ptr, old_ptr, ref_ptr, ent_ptr,  # dtype of logprobs (ref/ent: used if HAS_REF/HAS_ENT)
+    adv_ptr, w_ptr,  # fp32/fp64, [B, T] or [B] (ADV_ROW / W_ROW)
+    mask_ptr,  # bool
+    # outputs
+    part_ptr,  # [B, K] fp32/fp64 per-row partial sums
+    seq_lr_ptr,  # [B] sequence log-ratio (GSPO)
+    # shapes and scalars
+    T, clip_low, clip_high, dual, lr_clamp, kl_clamp,
+    # meta
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, ADV_ROW: tl.constexpr,
+    W_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
+    KL_EST: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    acc = part_ptr.dtype.element_ty
+    base = b * T
+    s = tl.zeros([BLOCK], acc)
+    if SEQ:  # first pass: masked mean of the clamped log-ratio
+        n = tl.zeros([BLOCK], acc)
+        for t0 in range(0, T, BLOCK):
+            offs = t0 + tl.arange(0, BLOCK)
+            m = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
+            lr = (tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc)
+                  - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc))  # fmt: skip
+            if HAS_LR_CLAMP:
+                lr = tl.minimum(tl.maximum(lr, -lr_clamp), lr_clamp)
+            s += tl.where(m, lr, 0.0)
+            n += m.to(acc)
+        s = s * 0.0 + tl.sum(s) / tl.maximum(tl.sum(n), 1.0)
+    tl.store(seq_lr_ptr + b, tl.max(s, 0))
+    zero = tl.zeros([BLOCK], acc)
+    a_n, a_loss, a_kl, a_ent, a_clip, a_nlr, a_dual = zero, zero, zero, zero, zero, zero, zero
+    for t0 in range(0, T, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        m = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
+        lp = tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc)
+        lr = lp - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc)
+        if HAS_LR_CLAMP:
+            lr = tl.minimum(tl.maximum(lr, -lr_clamp), lr_clamp)
+        if SEQ:
+            ratio = tl.exp(s)
+        else:
+            ratio = tl.exp(lr)
+        if ADV_ROW:
+            adv = tl.load(adv_ptr + b + offs * 0)
+        else:
+            adv = tl.load(adv_ptr + base + offs, mask=m, other=0.0)
+        loss, d, clipped, active = _surrogate(ratio, adv, clip_low, clip_high, dual, HAS_DUAL)
+        if HAS_W:
+            if W_ROW:
+                loss = loss * tl.load(w_ptr + b + offs * 0)
+            else:
+                loss = loss * tl.load(w_ptr + base + offs, mask=m, other=0.0)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + base + offs, mask=m, other=0.0).to(acc)
+            kl = _kl_value(lp - ref, KL_EST)
+            if HAS_KL_CLAMP:
+                kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
+            a_kl += tl.where(m, kl, 0.0)
+        if HAS_ENT:
+            a_ent += tl.where(m, tl.load(ent_ptr + base + offs, mask=m, other=0.0).to(acc), 0.0)
+        a_n += m.to(acc)
+        a_loss += tl.where(m, loss, 0.0)
+        a_clip += (m & clipped).to(acc)
+        a_nlr += tl.where(m, -lr, 0.0)
+        a_dual += (m & active).to(acc)
+    p = part_ptr + b * 8
+    tl.store(p + 0, tl.sum(a_n))
+    tl.store(p + 1, tl.sum(a_loss))
+    tl.store(p + 2, tl.sum(a_kl))
+    tl.store(p + 3, tl.sum(a_ent))
+    tl.store(p + 4, tl.sum(a_clip))
+    tl.store(p + 5, tl.sum(a_nlr))
+    tl.store(p + 6, tl.sum(a_dual))
+
+
+@triton.jit
+def _policy_finalize_kernel(
+    # inputs
+    part_ptr,  # [B, K] per-row partial sums
+    seq_lr_ptr,  # [B]
+    # outputs
+    loss_ptr,  # [] loss
+    metrics_ptr,  # [5] clipfrac, approx_kl, dual_clipfrac, kl, entropy
+    row_stats_ptr,  # [B, 2] aggregation weight, sequence log-ratio
+    # shapes and scalars
+    B, T, num_tokens, num_seqs, kl_coef, entropy_coef,  # num_*: <= 0 means local counts
+    # meta
+    AGG: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    acc = part_ptr.dtype.element_ty
+    z = tl.zeros([BLOCK_B], acc)
+    n_acc, clip_acc, nlr_acc, dual_acc = z, z, z, z
+    for r0 in range(0, B, BLOCK_B):
+        rows = (r0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        ok = rows < B
+        n_acc += tl.load(part_ptr + rows * 8 + 0, mask=ok, other=0.0)
+        clip_acc += tl.load(part_ptr + rows * 8 + 4, mask=ok, other=0.0)
+        nlr_acc += tl.load(part_ptr + rows * 8 + 5, mask=ok, other=0.0)
+        dual_acc += tl.load(part_ptr + rows * 8 + 6, mask=ok, other=0.0)
+    n_total = tl.sum(n_acc)
+    loss_acc, kl_acc, ent_acc = z, z, z
+    for r0 in range(0, B, BLOCK_B):
+        rows = (r0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        ok = rows < B
+        n = tl.load(part_ptr + rows * 8 + 0, mask=ok, other=0.0)
+        w = _agg_scale(n, n_total, num_tokens, num_seqs, B, T, AGG)
+        w = tl.where(ok, w, 0.0)
+        pg = tl.load(part_ptr + rows * 8 + 1, mask=ok, other=0.0)
+        kl = tl.load(part_ptr + rows * 8 + 2, mask=ok, other=0.0)
+        ent = tl.load(part_ptr + rows * 8 + 3, mask=ok, other=0.0)
+        loss_acc += w * (pg + kl_coef * kl - entropy_coef * ent)
+        kl_acc += w * kl
+        ent_acc += w * ent
+        tl.store(row_stats_ptr + rows * 2, w, mask=ok)
+        tl.store(
+            row_stats_ptr + rows * 2 + 1, tl.load(seq_lr_ptr + rows, mask=ok, other=0.0), mask=ok
+        )
+    inv = tl.where(n_total > 0, 1.0 / tl.maximum(n_total, 1.0), 0.0)
+    tl.store(loss_ptr, tl.sum(loss_acc))
+    tl.store(metrics_ptr + 0, tl.sum(clip_acc) * inv)
+    tl.store(metrics_ptr + 1, tl.sum(nlr_acc) * inv)
+    tl.store(metrics_ptr + 2, tl.sum(dual_acc) * inv)
+    tl.store(metrics_ptr + 3, tl.sum(kl_acc))
+    tl.store(metrics_ptr + 4, tl.sum(ent_acc))
+
+
+@triton.jit
+def _policy_bwd_kernel(
+    # inputs, [B, T] unless noted
+    grad_ptr,  # [] upstream gradient of the loss, fp32/fp64
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, mask_ptr,  # as in _policy_row_kernel
+    row_stats_ptr,  # [B, 2] aggregation weight, sequence log-ratio
+    # outputs
+    g_lp_ptr, g_ref_ptr, g_ent_ptr,  # dtype of logprobs (ref/ent: if HAS_REF/HAS_ENT)
+    # shapes and scalars
+    T, clip_low, clip_high, dual, lr_clamp, kl_coef, kl_clamp, entropy_coef,
+    # meta
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, ADV_ROW: tl.constexpr,
+    W_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
+    KL_EST: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, KL_ST: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < T
+    base = b * T
+    acc = row_stats_ptr.dtype.element_ty
+    m = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
+    scale = tl.load(grad_ptr).to(acc) * tl.load(row_stats_ptr + b * 2)
+    m = m & ((offs * 0 + scale) != 0)  # empty rows: zeros without work
+    lp = tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc)
+    raw = lp - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc)
+    if SEQ:
+        ratio = tl.exp(tl.load(row_stats_ptr + b * 2 + 1) + raw * 0.0)
+        dratio = ratio
+    else:
+        lr = raw
+        if HAS_LR_CLAMP:
+            lr = tl.minimum(tl.maximum(raw, -lr_clamp), lr_clamp)
+        ratio = tl.exp(lr)
+        dratio = ratio
+        if HAS_LR_CLAMP:
+            dratio = tl.where((raw < -lr_clamp) | (raw > lr_clamp), 0.0, ratio)
+    if ADV_ROW:
+        adv = tl.load(adv_ptr + b + offs * 0)
+    else:
+        adv = tl.load(adv_ptr + base + offs, mask=m, other=0.0)
+    loss, d, clipped, active = _surrogate(ratio, adv, clip_low, clip_high, dual, HAS_DUAL)
+    g = d * dratio
+    if HAS_W:
+        if W_ROW:
+            g = g * tl.load(w_ptr + b + offs * 0)
+        else:
+            g = g * tl.load(w_ptr + base + offs, mask=m, other=0.0)
+    if HAS_REF:
+        ref = tl.load(ref_ptr + base + offs, mask=m, other=0.0).to(acc)
+        dkl = kl_coef * _kl_grad(lp - ref, kl_clamp, KL_EST, HAS_KL_CLAMP, KL_ST)
+        g += dkl
+        gr = tl.where(m, -scale * dkl, 0.0)
+        tl.store(g_ref_ptr + base + offs, gr.to(g_ref_ptr.dtype.element_ty), mask=inb)
+    if HAS_ENT:
+        ge = tl.where(m, -entropy_coef * scale + raw * 0.0, 0.0)
+        tl.store(g_ent_ptr + base + offs, ge.to(g_ent_ptr.dtype.element_ty), mask=inb)
+    g = tl.where(m, scale * g, 0.0)
+    tl.store(g_lp_ptr + base + offs, g.to(g_lp_ptr.dtype.element_ty), mask=inb)
+
+
+def _flags(lp, adv, ref, ent, w, dual, lr_clamp, ratio_level, kl_estimator, kl_clamp):
+    est = kl_estimator.rstrip("+")
+    return dict(
+        HAS_REF=ref is not None, HAS_ENT=ent is not None, HAS_W=w is not None,
+        ADV_ROW=adv.dim() == 1, W_ROW=w is not None and w.dim() == 1,
+        SEQ=ratio_level == "sequence", HAS_DUAL=dual is not None,
+        HAS_LR_CLAMP=lr_clamp is not None, KL_EST=ESTIMATORS[est],
+        HAS_KL_CLAMP=kl_clamp is not None,
+    )  # fmt: skip
+
+
+def _prep(lp, old, adv, mask, ref, ent, w):
+    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    adv = adv.to(acc).contiguous()
+    w = None if w is None else w.to(acc).contiguous()
+    mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    return acc, c(lp), c(old), adv, mask, c(ref), c(ent), w
+
+
+@triton_op("ppokernels::ppo_policy_loss_triton", mutates_args=())
+def ppo_policy_loss_triton(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, ref_logprobs: torch.Tensor | None, entropy: torch.Tensor | None,
+    is_weights: torch.Tensor | None, clip_low: float, clip_high: float, dual_clip: float | None,
+    logratio_clamp: float | None, ratio_level: str, agg: str, num_tokens: float | None,
+    num_seqs: float | None, kl_coef: float, kl_estimator: str, kl_clamp: float | None,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    acc, lp, old, adv, mask, ref, ent, w = _prep(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights
+    )
+    B, T = lp.shape
+    part = torch.empty((B, K), dtype=acc, device=lp.device)
+    seq_lr = torch.empty((B,), dtype=acc, device=lp.device)
+    loss = torch.empty((), dtype=acc, device=lp.device)
+    metrics = torch.empty((5,), dtype=acc, device=lp.device)
+    row_stats = torch.empty((B, 2), dtype=acc, device=lp.device)
+    flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
+                   kl_clamp)  # fmt: skip
+    if B > 0:
+        wrap_triton(_policy_row_kernel)[(B,)](
+            lp, old, ref if ref is not None else lp, ent if ent is not None else lp, adv,
+            w if w is not None else adv, mask, part, seq_lr, T, clip_low, clip_high,
+            dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **flags, BLOCK=BLOCK,
+        )  # fmt: skip
+    wrap_triton(_policy_finalize_kernel)[(1,)](
+        part, seq_lr, loss, metrics, row_stats, B, T, num_tokens or 0.0, num_seqs or 0.0,
+        kl_coef, entropy_coef, AGG=AGG[agg], BLOCK_B=256,
+    )  # fmt: skip
+    return loss, metrics, row_stats
+
+
+@triton_op("ppokernels::ppo_policy_loss_backward_triton", mutates_args=())
+def ppo_policy_loss_backward_triton(
+    grad: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+    advantages: torch.Tensor, mask: torch.Tensor, ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None, is_weights: torch.Tensor | None, row_stats: torch.Tensor,
+    clip_low: float, clip_high: float, dual_clip: float | None, logratio_clamp: float | None,
+    ratio_level: str, kl_coef: float, kl_estimator: str, kl_clamp: float | None,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    acc, lp, old, adv, mask, ref, ent, w = _prep(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights
+    )
+    B, T = lp.shape
+    g_lp = torch.empty_like(lp)
+    g_ref = torch.empty_like(ref) if ref is not None else lp.new_empty((0,))
+    g_ent = torch.empty_like(ent) if ent is not None else lp.new_empty((0,))
+    flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
+                   kl_clamp)  # fmt: skip
+    if B > 0 and T > 0:
+        wrap_triton(_policy_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
+            grad.to(acc), lp, old, ref if ref is not None else lp, adv,
+            w if w is not None else adv, mask, row_stats.to(acc).contiguous(), g_lp,
+            g_ref if ref is not None else g_lp, g_ent if ent is not None else g_lp, T, clip_low,
+            clip_high, dual_clip or 0.0, logratio_clamp or 0.0, kl_coef, kl_clamp or 0.0,
+            entropy_coef, **flags, KL_ST=kl_estimator.endswith("+"), BLOCK=BLOCK,
+        )  # fmt: skip
+    return g_lp, g_ref, g_ent
+
+
+_F = dict(HAS_REF=True, HAS_ENT=True, HAS_W=True, ADV_ROW=False, W_ROW=False, HAS_DUAL=True,
+          HAS_LR_CLAMP=True, KL_EST=2, HAS_KL_CLAMP=True)  # fmt: skip
+_DATA = {"lp_ptr": "*bf16", "old_ptr": "*bf16", "ref_ptr": "*bf16"}
+_CLIP = {"clip_low": "fp32", "clip_high": "fp32", "dual": "fp32", "lr_clamp": "fp32"}
+for _seq in (False, True):
+    aot(_policy_row_kernel, {**_DATA, "ent_ptr": "*bf16", "adv_ptr": "*fp32", "w_ptr": "*fp32",
+        "mask_ptr": "*i1", "part_ptr": "*fp32", "seq_lr_ptr": "*fp32", "T": "i64", **_CLIP,
+        "kl_clamp": "fp32"}, **_F, SEQ=_seq, BLOCK=BLOCK)  # fmt: skip
+    aot(_policy_bwd_kernel, {"grad_ptr": "*fp32", **_DATA, "adv_ptr": "*fp32", "w_ptr": "*fp32",
+        "mask_ptr": "*i1", "row_stats_ptr": "*fp32", "g_lp_ptr": "*bf16", "g_ref_ptr": "*bf16",
+        "g_ent_ptr": "*bf16", "T": "i64", **_CLIP, "kl_coef": "fp32", "kl_clamp": "fp32",
+        "entropy_coef": "fp32"}, **_F, SEQ=_seq, KL_ST=False, BLOCK=BLOCK)  # fmt: skip
+for _agg in AGG.values():
+    aot(_policy_finalize_kernel, {"part_ptr": "*fp32", "seq_lr_ptr": "*fp32", "loss_ptr": "*fp32",
+        "metrics_ptr": "*fp32", "row_stats_ptr": "*fp32", "B": "i64", "T": "i64",
+        "num_tokens": "fp32", "num_seqs": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32"},
+        AGG=_agg, BLOCK_B=256)  # fmt: skip
