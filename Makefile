@@ -10,11 +10,12 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install ninja setuptools wheel
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install --no-deps -r requirements-compat.txt
 
 demo: install
-	ppokernels info
-	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=median,ops,rounds \
-		--benchmark-group-by=group --benchmark-sort=name
+	$(PYTHON) -m ppokernels.cli info
+	$(PYTHON) -m ppokernels.cli train --algo ppo --out runs/demo
+	$(PYTHON) -m ppokernels.cli bench --preset quick --out bench-results
 
 test: install
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider

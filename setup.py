@@ -39,7 +39,7 @@ def _want_cuda(torch, cuda_home):
 
 
 def _simd_flags():
-    """Compiler flags that select ATen's AVX2 Vectorized<float> in csrc/include/ppokernels/cpu_vec.h.
+    """Flags that select ATen's AVX2 Vectorized<float> (csrc/include/ppokernels/cpu_vec.h).
 
     The kernels then need an AVX2 CPU at run time, so this is only on when the build machine has
     AVX2, FMA and F16C (a local build runs where it was built)."""

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+
 def preset(config) -> str:
     if config.getoption("benchmark_disable", False):
         return "tiny"

@@ -35,10 +35,49 @@ TORCH_LIBRARY(ppokernels, m) {
       "ScalarType dtype) -> Tensor");
 
   // --- advantages: masked moments, whitening, group baselines (GRPO, RLOO, Dr.GRPO)
+  // masked_moments -> [mean, var, count] over the entries where mask != 0 (fp32; fp64 for fp64)
+  m.def("masked_moments(Tensor x, Tensor mask, bool unbiased) -> Tensor");
+  m.def(
+      "masked_moments_backward(Tensor grad, Tensor x, Tensor mask, Tensor moments, bool unbiased) "
+      "-> Tensor");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, bool unbiased, float eps) -> Tensor");
+  m.def(
+      "masked_whiten_backward(Tensor grad, Tensor x, Tensor mask, bool shift_mean, bool unbiased, "
+      "float eps) -> Tensor");
+  // group_ids: dense int64 ids in [0, num_groups)
+  m.def(
+      "group_advantages(Tensor scores, Tensor group_ids, int num_groups, str estimator, float eps, "
+      "bool norm_by_std) -> Tensor");
+  m.def(
+      "group_advantages_backward(Tensor grad, Tensor scores, Tensor group_ids, int num_groups, "
+      "str estimator, float eps, bool norm_by_std) -> Tensor");
 
   // --- logprobs: per-token log-probs and entropy from logits
+  // lse (log-sum-exp of logits / temperature per token) is saved for the backward; entropy is
+  // empty (shape [0]) unless with_entropy. inplace_backward only tells the autograd formula to
+  // use token_logprobs_backward_ (which overwrites the logits with their gradient).
+  m.def(
+      "token_logprobs(Tensor logits, Tensor labels, float temperature, bool with_entropy, "
+      "int ignore_index, bool inplace_backward) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def(
+      "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor labels, Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> Tensor");
+  m.def(
+      "token_logprobs_backward_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
+      "Tensor labels, Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> ()");
 
   // --- linear_logprobs: per-token log-probs and entropy from hidden states and lm_head weight
+  // label_logit, lse and entropy of z = (hidden @ weight.T + bias) / temperature per row over the
+  // local vocabulary shard [vocab_start, vocab_start + V); rows labelled ignore_index give zeros.
+  m.def(
+      "linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
+      "float temperature, int ignore_index, int vocab_start, int chunk_size) "
+      "-> (Tensor label_logit, Tensor lse, Tensor entropy)");
+  m.def(
+      "linear_logprobs_backward(Tensor grad_label_logit, Tensor grad_lse, Tensor grad_entropy, "
+      "Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, Tensor entropy, "
+      "float temperature, int ignore_index, int vocab_start, int chunk_size, bool[3] output_mask) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // --- ppo_loss: clipped surrogate policy loss and clipped value loss
   // Fused forward: (loss, metrics [clipfrac, approx_kl, dual_clipfrac, kl, entropy], row_stats

@@ -6,8 +6,16 @@ first, everything else keyword-only, and ``backend="auto" | "cpp" | "triton" | "
 """
 
 from ppokernels._backend import BackendUnavailable, info
+from ppokernels.ops.advantages import (
+    group_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
 from ppokernels.ops.gae import discounted_returns, gae
 from ppokernels.ops.kl import kl_penalty
+from ppokernels.ops.linear_logprobs import linear_logprobs
+from ppokernels.ops.logprobs import token_logprobs
 from ppokernels.ops.ppo_loss import (
     PolicyLossOutput,
     ValueLossOutput,
@@ -20,9 +28,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
     "info",
+    "kl_penalty",
     "discounted_returns",
     "gae",
-    "kl_penalty",
+    "group_advantages",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "token_logprobs",
+    "linear_logprobs",
     "PolicyLossOutput",
     "ValueLossOutput",
     "ppo_policy_loss",

@@ -87,6 +87,141 @@ def discounted_returns(rewards, mask, *, gamma=1.0, mode="skip"):
     return gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, mode=mode)[0]
 
 
+# ------------------------------------------------------------------------------- advantages
+def _valid(x, mask):
+    """(x in the accumulation dtype with masked entries set to 0, mask as bool)."""
+    m = mask != 0
+    xa = x.to(_acc(x))
+    return torch.where(m, xa, torch.zeros_like(xa)), m
+
+
+def masked_mean(x, mask):
+    """sum(x * m) / sum(m) over all entries (NaN when no entry is valid, as torch.mean).
+
+    Masked entries are selected away, so inf/NaN padding does not leak into the result.
+    """
+    xv, m = _valid(x, mask)
+    return xv.sum() / m.sum()
+
+
+def masked_var(x, mask, *, unbiased=True):
+    """sum(m (x - mean)^2) / (n - 1 if unbiased else n), n = sum(m); NaN without enough entries."""
+    xv, m = _valid(x, mask)
+    n = m.sum()
+    mean = xv.sum() / n
+    d = n - 1 if unbiased else n
+    sq = torch.where(m, (xv - mean).square(), torch.zeros_like(xv)).sum()
+    return torch.where(d > 0, sq / d.clamp(min=1), torch.full_like(sq, float("nan")))
+
+
+def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8):
+    """(x - mean) * rsqrt(var + eps) (+ mean if not shift_mean), statistics over the valid
+    entries, every entry transformed (veRL's / TRL's masked_whiten)."""
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=unbiased)
+    y = (x.to(_acc(x)) - mean) * torch.rsqrt(var + eps)
+    return y if shift_mean else y + mean
+
+
+def group_advantages(scores, group_index, *, estimator="grpo", eps=1e-6, norm_by_std=True):
+    """Per-sequence advantages with a group baseline; groups of one member as veRL's loops.
+
+    grpo: (s - mean_g) / (std_g + eps) with the unbiased std, or s - mean_g without std
+    normalisation (Dr.GRPO); a singleton has mean 0 and std 1. rloo: s - mean of the other
+    members = n / (n - 1) (s - mean_g); a singleton keeps its score.
+    """
+    s = scores.to(_acc(scores))
+    _, inv = torch.unique(group_index, return_inverse=True)
+    g = int(inv.max()) + 1 if inv.numel() else 0
+    one = torch.ones_like(s)
+    n = torch.zeros(g, dtype=s.dtype, device=s.device).index_add(0, inv, one)[inv]
+    mean = torch.zeros(g, dtype=s.dtype, device=s.device).index_add(0, inv, s)[inv] / n
+    sq = torch.zeros(g, dtype=s.dtype, device=s.device).index_add(0, inv, (s - mean).square())
+    single = n == 1
+    # singletons: std 1 (selected before the sqrt, whose gradient at 0 is infinite)
+    std = torch.sqrt(torch.where(single, one, sq[inv] / torch.where(single, one, n - 1)))
+    mean = torch.where(single, torch.zeros_like(s), mean)
+    if estimator == "grpo":
+        return (s - mean) / (std + eps) if norm_by_std else s - mean
+    if estimator == "rloo":
+        return torch.where(single, s, (s - mean) * n / (n - 1).clamp(min=1))
+    raise ValueError(f"group_advantages: unknown estimator {estimator!r}")
+
+
+
+# --------------------------------------------------------------------------------- logprobs
+def token_logprobs(logits, labels, *, temperature=1.0, with_entropy=False, ignore_index=-100):
+    """Log-prob of each label and (optionally) the entropy of each row's softmax.
+
+    With z = logits / temperature (the temperature applies to log-probs and entropy alike):
+    ``logprobs = log_softmax(z)[label]``, ``entropy = -sum_j p_j log p_j``, p = softmax(z).
+    Tokens whose label is ``ignore_index`` give 0 for both and get no gradient.
+
+    Args:
+        logits: (..., V) float logits. labels: (...) integer token ids.
+
+    Returns:
+        ``(logprobs, entropy or None)``, each (...) float32 (float64 for float64 logits).
+    """
+    z = logits.to(_acc(logits)) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    index = torch.where(valid, labels, 0).long().unsqueeze(-1)
+    logprobs = torch.where(valid, logp.gather(-1, index).squeeze(-1), 0.0)
+    entropy = None
+    if with_entropy:
+        p = logp.exp()
+        # p log p = 0 where p = 0 (e.g. -inf logits), instead of 0 * -inf = NaN
+        entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+        entropy = torch.where(valid, entropy, 0.0)
+    return logprobs, entropy
+
+
+
+# -------------------------------------------------------------------------- linear_logprobs
+def linear_logprobs_stats(
+    hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, vocab_start=0
+):
+    """Per-row ``(label_logit, lse, entropy)`` of ``z = (hidden @ weight.T + bias) / temperature``
+    over the vocabulary shard ``[vocab_start, vocab_start + V)`` held by ``weight [V, H]``.
+
+    ``label_logit`` is 0 where the label lies outside the shard; rows labelled ``ignore_index``
+    give zeros. Materialises the ``[N, V]`` logits (this is the specification, not a kernel).
+    """
+    dtype = _acc(hidden, weight)
+    z = hidden.reshape(-1, hidden.shape[-1]).to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        z = z + bias.to(dtype)
+    z = z / temperature
+    y = labels.reshape(-1).long()
+    valid = y != ignore_index
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    entropy = lse - (p * z).sum(-1)
+    local = y - vocab_start
+    owned = valid & (local >= 0) & (local < weight.shape[0])
+    label_logit = z.gather(1, torch.where(owned, local, 0)[:, None]).squeeze(1)
+    zero = torch.zeros_like(lse)
+    return (
+        torch.where(owned, label_logit, zero),
+        torch.where(valid, lse, zero),
+        torch.where(valid, entropy, zero),
+    )
+
+
+def linear_logprobs(
+    hidden, weight, labels, *, bias=None, temperature=1.0, with_entropy=False, ignore_index=-100
+):
+    """``(logprobs, entropy or None)`` of ``labels`` under ``softmax((hidden @ weight.T + bias) /
+    temperature)``, shape of ``labels``; 0 where ``labels == ignore_index``."""
+    label_logit, lse, entropy = linear_logprobs_stats(
+        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index
+    )
+    logprobs = (label_logit - lse).view(labels.shape)
+    return logprobs, entropy.view(labels.shape) if with_entropy else None
+
+
+
 # --------------------------------------------------------------------------------- ppo_loss
 from typing import NamedTuple  # noqa: E402  (kept in this section: one marker per stem)
 

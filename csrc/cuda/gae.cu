@@ -205,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "gae_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK(cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(r), cuda::ptr<scalar_t>(v),
+    C10_CUDA_CHECK((cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(r), cuda::ptr<scalar_t>(v),
                                            m.data_ptr<bool>(), adv.data_ptr<A>(), ret.data_ptr<A>(),
-                                           rows.n, rows.len, gamma, lam, mode, cuda::stream()));
+                                           rows.n, rows.len, gamma, lam, mode, cuda::stream())));
   });
   return {adv, ret};
 }
@@ -228,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor> gae_backward_cuda(const at::Tensor& grad_adva
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK(cuda::gae_backward<T, A>(gr.data_ptr<A>(), ga.data_ptr<A>(), m.data_ptr<bool>(),
+    C10_CUDA_CHECK((cuda::gae_backward<T, A>(gr.data_ptr<A>(), ga.data_ptr<A>(), m.data_ptr<bool>(),
                                             cuda::ptr<scalar_t>(grad_r), cuda::ptr<scalar_t>(grad_v),
-                                            rows.n, rows.len, gamma, lam, mode, cuda::stream()));
+                                            rows.n, rows.len, gamma, lam, mode, cuda::stream())));
   });
   return {grad_r, grad_v};
 }
@@ -245,9 +245,9 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "returns_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK(cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(r), nullptr, m.data_ptr<bool>(),
+    C10_CUDA_CHECK((cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(r), nullptr, m.data_ptr<bool>(),
                                            ret.data_ptr<A>(), nullptr, rows.n, rows.len, gamma,
-                                           1.0, mode, cuda::stream()));
+                                           1.0, mode, cuda::stream())));
   });
   return ret;
 }
@@ -264,9 +264,9 @@ at::Tensor discounted_returns_backward_cuda(const at::Tensor& grad_returns, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK(cuda::gae_backward<T, A>(gr.data_ptr<A>(), nullptr, m.data_ptr<bool>(),
+    C10_CUDA_CHECK((cuda::gae_backward<T, A>(gr.data_ptr<A>(), nullptr, m.data_ptr<bool>(),
                                             cuda::ptr<scalar_t>(grad_r), nullptr, rows.n, rows.len,
-                                            gamma, 1.0, mode, cuda::stream()));
+                                            gamma, 1.0, mode, cuda::stream())));
   });
   return grad_r;
 }

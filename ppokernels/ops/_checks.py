@@ -95,3 +95,18 @@ def choice(op: str, name: str, v, allowed) -> str:
     if v not in allowed:
         raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {v!r}")
     return v
+
+
+def non_negative(op: str, name: str, v) -> float:
+    """A finite Python number >= 0 (epsilons)."""
+    v = number(op, name, v)
+    if v < 0.0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {v}")
+    return v
+
+
+def flag(op: str, name: str, v) -> bool:
+    """A Python bool (keyword switches such as ``unbiased``)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+    return v

@@ -29,3 +29,33 @@ def expm1(y):
     s = 1.0 + y / 3.0 * s
     s = 1.0 + y / 2.0 * s
     return tl.where(tl.abs(y) < 0.25, y * s, tl.exp(y) - 1.0)
+
+
+# ---------------------------------------------------------------- online softmax statistics
+# Per-row statistics of z = logits / temperature over the columns seen so far (the Triton form of
+# csrc/include/ppokernels/logprobs.h): m = max z, s = sum exp(z - m), u = sum exp(z - m) (z - m).
+# Then lse = m + log s, E_p[z] = m + u / s, entropy = log s - u / s. Shared by token_logprobs and
+# linear_logprobs.
+
+
+@triton.jit
+def softmax_stats_tile(m, s, u, z, WITH_ENTROPY: tl.constexpr):
+    """Folds a [R, C] tile ``z`` (padding columns -inf, never 0) into the [R] stats (m, s, u).
+
+    One rescale per row and tile, one exp per element; start from m = -inf, s = u = 0. Without
+    WITH_ENTROPY, u is returned unchanged.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    # a.m == m_new (also -inf == -inf) needs no rescale; an empty prefix has c = 0, c * d := 0
+    d = tl.where(m == m_new, 0.0, m - m_new)
+    c = tl.exp(d)
+    # shift by 0 while the max is still -inf, so -inf columns give exp(-inf) = 0, not NaN
+    base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    x = z - base[:, None]
+    e = tl.exp(x)
+    if WITH_ENTROPY:
+        # e * x for a masked column is 0 * -inf: clamp x to a finite value first
+        ex = e * tl.maximum(x, -3.0e38)
+        u = c * u + tl.where(c > 0.0, c * d, 0.0) * s + tl.sum(ex, axis=1)
+    s = c * s + tl.sum(e, axis=1)
+    return m_new, s, u

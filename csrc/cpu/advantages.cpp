@@ -1,0 +1,285 @@
+// CPU kernels of the advantages family: masked moments and masked whitening (forward, backward).
+// The group baselines are in advantages_group.cpp.
+//
+// Reductions are deterministic: the data is cut into fixed chunks of kChunk entries (independent
+// of the thread count). Each chunk is read from memory once and summed by one thread in acc_t
+// (SIMD lanes for float) in two sweeps while it is in cache: its count, sum and mean mu_c, then
+// its sums centred at mu_c. The chunk statistics are merged in double, in chunk order (Chan et
+// al.'s pairwise update), so the result is the two-pass one and the same bits on every call.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "ppokernels/advantages.h"
+#include "ppokernels/cpu_vec.h"
+
+namespace ppokernels {
+namespace {
+
+constexpr int64_t kChunk = 8192;  // entries per reduction partial (fixed: determinism)
+// Work per thread: below ~2^18 entries one thread is faster than waking a second one.
+constexpr int64_t kChunkGrain = 32;      // chunks
+constexpr int64_t kGrain = int64_t(1) << 18;  // entries of the elementwise passes
+constexpr int kVec = VecF::size();
+
+// 1.0f where the bool mask is set, else 0.0f, for kVec entries.
+inline VecF load_mask(const bool* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return VecF(_mm256_cvtepi32_ps(b));  // bool bytes are 0 or 1
+#else
+  alignas(64) float tmp[kVec];
+  for (int k = 0; k < kVec; ++k) tmp[k] = p[k] ? 1.f : 0.f;
+  return VecF::loadu(tmp);
+#endif
+}
+
+// Statistics of one chunk [b, e): count n_c, sum S_c, sum g G_c, then, centred at the chunk mean
+// mu_c, sum m d^2, sum m d (the rounding residue of mu_c) and sum g d, d = x - mu_c. g may be
+// null. Masked x is selected away, never multiplied (inf / NaN padding does not leak).
+struct ChunkStats {
+  double n, sum, sum_g, mu, m2, dsum, sum_gd;
+};
+
+template <typename scalar_t, bool kCentred>
+void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double* gd, int64_t b,
+                 int64_t e, at::opmath_type<scalar_t> mean, double* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s0 = 0, s1 = 0, s2 = 0;
+  int64_t i = b;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    VecF v0(0.f), v1(0.f), v2(0.f);
+    const VecF vmean(mean), zero(0.f);
+    for (; i + kVec <= e; i += kVec) {
+      const VecF mk = load_mask(m + i);
+      const VecF valid = mk != zero;
+      const VecF gv = gf ? VecF::loadu(gf + i) : zero;
+      if constexpr (kCentred) {
+        const VecF d = VecF::loadu(x + i) - vmean;
+        v0 = v0 + vselect(valid, d * d, zero);
+        v1 = v1 + vselect(valid, d, zero);
+        v2 = v2 + gv * d;
+      } else {
+        v0 = v0 + mk;
+        v1 = v1 + vselect(valid, VecF::loadu(x + i), zero);
+        v2 = v2 + gv;
+      }
+    }
+    alignas(64) float l0[kVec], l1[kVec], l2[kVec];
+    v0.store(l0);
+    v1.store(l1);
+    v2.store(l2);
+    for (int k = 0; k < kVec; ++k) {  // lanes in a fixed order
+      s0 += l0[k];
+      s1 += l1[k];
+      s2 += l2[k];
+    }
+  }
+  for (; i < e; ++i) {
+    const acc_t gv = gf ? acc_t(gf[i]) : gd ? acc_t(gd[i]) : acc_t(0);
+    if constexpr (kCentred) {
+      const acc_t d = acc_t(x[i]) - mean;
+      if (m[i]) {
+        s0 += d * d;
+        s1 += d;
+      }
+      s2 += gv * d;
+    } else {
+      if (m[i]) {
+        s0 += 1;
+        s1 += acc_t(x[i]);
+      }
+      s2 += gv;
+    }
+  }
+  out[0] = double(s0);
+  out[1] = double(s1);
+  out[2] = double(s2);
+}
+
+template <typename scalar_t>
+ChunkStats chunk_stats(const scalar_t* x, const bool* m, const float* gf, const double* gd,
+                       int64_t b, int64_t e) {
+  using acc_t = at::opmath_type<scalar_t>;
+  double a[3], c[3];
+  chunk_sweep<scalar_t, false>(x, m, gf, gd, b, e, acc_t(0), a);
+  const acc_t mu = a[0] > 0 ? acc_t(a[1] / a[0]) : acc_t(0);  // an empty chunk centres at 0
+  chunk_sweep<scalar_t, true>(x, m, gf, gd, b, e, mu, c);
+  return {a[0], a[1], a[2], double(mu), c[0], c[1], c[2]};
+}
+
+// Statistics of x over the mask (and of g when given): fills stats (kNumStats doubles).
+template <typename scalar_t>
+void masked_stats(const scalar_t* x, const bool* m, const at::Tensor& g, int64_t n, bool unbiased,
+                  bool shift_mean, double eps, double* stats) {
+  const float* gf = g.defined() && g.scalar_type() == at::kFloat ? g.data_ptr<float>() : nullptr;
+  const double* gd = g.defined() && g.scalar_type() == at::kDouble ? g.data_ptr<double>() : nullptr;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<ChunkStats> part(chunks);
+  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      part[c] = chunk_stats(x, m, gf, gd, c * kChunk, std::min(n, (c + 1) * kChunk));
+    }
+  });
+  double a[3] = {0.0, 0.0, 0.0};
+  for (const auto& p : part) {  // fixed order
+    a[0] += p.n;
+    a[1] += p.sum;
+    a[2] += p.sum_g;
+  }
+  masked_stats_finalize_a(a, stats);
+  // Chan's merge: sum m (x - mu)^2 = sum_c [m2_c + 2 (mu_c - mu) dsum_c + n_c (mu_c - mu)^2],
+  // sum g (x - mu) = sum_c [sum_gd_c + (mu_c - mu) sum_g_c].
+  const double mu = stats[kStatMean];
+  double b[2] = {0.0, 0.0};
+  for (const auto& p : part) {
+    const double shift = p.mu - mu;
+    if (p.n > 0) b[0] += p.m2 + 2.0 * shift * p.dsum + p.n * shift * shift;
+    b[1] += p.sum_gd + shift * p.sum_g;
+  }
+  masked_stats_finalize_b(b, stats, unbiased, shift_mean, eps);
+}
+
+// y[i] = f(x[i], m[i], g[i]) over all entries; SIMD when x is float.
+template <typename scalar_t, typename out_t, typename F>
+void map_masked(const scalar_t* x, const bool* m, const float* gf, const double* gd, out_t* y,
+                int64_t n, F f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<out_t, float>) {
+      for (; i + kVec <= e; i += kVec) {
+        const VecF gv = gf ? VecF::loadu(gf + i) : VecF(0.f);
+        f(VecF::loadu(x + i), load_mask(m + i), gv).store(y + i);
+      }
+    }
+    for (; i < e; ++i) {
+      const acc_t gv = gf ? acc_t(gf[i]) : gd ? acc_t(gd[i]) : acc_t(0);
+      y[i] = static_cast<out_t>(f(acc_t(x[i]), acc_t(m[i] ? 1 : 0), gv));
+    }
+  });
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_xm(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor");
+  TORCH_CHECK(x.sizes() == mask.sizes(), op, ": mask must have the shape of x");
+}
+
+at::Tensor bool_mask(const at::Tensor& mask) {
+  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+}
+
+}  // namespace
+
+// [mean, var, count] of the masked entries, in fp32 (fp64 for fp64 x).
+at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask, bool unbiased) {
+  check_xm("masked_moments", x, mask);
+  const auto xc = x.contiguous();
+  const auto mc = bool_mask(mask);
+  double stats[kNumStats];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments", [&] {
+    masked_stats(xc.data_ptr<scalar_t>(), mc.data_ptr<bool>(), at::Tensor(), xc.numel(), unbiased,
+                 true, 0.0, stats);
+  });
+  auto out = at::empty({3}, x.options().dtype(at::kDouble));
+  auto* o = out.data_ptr<double>();
+  o[0] = stats[kStatMean];
+  o[1] = stats[kStatVar];
+  o[2] = stats[kStatCount];
+  return out.to(acc_dtype(x));
+}
+
+at::Tensor masked_moments_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                       const at::Tensor& mask, const at::Tensor& moments,
+                                       bool unbiased) {
+  check_xm("masked_moments_backward", x, mask);
+  TORCH_CHECK(grad.numel() == 3 && moments.numel() == 3,
+              "masked_moments_backward: grad and moments must have 3 entries");
+  const auto g = grad.to(at::kDouble).contiguous();
+  const auto mo = moments.to(at::kDouble).contiguous();
+  const double n = mo.data_ptr<double>()[2];
+  const double mean = mo.data_ptr<double>()[0];
+  const double c_mean = g.data_ptr<double>()[0] / n;
+  const double c_var = 2.0 * g.data_ptr<double>()[1] / (unbiased ? n - 1.0 : n);
+  const auto xc = x.contiguous();
+  const auto mc = bool_mask(mask);
+  auto dx = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t mu = acc_t(mean), cm = acc_t(c_mean), cv = acc_t(c_var);
+    map_masked(xc.data_ptr<scalar_t>(), mc.data_ptr<bool>(), nullptr, nullptr,
+               dx.data_ptr<scalar_t>(), xc.numel(), [&](auto xv, auto mv, auto) {
+                 using V = decltype(xv);
+                 return moments_grad(xv, mv, V(mu), V(cm), V(cv));
+               });
+  });
+  return dx;
+}
+
+at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
+                             bool unbiased, double eps) {
+  check_xm("masked_whiten", x, mask);
+  const auto xc = x.contiguous();
+  const auto mc = bool_mask(mask);
+  auto y = at::empty(xc.sizes(), xc.options().dtype(acc_dtype(xc)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    double stats[kNumStats];
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    masked_stats(xp, mc.data_ptr<bool>(), at::Tensor(), xc.numel(), unbiased, shift_mean, eps,
+                 stats);
+    const acc_t mu = acc_t(stats[kStatMean]), r = acc_t(stats[kStatRstd]);
+    const acc_t back = shift_mean ? acc_t(0) : mu;
+    map_masked(xp, mc.data_ptr<bool>(), nullptr, nullptr, y.data_ptr<acc_t>(), xc.numel(),
+               [&](auto xv, auto, auto) {
+                 using V = decltype(xv);
+                 return whiten_value(xv, V(mu), V(r), V(back));
+               });
+  });
+  return y;
+}
+
+at::Tensor masked_whiten_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                      const at::Tensor& mask, bool shift_mean, bool unbiased,
+                                      double eps) {
+  check_xm("masked_whiten_backward", x, mask);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "masked_whiten_backward: grad must have the shape of x");
+  const auto xc = x.contiguous();
+  const auto mc = bool_mask(mask);
+  const auto g = grad.to(acc_dtype(xc)).contiguous();
+  auto dx = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    double stats[kNumStats];
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    masked_stats(xp, mc.data_ptr<bool>(), g, xc.numel(), unbiased, shift_mean, eps, stats);
+    const acc_t mu = acc_t(stats[kStatMean]), r = acc_t(stats[kStatRstd]);
+    const acc_t cg = acc_t(stats[kStatCoefG]), ch = acc_t(stats[kStatCoefH]);
+    const float* gf = g.scalar_type() == at::kFloat ? g.data_ptr<float>() : nullptr;
+    const double* gd = g.scalar_type() == at::kDouble ? g.data_ptr<double>() : nullptr;
+    map_masked(xp, mc.data_ptr<bool>(), gf, gd, dx.data_ptr<scalar_t>(), xc.numel(),
+               [&](auto xv, auto mv, auto gv) {
+                 using V = decltype(xv);
+                 return whiten_grad(gv, xv, mv, V(mu), V(r), V(cg), V(ch));
+               });
+  });
+  return dx;
+}
+
+TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+  m.impl("masked_moments", &masked_moments_cpu);
+  m.impl("masked_moments_backward", &masked_moments_backward_cpu);
+  m.impl("masked_whiten", &masked_whiten_cpu);
+  m.impl("masked_whiten_backward", &masked_whiten_backward_cpu);
+}
+
+}  // namespace ppokernels

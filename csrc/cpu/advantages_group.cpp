@@ -1,0 +1,128 @@
+// CPU kernels of the advantages family, group baselines: GRPO, Dr.GRPO and RLOO advantages
+// (forward, backward), per group statistics accumulated sequentially in index order
+// (deterministic; a few microseconds at RL batch sizes). Math in ppokernels/advantages.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ppokernels/advantages.h"
+
+namespace ppokernels {
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_groups(const char* op, const at::Tensor& scores, const at::Tensor& ids,
+                  int64_t num_groups, const std::string& estimator, GroupEstimator* est) {
+  TORCH_CHECK(parse_group_estimator(estimator.c_str(), est), op, ": unknown estimator '",
+              estimator, "' (expected grpo or rloo)");
+  TORCH_CHECK(scores.dim() == 1 && ids.dim() == 1 && scores.size(0) == ids.size(0), op,
+              ": scores and group_ids must be 1-D of the same length");
+  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": group_ids must be int64");
+  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0");
+}
+
+// Per-group count, sum and centred sum of squares (and of g when given), sequentially in index
+// order: deterministic, and a few microseconds at RL batch sizes.
+template <typename scalar_t>
+std::vector<GroupCoefs> group_pass(const scalar_t* s, const int64_t* ids, int64_t b,
+                                   int64_t num_groups, GroupEstimator est, double eps,
+                                   bool norm_by_std, std::vector<double>* count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> sum(num_groups, 0), sq(num_groups, 0);
+  count->assign(num_groups, 0.0);
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t k = ids[i];
+    TORCH_CHECK(k >= 0 && k < num_groups, "group_advantages: group id ", k, " out of range");
+    (*count)[k] += 1.0;
+    sum[k] += acc_t(s[i]);
+  }
+  std::vector<acc_t> mean(num_groups);
+  for (int64_t k = 0; k < num_groups; ++k) mean[k] = acc_t(sum[k] / acc_t((*count)[k]));
+  for (int64_t i = 0; i < b; ++i) {
+    const acc_t d = acc_t(s[i]) - mean[ids[i]];
+    sq[ids[i]] += d * d;
+  }
+  std::vector<GroupCoefs> c(num_groups);
+  for (int64_t k = 0; k < num_groups; ++k) {
+    c[k] = group_coefs((*count)[k], double(sum[k]), double(sq[k]), est, eps, norm_by_std);
+  }
+  return c;
+}
+
+}  // namespace
+
+at::Tensor group_advantages_cpu(const at::Tensor& scores, const at::Tensor& group_ids,
+                                int64_t num_groups, const std::string& estimator, double eps,
+                                bool norm_by_std) {
+  GroupEstimator est;
+  check_groups("group_advantages", scores, group_ids, num_groups, estimator, &est);
+  const auto s = scores.contiguous();
+  const auto ids = group_ids.contiguous();
+  auto out = at::empty(s.sizes(), s.options().dtype(acc_dtype(s)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    std::vector<double> count;
+    const auto c = group_pass(sp, ip, s.numel(), num_groups, est, eps, norm_by_std, &count);
+    acc_t* o = out.data_ptr<acc_t>();
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      const GroupCoefs& k = c[ip[i]];
+      o[i] = (acc_t(sp[i]) - acc_t(k.center)) * acc_t(k.scale);
+    }
+  });
+  return out;
+}
+
+at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tensor& scores,
+                                         const at::Tensor& group_ids, int64_t num_groups,
+                                         const std::string& estimator, double eps,
+                                         bool norm_by_std) {
+  GroupEstimator est;
+  check_groups("group_advantages_backward", scores, group_ids, num_groups, estimator, &est);
+  TORCH_CHECK(grad.sizes() == scores.sizes(), "group_advantages_backward: grad has the wrong shape");
+  const auto s = scores.contiguous();
+  const auto ids = group_ids.contiguous();
+  const auto g = grad.to(acc_dtype(s)).contiguous();
+  auto ds = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    const acc_t* gp = g.data_ptr<acc_t>();
+    std::vector<double> count;
+    const auto c = group_pass(sp, ip, s.numel(), num_groups, est, eps, norm_by_std, &count);
+    std::vector<acc_t> sg(num_groups, 0), sgd(num_groups, 0);
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      sg[ip[i]] += gp[i];
+      sgd[ip[i]] += gp[i] * (acc_t(sp[i]) - acc_t(c[ip[i]].mean));
+    }
+    std::vector<acc_t> cg(num_groups), ch(num_groups);
+    for (int64_t k = 0; k < num_groups; ++k) {
+      double a, b;
+      group_grad_coefs(c[k], count[k], sg[k], sgd[k], est, norm_by_std, &a, &b);
+      cg[k] = acc_t(a);
+      ch[k] = acc_t(b);
+    }
+    scalar_t* o = ds.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      const int64_t k = ip[i];
+      const acc_t d = acc_t(sp[i]) - acc_t(c[k].mean);
+      o[i] = static_cast<scalar_t>(acc_t(c[k].scale) * gp[i] - cg[k] - ch[k] * d);
+    }
+  });
+  return ds;
+}
+
+TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+  m.impl("group_advantages", &group_advantages_cpu);
+  m.impl("group_advantages_backward", &group_advantages_backward_cpu);
+}
+
+}  // namespace ppokernels

@@ -1,0 +1,276 @@
+// CUDA kernels of the advantages family: masked moments and masked whitening (forward, backward).
+// The group baselines are in advantages_group.cu.
+//
+// Deterministic reductions, no atomics: each block sums a fixed chunk of kChunk entries (fixed
+// per-thread order, then a fixed warp-shuffle + shared-memory tree) into double partials; one
+// block of finalize_kernel sums the partials in a fixed order and derives the statistics on the
+// device (advantages.h), so the passes follow each other on the stream without a host sync.
+#include "ppokernels/advantages.h"
+#include "ppokernels/advantages_cuda.cuh"
+
+namespace ppokernels {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = kAdvThreads;
+constexpr int kItems = 16;                    // entries per thread per reduction block
+constexpr int64_t kChunk = kThreads * kItems;  // entries per partial (fixed: determinism)
+
+// Pass A: part = (sum m, sum m x, sum g); pass B: (sum m (x - mu)^2, sum g (x - mu), 0).
+template <typename T, bool kPassB>
+__global__ void partials_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
+                                const acc_t<T>* __restrict__ g, const double* __restrict__ stats,
+                                double* __restrict__ part, int64_t n) {
+  using A = acc_t<T>;
+  const A mean = kPassB ? static_cast<A>(stats[kStatMean]) : A(0);
+  A v[3] = {A(0), A(0), A(0)};
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kChunk + threadIdx.x;
+#pragma unroll 4
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t i = base + static_cast<int64_t>(k) * kThreads;
+    if (i >= n) break;
+    const A xv = load_as<A>(x, i);
+    const A gv = g ? g[i] : A(0);
+    if (kPassB) {
+      const A d = xv - mean;
+      v[0] += mask[i] ? d * d : A(0);  // select: masked inf/NaN must not leak
+      v[1] += gv * d;
+    } else {
+      v[0] += mask[i] ? A(1) : A(0);
+      v[1] += mask[i] ? xv : A(0);
+      v[2] += gv;
+    }
+  }
+  adv_block_sum(v);
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 3; ++k) part[blockIdx.x * 3 + k] = static_cast<double>(v[k]);
+  }
+}
+
+template <bool kPassB>
+__global__ void finalize_kernel(const double* __restrict__ part, int64_t num_parts,
+                                double* __restrict__ stats, bool unbiased, bool shift_mean,
+                                double eps) {
+  double v[3] = {0.0, 0.0, 0.0};
+  for (int64_t p = threadIdx.x; p < num_parts; p += kThreads) {
+    for (int k = 0; k < 3; ++k) v[k] += part[p * 3 + k];
+  }
+  adv_block_sum(v);
+  if (threadIdx.x == 0) {
+    if (kPassB) {
+      masked_stats_finalize_b(v, stats, unbiased, shift_mean, eps);
+    } else {
+      masked_stats_finalize_a(v, stats);
+    }
+  }
+}
+
+// mode 0: y = whitened x; mode 1: dx of the whitening; mode 2: dx of masked_moments.
+template <typename T, typename O, int kMode>
+__global__ void elementwise_kernel(const T* __restrict__ x, const bool* __restrict__ mask,
+                                   const acc_t<T>* __restrict__ g, const double* __restrict__ stats,
+                                   const acc_t<T>* __restrict__ moments, O* __restrict__ out,
+                                   int64_t n, bool flag) {
+  using A = acc_t<T>;
+  A mean, c0, c1, c2 = A(0);
+  if (kMode == 2) {  // moments = (mean, var, count), g = their gradient; flag = unbiased
+    const A cnt = moments[2];
+    mean = moments[0];
+    c0 = g[0] / cnt;
+    c1 = A(2) * g[1] / (flag ? cnt - A(1) : cnt);
+  } else {  // flag = shift_mean
+    mean = static_cast<A>(stats[kStatMean]);
+    c0 = static_cast<A>(stats[kStatRstd]);
+    c1 = static_cast<A>(stats[kStatCoefG]);
+    c2 = static_cast<A>(stats[kStatCoefH]);
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const A xv = load_as<A>(x, i);
+    A y;
+    if (kMode == 0) {
+      y = whiten_value(xv, mean, c0, flag ? A(0) : mean);
+    } else if (kMode == 1) {
+      y = whiten_grad(g[i], xv, mask[i] ? A(1) : A(0), mean, c0, c1, c2);
+    } else {
+      y = moments_grad(xv, mask[i] ? A(1) : A(0), mean, c0, c1);
+    }
+    store_as(out, i, y);
+  }
+}
+
+}  // namespace
+
+inline int64_t masked_stats_parts(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// Both reduction passes into stats[kNumStats]; part holds max(1, masked_stats_parts(n)) x 3.
+template <typename T>
+cudaError_t masked_stats(const T* x, const bool* mask, const acc_t<T>* g, int64_t n,
+                         bool unbiased, bool shift_mean, double eps, double* part, double* stats,
+                         cudaStream_t stream) {
+  const int64_t parts = masked_stats_parts(n);
+  const unsigned blocks = static_cast<unsigned>(parts);
+  if (parts > 0) partials_kernel<T, false><<<blocks, kThreads, 0, stream>>>(x, mask, g, stats, part, n);
+  finalize_kernel<false><<<1, kThreads, 0, stream>>>(part, parts, stats, unbiased, shift_mean, eps);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (parts > 0) partials_kernel<T, true><<<blocks, kThreads, 0, stream>>>(x, mask, g, stats, part, n);
+  finalize_kernel<true><<<1, kThreads, 0, stream>>>(part, parts, stats, unbiased, shift_mean, eps);
+  return cudaGetLastError();
+}
+
+template <typename T, typename O, int kMode>
+cudaError_t masked_elementwise(const T* x, const bool* mask, const acc_t<T>* g,
+                               const double* stats, const acc_t<T>* moments, O* out, int64_t n,
+                               bool flag, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  elementwise_kernel<T, O, kMode><<<elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
+      x, mask, g, stats, moments, out, n, flag);
+  return cudaGetLastError();
+}
+
+#define PPK_INSTANTIATE(T)                                                                        \
+  template cudaError_t masked_stats<T>(const T*, const bool*, const acc_t<T>*, int64_t, bool,     \
+                                       bool, double, double*, double*, cudaStream_t);             \
+  template cudaError_t masked_elementwise<T, acc_t<T>, 0>(const T*, const bool*, const acc_t<T>*, \
+                                                          const double*, const acc_t<T>*,         \
+                                                          acc_t<T>*, int64_t, bool, cudaStream_t); \
+  template cudaError_t masked_elementwise<T, T, 1>(const T*, const bool*, const acc_t<T>*,        \
+                                                   const double*, const acc_t<T>*, T*, int64_t,   \
+                                                   bool, cudaStream_t);                           \
+  template cudaError_t masked_elementwise<T, T, 2>(const T*, const bool*, const acc_t<T>*,        \
+                                                   const double*, const acc_t<T>*, T*, int64_t,   \
+                                                   bool, cudaStream_t);
+PPK_INSTANTIATE(float)
+PPK_INSTANTIATE(double)
+PPK_INSTANTIATE(__half)
+PPK_INSTANTIATE(__nv_bfloat16)
+#undef PPK_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace ppokernels
+
+#ifndef PPK_KERNELS_ONLY
+// ---------------------------------------------------------------- torch glue
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "ppokernels/cuda_dispatch.h"
+
+namespace ppokernels {
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_xm(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor");
+  TORCH_CHECK(x.sizes() == mask.sizes(), op, ": mask must have the shape of x");
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on another device than x");
+}
+
+at::Tensor bool_mask(const at::Tensor& mask) {
+  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+}
+
+// fp64 [kNumStats] statistics of x over the mask (and of g when defined), on x's device.
+template <typename scalar_t>
+at::Tensor stats_of(const at::Tensor& x, const at::Tensor& m, const at::Tensor& g, bool unbiased,
+                    bool shift_mean, double eps) {
+  using T = typename cuda::CudaType<scalar_t>::type;
+  const auto opts = x.options().dtype(at::kDouble);
+  auto stats = at::empty({kNumStats}, opts);
+  auto part = at::empty({std::max<int64_t>(1, cuda::masked_stats_parts(x.numel())) * 3}, opts);
+  const auto* gp = g.defined() ? g.data_ptr<cuda::acc_t<T>>() : nullptr;
+  C10_CUDA_CHECK(cuda::masked_stats<T>(cuda::ptr<scalar_t>(x), m.data_ptr<bool>(), gp, x.numel(),
+                                       unbiased, shift_mean, eps, part.data_ptr<double>(),
+                                       stats.data_ptr<double>(), cuda::stream()));
+  return stats;
+}
+
+}  // namespace
+
+at::Tensor masked_moments_cuda(const at::Tensor& x, const at::Tensor& mask, bool unbiased) {
+  check_xm("masked_moments", x, mask);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous();
+  const auto m = bool_mask(mask);
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments", [&] {
+    stats = stats_of<scalar_t>(xc, m, at::Tensor(), unbiased, true, 0.0);
+  });
+  const auto idx = at::tensor({kStatMean, kStatVar, kStatCount}, x.options().dtype(at::kLong));
+  return stats.index_select(0, idx).to(acc_dtype(x));
+}
+
+at::Tensor masked_moments_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                        const at::Tensor& mask, const at::Tensor& moments,
+                                        bool unbiased) {
+  check_xm("masked_moments_backward", x, mask);
+  TORCH_CHECK(grad.numel() == 3 && moments.numel() == 3,
+              "masked_moments_backward: grad and moments must have 3 entries");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous();
+  const auto m = bool_mask(mask);
+  const auto g = grad.to(acc_dtype(x)).contiguous();
+  const auto mo = moments.to(acc_dtype(x)).contiguous();
+  auto dx = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments_bwd", [&] {
+    using T = typename cuda::CudaType<scalar_t>::type;
+    using A = cuda::acc_t<T>;
+    C10_CUDA_CHECK((cuda::masked_elementwise<T, T, 2>(
+        cuda::ptr<scalar_t>(xc), m.data_ptr<bool>(), g.data_ptr<A>(), nullptr, mo.data_ptr<A>(),
+        cuda::ptr<scalar_t>(dx), xc.numel(), unbiased, cuda::stream())));
+  });
+  return dx;
+}
+
+at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
+                              bool unbiased, double eps) {
+  check_xm("masked_whiten", x, mask);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous();
+  const auto m = bool_mask(mask);
+  auto y = at::empty(xc.sizes(), xc.options().dtype(acc_dtype(x)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten", [&] {
+    using T = typename cuda::CudaType<scalar_t>::type;
+    using A = cuda::acc_t<T>;
+    const auto stats = stats_of<scalar_t>(xc, m, at::Tensor(), unbiased, shift_mean, eps);
+    C10_CUDA_CHECK((cuda::masked_elementwise<T, A, 0>(
+        cuda::ptr<scalar_t>(xc), m.data_ptr<bool>(), nullptr, stats.data_ptr<double>(), nullptr,
+        y.data_ptr<A>(), xc.numel(), shift_mean, cuda::stream())));
+  });
+  return y;
+}
+
+at::Tensor masked_whiten_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                       const at::Tensor& mask, bool shift_mean, bool unbiased,
+                                       double eps) {
+  check_xm("masked_whiten_backward", x, mask);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "masked_whiten_backward: grad must have the shape of x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xc = x.contiguous();
+  const auto m = bool_mask(mask);
+  const auto g = grad.to(acc_dtype(x)).contiguous();
+  auto dx = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten_bwd", [&] {
+    using T = typename cuda::CudaType<scalar_t>::type;
+    using A = cuda::acc_t<T>;
+    const auto stats = stats_of<scalar_t>(xc, m, g, unbiased, shift_mean, eps);
+    C10_CUDA_CHECK((cuda::masked_elementwise<T, T, 1>(
+        cuda::ptr<scalar_t>(xc), m.data_ptr<bool>(), g.data_ptr<A>(), stats.data_ptr<double>(),
+        nullptr, cuda::ptr<scalar_t>(dx), xc.numel(), shift_mean, cuda::stream())));
+  });
+  return dx;
+}
+
+TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("masked_moments", &masked_moments_cuda);
+  m.impl("masked_moments_backward", &masked_moments_backward_cuda);
+  m.impl("masked_whiten", &masked_whiten_cuda);
+  m.impl("masked_whiten_backward", &masked_whiten_backward_cuda);
+}
+
+}  // namespace ppokernels
+#endif  // PPK_KERNELS_ONLY

@@ -1,0 +1,144 @@
+// Masked moments, whitening and group baselines: the scalar math shared by the CPU and CUDA
+// kernels of the advantages family.
+//
+// Masked statistics are two passes over the data (both deterministic two-level reductions):
+//   pass A  n = sum m,            S1 = sum m x,             G = sum g   (g: upstream gradient)
+//   pass B  S2 = sum m (x - mu)^2,                         H = sum g (x - mu)
+// with mu = S1 / n, var = S2 / d, d = n - 1 (unbiased) or n, rstd = 1 / sqrt(var + eps).
+// Masked entries (m == 0) contribute nothing to n, S1, S2 (selected away, so even inf/NaN padding
+// is ignored); G and H run over all entries because every entry of the whitened output depends on
+// mu and rstd. The partial sums of each pass are combined in double, in a fixed order. (The CPU
+// kernel runs both passes per fixed chunk while it is in cache and merges the chunks' centred sums
+// with Chan et al.'s update: one read of x from memory, the same result.)
+//
+// Whitening, y = (x - mu) rstd (+ mu when shift_mean is false), has the gradient
+//   dx_j = rstd g_j + m_j (cG - cH (x_j - mu)),  cG = (shift ? -rstd : 1 - rstd) G / n,
+//                                                cH = rstd^3 H / d
+// (d var / d x_j = 2 m_j (x_j - mu) / d; the mean's own derivative term cancels because
+// sum m (x - mu) = 0).
+#pragma once
+#include <cstring>
+
+#include "ppokernels/common.h"
+
+namespace ppokernels {
+
+// Layout of the double[kNumStats] statistics buffer written by the finalize steps.
+enum MaskedStat : int {
+  kStatCount = 0,  // n
+  kStatMean = 1,   // mu
+  kStatSumG = 2,   // G
+  kStatVar = 3,    // var (NaN when n == 0, or n == 1 and unbiased)
+  kStatRstd = 4,   // 1 / sqrt(var + eps)
+  kStatSumGD = 5,  // H
+  kStatCoefG = 6,  // cG of the whitening gradient
+  kStatCoefH = 7,  // cH of the whitening gradient
+  kNumStats = 8,
+};
+
+// After pass A: sums = {n, S1, G}.
+PPK_HOST_DEVICE void masked_stats_finalize_a(const double* sums, double* stats) {
+  stats[kStatCount] = sums[0];
+  stats[kStatMean] = sums[1] / sums[0];  // 0 / 0 = NaN for an empty mask, as torch.mean
+  stats[kStatSumG] = sums[2];
+}
+
+// After pass B: sums = {S2, H}. Needs stats[kStatCount], stats[kStatMean], stats[kStatSumG].
+PPK_HOST_DEVICE void masked_stats_finalize_b(const double* sums, double* stats, bool unbiased,
+                                             bool shift_mean, double eps) {
+  const double n = stats[kStatCount];
+  const double d = unbiased ? n - 1.0 : n;
+  // torch.var: NaN without enough entries (an empty unbiased mask would otherwise give -0).
+  const double var = d > 0.0 ? sums[0] / d : PPK_MATH(nan)("");
+  const double rstd = 1.0 / PPK_MATH(sqrt)(var + eps);
+  stats[kStatVar] = var;
+  stats[kStatRstd] = rstd;
+  stats[kStatSumGD] = sums[1];
+  stats[kStatCoefG] = (shift_mean ? -rstd : 1.0 - rstd) * stats[kStatSumG] / n;
+  stats[kStatCoefH] = rstd * rstd * rstd * sums[1] / d;
+}
+
+// Whitened value of one entry.
+template <typename T>
+PPK_HOST_DEVICE T whiten_value(T x, T mean, T rstd, T shift_back) {
+  return (x - mean) * rstd + shift_back;  // shift_back = mean, or 0 when shift_mean
+}
+
+// Gradient of one entry; m is 1 for valid entries, 0 otherwise.
+template <typename T>
+PPK_HOST_DEVICE T whiten_grad(T g, T x, T m, T mean, T rstd, T coef_g, T coef_h) {
+  return rstd * g + m * (coef_g - coef_h * (x - mean));
+}
+
+// Gradient of (mean, var) of masked_moments for one entry: m (g_mean / n + g_var 2 (x - mu) / d).
+template <typename T>
+PPK_HOST_DEVICE T moments_grad(T x, T m, T mean, T coef_mean, T coef_var) {
+  return m * (coef_mean + coef_var * (x - mean));  // coef_mean = g_mean / n, coef_var = 2 g_var / d
+}
+
+// ------------------------------------------------------------------------- group baselines
+// A_i = (s_i - center_g) * scale_g per group g of n members with mean mu and unbiased std sigma:
+//   grpo, norm_by_std:  center mu, scale 1 / (sigma + eps)   singleton: center 0, scale 1 / (1 + eps)
+//   grpo (Dr.GRPO):     center mu, scale 1                   singleton: center 0, scale 1
+//   rloo:               center mu, scale n / (n - 1)         singleton: center 0, scale 1
+// (singletons as veRL's loop versions: mean 0 and std 1 for GRPO, the raw score for RLOO).
+// Gradient: ds_j = scale g_j - coef_g - coef_h (s_j - mu) with, for groups of n >= 2,
+//   coef_g = scale sum_i g_i / n,
+//   coef_h = scale^2 sum_i g_i (s_i - mu) / ((n - 1) sigma)    (grpo with norm_by_std only;
+//            0 where sigma = 0, a subgradient of sigma at its kink),
+// and coef_g = coef_h = 0 for singletons.
+
+enum class GroupEstimator : int { kGRPO = 0, kRLOO = 1 };
+
+inline bool parse_group_estimator(const char* name, GroupEstimator* est) {
+  if (std::strcmp(name, "grpo") == 0) {
+    *est = GroupEstimator::kGRPO;
+    return true;
+  }
+  if (std::strcmp(name, "rloo") == 0) {
+    *est = GroupEstimator::kRLOO;
+    return true;
+  }
+  return false;
+}
+
+struct GroupCoefs {
+  double center, scale, mean, sigma;
+};
+
+// From the group's count n, sum S1 and centred sum of squares S2 = sum (s - mu)^2.
+PPK_HOST_DEVICE GroupCoefs group_coefs(double n, double s1, double s2, GroupEstimator est,
+                                       double eps, bool norm_by_std) {
+  GroupCoefs c;
+  c.mean = s1 / n;
+  c.sigma = n > 1.0 ? PPK_MATH(sqrt)(s2 / (n - 1.0)) : 1.0;
+  if (n <= 1.0) {
+    c.center = 0.0;
+    c.scale = (est == GroupEstimator::kGRPO && norm_by_std) ? 1.0 / (1.0 + eps) : 1.0;
+  } else {
+    c.center = c.mean;
+    if (est == GroupEstimator::kRLOO) {
+      c.scale = n / (n - 1.0);
+    } else {
+      c.scale = norm_by_std ? 1.0 / (c.sigma + eps) : 1.0;
+    }
+  }
+  return c;
+}
+
+// Backward coefficients from the group's sums of the upstream gradient: sg = sum g,
+// sgd = sum g (s - mu). Returns {coef_g, coef_h}.
+PPK_HOST_DEVICE void group_grad_coefs(const GroupCoefs& c, double n, double sg, double sgd,
+                                      GroupEstimator est, bool norm_by_std, double* coef_g,
+                                      double* coef_h) {
+  if (n <= 1.0) {
+    *coef_g = 0.0;
+    *coef_h = 0.0;
+    return;
+  }
+  *coef_g = c.scale * sg / n;
+  const bool std_term = est == GroupEstimator::kGRPO && norm_by_std && c.sigma > 0.0;
+  *coef_h = std_term ? c.scale * c.scale * sgd / ((n - 1.0) * c.sigma) : 0.0;
+}
+
+}  // namespace ppokernels

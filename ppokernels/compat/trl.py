@@ -1,0 +1,240 @@
+"""Drop-in replacements for TRL's log-prob helpers and GRPO loss, targeting **trl 1.16.0** (PyPI).
+
+- ``selective_log_softmax``, ``entropy_from_logits``, ``selective_log_softmax_and_entropy``
+  (``trl.trainer.utils``): same signatures (temperature, ``row_mask``, ``(..., K)`` indices),
+  values and gradients; outputs are float32 like TRL's own Triton path on CUDA (its CPU
+  fallback returns the logits' dtype).
+- ``ChunkedLogProbFunction``: the fused LM head GRPO scores completions with in 1.16.0
+  (``model(..., fused_lm_head=True)`` calls ``trl.trainer.utils._ChunkedLogProbFunction``), on
+  :func:`ppokernels.linear_logprobs`. Calls it cannot serve (Gemma soft-capping, the extra
+  ``log_sum_sq_probs`` / ``mean_logits`` / ``is_top1`` outputs) go to TRL's own function.
+- ``grpo_loss``: the scalar ``GRPOTrainer._compute_loss`` returns for the clipped loss types
+  (grpo, bnpo, dr_grpo, dapo, luspo), token or sequence (GSPO) importance sampling, two-sided
+  ``delta`` clipping, the k3 KL term (optionally IS-corrected), from per-token log-probs.
+
+Switch on (one process per GPU, no Ray)::
+
+    import ppokernels.compat.trl as ppk_trl
+    ppk_trl.patch()           # before building the GRPOTrainer
+
+TRL 1.16.0 no longer ships a PPO trainer (``trl.experimental.ppo`` is gone) and its GRPO trainer
+no longer calls Liger's ``LigerFusedLinearGRPOLoss`` (``use_liger_kernel`` only swaps layer
+kernels); its fused-LM-head slot is ``_ChunkedLogProbFunction``, which :func:`patch` replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ppokernels as ppk
+from ppokernels.compat import Patcher
+
+TARGET_VERSION = "1.16.0"
+
+
+def selective_log_softmax(logits, index, temperature: float = 1.0, row_mask=None):
+    """``log_softmax(logits / temperature)`` gathered at ``index`` ((...) or (..., K)); rows where
+    ``row_mask`` is 0 give 0. float32 output (float64 for float64 logits)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if index.ndim == logits.ndim - 1:
+        labels = index if row_mask is None else index.masked_fill(row_mask == 0, -100)
+        return ppk.token_logprobs(logits, labels, temperature=temperature)[0]
+    # (..., K): one pass gives log p_0 = z_0 / t - lse; the K log-probs are z_k / t - lse. Written
+    # this way the gradient is also exact: d/dz of (z_k - z_0) / t + log p_0 is (1[k] - p) / t.
+    first = torch.zeros(index.shape[:-1], dtype=torch.long, device=index.device)
+    lp0 = ppk.token_logprobs(logits, first, temperature=temperature)[0]
+    z = logits.to(lp0.dtype) / temperature
+    out = z.gather(-1, index.long()) - z[..., :1] + lp0.unsqueeze(-1)
+    return out if row_mask is None else out.masked_fill(row_mask == 0, 0.0)
+
+
+def entropy_from_logits(logits, chunk_size: int = 128):
+    """Entropy of ``softmax(logits)`` per row, ``logits.shape[:-1]``, float32 (one pass per row:
+    no chunking needed)."""
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return ppk.token_logprobs(logits, labels, with_entropy=True)[1]
+
+
+def selective_log_softmax_and_entropy(
+    logits, index, entropy_requires_grad: bool = True, temperature: float = 1.0, row_mask=None
+):
+    """Both from one pass over the logits; masked rows give 0 for both."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    labels = index if row_mask is None else index.masked_fill(row_mask == 0, -100)
+    lp, ent = ppk.token_logprobs(logits, labels, temperature=temperature, with_entropy=True)
+    return lp, ent if entropy_requires_grad else ent.detach()
+
+
+class ChunkedLogProbFunction:
+    """Same ``apply(hidden [N, H], weight [V, H], bias, targets [N], temperature, chunk_size,
+    final_logit_softcapping=None, logit_scale=1.0, outputs=...)`` as TRL's, returning
+    ``(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` with None for what was not
+    requested; logits are ``(hidden @ weight.T + bias) * logit_scale / temperature``."""
+
+    @staticmethod
+    def apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"),
+    ):
+        if (
+            final_logit_softcapping is not None
+            or logit_scale <= 0
+            or set(outputs) - {"log_probs", "entropy"}
+        ):
+            from trl.kernels import chunked_logprob  # TRL's own, never patched
+
+            return chunked_logprob.ChunkedLogProbFunction.apply(
+                hidden,
+                weight,
+                bias,
+                targets,
+                temperature,
+                chunk_size,
+                final_logit_softcapping,
+                logit_scale,
+                outputs,
+            )
+        with_entropy = "entropy" in outputs
+        # scale / temperature folds into one temperature (no soft-capping in between)
+        lp, ent = ppk.linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=float(temperature) / float(logit_scale),
+            with_entropy=with_entropy,
+        )
+        return lp, ent, None, None, None
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def _agg_extra(x, mask, loss_type):
+    """An extra per-token term aggregated like ``ppo_policy_loss``'s ``agg`` for ``loss_type``
+    (the same normalisers then apply to both)."""
+    x = x * mask
+    if loss_type == "grpo":
+        return (x.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return x.sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "luspo":
+        return x.sum(-1).mean()
+    return x.sum()
+
+
+def grpo_loss(
+    per_token_logps,
+    old_per_token_logps,
+    advantages,
+    mask,
+    *,
+    loss_type="dapo",
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    importance_sampling_level="token",
+    delta=None,
+    beta=0.0,
+    ref_per_token_logps=None,
+    use_bias_correction_kl=False,
+    max_completion_length=None,
+    num_items_in_batch=None,
+    num_processes=1,
+    gradient_accumulation_steps=1,
+    steps_per_generation=1,
+    training=True,
+):
+    """The loss ``GRPOTrainer._compute_loss`` returns (trl 1.16.0) for ``loss_type`` in
+    grpo / bnpo / dr_grpo / dapo / luspo (off-policy and entropy masks, vLLM IS and the entropy
+    bonus off). Per token ``-min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)`` with ``w``
+    = exp(lp - old) (token) or exp(masked mean of lp - old) (sequence, GSPO), ``w = min(w,
+    delta)`` in the unclipped term, ``+ beta k3(lp, ref)``; aggregated as TRL:
+    grpo = mean of row means / G, bnpo = token mean / G, dr_grpo = sum / (B L) / G,
+    dapo = sum / (num_items / num_processes * G / steps_per_generation), luspo = mean of row
+    sums / G, with G = gradient_accumulation_steps in training (1 in eval)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    advantages = advantages.expand_as(per_token_logps)
+    if importance_sampling_level == "token":
+        lp, old = per_token_logps, old_per_token_logps
+    elif importance_sampling_level == "sequence":
+        # every token carries the sequence log-ratio (full gradient of the mean, as TRL)
+        n = mask.sum(-1, keepdim=True).clamp(min=1.0)
+        lp = ((per_token_logps * mask).sum(-1, keepdim=True) / n).expand_as(per_token_logps)
+        old = ((old_per_token_logps * mask).sum(-1, keepdim=True) / n).expand_as(lp)
+    else:
+        raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}.")
+    if delta is not None and delta < 1 + epsilon_high:
+        raise NotImplementedError("grpo_loss: delta below 1 + epsilon_high")
+    # delta >= 1 + eps_high caps only A < 0 tokens at -delta A: exactly the dual clip
+    agg = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "luspo": "seq-mean-token-sum"}
+    # the KL term uses the per-token log-probs even at sequence level: fused only when the
+    # ratio is per token and not IS-weighted
+    kl_in_loss = beta != 0.0 and not use_bias_correction_kl and importance_sampling_level == "token"
+    out = ppk.ppo_policy_loss(
+        lp,
+        old.detach(),
+        advantages,
+        mask,
+        clip_low=epsilon_low,
+        clip_high=epsilon_high,
+        dual_clip=delta,
+        logratio_clamp=None,
+        agg=agg.get(loss_type, "token-sum"),
+        ref_logprobs=ref_per_token_logps if kl_in_loss else None,
+        kl_coef=beta if kl_in_loss else 0.0,
+        kl_estimator="k3",
+    )
+    loss = out.loss
+    if beta != 0.0 and not kl_in_loss:
+        kl = ppk.kl_penalty(per_token_logps, ref_per_token_logps, estimator="k3")
+        if use_bias_correction_kl:
+            kl = kl * torch.exp(lp - old.detach())
+        loss = loss + beta * _agg_extra(kl, mask, loss_type)
+    G = gradient_accumulation_steps if training else 1.0
+    if loss_type == "dr_grpo":
+        return loss / (per_token_logps.size(0) * max_completion_length) / G
+    if loss_type == "dapo":
+        normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+        if training:
+            normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
+        return loss / normalizer
+    return loss / G
+
+
+_PATCHER = Patcher()
+
+
+def patch() -> None:
+    """Install the replacements in ``trl.trainer.utils`` (and every trl module that imported
+    them by name): the three log-prob/entropy helpers and the fused LM head's
+    ``_ChunkedLogProbFunction``."""
+    if _PATCHER.active:
+        return
+    g = globals()
+    for name in (
+        "selective_log_softmax",
+        "entropy_from_logits",
+        "selective_log_softmax_and_entropy",
+    ):
+        _PATCHER.everywhere("trl", "trl.trainer.utils", name, g[name])
+    import trl.trainer.utils as utils
+
+    # only the trainer's slot: trl.kernels keeps its class (our fallback calls it)
+    _PATCHER.set(utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
+
+
+def unpatch() -> None:
+    """Restore everything :func:`patch` replaced."""
+    _PATCHER.restore()

@@ -1,0 +1,36 @@
+"""The lean PPO/GRPO loop on Hugging Face causal LMs, built on ppokernels ops.
+
+``ppokernels train`` runs it from the command line; from Python::
+
+    from ppokernels.rl import RLConfig, Trainer
+    cfg = RLConfig(algo="grpo", task="reverse", steps=50, out="runs/grpo")
+    Trainer(cfg).train()
+
+Submodules: :mod:`~ppokernels.rl.config` (RLConfig), :mod:`~ppokernels.rl.tasks` (Task API and
+built-in tasks), :mod:`~ppokernels.rl.models` (scoring from hidden states, critic, tiny models),
+:mod:`~ppokernels.rl.rollout` (generation, EOS handling), :mod:`~ppokernels.rl.trainer` (the loop).
+Importing this package does not import transformers; the submodules that need it import it lazily.
+"""
+
+from ppokernels.rl.config import ConfigError, RLConfig
+from ppokernels.rl.tasks import TASKS, RewardModelScorer, Task, get_task, register_task
+
+
+def __getattr__(name):
+    if name == "Trainer":  # imports the trainer (and with it torch.distributed) on first use
+        from ppokernels.rl.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(name)
+
+
+__all__ = [
+    "ConfigError",
+    "RLConfig",
+    "RewardModelScorer",
+    "TASKS",
+    "Task",
+    "Trainer",
+    "get_task",
+    "register_task",
+]

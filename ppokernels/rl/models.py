@@ -1,0 +1,226 @@
+"""Model wrappers: policy scoring straight from hidden states, a critic with a zero-initialised
+scalar head, tiny built-in models and a character-level tokenizer built in code.
+
+Alignment (trainers.md section 1): the sequence is ``[left-padded prompt (P) | response (T)]``;
+the hidden state at position ``P - 1 + t`` predicts response token ``t``. Only those ``T``
+positions are used, and of them only the tokens under the response mask are scored, so the
+vocabulary projection touches ``N = mask.sum()`` rows and never ``[N, V]`` logits on the fused
+path (:func:`ppokernels.linear_logprobs` streams over the vocabulary).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import ppokernels
+
+BUILTIN_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+def char_tokenizer(chars: str):
+    """A character-level ``PreTrainedTokenizerFast`` built with the ``tokenizers`` library:
+    ids 0, 1, 2 are ``<pad>``, ``<eos>``, ``<unk>`` (pad distinct from EOS, trainers.md 7)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+# ---------------------------------------------------------------------------------- models
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 128,
+    pad_id: int = 0,
+    eos_id: int = 1,
+):
+    """A transformers config for a tiny model of ``family`` (llama, qwen2, gpt2), dropout off."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id
+    )
+    if family == "llama":
+        return tf.LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_positions,
+            attention_dropout=0.0,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if family == "qwen2":
+        return tf.Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max_positions,
+            attention_dropout=0.0,
+            tie_word_embeddings=True,
+            **common,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+    raise ValueError(f"unknown tiny model family {family!r} (llama, qwen2, gpt2)")
+
+
+def load_policy(name: str, tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A causal LM: ``tiny-<family>`` builds a fresh tiny model for ``tokenizer``'s vocabulary,
+    anything else goes to ``AutoModelForCausalLM.from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    if name in BUILTIN_MODELS:
+        torch.manual_seed(seed)
+        cfg = tiny_config(
+            name.split("-", 1)[1],
+            len(tokenizer),
+            hidden=hidden,
+            layers=layers,
+            pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (trainers.md 7): PPO's first ratio must be exactly 1."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    model.eval()
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (``model.model`` for Llama/Qwen2, ``model.transformer``
+    for GPT-2), found through the ``base_model_prefix`` every HF model declares."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder backbone")
+    return base
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding (trainers.md 7: cumsum(mask) - 1)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_hidden(body: nn.Module, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """[B, T, H] hidden states whose next-token predictions are the T response tokens."""
+    seq = input_ids[:, :-1]  # the last token predicts nothing we score
+    am = attention_mask[:, :-1]
+    out = body(input_ids=seq, attention_mask=am, position_ids=position_ids(am), use_cache=False)
+    return out.last_hidden_state[:, prompt_len - 1 :]
+
+
+class PolicyScorer(nn.Module):
+    """Per-token log-probs (and entropy) of the response under a causal LM.
+
+    ``mode="fused"``: ``ppokernels.linear_logprobs(hidden[mask], lm_head.weight, tokens[mask])``.
+    ``mode="naive"``: full logits ``hidden[mask] @ W^T`` + ``log_softmax`` + gather, entropy from
+    the full softmax (the same loop, for comparison). Both divide logits by ``temperature``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str = "fused",
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.mode = mode
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, mask, prompt_len: int, with_entropy: bool = True):
+        """input_ids/attention_mask [B, P + T], mask [B, T] (bool) -> logprobs, entropy [B, T]
+        (float32, 0 where ``mask`` is False)."""
+        h = response_hidden(backbone(self.model), input_ids, attention_mask, prompt_len)
+        labels = input_ids[:, prompt_len:][mask]
+        hs = h[mask]  # [N, H]: only real response tokens reach the vocabulary projection
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        if self.mode == "fused":
+            lp, ent = ppokernels.linear_logprobs(
+                hs,
+                head.weight,
+                labels,
+                bias=bias,
+                temperature=self.temperature,
+                with_entropy=with_entropy,
+                chunk_size=self.chunk_size,
+            )
+        else:
+            logits = nn.functional.linear(hs, head.weight, bias).float() / self.temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
+        return _unpack(lp, mask), (_unpack(ent, mask) if ent is not None else None)
+
+
+def _unpack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] values of the masked tokens -> [B, T] with zeros elsewhere (differentiable)."""
+    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
+
+
+class Critic(nn.Module):
+    """Value model: a causal-LM backbone plus a zero-initialised scalar head (trainers.md 7), so
+    the first value estimates are exactly 0. Built from a copy of the policy by default."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.body = copy.deepcopy(backbone(lm))
+        self.body.requires_grad_(True)
+        hidden = lm.get_output_embeddings().weight.shape[1]
+        self.head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        disable_dropout(self)
+
+    def forward(self, input_ids, attention_mask, mask, prompt_len: int):
+        """-> values [B, T] float32 for the response positions, 0 where ``mask`` is False."""
+        h = response_hidden(self.body, input_ids, attention_mask, prompt_len)
+        return self.head(h).squeeze(-1).float() * mask

@@ -1,0 +1,261 @@
+"""Triton kernels (the @triton.jit part) of the linear_logprobs family: label logit, log-sum-exp
+and entropy per row straight from hidden states and the lm_head weight, forward and backward.
+
+Forward: one program per block of BLOCK_N rows walks the vocabulary in BLOCK_V tiles; each tile
+is a K loop of ``tl.dot`` over H with an fp32 accumulator, then an online update of the per-row
+statistics (max m, s = sum e^(z-m), u = sum e^(z-m) (z-m): ``SoftmaxStats`` of
+csrc/include/ppokernels/logprobs.h, ``softmax_stats_tile`` of triton/_common.py) and the label
+logit picked from the same accumulator. Tile columns past V are -inf. The tile shape never depends
+on N, so a row's bits do not depend on the batch it is in.
+
+Backward, per chunk of rows: ``_dz_kernel`` recomputes each tile and writes dlogits
+(csrc/include/ppokernels/linear_logprobs.h) into a [rows, V] workspace; ``_grad_hidden_kernel``
+(programs own row x H blocks, loop over the vocabulary) and ``_grad_weight_kernel`` (programs own
+vocab x H blocks, loop over rows, also summing grad_bias) are plain GEMMs with fp32 accumulators:
+no atomics, a fixed summation order. Rows labelled ignore_index are compacted out on the host
+(``nonzero``: one device sync per call).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ppokernels.triton._common import expm1, softmax_stats_tile
+
+# Tile shapes per input dtype, fixed (never chosen from N) so a row's bits do not depend on the
+# batch: fp32/fp64 tiles fit the fp32 MMA operands in shared memory; bf16/fp16 use tensor-core sized
+# tiles. BLOCK_K is the K step of the logits GEMM, BLOCK_H the H tile of the gradient GEMMs.
+CONFIGS = {
+    "wide": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, BLOCK_H=64, num_warps=4, num_stages=2),
+    "half": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_H=128, num_warps=8, num_stages=3),
+}
+
+
+def _cfg(dtype: torch.dtype) -> dict:
+    return CONFIGS["half" if dtype in (torch.bfloat16, torch.float16) else "wide"]
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    H,
+    IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_V] tile of hidden[rows] @ weight[cols].T, accumulated in ACC."""
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], ACC)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < H
+        h = tl.load(
+            hidden_ptr + rows[:, None] * H + ks[None, :],
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + cols[None, :] * H + ks[:, None],
+            mask=cmask[None, :] & kmask[:, None],
+            other=0.0,
+        )
+        if IEEE:  # fp32 inputs: no tf32 rounding
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(
+    # inputs
+    hidden_ptr,  # [n, H] valid rows only, contiguous
+    weight_ptr,  # [V, H] contiguous, same dtype
+    bias_ptr,  # [V] accumulator dtype (read when HAS_BIAS)
+    labels_ptr,  # [n] int64, label - vocab_start (outside [0, V): another shard's)
+    # outputs, accumulator dtype (fp32; fp64 for fp64 inputs)
+    label_logit_ptr,  # [n]
+    lse_ptr,  # [n]
+    ent_ptr,  # [n]
+    # shapes and scalars
+    n,
+    V,
+    H,
+    inv_t,  # 1 / temperature
+    # meta
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    ACC = label_logit_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    y = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    m = tl.full([BLOCK_N], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_N], ACC)
+    u = tl.zeros([BLOCK_N], ACC)
+    zy = tl.zeros([BLOCK_N], ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cmask = cols < V
+        acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+        z = tl.where(cmask[None, :], acc * inv_t, float("-inf"))  # padding is -inf, never 0
+        m, s, u = softmax_stats_tile(m, s, u, z, True)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+    log_s = tl.log(s)
+    tl.store(label_logit_ptr + rows, zy, mask=rmask)
+    tl.store(lse_ptr + rows, m + log_s, mask=rmask)
+    tl.store(ent_ptr + rows, log_s - u / s, mask=rmask)
+
+
+@triton.jit
+def _dz_kernel(
+    # inputs
+    hidden_ptr,  # [n, H] valid rows only
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V] accumulator dtype
+    labels_ptr,  # [n] int64 local label ids
+    lse_ptr,
+    ent_ptr,  # [n] accumulator dtype, saved by the forward
+    coef_ptr,  # [3, n] accumulator dtype: a (label logit), b (lse), c (-entropy) upstream grads
+    # outputs
+    dz_ptr,  # [rows of this chunk, V] dlogits, dtype of hidden
+    # shapes and scalars
+    r0,
+    r1,
+    n,
+    V,
+    H,  # this chunk holds rows [r0, r1)
+    inv_t,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty
+    rows = r0 + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < r1
+    cmask = cols < V
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    y = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
+    a = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+    b = tl.load(coef_ptr + n + rows, mask=rmask, other=0.0)
+    c = tl.load(coef_ptr + 2 * n + rows, mask=rmask, other=0.0)
+    logp = acc * inv_t - lse[:, None]
+    p = tl.exp(logp)
+    ent_term = p * c[:, None] * (logp + ent[:, None])
+    # label column: a + b p_y = (a + b) + b expm1(log p_y), no cancellation near p_y = 1
+    dz_y = (a + b)[:, None] + b[:, None] * expm1(logp) + ent_term
+    dz = tl.where(cols[None, :] == y[:, None], dz_y, p * b[:, None] + ent_term) * inv_t
+    mask = rmask[:, None] & cmask[None, :]
+    out = dz_ptr + (rows - r0)[:, None] * V + cols[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_hidden_kernel(
+    dz_ptr,  # [cnt, V] dlogits of this chunk
+    weight_ptr,  # [V, H]
+    grad_ptr,  # [n, H] fp32 grad of the valid rows; this chunk writes rows [r0, r0 + cnt)
+    r0,
+    cnt,
+    V,
+    H,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < cnt
+    hmask = hs < H
+    acc = tl.zeros([BLOCK_N, BLOCK_H], grad_ptr.dtype.element_ty)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        cmask = cols < V
+        g = tl.load(
+            dz_ptr + rows[:, None] * V + cols[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + cols[:, None] * H + hs[None, :],
+            mask=cmask[:, None] & hmask[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            acc = tl.dot(g, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, w, acc)
+    tl.store(
+        grad_ptr + (r0 + rows)[:, None] * H + hs[None, :], acc, mask=rmask[:, None] & hmask[None, :]
+    )
+
+
+@triton.jit
+def _grad_weight_kernel(
+    dz_ptr,  # [cnt, V] dlogits of this chunk
+    hidden_ptr,  # [n, H] valid rows; this chunk is rows [r0, r0 + cnt)
+    grad_w_ptr,  # [V, H] fp32, accumulated over chunks (read, add, write)
+    grad_b_ptr,  # [V] fp32, accumulated likewise (HAS_BIAS)
+    r0,
+    cnt,
+    V,
+    H,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid_h = tl.program_id(1)
+    hs = pid_h.to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < V
+    hmask = hs < H
+    out = grad_w_ptr + cols[:, None] * H + hs[None, :]
+    omask = cmask[:, None] & hmask[None, :]
+    acc = tl.load(out, mask=omask, other=0.0)
+    gb = tl.zeros([BLOCK_V], grad_w_ptr.dtype.element_ty)
+    for k0 in range(0, cnt, BLOCK_N):
+        rows = k0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rmask = rows < cnt
+        g = tl.load(
+            dz_ptr + rows[None, :] * V + cols[:, None],
+            mask=cmask[:, None] & rmask[None, :],
+            other=0.0,
+        )  # [BLOCK_V, BLOCK_N]
+        h = tl.load(
+            hidden_ptr + (r0 + rows)[:, None] * H + hs[None, :],
+            mask=rmask[:, None] & hmask[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            acc = tl.dot(g, h, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, h, acc)
+        if HAS_BIAS:
+            gb += tl.sum(g.to(gb.dtype), 1)
+    tl.store(out, acc, mask=omask)
+    if HAS_BIAS:
+        if pid_h == 0:
+            old = tl.load(grad_b_ptr + cols, mask=cmask, other=0.0)
+            tl.store(grad_b_ptr + cols, old + gb, mask=cmask)

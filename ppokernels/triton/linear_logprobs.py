@@ -1,0 +1,222 @@
+"""Triton ops of the linear_logprobs family (host side): ``ppokernels::linear_logprobs_triton``
+and its backward, launching the kernels of :mod:`ppokernels.triton._linear_logprobs_kernels`
+(algorithm described there), and their ahead-of-time compile specs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from ppokernels._backend import interpreting
+from ppokernels.triton._common import aot
+from ppokernels.triton._linear_logprobs_kernels import (
+    CONFIGS,
+    _cfg,
+    _dz_kernel,
+    _fwd_kernel,
+    _grad_hidden_kernel,
+    _grad_weight_kernel,
+)
+
+
+def _launch(kernel, grid, args, dtype, keys, **constexprs):
+    """Launches ``kernel`` with the dtype's tile config (the ``keys`` it takes), ``constexprs``."""
+    cfg = _cfg(dtype)
+    meta = {k: cfg[k] for k in keys}
+    wrap_triton(kernel)[grid](
+        *args,
+        IEEE=dtype == torch.float32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **meta,
+        **constexprs,
+    )
+
+
+def _acc(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _compact(hidden, weight, labels, bias, ignore_index, vocab_start):
+    """Valid rows (one device sync), their hidden states and shard-local labels."""
+    rows = torch.nonzero(labels != ignore_index).squeeze(1)
+    acc = _acc(hidden)
+    b = bias.to(acc).contiguous() if bias is not None else hidden.new_empty(0, dtype=acc)
+    h, w = hidden[rows].contiguous(), weight.contiguous()
+    if interpreting() and h.dtype in (torch.bfloat16, torch.float16):
+        # the interpreter's tl.dot gives garbage for 16-bit floats (numpy has no bfloat16):
+        # run the same kernels on the upcast values there
+        h, w = h.float(), w.float()
+    return rows, h, w, (labels[rows] - vocab_start), b
+
+
+@triton_op("ppokernels::linear_logprobs_triton", mutates_args=())
+def linear_logprobs_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _acc(hidden)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    outs = [torch.zeros(N, dtype=acc, device=hidden.device) for _ in range(3)]
+    rows, h, w, y, b = _compact(hidden, weight, labels, bias, ignore_index, vocab_start)
+    n = rows.numel()
+    if n == 0 or V == 0:
+        return tuple(outs)
+    part = [torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3)]
+    grid = (triton.cdiv(n, _cfg(hidden.dtype)["BLOCK_N"]),)
+    _launch(
+        _fwd_kernel,
+        grid,
+        (h, w, b, y, *part, n, V, H, 1.0 / temperature),
+        hidden.dtype,
+        ("BLOCK_N", "BLOCK_V", "BLOCK_K"),
+        HAS_BIAS=bias is not None,
+    )
+    for out, val in zip(outs, part, strict=True):
+        out.index_copy_(0, rows, val)
+    return tuple(outs)
+
+
+@triton_op("ppokernels::linear_logprobs_backward_triton", mutates_args=())
+def linear_logprobs_backward_triton(
+    grad_label_logit: torch.Tensor,
+    grad_lse: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int,
+    chunk_size: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc, dev, dt = _acc(hidden), hidden.device, hidden.dtype
+    N, H = hidden.shape
+    V = weight.shape[0]
+    need_h, need_w = output_mask[0], output_mask[1]
+    need_b = output_mask[2] and bias is not None
+    gh = torch.zeros_like(hidden) if need_h else hidden.new_empty(0)
+    gw = torch.zeros(V, H, dtype=acc, device=dev) if need_w else hidden.new_empty(0, dtype=acc)
+    gb = torch.zeros(V, dtype=acc, device=dev) if need_b else hidden.new_empty(0, dtype=acc)
+    rows, h, w, y, b = _compact(hidden, weight, labels, bias, ignore_index, vocab_start)
+    n = rows.numel()
+    if n > 0 and V > 0 and (need_h or need_w or need_b):
+        coef = torch.stack([grad_label_logit[rows], grad_lse[rows], -grad_entropy[rows]])
+        coef = coef.to(acc).contiguous()
+        lse_c, ent_c = lse[rows].to(acc).contiguous(), entropy[rows].to(acc).contiguous()
+        gh_c = torch.empty(n, H, dtype=acc, device=dev) if need_h else None
+        gw_k = gw if need_w else torch.empty(V, H, dtype=acc, device=dev)  # bias-only case
+        R = max(1, min(chunk_size if chunk_size > 0 else n, n))
+        dz = torch.empty(R, V, dtype=h.dtype, device=dev)  # dlogits workspace of one row chunk
+        cfg = _cfg(dt)
+        for r0 in range(0, n, R):
+            cnt = min(R, n - r0)
+            grid = (triton.cdiv(cnt, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+            _launch(
+                _dz_kernel,
+                grid,
+                (h, w, b, y, lse_c, ent_c, coef, dz, r0, r0 + cnt, n, V, H, 1.0 / temperature),
+                dt,
+                ("BLOCK_N", "BLOCK_V", "BLOCK_K"),
+                HAS_BIAS=bias is not None,
+            )
+            if need_h:
+                grid = (triton.cdiv(cnt, cfg["BLOCK_N"]), triton.cdiv(H, cfg["BLOCK_H"]))
+                _launch(
+                    _grad_hidden_kernel,
+                    grid,
+                    (dz, w, gh_c, r0, cnt, V, H),
+                    dt,
+                    ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+                )
+            if need_w or need_b:
+                grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(H, cfg["BLOCK_H"]))
+                _launch(
+                    _grad_weight_kernel,
+                    grid,
+                    (dz, h, gw_k, gb, r0, cnt, V, H),
+                    dt,
+                    ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+                    HAS_BIAS=need_b,
+                )
+        if need_h:
+            gh.index_copy_(0, rows, gh_c.to(dt))
+    gw = gw.to(weight.dtype) if need_w else gw
+    gb = gb.to(bias.dtype) if need_b else gb
+    return gh, gw, gb
+
+
+for _dt, _name in (("bf16", "half"), ("fp32", "wide")):
+    _c = CONFIGS[_name]
+    _m = dict(IEEE=_dt == "fp32", BLOCK_N=_c["BLOCK_N"], BLOCK_V=_c["BLOCK_V"])
+    _s = {"n": "i64", "V": "i64", "H": "i64"}
+    _io = {
+        "hidden_ptr": f"*{_dt}",
+        "weight_ptr": f"*{_dt}",
+        "bias_ptr": "*fp32",
+        "labels_ptr": "*i64",
+    }
+    aot(
+        _fwd_kernel,
+        {
+            **_io,
+            "label_logit_ptr": "*fp32",
+            "lse_ptr": "*fp32",
+            "ent_ptr": "*fp32",
+            **_s,
+            "inv_t": "fp32",
+        },
+        HAS_BIAS=True,
+        BLOCK_K=_c["BLOCK_K"],
+        **_m,
+    )
+    aot(
+        _dz_kernel,
+        {
+            **_io,
+            "lse_ptr": "*fp32",
+            "ent_ptr": "*fp32",
+            "coef_ptr": "*fp32",
+            "dz_ptr": f"*{_dt}",
+            "r0": "i64",
+            "r1": "i64",
+            **_s,
+            "inv_t": "fp32",
+        },
+        HAS_BIAS=True,
+        BLOCK_K=_c["BLOCK_K"],
+        **_m,
+    )
+    _g = {"r0": "i64", "cnt": "i64", "V": "i64", "H": "i64"}
+    aot(
+        _grad_hidden_kernel,
+        {"dz_ptr": f"*{_dt}", "weight_ptr": f"*{_dt}", "grad_ptr": "*fp32", **_g},
+        BLOCK_H=_c["BLOCK_H"],
+        **_m,
+    )
+    aot(
+        _grad_weight_kernel,
+        {
+            "dz_ptr": f"*{_dt}",
+            "hidden_ptr": f"*{_dt}",
+            "grad_w_ptr": "*fp32",
+            "grad_b_ptr": "*fp32",
+            **_g,
+        },
+        HAS_BIAS=True,
+        BLOCK_H=_c["BLOCK_H"],
+        **_m,
+    )
