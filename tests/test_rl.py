@@ -349,6 +349,7 @@ sums = torch.tensor([sum(p.double().sum() for p in m.parameters()) for m in mode
 gathered = [torch.zeros_like(sums) for _ in range(2)]
 dist.all_gather(gathered, sums)
 assert torch.equal(gathered[0], gathered[1]), gathered  # DDP kept the replicas identical
+tr.close()
 """
 
 

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg, resume=args.resume)
     rows = trainer.train()
+    trainer.close()
     if trainer.rank == 0 and rows:
         first = [r["reward_mean"] for r in rows[:5]]
         last = [r["reward_mean"] for r in rows[-5:]]

@@ -110,6 +110,13 @@ class Trainer:
             )
         self._stop = False
 
+    def close(self) -> None:
+        """Shuts the process group down (an exiting process that still holds gloo's threads
+        aborts with "terminate called without an active exception")."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     # ------------------------------------------------------------------------------ setup
     def _init_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
