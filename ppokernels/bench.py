@@ -180,7 +180,7 @@ def main(args) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = args.preset or ("llm" if device == "cuda" else "quick")
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the suite runs with cwd=benchmarks/
     out.mkdir(parents=True, exist_ok=True)
     by_op = _bench_files()
     ops = args.ops or sorted(by_op)
