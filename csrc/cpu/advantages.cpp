@@ -15,6 +15,7 @@
 #include <array>
 #include <vector>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/advantages.h"
 #include "ppokernels/cpu_vec.h"
 
@@ -165,17 +166,9 @@ void map_masked(const scalar_t* x, const bool* m, const float* gf, const double*
   });
 }
 
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_xm(const char* op, const at::Tensor& x, const at::Tensor& mask) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor");
   TORCH_CHECK(x.sizes() == mask.sizes(), op, ": mask must have the shape of x");
-}
-
-at::Tensor bool_mask(const at::Tensor& mask) {
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
 }  // namespace

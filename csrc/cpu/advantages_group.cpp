@@ -8,14 +8,11 @@
 
 #include <vector>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/advantages.h"
 
 namespace ppokernels {
 namespace {
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_groups(const char* op, const at::Tensor& scores, const at::Tensor& ids,
                   int64_t num_groups, const std::string& estimator, GroupEstimator* est) {

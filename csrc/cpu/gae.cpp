@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/gae.h"
 
 namespace ppokernels {
@@ -25,14 +26,6 @@ Rows check(const char* op, const at::Tensor& x, const at::Tensor& mask, MaskMode
   TORCH_CHECK(lam >= 0.0 && lam <= 1.0, op, ": lam must be in [0, 1]");
   const int64_t len = x.size(-1);
   return {len == 0 ? 0 : x.numel() / len, len};
-}
-
-at::Tensor as_bool(const at::Tensor& mask) {
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
-}
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
@@ -109,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   const Rows rows = check("gae", rewards, mask, &mode, mode_name, gamma, lam);
   TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values must have the shape of rewards");
   TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: values and rewards dtypes differ");
-  const auto r = rewards.contiguous(), v = values.contiguous(), m = as_bool(mask);
+  const auto r = rewards.contiguous(), v = values.contiguous(), m = bool_mask(mask);
   auto adv = at::empty(r.sizes(), r.options().dtype(acc_dtype(r)));
   auto ret = at::empty_like(adv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "gae_cpu", [&] {
@@ -130,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> gae_backward_cpu(const at::Tensor& grad_advan
   TORCH_CHECK(grad_returns.sizes() == grad_advantages.sizes(), "gae_backward: shape mismatch");
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto ga = grad_advantages.to(acc).contiguous(), gr = grad_returns.to(acc).contiguous();
-  const auto m = as_bool(mask);
+  const auto m = bool_mask(mask);
   auto grad_r = at::empty(ga.sizes(), ga.options().dtype(dtype));
   auto grad_v = at::empty_like(grad_r);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cpu", [&] {
@@ -146,7 +139,7 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& m
                                   const std::string& mode_name) {
   MaskMode mode;
   const Rows rows = check("discounted_returns", rewards, mask, &mode, mode_name, gamma, 1.0);
-  const auto r = rewards.contiguous(), m = as_bool(mask);
+  const auto r = rewards.contiguous(), m = bool_mask(mask);
   auto ret = at::empty(r.sizes(), r.options().dtype(acc_dtype(r)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "returns_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -164,7 +157,7 @@ at::Tensor discounted_returns_backward_cpu(const at::Tensor& grad_returns, const
                           gamma, 1.0);
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto gr = grad_returns.to(acc).contiguous();
-  const auto m = as_bool(mask);
+  const auto m = bool_mask(mask);
   auto grad_r = at::empty(gr.sizes(), gr.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;

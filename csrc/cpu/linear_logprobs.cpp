@@ -18,6 +18,7 @@
 
 #include <vector>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/linear_logprobs.h"
 
@@ -160,10 +161,6 @@ void block_grad(acc_t* x, const acc_t* bias, int64_t n, int64_t label, acc_t inv
   if (label >= 0 && label < n) x[label] = linear_logprobs_dz_label(logp_y, a, b, c, ent) * inv_t;
 }
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cpu(
@@ -175,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cpu(
   const auto labels = labels_.contiguous();
   const Plan p = make_plan("linear_logprobs", hidden, weight, labels, bias_, ignore_index,
                            chunk_size);
-  const auto acc = acc_type(hidden);
+  const auto acc = acc_dtype(hidden);
   const int64_t N = hidden.size(0);
   auto opts = hidden.options().dtype(acc);
   auto label_logit = at::zeros({N}, opts), lse = at::zeros({N}, opts), ent = at::zeros({N}, opts);
@@ -235,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
   const auto labels = labels_.contiguous();
   const Plan p = make_plan("linear_logprobs_backward", hidden, weight, labels, bias_,
                            ignore_index, chunk_size);
-  const auto acc = acc_type(hidden);
+  const auto acc = acc_dtype(hidden);
   const int64_t N = hidden.size(0);
   const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && bias_;
   auto opts = hidden.options().dtype(acc);

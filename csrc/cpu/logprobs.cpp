@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/logprobs.h"
 
@@ -147,10 +148,6 @@ at::Tensor rows_of(const at::Tensor& t, RowLayout* layout) {
   auto c = t.contiguous();
   make_row_layout(c.sizes().data(), c.strides().data(), nd, layout);
   return c;
-}
-
-at::ScalarType acc_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace

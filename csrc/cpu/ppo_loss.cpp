@@ -13,6 +13,7 @@
 
 #include <cstring>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/ppo_loss.h"
 
@@ -117,14 +118,6 @@ struct Rows {
   int64_t B, T;
 };
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor as_bool_mask(const at::Tensor& mask) {
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
-}
-
 // advantages / is_weights: [B, T] or [B], converted to the accumulation dtype.
 at::Tensor per_token_or_row(const char* op, const char* name, const at::Tensor& x, Rows r,
                             at::ScalarType acc, bool* per_row) {
@@ -165,11 +158,11 @@ PolicyCall prepare_policy(const char* op, const at::Tensor& logprobs,
   PolicyCall c;
   c.r = check_2d(op, logprobs, mask);
   check_like(op, "old_logprobs", old_logprobs, logprobs);
-  const auto acc = acc_type(logprobs);
+  const auto acc = acc_dtype(logprobs);
   c.lp = logprobs.contiguous();
   c.old = old_logprobs.contiguous();
   c.adv = per_token_or_row(op, "advantages", advantages, c.r, acc, &c.adv_row);
-  c.mask = as_bool_mask(mask);
+  c.mask = bool_mask(mask);
   if (ref_logprobs) {
     check_like(op, "ref_logprobs", *ref_logprobs, logprobs);
     c.ref = ref_logprobs->contiguous();
@@ -274,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
                                       logratio_clamp, ratio_level, kl_coef, kl_estimator,
                                       kl_clamp, entropy_coef);
   const int64_t B = c.r.B, T = c.r.T;
-  const auto acc = acc_type(logprobs);
+  const auto acc = acc_dtype(logprobs);
   const auto opts = logprobs.options().dtype(acc);
   std::vector<double> part(static_cast<size_t>(B) * kPolicyK, 0.0);
   std::vector<double> seq_lr(static_cast<size_t>(B), 0.0);
@@ -415,9 +408,9 @@ ValueCall prepare_value(const char* op, const at::Tensor& values, const at::Tens
   check_like(op, "old_values", old_values, values);
   c.v = values.contiguous();
   c.vo = old_values.contiguous();
-  c.ret = per_token_or_row(op, "returns", returns, c.r, acc_type(values), &c.ret_row);
+  c.ret = per_token_or_row(op, "returns", returns, c.r, acc_dtype(values), &c.ret_row);
   TORCH_CHECK(!c.ret_row, op, ": returns must have shape [B, T]");
-  c.mask = as_bool_mask(mask);
+  c.mask = bool_mask(mask);
   TORCH_CHECK(!clip || *clip > 0, op, ": clip must be > 0");
   return c;
 }
@@ -433,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   const ValueCall c = prepare_value(op, values, old_values, returns, mask, clip);
   const int64_t B = c.r.B, T = c.r.T;
   const double eps = clip.value_or(0.0);
-  const auto acc = acc_type(values);
+  const auto acc = acc_dtype(values);
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

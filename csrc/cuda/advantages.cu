@@ -155,23 +155,16 @@ PPK_INSTANTIATE(__nv_bfloat16)
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
 namespace {
 
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_xm(const char* op, const at::Tensor& x, const at::Tensor& mask) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor");
   TORCH_CHECK(x.sizes() == mask.sizes(), op, ": mask must have the shape of x");
   TORCH_CHECK(mask.device() == x.device(), op, ": mask is on another device than x");
-}
-
-at::Tensor bool_mask(const at::Tensor& mask) {
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
 }
 
 // fp64 [kNumStats] statistics of x over the mask (and of g when defined), on x's device.

@@ -88,14 +88,11 @@ PPK_INSTANTIATE(__nv_bfloat16)
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
 namespace {
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 }  // namespace
 

@@ -163,6 +163,7 @@ PPK_INSTANTIATE(__nv_bfloat16)
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "ppokernels/aten_utils.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
@@ -183,12 +184,6 @@ Rows check(const char* op, const at::Tensor& x, const at::Tensor& mask, MaskMode
   return {len == 0 ? 0 : x.numel() / len, len};
 }
 
-at::Tensor as_bool(const at::Tensor& mask) {
-  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
@@ -199,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values must have the shape of rewards");
   TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: values and rewards dtypes differ");
   const c10::cuda::CUDAGuard guard(rewards.device());
-  const auto r = rewards.contiguous(), v = values.contiguous(), m = as_bool(mask);
+  const auto r = rewards.contiguous(), v = values.contiguous(), m = bool_mask(mask);
   auto adv = at::empty(r.sizes(), r.options().dtype(acc_dtype(r.scalar_type())));
   auto ret = at::empty_like(adv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "gae_cuda", [&] {
@@ -222,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> gae_backward_cuda(const at::Tensor& grad_adva
   const c10::cuda::CUDAGuard guard(grad_returns.device());
   const auto acc = acc_dtype(dtype);
   const auto ga = grad_advantages.to(acc).contiguous(), gr = grad_returns.to(acc).contiguous();
-  const auto m = as_bool(mask);
+  const auto m = bool_mask(mask);
   auto grad_r = at::empty(gr.sizes(), gr.options().dtype(dtype));
   auto grad_v = at::empty_like(grad_r);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cuda", [&] {
@@ -240,7 +235,7 @@ at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& 
   MaskMode mode;
   const Rows rows = check("discounted_returns", rewards, mask, &mode, mode_name);
   const c10::cuda::CUDAGuard guard(rewards.device());
-  const auto r = rewards.contiguous(), m = as_bool(mask);
+  const auto r = rewards.contiguous(), m = bool_mask(mask);
   auto ret = at::empty(r.sizes(), r.options().dtype(acc_dtype(r.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "returns_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
@@ -259,7 +254,7 @@ at::Tensor discounted_returns_backward_cuda(const at::Tensor& grad_returns, cons
   const Rows rows = check("discounted_returns_backward", grad_returns, mask, &mode, mode_name);
   const c10::cuda::CUDAGuard guard(grad_returns.device());
   const auto gr = grad_returns.to(acc_dtype(dtype)).contiguous();
-  const auto m = as_bool(mask);
+  const auto m = bool_mask(mask);
   auto grad_r = at::empty(gr.sizes(), gr.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
