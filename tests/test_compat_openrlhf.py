@@ -21,6 +21,8 @@ from unittest import mock
 
 import pytest
 import torch
+from _compat_data import close as _close
+from _compat_data import data as _data
 
 import ppokernels.compat.openrlhf as co
 
@@ -72,29 +74,6 @@ try:
         from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 except ImportError as e:  # pragma: no cover
     pytest.skip(f"openrlhf 0.11.2 not importable: {e}", allow_module_level=True)
-
-TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def _mask(B=6, T=13, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, T + 1, (B,), generator=g)
-    lengths[0], lengths[1] = T, 1
-    m = (torch.arange(T)[None] < lengths[:, None]).float()
-    holes = torch.rand(B, T, generator=g) < 0.25
-    holes[:, 0] = False
-    holes[1] = False
-    return m * (~holes)
-
-
-def _data(B=6, T=13, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda: torch.randn(B, T, generator=g) * scale  # noqa: E731
-    return r(), r(), r(), _mask(B, T, seed)
-
-
-def _close(a, b, **kw):
-    torch.testing.assert_close(a, b, **(kw or TOL))
 
 
 def _run(fn, x, *args, seed=1):

@@ -9,17 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _compat_data import close as _close
 
 trl_utils = pytest.importorskip("trl.trainer.utils", reason="trl 1.16.0 not installed")
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
 
+
 import ppokernels.compat.trl as ct  # noqa: E402
-
-TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def _close(a, b, **kw):
-    torch.testing.assert_close(a, b, **(kw or TOL))
 
 
 def _logits(B=3, T=5, V=1271, seed=0):

@@ -7,6 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _compat_data import TOL
+from _compat_data import close as _close
+from _compat_data import data as _data
+from _compat_data import mask as _mask
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl 0.9.1 not installed")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
@@ -14,7 +18,6 @@ from omegaconf import OmegaConf  # noqa: E402  (a verl dependency)
 
 import ppokernels.compat.verl as cv  # noqa: E402
 
-TOL = dict(atol=2e-5, rtol=2e-5)
 AGG = [
     "token-mean",
     "token-sum",
@@ -38,29 +41,6 @@ KL_MODES = [
     "low_var_kl+",
     "k3+",
 ]
-
-
-def _mask(B=6, T=13, seed=0):
-    """Right padding of random length plus interior holes (tool/observation spans); one row
-    fully valid, one row with a single valid token."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, T + 1, (B,), generator=g)
-    lengths[0], lengths[1] = T, 1
-    m = (torch.arange(T)[None] < lengths[:, None]).float()
-    holes = torch.rand(B, T, generator=g) < 0.25
-    holes[:, 0] = False
-    holes[1] = False
-    return m * (~holes)
-
-
-def _data(B=6, T=13, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda: torch.randn(B, T, generator=g) * scale  # noqa: E731
-    return r(), r(), r(), _mask(B, T, seed)
-
-
-def _close(a, b, **kw):
-    torch.testing.assert_close(a, b, **(kw or TOL))
 
 
 def _grads(fn, inputs, seed=1):

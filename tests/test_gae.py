@@ -115,23 +115,30 @@ def test_discounted_returns(device, backend, mode):
     via_gae = reference.gae(r64, torch.zeros_like(r64), m, gamma=0.9, lam=1.0, mode=mode)[0]
     torch.testing.assert_close(expect, via_gae)
     g = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, r, g)[0],
-                               torch.autograd.grad(expect, r64, g)[0], **TOL[torch.float64])
+    torch.testing.assert_close(
+        torch.autograd.grad(out, r, g)[0],
+        torch.autograd.grad(expect, r64, g)[0],
+        **TOL[torch.float64],
+    )
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
 def test_gradcheck(device, backend):
     # the Triton interpreter is slow: fewer elements and gradcheck's fast mode there
     fast = backend == "triton" and device == "cpu"
-    r, v, m = _inputs(2, 5, torch.float64, device, "padded") if fast else _inputs(
-        3, 9, torch.float64, device, "padded"
+    r, v, m = (
+        _inputs(2, 5, torch.float64, device, "padded")
+        if fast
+        else _inputs(3, 9, torch.float64, device, "padded")
     )
     for mode in MODES:
+
         def fn(r, v, mode=mode):
             return ppokernels.gae(r, v, m, gamma=0.9, lam=0.8, mode=mode, backend=backend)
 
-        assert torch.autograd.gradcheck(fn, (r.requires_grad_(), v.requires_grad_()),
-                                        fast_mode=fast)
+        assert torch.autograd.gradcheck(
+            fn, (r.requires_grad_(), v.requires_grad_()), fast_mode=fast
+        )
 
         def fn2(r, mode=mode):
             return ppokernels.discounted_returns(r, m, gamma=0.7, mode=mode, backend=backend)
@@ -183,10 +190,11 @@ def test_opcheck_and_compile():
         pytest.skip("C++ extension not built")
     r, v, m = _inputs(3, 11, torch.float32, "cpu")
     for mode in MODES:
-        torch.library.opcheck(torch.ops.ppokernels.gae.default,
-                              (r.requires_grad_(), v.requires_grad_(), m, 0.9, 0.8, mode))
-        torch.library.opcheck(torch.ops.ppokernels.discounted_returns.default,
-                              (r, m, 0.9, mode))
+        torch.library.opcheck(
+            torch.ops.ppokernels.gae.default,
+            (r.requires_grad_(), v.requires_grad_(), m, 0.9, 0.8, mode),
+        )
+        torch.library.opcheck(torch.ops.ppokernels.discounted_returns.default, (r, m, 0.9, mode))
 
     def loss(r, v):
         adv, ret = ppokernels.gae(r, v, m, gamma=0.9, lam=0.8, backend="cpp")
@@ -203,8 +211,10 @@ def test_opcheck_and_compile():
 def test_opcheck_cuda():
     r, v, m = _inputs(3, 11, torch.float32, "cuda")
     for name in ["gae", "gae_triton"]:
-        torch.library.opcheck(getattr(torch.ops.ppokernels, name).default,
-                              (r.requires_grad_(), v.requires_grad_(), m, 0.9, 0.8, "skip"))
+        torch.library.opcheck(
+            getattr(torch.ops.ppokernels, name).default,
+            (r.requires_grad_(), v.requires_grad_(), m, 0.9, 0.8, "skip"),
+        )
 
 
 def test_bad_input():

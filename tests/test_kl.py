@@ -62,6 +62,7 @@ def test_k3_no_cancellation_near_zero(device, backend):
 def test_gradcheck(device, backend):
     lp, ref = _inputs((3, 5), torch.float64, device)
     for estimator in ["k1", "k2", "k3", "abs"]:  # "+" estimators are biased by design
+
         def fn(a, b, estimator=estimator):
             return ppokernels.kl_penalty(a, b, estimator=estimator, clamp=2.0, backend=backend)
 

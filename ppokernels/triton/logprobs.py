@@ -244,31 +244,12 @@ def token_logprobs_backward_triton_(
     ignore_index: int,
 ) -> None:
     """In place: the gradient overwrites ``logits`` (copied back if its rows needed a copy)."""
-    if row_layout(logits)[0] is logits:
-        _backward(
-            grad_logprobs,
-            grad_entropy,
-            logits,
-            labels,
-            lse,
-            entropy,
-            temperature,
-            ignore_index,
-            logits,
-        )
-    else:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _backward(
-            grad_logprobs,
-            grad_entropy,
-            logits,
-            labels,
-            lse,
-            entropy,
-            temperature,
-            ignore_index,
-            out,
-        )
+    direct = row_layout(logits)[0] is logits
+    out = logits if direct else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward(
+        grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, out
+    )
+    if not direct:
         logits.copy_(out)
 
 
