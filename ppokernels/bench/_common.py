@@ -1,9 +1,15 @@
-"""Shared benchmark helpers: machine limits, peak memory, providers, extra_info records."""
+"""Shared benchmark helpers: machine limits, peak memory, providers, extra_info records.
+
+The machine's limits (copy bandwidth, matmul rate) are measured once per ``ppokernels bench`` run
+by the parent process and handed to every benchmark process in ``PPK_BENCH_LIMITS`` (JSON), so all
+percentages of one run refer to the same measurement; without it they are measured here, once.
+"""
 
 from __future__ import annotations
 
 import functools
 import gc
+import json
 import os
 import time
 
@@ -27,9 +33,19 @@ def _time(fn, device: str, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
+DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _given_limit(key: str) -> float | None:
+    return json.loads(os.environ.get("PPK_BENCH_LIMITS") or "{}").get(key)
+
+
 @functools.cache
 def copy_bandwidth_gbs(device: str) -> float:
     """Measured device copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    given = _given_limit("copy_bandwidth_gbs")
+    if given:
+        return float(given)
     n = (256 if device == "cuda" else 64) * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
@@ -40,6 +56,9 @@ def copy_bandwidth_gbs(device: str) -> float:
 @functools.cache
 def matmul_tflops(device: str, dtype: torch.dtype = torch.float32) -> float:
     """Measured dense matmul rate in TFLOP/s for square matrices in ``dtype``."""
+    given = _given_limit(f"matmul_{DTYPE_KEY.get(dtype, dtype)}_tflops")
+    if given:
+        return float(given)
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -89,8 +108,16 @@ def ppokernels_providers(device: str) -> list[str]:
     return out
 
 
-def run(benchmark, fn, *, device: str, provider: str, bytes_moved: float | None = None,
-        flops: float | None = None, measure_memory: bool = True):
+def run(
+    benchmark,
+    fn,
+    *,
+    device: str,
+    provider: str,
+    bytes_moved: float | None = None,
+    flops: float | None = None,
+    measure_memory: bool = True,
+):
     """Times ``fn`` with pytest-benchmark and records peak memory, GB/s and FLOP/s as extra_info
     (with the fraction of the machine's measured copy bandwidth / matmul rate)."""
     benchmark.extra_info["provider"] = provider

@@ -1,0 +1,89 @@
+"""masked_whiten and group_advantages, forward and forward + backward: ppokernels kernels vs the
+reference (eager and compiled).
+
+Bytes per entry (the minimum any implementation must move, fp32 data, bool mask): whiten forward
+reads x and the mask and writes y (4 + 1 + 4 B); its backward reads the upstream gradient, x and
+the mask and writes dx (4 + 4 + 1 + 4 B). The kernels read x three times (two reduction passes and
+the output pass), so 100% of copy bandwidth is out of reach by design. group_advantages: scores,
+int64 group ids, output (4 + 8 + 4 B), twice with the backward.
+"""
+
+import pytest
+import torch
+
+import ppokernels
+from ppokernels import reference
+from ppokernels.bench._common import ppokernels_providers, run
+from ppokernels.bench.plugin import preset_shapes
+
+SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048), (256, 4096)], "llm": [(256, 4096), (1024, 8192)]}
+# (batch B, samples per prompt)
+GROUP_SHAPES = {"tiny": [(16, 4)], "cpu": [(4096, 8), (4096, 16)], "llm": [(4096, 16), (65536, 16)]}
+
+
+def pytest_generate_tests(metafunc):
+    if "group_shape" in metafunc.fixturenames:
+        shapes = preset_shapes(GROUP_SHAPES, metafunc.config)
+        metafunc.parametrize("group_shape", shapes, ids=[str(s) for s in shapes])
+
+
+def providers(device):
+    return ["reference", "reference-compiled", *ppokernels_providers(device)]
+
+
+def _whiten(provider):
+    if provider == "reference":
+        return reference.masked_whiten
+    if provider == "reference-compiled":
+        return torch.compile(reference.masked_whiten)
+    backend = provider.removeprefix("ppokernels-")
+    return lambda x, m: ppokernels.masked_whiten(x, m, backend=backend)
+
+
+def _group(provider):
+    if provider == "reference":
+        return reference.group_advantages
+    if provider == "reference-compiled":
+        return torch.compile(reference.group_advantages)
+    backend = provider.removeprefix("ppokernels-")
+    return lambda s, i: ppokernels.group_advantages(s, i, backend=backend)
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_masked_whiten(benchmark, shape, provider, device, mode):
+    x = torch.randn(shape, device=device, requires_grad=mode != "forward")
+    lengths = torch.randint(shape[1] // 4, shape[1] + 1, (shape[0], 1), device=device)
+    mask = torch.arange(shape[1], device=device) < lengths  # right-padded responses
+    grad = torch.randn(shape, device=device)
+    fn = _whiten(provider)
+
+    def step():
+        out = fn(x, mask)
+        if mode != "forward":
+            out.backward(grad)
+        return out
+
+    benchmark.group = f"masked_whiten {mode} {shape}"
+    n = x.numel()
+    run(benchmark, step, device=device, provider=provider,
+        bytes_moved=n * (9 if mode == "forward" else 22))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+def test_group_advantages(benchmark, group_shape, provider, device, mode):
+    b, k = group_shape
+    scores = torch.randn(b, device=device, requires_grad=mode != "forward")
+    ids = torch.arange(b, device=device) // k  # veRL uids map to such ids
+    ids = ids[torch.randperm(b, device=device)] * 7 + 3  # shuffled, non-contiguous
+    grad = torch.randn(b, device=device)
+    fn = _group(provider)
+
+    def step():
+        out = fn(scores, ids)
+        if mode != "forward":
+            out.backward(grad)
+        return out
+
+    benchmark.group = f"group_advantages {mode} B={b} group={k}"
+    run(benchmark, step, device=device, provider=provider,
+        bytes_moved=b * (16 if mode == "forward" else 32))  # fmt: skip
