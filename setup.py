@@ -4,7 +4,8 @@ Environment knobs:
   PPOKERNELS_BUILD_EXT=0       pure-Python install (reference and Triton backends only)
   PPOKERNELS_BUILD_CUDA=auto   auto: build csrc/cuda when torch is a CUDA build and nvcc is found;
                                1: require it (error if impossible); 0: CPU kernels only
-  PPOKERNELS_CUDA_ARCHS="8.0;9.0"  compute capabilities for the CUDA kernels
+  PPOKERNELS_CUDA_ARCHS="8.0;9.0"  compute capabilities for the CUDA kernels (replaces any
+                               TORCH_CUDA_ARCH_LIST in the environment)
   MAX_JOBS                     parallel compile jobs (honoured by torch's ninja build)
   PPOKERNELS_CPU_SIMD=auto     auto: AVX2 + FMA for the CPU kernels when the build machine has
                                them (ATen's AVX2 Vectorized, SLEEF's vector exp/log); 0: none
@@ -70,7 +71,9 @@ def extensions():
     kwargs = dict(include_dirs=include, py_limited_api=True, extra_link_args=["-fopenmp"])
     if _want_cuda(torch, CUDA_HOME):
         archs = os.environ.get("PPOKERNELS_CUDA_ARCHS", "8.0;9.0")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+        # set, not setdefault: an image's own TORCH_CUDA_ARCH_LIST would otherwise win (more
+        # architectures, a longer build, or ones this nvcc rejects)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
         nvcc = opt + ["-lineinfo", "-DPPK_WITH_CUDA"]
         ext = CUDAExtension(

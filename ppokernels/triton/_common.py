@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 # Kernels and example signatures that tests compile ahead of time for sm_80 / sm_90:
 # (kernel, {arg: type}, {constexpr: value}). Appended by each kernel module at import.
 AOT_SPECS: list[tuple[object, dict[str, str], dict[str, object]]] = []
+
+
+def launch(kernel):
+    """``wrap_triton(kernel)``: the launcher every ``triton_op`` uses, so torch.compile traces it.
+
+    Under TRITON_INTERPRET=1, ``@triton.jit`` gives an interpreter object that torch < 2.13's
+    ``wrap_triton`` rejects ("only works on functions annotated with triton.jit"); torch 2.13
+    returns it unchanged. Do the same here, so the interpreter tests run on every supported torch
+    (eager launches are identical; compiling an interpreted kernel is not possible either way).
+    """
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return wrap_triton(kernel)
+    return kernel
 
 
 def aot(kernel, signature: dict[str, str], **constexprs) -> None:

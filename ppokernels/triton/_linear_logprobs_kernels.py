@@ -65,8 +65,10 @@ def _logits_tile(
             mask=cmask[None, :] & kmask[:, None],
             other=0.0,
         )
-        if IEEE:  # fp32 inputs: no tf32 rounding
-            acc = tl.dot(h, w, acc, input_precision="ieee")
+        # fp32/fp64 inputs: no tf32 rounding; out_dtype=acc.dtype because triton <= 3.6 does not
+        # infer an fp64 result from an fp64 accumulator (its default out_dtype is fp32)
+        if IEEE:
+            acc = tl.dot(h, w, acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
             acc = tl.dot(h, w, acc)
     return acc
@@ -202,7 +204,7 @@ def _grad_hidden_kernel(
             other=0.0,
         )
         if IEEE:
-            acc = tl.dot(g, w, acc, input_precision="ieee")
+            acc = tl.dot(g, w, acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
             acc = tl.dot(g, w, acc)
     tl.store(
@@ -249,7 +251,7 @@ def _grad_weight_kernel(
             other=0.0,
         )
         if IEEE:
-            acc = tl.dot(g, h, acc, input_precision="ieee")
+            acc = tl.dot(g, h, acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
             acc = tl.dot(g, h, acc)
         if HAS_BIAS:

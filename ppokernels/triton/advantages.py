@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot
+from ppokernels.triton._common import aot, launch
 
 BLOCK = 1024
 TILES = 8
@@ -169,11 +169,11 @@ def _stats(x, mask, g, unbiased: bool, shift_mean: bool, eps: float) -> torch.Te
     f64 = x.dtype == torch.float64
     for pass_b in (False, True):
         if p > 0:
-            wrap_triton(_partials_kernel)[(p,)](
+            launch(_partials_kernel)[(p,)](
                 x, mask, g if g is not None else x, stats, part, n,
                 PASS_B=pass_b, HAS_G=g is not None, F64=f64, BLOCK=BLOCK, TILES=TILES,
             )  # fmt: skip
-        wrap_triton(_finalize_kernel)[(1,)](
+        launch(_finalize_kernel)[(1,)](
             part, stats, p, eps, PASS_B=pass_b, UNBIASED=unbiased, SHIFT_MEAN=shift_mean,
             BLOCK=BLOCK,
         )  # fmt: skip
@@ -188,7 +188,7 @@ def _mask(mask: torch.Tensor) -> torch.Tensor:
 def _elementwise(mode, x, mask, g, stats, out, shift_mean=True, unbiased=True):
     n = x.numel()
     if n > 0:
-        wrap_triton(_elementwise_kernel)[(triton.cdiv(n, BLOCK),)](
+        launch(_elementwise_kernel)[(triton.cdiv(n, BLOCK),)](
             x, mask, g if g is not None else x, stats, out, n, MODE=mode, SHIFT_MEAN=shift_mean,
             UNBIASED=unbiased, F64=x.dtype == torch.float64, BLOCK=BLOCK,
         )  # fmt: skip

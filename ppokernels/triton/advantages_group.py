@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot
+from ppokernels.triton._common import aot, launch
 
 ESTIMATORS = {"grpo": 0, "rloo": 1}
 BLOCK = 1024
@@ -93,7 +93,7 @@ def _launch(scores, ids, g, out, num_groups, estimator, eps, norm_by_std, backwa
     if estimator not in ESTIMATORS:
         raise ValueError(f"group_advantages: unknown estimator {estimator!r}")
     if num_groups > 0 and scores.numel() > 0:
-        wrap_triton(_group_kernel)[(num_groups,)](
+        launch(_group_kernel)[(num_groups,)](
             scores, ids, g if g is not None else scores, out, scores.numel(), eps,
             EST=ESTIMATORS[estimator], NORM_BY_STD=norm_by_std, BACKWARD=backward,
             F64=scores.dtype == torch.float64, BLOCK=BLOCK,

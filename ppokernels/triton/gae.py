@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot
+from ppokernels.triton._common import aot, launch
 
 MODES = {"skip": 0, "zero": 1}
 
@@ -174,7 +174,7 @@ def _launch_fwd(rewards, values, mask, gamma, lam, mode):
     rows = r.numel() // T if T else 0
     if rows:
         v = values.contiguous() if values is not None else r
-        wrap_triton(_gae_fwd_kernel)[(rows,)](
+        launch(_gae_fwd_kernel)[(rows,)](
             r, v, m, adv, ret, T, gamma, lam,
             MODE=MODES[mode], HAS_VALUES=values is not None, BLOCK_T=_block(T),
         )
@@ -191,7 +191,7 @@ def _launch_bwd(grad_advantages, grad_returns, mask, gamma, lam, mode, dtype, ha
     T = gr.shape[-1] if gr.dim() else 1
     rows = gr.numel() // T if T else 0
     if rows:
-        wrap_triton(_gae_bwd_kernel)[(rows,)](
+        launch(_gae_bwd_kernel)[(rows,)](
             ga, gr, m, grad_r, grad_v, T, gamma, lam,
             MODE=MODES[mode], HAS_VALUES=has_values, BLOCK_T=_block(T),
         )

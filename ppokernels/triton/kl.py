@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot, expm1
+from ppokernels.triton._common import aot, expm1, launch
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 BLOCK = 1024
@@ -129,7 +129,7 @@ def kl_penalty_triton(
     n = lp.numel()
     grid = (triton.cdiv(n, BLOCK),)
     if n > 0:
-        wrap_triton(_kl_fwd_kernel)[grid](
+        launch(_kl_fwd_kernel)[grid](
             lp,
             ref,
             out,
@@ -158,7 +158,7 @@ def kl_penalty_backward_triton(
     n = lp.numel()
     grid = (triton.cdiv(n, BLOCK),)
     if n > 0:
-        wrap_triton(_kl_bwd_kernel)[grid](
+        launch(_kl_bwd_kernel)[grid](
             g,
             lp,
             ref,

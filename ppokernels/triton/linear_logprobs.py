@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from ppokernels._backend import interpreting
-from ppokernels.triton._common import aot
+from ppokernels.triton._common import aot, launch
 from ppokernels.triton._linear_logprobs_kernels import (
     CONFIGS,
     _cfg,
@@ -25,7 +25,7 @@ def _launch(kernel, grid, args, dtype, keys, **constexprs):
     """Launches ``kernel`` with the dtype's tile config (the ``keys`` it takes), ``constexprs``."""
     cfg = _cfg(dtype)
     meta = {k: cfg[k] for k in keys}
-    wrap_triton(kernel)[grid](
+    launch(kernel)[grid](
         *args,
         IEEE=dtype == torch.float32,
         num_warps=cfg["num_warps"],

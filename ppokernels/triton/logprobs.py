@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot, expm1, softmax_stats_tile
+from ppokernels.triton._common import aot, expm1, launch, softmax_stats_tile
 
 
 @triton.jit
@@ -166,7 +166,7 @@ def token_logprobs_triton(
     n, V = lab.numel(), x.shape[-1]
     if n > 0:
         block = _block(V)
-        wrap_triton(_fwd_kernel)[(n,)](
+        launch(_fwd_kernel)[(n,)](
             x,
             lab,
             lp,
@@ -195,7 +195,7 @@ def _backward(grad_lp, grad_ent, logits, labels, lse, entropy, temperature, igno
         dst, g_layout = row_layout(out)
         assert dst is out, "the gradient buffer must have addressable rows"
         block = _block(V)
-        wrap_triton(_bwd_kernel)[(n,)](
+        launch(_bwd_kernel)[(n,)](
             g_lp,
             g_ent,
             x,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot
+from ppokernels.triton._common import aot, launch
 from ppokernels.triton.kl import ESTIMATORS
 from ppokernels.triton.kl import _value as _kl_value
 from ppokernels.triton.ppo_loss_math import AGG, BLOCK, K, _agg_scale, _kl_grad, _surrogate
@@ -252,12 +252,12 @@ def ppo_policy_loss_triton(
     flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
                    kl_clamp)  # fmt: skip
     if B > 0:
-        wrap_triton(_policy_row_kernel)[(B,)](
+        launch(_policy_row_kernel)[(B,)](
             lp, old, ref if ref is not None else lp, ent if ent is not None else lp, adv,
             w if w is not None else adv, mask, part, seq_lr, T, clip_low, clip_high,
             dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **flags, BLOCK=BLOCK,
         )  # fmt: skip
-    wrap_triton(_policy_finalize_kernel)[(1,)](
+    launch(_policy_finalize_kernel)[(1,)](
         part, seq_lr, loss, metrics, row_stats, B, T, num_tokens or 0.0, num_seqs or 0.0,
         kl_coef, entropy_coef, AGG=AGG[agg], BLOCK_B=256,
     )  # fmt: skip
@@ -283,7 +283,7 @@ def ppo_policy_loss_backward_triton(
     flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
                    kl_clamp)  # fmt: skip
     if B > 0 and T > 0:
-        wrap_triton(_policy_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
+        launch(_policy_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
             grad.to(acc), lp, old, ref if ref is not None else lp, adv,
             w if w is not None else adv, mask, row_stats.to(acc).contiguous(), g_lp,
             g_ref if ref is not None else g_lp, g_ent if ent is not None else g_lp, T, clip_low,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ppokernels.triton._common import aot
+from ppokernels.triton._common import aot, launch
 from ppokernels.triton.ppo_loss_math import AGG, BLOCK, _agg_scale
 
 
@@ -149,10 +149,10 @@ def value_loss_triton(
     clipfrac = torch.empty((), dtype=acc, device=v.device)
     row_scale = torch.empty((B,), dtype=acc, device=v.device)
     if B > 0:
-        wrap_triton(_value_row_kernel)[(B,)](
+        launch(_value_row_kernel)[(B,)](
             v, vo, ret, mask, part, T, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=BLOCK
         )
-    wrap_triton(_value_finalize_kernel)[(1,)](
+    launch(_value_finalize_kernel)[(1,)](
         part, loss, clipfrac, row_scale, B, T, num_tokens or 0.0, num_seqs or 0.0,
         AGG=AGG[agg], BLOCK_B=256,
     )  # fmt: skip
@@ -168,7 +168,7 @@ def value_loss_backward_triton(
     B, T = v.shape
     g_v = torch.empty_like(v)
     if B > 0 and T > 0:
-        wrap_triton(_value_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
+        launch(_value_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
             grad.to(acc), v, vo, ret, mask, row_scale.to(acc).contiguous(), g_v, T,
             clip or 0.0, HAS_CLIP=clip is not None, BLOCK=BLOCK,
         )  # fmt: skip
