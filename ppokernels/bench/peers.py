@@ -163,3 +163,16 @@ def skip_unless(name: str):
         return peer(name)
     except PeerUnavailable as e:
         pytest.skip(str(e))
+
+
+def provider(name: str, *peers: str):
+    """Provider ``name`` as a pytest parameter: skipped at collection, with the reason, when one of
+    the ``peers`` it calls cannot run here."""
+    import pytest
+
+    for p in peers:
+        try:
+            peer(p)
+        except PeerUnavailable as e:
+            return pytest.param(name, marks=pytest.mark.skip(reason=str(e)))
+    return name

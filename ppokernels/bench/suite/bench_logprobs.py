@@ -1,10 +1,14 @@
-"""token_logprobs (log-prob of the label + entropy from [N, V] logits): ppokernels vs plain PyTorch.
+"""token_logprobs (log-prob of the label + entropy from [N, V] logits): ppokernels vs plain PyTorch
+and the trainers' own functions.
 
 Providers: ``reference`` (log_softmax + gather, ppokernels.reference), ``reference-compiled``
-(the same under torch.compile), ``trl-formula`` (TRL's ``selective_log_softmax`` fp32 path: gather
-minus a per-row logsumexp loop; bf16/fp16: per-row log_softmax + gather; entropy as TRL's chunked
-``entropy_from_logits``; written here from research/trainers.md 4.2, not copied), and each built
-ppokernels backend. Logits are fp32 on the CPU, bf16 on a GPU.
+(the same under torch.compile), each built ppokernels backend (and its in-place backward), and,
+when importable (``ppokernels.bench.peers``), the trainers' released functions: ``trl``
+(``trl.trainer.utils.selective_log_softmax`` + ``entropy_from_logits``), ``verl``
+(``verl.utils.torch_functional.logprobs_from_logits`` + ``entropy_from_logits``) and ``openrlhf``
+(``openrlhf.models.utils.log_probs_from_logits``; OpenRLHF has no entropy function of its own
+beside a compiled formula, so its entropy modes are skipped). Logits are fp32 on the CPU, bf16 on
+a GPU.
 
 Bytes: forward reads the logits once (N V b); the backward reads them again and writes the
 gradient (2 N V b), so forward+backward moves 3 N V b. Extra memory of the kernels is O(N).
@@ -17,6 +21,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
+from ppokernels.bench import peers
 from ppokernels.bench._common import ppokernels_providers, run
 
 SHAPES = {
@@ -27,33 +32,19 @@ SHAPES = {
 MODES = ["forward", "forward+backward", "forward+backward+entropy"]
 
 
+# provider -> (log-prob peer, entropy peer or None)
+PEER_FNS = {
+    "trl": ("trl-selective", "trl-entropy"),
+    "verl": ("verl-logprobs", "verl-entropy"),
+    "openrlhf": ("openrlhf-logprobs", None),
+}
+
+
 def providers(device):
     kernels = ppokernels_providers(device)
     inplace = [f"{k}-inplace" for k in kernels]  # the backward overwrites the logits
-    return ["reference", "reference-compiled", "trl-formula", *kernels, *inplace]
-
-
-def _trl_logprobs(logits, labels):
-    """TRL selective_log_softmax: fp32/fp64 gather - per-row logsumexp; else per-row log_softmax."""
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-        return picked - lse
-    return torch.stack(
-        [
-            torch.log_softmax(r, -1).gather(-1, i.unsqueeze(-1)).squeeze(-1)
-            for r, i in zip(logits, labels, strict=True)
-        ]
-    )
-
-
-def _trl_entropy(logits, chunk_size=128):
-    """TRL entropy_from_logits: per 128-row chunk -sum(exp(logp) * logp)."""
-    out = []
-    for chunk in logits.split(chunk_size):
-        logp = torch.log_softmax(chunk, -1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+    peer_params = [peers.provider(name, *filter(None, fns)) for name, fns in PEER_FNS.items()]
+    return ["reference", "reference-compiled", *peer_params, *kernels, *inplace]
 
 
 def _fn(provider, with_entropy):
@@ -61,8 +52,13 @@ def _fn(provider, with_entropy):
         return lambda x, y: reference.token_logprobs(x, y, with_entropy=with_entropy)
     if provider == "reference-compiled":
         return torch.compile(lambda x, y: reference.token_logprobs(x, y, with_entropy=with_entropy))
-    if provider == "trl-formula":
-        return lambda x, y: (_trl_logprobs(x, y), _trl_entropy(x) if with_entropy else None)
+    if provider in PEER_FNS:
+        lp_name, ent_name = PEER_FNS[provider]
+        if with_entropy and ent_name is None:
+            pytest.skip(f"{provider}: no entropy function of its own")
+        lp_fn = peers.peer(lp_name)
+        ent_fn = peers.peer(ent_name) if with_entropy else None
+        return lambda x, y: (lp_fn(x, y), ent_fn(x) if ent_fn else None)
     backend = provider.removeprefix("ppokernels-").removesuffix("-inplace")
     inplace = provider.endswith("-inplace")
     return lambda x, y: ppokernels.token_logprobs(
@@ -83,6 +79,8 @@ def test_token_logprobs(benchmark, shape, provider, device, mode):
     labels = torch.randint(0, V, (n,), device=device)
     grad = torch.randn(n, device=device)
     fn = _fn(provider, "entropy" in mode)
+    if provider in PEER_FNS:
+        benchmark.extra_info["peer_import"] = peers.how(PEER_FNS[provider][0])
 
     def step():
         # a fresh non-leaf each step, as the output of an lm_head is: its gradient flows on
