@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=_info)
     # Each subcommand module adds its parser: add_parser(subparsers) sets defaults(fn=...).
-    for module in ("ppokernels.rl.cli", "ppokernels.bench"):
+    for module in ("ppokernels.rl.cli", "ppokernels.rl.apply", "ppokernels.bench"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

@@ -220,17 +220,18 @@ def test_user_task_and_rollout_layout(tmp_path):
 
 # ------------------------------------------------------------------------------- training
 def test_ppo_learns(tmp_path):
-    """A seeded short PPO run on the built-in 'repeat' task: the reward of the last steps is
-    clearly above that of the first steps, and the plots and checkpoint are written."""
+    """A seeded short PPO run on the built-in 'copy' task: the reward of the last steps is
+    clearly above that of the first steps, so is the reward on validation prompts never trained
+    on, and the plots, checkpoint and exported model are written."""
     cfg = tiny(
         tmp_path,
-        task="repeat",
+        task="copy",
         steps=30,
         batch_size=32,
         minibatch_size=16,
         micro_batch_size=16,
         ppo_epochs=2,
-        sft_steps=60,
+        sft_steps=200,
         lr=3e-3,
         critic_lr=3e-3,
         eval_every=15,
@@ -246,10 +247,12 @@ def test_ppo_learns(tmp_path):
         "metrics.jsonl",
         "reward.png",
         "curves.png",
-        "config.json",
+        "run_config.json",
         "checkpoint/policy.safetensors",
         "checkpoint/critic.safetensors",
         "checkpoint/state_rank0.pt",
+        "model/config.json",
+        "model/tokenizer.json",
     ):
         assert (tmp_path / f).exists(), f
 

@@ -1,6 +1,11 @@
 """Checkpoints: models as safetensors (shared/tied tensors handled by ``save_model``), and per
 process the optimizer, scheduler, controller and every RNG state, so that a resumed run follows
-the same trajectory as an uninterrupted one."""
+the same trajectory as an uninterrupted one; and the exported model (``OUT/model``).
+
+The per-process state holds only tensors and plain types (RNG states as tensors), and is read
+with ``torch.load(weights_only=True)``: a shared checkpoint folder can never run code on
+``--resume``. Problems are :class:`CheckpointError` with a one-line message naming the file.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,20 @@ import shutil
 import torch
 
 CKPT = "checkpoint"
+MODEL = "model"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, unreadable or inconsistent checkpoint (the message names the file)."""
 
 
 def rng_state(prompt_rng: random.Random, shuffle_gen: torch.Generator) -> dict:
+    """Every RNG state as tensors: torch's byte tensors as they are, Python's Mersenne Twister
+    state (version, 625 words, gauss_next) as an int64 tensor."""
     state = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "prompt": prompt_rng.getstate(),
+        "python": _py_state(random.getstate()),
+        "prompt": _py_state(prompt_rng.getstate()),
         "shuffle": shuffle_gen.get_state(),
     }
     if torch.cuda.is_available():
@@ -27,11 +39,24 @@ def rng_state(prompt_rng: random.Random, shuffle_gen: torch.Generator) -> dict:
 
 def set_rng_state(state: dict, prompt_rng: random.Random, shuffle_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    prompt_rng.setstate(state["prompt"])
+    random.setstate(_from_py_state(state["python"]))
+    prompt_rng.setstate(_from_py_state(state["prompt"]))
     shuffle_gen.set_state(state["shuffle"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state(s: tuple) -> dict:
+    version, words, gauss = s
+    return {
+        "version": int(version),
+        "words": torch.tensor(words, dtype=torch.int64),
+        "gauss": None if gauss is None else float(gauss),
+    }
+
+
+def _from_py_state(d: dict) -> tuple:
+    return d["version"], tuple(int(w) for w in d["words"].tolist()), d["gauss"]
 
 
 def save(out: str, *, rank: int, world: int, models: dict, state: dict, barrier=None) -> str:
@@ -54,19 +79,31 @@ def save(out: str, *, rank: int, world: int, models: dict, state: dict, barrier=
     if barrier:
         barrier()
     if rank == 0:
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, final)
     if barrier:
         barrier()
     return final
 
 
-def exists(out: str) -> bool:
-    return os.path.exists(os.path.join(out, CKPT, "state_rank0.pt"))
+def _replace_dir(tmp: str, final: str) -> None:
+    """Move ``tmp`` to ``final``; at every instant one complete copy exists on disk."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def require(out: str, *, rank: int, names: list) -> None:
+    """Raise :class:`CheckpointError` naming every file ``--resume`` needs and cannot find."""
+    path = os.path.join(out, CKPT)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume: no checkpoint folder {path} (nothing to resume)")
+    files = [f"{n}.safetensors" for n in names] + [f"state_rank{rank}.pt"]
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise CheckpointError(f"--resume: {path} lacks {', '.join(missing)}")
 
 
 def load(out: str, *, rank: int, models: dict, device) -> dict:
@@ -74,11 +111,39 @@ def load(out: str, *, rank: int, models: dict, device) -> dict:
     from safetensors.torch import load_model
 
     path = os.path.join(out, CKPT)
+    require(out, rank=rank, names=[n for n, m in models.items() if m is not None])
     for name, module in models.items():
         if module is not None:
-            load_model(module, os.path.join(path, f"{name}.safetensors"), device=str(device))
+            f = os.path.join(path, f"{name}.safetensors")
+            try:
+                load_model(module, f, device=str(device))
+            except Exception as e:  # truncated file, wrong shapes, not safetensors at all
+                raise CheckpointError(f"{f}: cannot load ({_first_line(e)})") from None
     f = os.path.join(path, f"state_rank{rank}.pt")
-    if not os.path.exists(f):
-        raise FileNotFoundError(f"{f}: the checkpoint was written by fewer processes")
-    # Our own file (optimizer state, RNG states, python tuples): not untrusted input.
-    return torch.load(f, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that is not plain tensors/types is refused, not run
+        raise CheckpointError(
+            f"{f}: not a loadable ppokernels state file ({_first_line(e)})"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def export_model(out: str, model, tokenizer) -> str:
+    """``out/model``: ``save_pretrained`` of the policy and its tokenizer, so that plain
+    transformers (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``) loads it.
+    Written to a temp folder and renamed, so an interrupted export leaves the previous one."""
+    final = os.path.join(out, MODEL)
+    tmp = final + ".tmp"
+    from transformers.utils import logging
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    logging.disable_progress_bar()  # "Writing model shards" bars would clutter the run's output
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, final)
+    return final

@@ -18,9 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "data parallel (DDP).",
     )
     p.add_argument("--algo", choices=("ppo", "grpo", "rloo", "drgrpo"), help="default: ppo")
-    p.add_argument("--task", help="built-in task (repeat, reverse, sum) or module:attribute")
+    p.add_argument("--task", help="built-in task (copy, repeat, reverse, sum) or module:attribute")
     p.add_argument("--steps", type=int, help="RL steps")
-    p.add_argument("--out", help="output directory (metrics.jsonl, plots, checkpoint)")
+    p.add_argument("--out", help="output directory (metrics.jsonl, plots, checkpoint, model)")
     p.add_argument("--model", help="tiny-llama | tiny-qwen2 | tiny-gpt2 | HF model path or id")
     p.add_argument(
         "--logprobs",
@@ -29,6 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in OUT (else refused)"
+    )
     p.add_argument("--config", help="YAML or JSON file of config fields")
     p.add_argument(
         "--set",
@@ -68,21 +71,39 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from ppokernels.rl.trainer import Trainer
+    return _train(cfg, args)
 
-    trainer = Trainer(cfg, resume=args.resume)
-    rows = trainer.train()
-    trainer.close()
-    if trainer.rank == 0 and rows:
-        first = [r["reward_mean"] for r in rows[:5]]
-        last = [r["reward_mean"] for r in rows[-5:]]
-        evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
-        msg = (
-            f"reward (mean of 5 steps): first {sum(first) / len(first):.3f} -> last "
-            f"{sum(last) / len(last):.3f}"
+
+def _train(cfg, args: argparse.Namespace) -> int:
+    """Build, train, close; every expected failure is one line on stderr (exit 2), Ctrl-C
+    exits 130 saying what was (not) written. On a failure the process group is not shut down
+    cleanly (a barrier could wait forever for a process that did not fail): the exit code says
+    what happened and torchrun stops the other processes."""
+    import sys
+
+    from ppokernels.rl.checkpoint import CheckpointError
+    from ppokernels.rl.evaluation import summary_line
+    from ppokernels.rl.models import ModelLoadError
+    from ppokernels.rl.tasks import RewardError
+    from ppokernels.rl.trainer import Interrupted, Trainer
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        rows = trainer.train()
+        trainer.close()
+    except Interrupted as e:
+        print(f"ppokernels train: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(
+            f"ppokernels train: stopped at once (second Ctrl-C); {cfg.out}/checkpoint holds the "
+            "last complete checkpoint, if any",
+            file=sys.stderr,
         )
-        init = getattr(trainer, "initial_eval", None)
-        if evals:
-            msg += f"; eval reward {'' if init is None else f'{init:.3f} -> '}{evals[-1]:.3f}"
-        print(f"{msg}; {rows[-1]['time_s']:.0f} s; metrics, plots and checkpoint in {cfg.out}")
-    return 0
+        return 130
+    except (CheckpointError, ModelLoadError, RewardError, ValueError) as e:
+        print(f"ppokernels train: {e}", file=sys.stderr)
+        return 2
+    if trainer.rank == 0 and rows:
+        print(summary_line(rows, trainer.initial, cfg.out))
+    return 130 if trainer.interrupted else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class RLConfig:
 
     # what to train
     algo: str = "ppo"
-    task: str = "repeat"
+    task: str = "copy"
     model: str = "tiny-llama"  # built-in name (tiny-llama|tiny-qwen2|tiny-gpt2) or HF path/id
     tiny_hidden: int = 64  # size of the built-in tiny-* models
     tiny_layers: int = 2
@@ -188,6 +189,7 @@ class RLConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        _check_types(self)
         need(self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}")
         need(
             self.logprobs in LOGPROBS, f"logprobs must be one of {LOGPROBS}, got {self.logprobs!r}"
@@ -256,6 +258,8 @@ class RLConfig:
                 self.group_size >= 2,
                 f"group_size must be >= 2 for {self.algo}, got {self.group_size}",
             )
+        _check_device(self.device)
+        _check_paths(self)
         rollout = self.prompts_per_step * self.samples_per_prompt
         need(
             self.minibatch_size <= rollout and rollout % self.minibatch_size == 0,
@@ -269,6 +273,51 @@ class RLConfig:
             f"({self.minibatch_size})",
         )
         return self
+
+
+def _check_types(cfg: RLConfig) -> None:
+    """Every field has its annotated type (an int where an int is due, never 1.5 or True), and
+    every float is finite (``lr=inf`` would turn the weights into NaN at the first step)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        kinds = tuple(a for a in args if a is not type(None)) or (typing.get_origin(hint) or hint,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            want = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+            raise ConfigError(f"{f.name} must be {want}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _check_device(device: str) -> None:
+    if device != "cuda":
+        return
+    import torch
+
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        raise ConfigError(
+            f"device=cuda, but this torch build ({torch.__version__}) has no CUDA support"
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but no CUDA device is visible")
+
+
+def _check_paths(cfg: RLConfig) -> None:
+    from ppokernels.rl.models import BUILTIN_MODELS, looks_local
+
+    if os.path.isfile(cfg.out):
+        raise ConfigError(f"out={cfg.out} is a file; it must be a directory (or not exist yet)")
+    for key in ("model", "reward_model"):
+        name = getattr(cfg, key)
+        if name and name not in BUILTIN_MODELS and looks_local(name):
+            if not os.path.exists(os.path.expanduser(name)):
+                raise ConfigError(f"{key} path {name} does not exist")
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -302,9 +351,12 @@ def _convert(key: str, value, hint):
         if target is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return (
-                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-            )
+            if isinstance(value, str) and "e" in value.lower():  # "1e3"; "1.5e0" is not an int
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return int(value)
         if target is float:
             if isinstance(value, bool):
                 raise ValueError

@@ -11,6 +11,7 @@ path (:func:`ppokernels.linear_logprobs` streams over the vocabulary).
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -111,9 +112,32 @@ def load_policy(name: str, tokenizer, *, seed: int = 0, hidden: int = 64, layers
         )
         model = AutoModelForCausalLM.from_config(cfg)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        model = from_pretrained(AutoModelForCausalLM, name, dtype=torch.float32)
     disable_dropout(model)
     return model
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer that cannot be loaded (one line: the path and the reason)."""
+
+
+def looks_local(name: str) -> bool:
+    """A filesystem path rather than a Hub id ("org/name"): absolute, relative with ./ or ../,
+    under ~, or with more than one separator."""
+    return name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1
+
+
+def from_pretrained(cls, name: str, **kw):
+    """``cls.from_pretrained(name)`` with a one-line error: a missing local folder says so
+    (instead of transformers' "Repo id must be in the form ..." traceback)."""
+    path = os.path.expanduser(name)
+    if looks_local(name) and not os.path.exists(path):
+        raise ModelLoadError(f"model path {name} does not exist")
+    try:
+        return cls.from_pretrained(path if os.path.exists(path) else name, **kw)
+    except Exception as e:
+        first = next((s.strip() for s in str(e).splitlines() if s.strip()), type(e).__name__)
+        raise ModelLoadError(f"cannot load {cls.__name__} from {name}: {first}") from None
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -1,9 +1,10 @@
 """The lean PPO / GRPO / RLOO / Dr.GRPO loop.
 
-One step: sample responses (``model.generate``), score them (task reward or reward model,
-missing-EOS penalty), compute old / reference log-probs and values from hidden states, build
-advantages, then several epochs of shuffled minibatches (gradient accumulation over micro-batches,
-gradient clipping, LR schedule). Every token-level step is a ppokernels op:
+One step: sample responses (``model.generate``) on training prompts, score them (task reward or
+reward model, checked to be one finite float per response, missing-EOS penalty), compute old /
+reference log-probs and values from hidden states, build advantages, then several epochs of
+shuffled minibatches (gradient accumulation over micro-batches, gradient clipping, LR schedule).
+Every token-level step is a ppokernels op:
 
 * log-probs, entropy: ``linear_logprobs`` on the response hidden states (never [N, V] logits);
 * PPO: ``kl_penalty`` into per-token rewards (score on the last valid token), ``masked_whiten``
@@ -12,9 +13,10 @@ gradient clipping, LR schedule). Every token-level step is a ppokernels op:
 * GRPO / RLOO / Dr.GRPO: ``group_advantages`` over the samples of each prompt, no critic, KL in the
   loss (``ppo_policy_loss(ref_logprobs=..., kl_coef=...)``).
 
+Validation every ``eval_every`` steps and test once at the end, on the task's held-out splits.
 Data parallel (torchrun): each process samples its own prompts, the models are wrapped in DDP,
 and the loss denominators (tokens and sequences of the minibatch) are summed over processes, so
-the averaged gradient is the gradient of the global minibatch loss.
+the averaged gradient is the gradient of the global minibatch loss (:mod:`ppokernels.rl.losses`).
 """
 
 from __future__ import annotations
@@ -23,28 +25,54 @@ import contextlib
 import os
 import random
 import signal
+import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 import ppokernels
-from ppokernels.rl import checkpoint
+from ppokernels.rl import checkpoint, distributed
 from ppokernels.rl.config import RLConfig
+from ppokernels.rl.evaluation import evaluate, repeat_to
 from ppokernels.rl.experience import KLController, group_advantages, lr_lambda, ppo_advantages
 from ppokernels.rl.logger import MetricsLog, peak_mem_mb, plot
-from ppokernels.rl.models import BUILTIN_MODELS, Critic, PolicyScorer, frozen_copy, load_policy
+from ppokernels.rl.losses import Metrics, micro_batch_loss, record
+from ppokernels.rl.models import (
+    BUILTIN_MODELS,
+    Critic,
+    PolicyScorer,
+    from_pretrained,
+    frozen_copy,
+    load_policy,
+)
 from ppokernels.rl.rollout import Batch, generate, supervised_batch
-from ppokernels.rl.tasks import RewardModelScorer, Task, get_task
+from ppokernels.rl.tasks import RewardModelScorer, Task, check_rewards, get_task, reward_name
+
+RUN_CONFIG = "run_config.json"
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C before RL started (setup or warm-up): nothing was written."""
 
 
 class Trainer:
     """Build with a validated :class:`RLConfig` (and optionally a :class:`Task` object), then
-    :meth:`train`. ``resume=True`` continues from ``cfg.out/checkpoint`` when it exists."""
+    :meth:`train`, then :meth:`close`. ``resume=True`` continues from ``cfg.out/checkpoint`` (an
+    error when there is none); without it an existing run in ``cfg.out`` is only replaced when
+    ``overwrite=True``."""
 
-    def __init__(self, cfg: RLConfig, task: Task | None = None, *, resume: bool = False):
+    def __init__(
+        self, cfg: RLConfig, task: Task | None = None, *, resume: bool = False, overwrite=False
+    ):
         self.cfg = cfg.validate()
-        self._init_distributed()
+        self.rank, self.world, self.device = distributed.init(cfg.device)
+        self._stop = self.interrupted = False
+        self.initial: dict = {}
+        with self._sigint():
+            self._setup(task, resume, overwrite)
+
+    def _setup(self, task: Task | None, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
         if self.device.type == "cpu" and (cfg.threads or cfg.model in BUILTIN_MODELS):
             # Tiny models: threads only add synchronisation (and stall badly on a shared CPU).
             torch.set_num_threads(cfg.threads or 1)
@@ -55,7 +83,8 @@ class Trainer:
             if cfg.reward_model
             else self.task.reward
         )
-        resuming = resume and checkpoint.exists(cfg.out)
+        self.reward_source = f"task {self.task.name!r}: {reward_name(self.reward_fn)}"
+        self._check_out_dir(resume, overwrite)
 
         torch.manual_seed(cfg.seed)
         self.policy = load_policy(
@@ -65,15 +94,56 @@ class Trainer:
             self.policy, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
         )
         self.sft_loss = None
-        if not resuming and cfg.sft_steps and self.task.sft_example is not None:
+        if not resume and cfg.sft_steps and self.task.sft_example is not None:
             self.sft_loss = self._warmup()
         self.ref = frozen_copy(self.policy)
-        self.critic = Critic(self.policy).to(self.device) if cfg.is_ppo else None
-
-        per_step = cfg.ppo_epochs * (
-            cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size
+        self.ref_scorer = PolicyScorer(
+            self.ref, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
         )
-        total = cfg.steps * per_step
+        self.critic = Critic(self.policy).to(self.device) if cfg.is_ppo else None
+        self._optimizers()
+
+        # Each process samples different prompts and tokens: seed + rank * 100003.
+        rank_seed = cfg.seed + self.rank * 100003
+        self.prompt_rng = random.Random(rank_seed)
+        self.shuffle_gen = torch.Generator().manual_seed(rank_seed)
+        torch.manual_seed(rank_seed)
+        random.seed(rank_seed)
+        n = cfg.eval_prompts
+        self.val_prompts = self.task.split("validation", n) if n else []
+        self.test_prompts = self.task.split("test", n) if n else []
+        self.step, self.elapsed = 0, 0.0
+        if resume:
+            self._load()
+        self.train_scorer = distributed.wrap_ddp(self.scorer, self.device, self.world)
+        self.train_critic = self.critic
+        if self.critic is not None:
+            self.train_critic = distributed.wrap_ddp(self.critic, self.device, self.world)
+        if distributed.any_true(self._stop, self.world, self.device):
+            raise Interrupted(f"interrupted during setup: nothing was written to {cfg.out}")
+        self.log = None
+        if self.rank == 0:
+            cfg.save(os.path.join(cfg.out, RUN_CONFIG))
+            self.log = MetricsLog(
+                cfg.out, resume_step=self.step if resume else None, tensorboard=cfg.tensorboard
+            )
+
+    def _check_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """Before anything is written: ``--resume`` needs a complete checkpoint; a fresh run
+        must not silently replace another run's metrics."""
+        if resume:
+            names = ["policy", "ref"] + (["critic"] if self.cfg.is_ppo else [])
+            checkpoint.require(self.cfg.out, rank=self.rank, names=names)
+        elif not overwrite and os.path.exists(os.path.join(self.cfg.out, "metrics.jsonl")):
+            raise checkpoint.CheckpointError(
+                f"{self.cfg.out} already holds a run (metrics.jsonl); resume it with --resume "
+                "or replace it with --overwrite"
+            )
+
+    def _optimizers(self) -> None:
+        cfg = self.cfg
+        rollout = cfg.prompts_per_step * cfg.samples_per_prompt
+        total = cfg.steps * cfg.ppo_epochs * (rollout // cfg.minibatch_size)
         adam = dict(weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, **adam)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total))
@@ -83,57 +153,15 @@ class Trainer:
             self.vsched = torch.optim.lr_scheduler.LambdaLR(self.vopt, lr_lambda(cfg, total))
         self.kl_ctl = KLController(cfg)
 
-        # Each process samples different prompts and tokens (trainers.md 7: seed + rank * 100003).
-        rank_seed = cfg.seed + self.rank * 100003
-        self.prompt_rng = random.Random(rank_seed)
-        self.shuffle_gen = torch.Generator().manual_seed(rank_seed)
-        torch.manual_seed(rank_seed)
-        random.seed(rank_seed)
-        self.eval_prompts = self.task.held_out(cfg.eval_prompts) if cfg.eval_prompts else []
-        self.step, self.elapsed = 0, 0.0
-        if resuming:
-            self._load()
-
-        self.train_scorer, self.train_critic = self.scorer, self.critic
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_scorer = DDP(self.scorer, device_ids=ids)
-            if self.critic is not None:
-                self.train_critic = DDP(self.critic, device_ids=ids)
-        self.log = None
-        if self.rank == 0:
-            cfg.save(os.path.join(cfg.out, "config.json"))
-            self.log = MetricsLog(
-                cfg.out, resume_step=self.step if resuming else None, tensorboard=cfg.tensorboard
-            )
-        self._stop = False
-
     def close(self) -> None:
-        """Shuts the process group down (an exiting process that still holds gloo's threads
-        aborts with "terminate called without an active exception")."""
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        """Leave the process group. The DDP wrappers (their reducers) hold a reference to it, so
+        they are dropped first: then destroying the group joins gloo's threads here, instead of
+        leaving them running into interpreter exit (SIGABRT, "terminate called without an
+        active exception")."""
+        self.train_scorer, self.train_critic = self.scorer, self.critic
+        distributed.shutdown()
 
     # ------------------------------------------------------------------------------ setup
-    def _init_distributed(self) -> None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = self.cfg.device == "cuda" or (
-            self.cfg.device == "auto" and torch.cuda.is_available()
-        )
-        if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        if cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
-
     def _tokenizer(self):
         if self.cfg.model in BUILTIN_MODELS:
             if self.task.tokenizer is None:
@@ -144,19 +172,24 @@ class Trainer:
             return self.task.tokenizer()
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.cfg.model)
+        tok = from_pretrained(AutoTokenizer, self.cfg.model)
         if tok.pad_token is None:  # truncation uses the first EOS, so pad == EOS still works
             tok.pad_token = tok.eos_token
         return tok
 
     def _warmup(self) -> float:
         """Supervised warm-up on task-format examples (same on every process), so the policy
-        emits well-formed answers and EOS before RL starts."""
+        emits well-formed answers and EOS before RL starts. Ctrl-C stops it (nothing saved)."""
         cfg = self.cfg
         rng = random.Random(cfg.seed + 7)
         opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.sft_lr)
         loss = torch.zeros(())
-        for _ in range(cfg.sft_steps):
+        for i in range(cfg.sft_steps):
+            if distributed.any_true(self._stop, self.world, self.device):
+                raise Interrupted(
+                    f"interrupted during the supervised warm-up (step {i} of {cfg.sft_steps}): "
+                    f"nothing was written to {cfg.out}"
+                )
             pairs = [self.task.sft_example(rng) for _ in range(cfg.sft_batch_size)]
             b = supervised_batch(
                 self.tokenizer, [p for p, _ in pairs], [r for _, r in pairs], self.device
@@ -185,12 +218,12 @@ class Trainer:
                 ents.append(ent)
         return torch.cat(outs), (torch.cat(ents) if ents else None)
 
-    def rollout(self) -> tuple:
+    def _sample(self) -> tuple:
+        """Responses to this step's training prompts and their checked rewards [B]."""
         cfg = self.cfg
         k = cfg.samples_per_prompt
-        prompts = self.task.sample_prompts(self.prompt_rng, cfg.prompts_per_step)
+        prompts = self.task.sample_train(self.prompt_rng, cfg.prompts_per_step)
         rep = [p for p in prompts for _ in range(k)]
-        group = torch.arange(len(prompts)).repeat_interleave(k)
         b = generate(
             self.policy,
             self.tokenizer,
@@ -199,11 +232,14 @@ class Trainer:
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
-            group_index=group,
+            group_index=torch.arange(len(prompts)).repeat_interleave(k),
         )
-        raw = torch.tensor(
-            self.reward_fn(rep, b.responses), dtype=torch.float32, device=self.device
-        )
+        raw = check_rewards(self.reward_fn(rep, b.responses), len(rep), self.reward_source)
+        return b, torch.tensor(raw, dtype=torch.float32, device=self.device)
+
+    def rollout(self) -> tuple:
+        cfg = self.cfg
+        b, raw = self._sample()
         scores = raw.clone()
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~b.has_eos).float()
@@ -211,12 +247,7 @@ class Trainer:
         m = b.mask.float()
         # Scores from the sampling policy itself (temperature-scaled, as in training).
         old_lp, ent = self._score(b, self.scorer)
-        ref_lp, _ = self._score(
-            b,
-            PolicyScorer(
-                self.ref, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
-            ),
-        )
+        ref_lp, _ = self._score(b, self.ref_scorer)
         kl_tok = ppokernels.kl_penalty(old_lp, ref_lp, estimator=cfg.kl_kind) * m
         if cfg.is_ppo:
             values, _ = self._score(b, self.critic, critic=True)
@@ -237,90 +268,40 @@ class Trainer:
         return b, stats
 
     # ------------------------------------------------------------------------------ update
-    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-        return x
-
     def update(self, b: Batch) -> dict:
-        cfg = self.cfg
-        ppo = self.critic is not None
-        kl_in_loss = not cfg.use_kl_in_reward
-        acc: dict = {}
-
-        def add(key, value):
-            if value is not None:
-                acc.setdefault(key, []).append(
-                    float(value.detach() if torch.is_tensor(value) else value)
-                )
-
-        for _ in range(cfg.ppo_epochs):
+        """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per minibatch."""
+        acc = Metrics()
+        for _ in range(self.cfg.ppo_epochs):
             perm = torch.randperm(len(b), generator=self.shuffle_gen).to(self.device)
-            for mb in perm.split(cfg.minibatch_size):
-                # Global denominators: the whole minibatch over every process (DDP averages
-                # gradients, so each process's loss is scaled by the world size).
-                num_tokens = float(self._all_sum(b.mask[mb].sum().float()))
-                num_seqs = len(mb) * self.world
-                micro = mb.split(cfg.micro_batch_size)
-                for i, idx in enumerate(micro):
-                    d = b.select(idx)
-                    m = d["mask"].float()
-                    with self._no_sync(i < len(micro) - 1):
-                        lp, ent = self.train_scorer(
-                            d["input_ids"],
-                            d["attention_mask"],
-                            d["mask"],
-                            b.prompt_len,
-                            with_entropy=True,
-                        )
-                        pl = ppokernels.ppo_policy_loss(
-                            lp,
-                            d["old_logprobs"],
-                            d["advantages"],
-                            m,
-                            clip_low=cfg.clip,
-                            clip_high=cfg.clip_high,
-                            dual_clip=cfg.dual_clip,
-                            agg=cfg.agg,
-                            num_tokens=num_tokens,
-                            num_seqs=num_seqs,
-                            ref_logprobs=d["ref_logprobs"] if kl_in_loss else None,
-                            kl_coef=self.kl_ctl.value if kl_in_loss else 0.0,
-                            kl_estimator=cfg.kl_kind,
-                            entropy=ent if cfg.entropy_coef > 0 else ent.detach(),
-                            entropy_coef=cfg.entropy_coef,
-                        )
-                        loss = pl.loss
-                        if ppo:
-                            v = self.train_critic(
-                                d["input_ids"], d["attention_mask"], d["mask"], b.prompt_len
-                            )
-                            vl = ppokernels.value_loss(
-                                v,
-                                d["values"],
-                                d["returns"],
-                                m,
-                                clip=cfg.value_clip,
-                                agg=cfg.agg,
-                                num_tokens=num_tokens,
-                                num_seqs=num_seqs,
-                            )
-                            loss = loss + cfg.vf_coef * vl.loss
-                            add("value_loss", vl.loss * len(micro) * self.world)
-                            add("vf_clipfrac", vl.clipfrac)
-                        (loss * self.world).backward()
-                    # The op returns this micro-batch's share of the global minibatch loss; the
-                    # scaled shares average (over micro-batches and processes) to that loss.
-                    add("policy_loss", pl.loss * len(micro) * self.world)
-                    add("clipfrac", pl.clipfrac)
-                    add("approx_kl", pl.approx_kl)
-                add("grad_norm", self._step(self.policy, self.opt, self.sched))
-                if ppo:
-                    add("critic_grad_norm", self._step(self.critic, self.vopt, self.vsched))
-        out = {k: sum(v) / len(v) for k, v in acc.items()}
+            for mb in perm.split(self.cfg.minibatch_size):
+                self._minibatch(b, mb, acc)
+                acc.add("grad_norm", self._step(self.policy, self.opt, self.sched))
+                if self.critic is not None:
+                    acc.add("critic_grad_norm", self._step(self.critic, self.vopt, self.vsched))
+        out = acc.mean()
         out["lr"] = self.sched.get_last_lr()[0]
         return out
+
+    def _minibatch(self, b: Batch, mb: torch.Tensor, acc: Metrics) -> None:
+        """Accumulate the gradient of one minibatch (rows ``mb``) over its micro-batches."""
+        # Global denominators: the whole minibatch over every process (DDP averages gradients,
+        # so each process's loss is scaled by the world size).
+        num_tokens = float(distributed.all_sum(b.mask[mb].sum().float(), self.world))
+        micro = mb.split(self.cfg.micro_batch_size)
+        for i, idx in enumerate(micro):
+            with self._no_sync(i < len(micro) - 1):
+                loss, pl, vl = micro_batch_loss(
+                    self.cfg,
+                    self.train_scorer,
+                    self.train_critic,
+                    b.select(idx),
+                    b.prompt_len,
+                    num_tokens=num_tokens,
+                    num_seqs=len(mb) * self.world,
+                    kl_coef=self.kl_ctl.value,
+                )
+                (loss * self.world).backward()
+            record(acc, pl, vl, len(micro) * self.world)
 
     def _no_sync(self, skip: bool):
         if not (skip and self.world > 1):
@@ -339,21 +320,37 @@ class Trainer:
         return float(norm)
 
     # ------------------------------------------------------------------------------ eval
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean task reward on the held-out prompts (greedy unless ``eval_greedy=False``)."""
+    def evaluate(self, split: str = "validation") -> float:
+        """Mean task reward on the held-out ``split`` (sampled at the training temperature,
+        short splits cycled to ``eval_prompts``; greedy with ``eval_greedy=True``)."""
         cfg = self.cfg
-        b = generate(
+        prompts = self.val_prompts if split == "validation" else self.test_prompts
+        if not cfg.eval_greedy:
+            prompts = repeat_to(prompts, cfg.eval_prompts)
+        return evaluate(
             self.policy,
             self.tokenizer,
-            self.eval_prompts,
+            prompts,
+            self.reward_fn,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
             greedy=cfg.eval_greedy,
-        )
-        return sum(self.reward_fn(self.eval_prompts, b.responses)) / len(self.eval_prompts)
+            batch_size=max(64, len(prompts)),
+            source=self.reward_source,
+        )["reward_mean"]
+
+    def _evals(self, final: bool) -> dict:
+        """Rank 0: validation every ``eval_every`` steps (and at the end), test at the end."""
+        cfg, out = self.cfg, {}
+        if self.rank != 0 or not cfg.eval_every:
+            return out
+        if self.val_prompts and (self.step % cfg.eval_every == 0 or final):
+            out["eval_reward"] = self.evaluate("validation")
+        if final and self.test_prompts:
+            out["test_reward"] = self.evaluate("test")
+        return out
 
     # ------------------------------------------------------------------------------ loop
     def train_step(self) -> dict:
@@ -361,19 +358,12 @@ class Trainer:
         self.step += 1
         b, stats = self.rollout()
         stats.update(self.update(b))
-        stats = self._reduce(stats)
+        stats = distributed.mean_metrics(stats, self.world, self.device)
         self.kl_ctl.update(stats["kl"], len(b) * self.world)
         dt = time.perf_counter() - t0
         stats["tokens_per_s"] = stats.pop("response_tokens") * self.world / dt
         stats["kl_coef"] = self.kl_ctl.value
-        cfg = self.cfg
-        if (
-            self.rank == 0
-            and cfg.eval_every
-            and self.eval_prompts
-            and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
-        ):
-            stats["eval_reward"] = self.evaluate()
+        stats.update(self._evals(final=self.step == self.cfg.steps))
         self.elapsed += time.perf_counter() - t0
         stats.update(
             step=self.step,
@@ -383,87 +373,88 @@ class Trainer:
         )
         return stats
 
-    def _reduce(self, stats: dict) -> dict:
-        """Average the scalar metrics over processes (rank 0 logs)."""
-        if self.world == 1:
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return dict(zip(keys, (t / self.world).tolist(), strict=True))
+    def _initial_evals(self) -> None:
+        """Rank 0, before RL: validation and test reward of the (warmed-up) policy."""
+        if self.rank != 0 or self.step != 0 or not self.cfg.eval_every:
+            return
+        if self.val_prompts:
+            self.initial["eval_reward"] = self.evaluate("validation")
+        if self.test_prompts:
+            self.initial["test_reward"] = self.evaluate("test")
 
     def train(self) -> list:
-        """Run until ``cfg.steps``; Ctrl-C finishes the current step, checkpoints and returns."""
-        cfg = self.cfg
+        """Run until ``cfg.steps``. Ctrl-C finishes the current step, saves the checkpoint and
+        ``OUT/model`` and returns (a second Ctrl-C stops at once; the last checkpoint stays)."""
         rows = []
-        old = signal.getsignal(signal.SIGINT)
-        if self.rank == 0 or self.world == 1:
-            signal.signal(signal.SIGINT, self._on_sigint)
-        bar = None
-        if cfg.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algo} {self.task.name}")
-        if self.rank == 0 and self.step == 0 and self.eval_prompts and cfg.eval_every:
-            self.initial_eval = self.evaluate()
-            if bar is not None:
-                bar.write(
-                    f"eval reward before RL: {self.initial_eval:.3f}"
-                    + (f" (warm-up loss {self.sft_loss:.3f})" if self.sft_loss else "")
-                )
+        bar = self._progress()
         try:
-            while self.step < cfg.steps:
-                row = self.train_step()
-                if self.step == 1 and getattr(self, "initial_eval", None) is not None:
-                    row["eval_reward_initial"] = self.initial_eval
-                rows.append(row)
-                if self.log is not None:
-                    self.log.write(row)
-                if bar is not None:
-                    post = {"reward": f"{row['reward_mean']:.3f}", "kl": f"{row['kl']:.3f}"}
-                    if "eval_reward" in row:
-                        post["eval"] = f"{row['eval_reward']:.3f}"
-                    bar.set_postfix(post)
-                    bar.update(1)
-                stop = self._agree(self._stop)
-                if (
-                    stop
-                    or (cfg.save_every and self.step % cfg.save_every == 0)
-                    or self.step == cfg.steps
-                ):
-                    self.save()
-                if stop:
-                    if bar is not None:
-                        bar.write(f"interrupted: checkpoint saved at step {self.step}")
-                    break
+            with self._sigint():
+                self._initial_evals()
+                self.interrupted = False
+                while self.step < self.cfg.steps and not self.interrupted:
+                    rows.append(self._one_step(bar))
         finally:
-            signal.signal(signal.SIGINT, old)
             if bar is not None:
                 bar.close()
             if self.log is not None:
                 self.log.close()
-        if self.rank == 0 and cfg.plots:
-            plot(cfg.out)
+        if self.rank == 0 and self.cfg.plots:
+            plot(self.cfg.out)
         return rows
+
+    def _one_step(self, bar) -> dict:
+        """One step, logged; then checkpoint (and export) when due or interrupted."""
+        cfg = self.cfg
+        row = self.train_step()
+        if self.step == 1:
+            row.update({f"{k}_initial": v for k, v in self.initial.items()})
+        if self.log is not None:
+            self.log.write(row)
+        if bar is not None:
+            post = {"reward": f"{row['reward_mean']:.3f}", "kl": f"{row['kl']:.3f}"}
+            if "eval_reward" in row:
+                post["val"] = f"{row['eval_reward']:.3f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        self.interrupted = distributed.any_true(self._stop, self.world, self.device)
+        last = self.interrupted or self.step == cfg.steps
+        if last or (cfg.save_every and self.step % cfg.save_every == 0):
+            self.save(export=last)
+        if self.interrupted and bar is not None:
+            bar.write(f"interrupted: checkpoint and model saved at step {self.step}")
+        return row
+
+    def _progress(self):
+        if not (self.cfg.progress and self.rank == 0):
+            return None
+        from tqdm.auto import tqdm
+
+        name = f"{self.cfg.algo} {self.task.name}"
+        return tqdm(total=self.cfg.steps, initial=self.step, desc=name)
+
+    @contextlib.contextmanager
+    def _sigint(self):
+        """Ctrl-C sets a flag that the loop checks at safe points (every process votes)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._stop = True
 
-    def _agree(self, flag: bool) -> bool:
-        """Every process stops together when any of them was interrupted."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
-
     # ------------------------------------------------------------------------------ checkpoints
     def _models(self) -> dict:
         return {"policy": self.policy, "ref": self.ref, "critic": self.critic}
 
-    def save(self) -> str:
+    def save(self, export: bool = False) -> str:
+        """Checkpoint (every process); with ``export``, also ``OUT/model`` (rank 0)."""
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
@@ -475,22 +466,24 @@ class Trainer:
             "rng": checkpoint.rng_state(self.prompt_rng, self.shuffle_gen),
             "world": self.world,
         }
-        barrier = dist.barrier if self.world > 1 else None
-        return checkpoint.save(
+        path = checkpoint.save(
             self.cfg.out,
             rank=self.rank,
             world=self.world,
             models=self._models(),
             state=state,
-            barrier=barrier,
+            barrier=distributed.barrier(self.world),
         )
+        if export and self.rank == 0:
+            checkpoint.export_model(self.cfg.out, self.policy, self.tokenizer)
+        return path
 
     def _load(self) -> None:
         state = checkpoint.load(
             self.cfg.out, rank=self.rank, models=self._models(), device=self.device
         )
         if state.get("world", 1) != self.world:
-            raise ValueError(
+            raise checkpoint.CheckpointError(
                 f"checkpoint was written by {state.get('world')} processes, "
                 f"resuming with {self.world}"
             )
