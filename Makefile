@@ -36,3 +36,13 @@ syntax:
 		-I csrc/include $$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; \
 		import sysconfig; print(' '.join('-I'+p for p in include_paths()), \
 		'-I'+sysconfig.get_paths()['include'])") $(FILE)
+
+# The competition's wheels for the GPU check (pure Python; the GPU machine has Python 3.12 and no
+# network): benchmarks/gpu_check.sh installs wheels/*.whl there with pip --no-index --no-deps into
+# a scratch folder. Fill wheels/ here, then carry it: run(carry=["wheels"]). Not committed.
+PEER_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 verl==0.9.1 openrlhf==0.11.2
+GPU_PYTHON ?= 3.12
+.PHONY: wheels
+wheels:
+	$(PIP) download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--platform manylinux2014_x86_64 --platform any -d wheels/ $(PEER_WHEELS)

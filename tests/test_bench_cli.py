@@ -108,3 +108,9 @@ def test_bench_missing_extra_names_it(tmp_path, monkeypatch):
     )
     with pytest.raises(ImportError, match=r"pytest-benchmark.*ppokernels\[bench\]"):
         _bench("--out", str(tmp_path))
+
+
+def test_every_suite_file_measures_an_op():
+    files = {p for paths in bench_cli.bench_files().values() for p in paths}
+    assert files == set(bench_cli.SUITE_DIR.glob("bench_*.py"))
+    assert "linear_logprobs" in bench_cli.bench_files()

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ PRESET_ARGS = {
     "cpu": ["--benchmark-max-time=1.0", "--benchmark-min-rounds=5"],
     "llm": ["--benchmark-max-time=0.5", "--benchmark-min-rounds=10"],
 }
-GROUP_RE = re.compile(r'benchmark\.group\s*=\s*f"([a-z_]+) ')
+GROUP_RE = re.compile(r'benchmark\.group\s*=\s*\(?\s*f"([a-z_]+) ')
 # what `ppokernels bench` needs beyond the core install: the [bench] extra
 BENCH_EXTRA = {
     "pytest": "pytest",
@@ -122,6 +123,15 @@ def _read_json(path: Path, default):
         return default
 
 
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _run_file(path: Path, out: Path, preset: str, env: dict, timeout: float | None):
     """Runs one benchmark file in its own pytest process; returns (raw JSON, outcomes, rc)."""
     stem = path.stem
@@ -153,12 +163,15 @@ def _run_file(path: Path, out: Path, preset: str, env: dict, timeout: float | No
     env = dict(env, PPK_BENCH_OUTCOMES=str(outcomes_path))
     log = out / "logs" / f"{stem}.log"
     with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
-            rc = subprocess.run(
-                cmd, cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "timeout"
+            _stop(proc, grace=15)  # SIGINT first: pytest still writes what it measured
+        except KeyboardInterrupt:  # our own time limit (gpu_check.sh): a few seconds are left
+            rc = "interrupted"
+            _stop(proc, grace=3)
     raw, outcomes = _read_json(raw_path, {}), _read_json(outcomes_path, [])
     for o in outcomes:  # ids are relative to the rootdir (OUT), which does not hold the file
         o["nodeid"] = path.name + (
@@ -179,7 +192,7 @@ def _run_file(path: Path, out: Path, preset: str, env: dict, timeout: float | No
 
 
 def main(args: argparse.Namespace) -> int:
-    from ppokernels.bench.report import markdown, plots, records_from
+    from ppokernels.bench.report import plots, records_from
 
     require_bench_extra()
     import torch
@@ -199,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    files = sorted({f for op in ops for f in by_op[op]})
+    files = list(dict.fromkeys(f for op in ops for f in by_op[op]))  # in the order of --ops
     print(f"ppokernels bench: preset {preset} on {device}; measuring the machine's limits ...")
     machine = {
         "description": describe_machine(device),
@@ -218,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
     )
     env.pop("TRITON_INTERPRET", None)
     start, rows, outcomes, exits = time.time(), [], [], {}
-    for path in files:
+    for i, path in enumerate(files):
         t0 = time.time()
         raw, outs, rc = _run_file(path, out, preset, env, args.file_timeout)
         rows += [r for r in records_from(raw) if r["op"] in ops]
@@ -231,26 +244,43 @@ def main(args: argparse.Namespace) -> int:
             f"{time.time() - t0:.0f} s",
             flush=True,
         )
-    machine["wall_s"] = round(time.time() - start, 1)
-    machine["exit_status"] = exits
-    failed = [o for o in outcomes if o["outcome"] == "failed"]
-    result = {
-        "machine": machine,
-        "results": rows,
-        "failures": failed,
-        "skips": [o for o in outcomes if o["outcome"] == "skipped"],
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    report = markdown(machine, rows, outcomes)
-    (out / "report.md").write_text(report)
+        if rc == "interrupted":
+            outcomes += [_not_run(p, "interrupted before it started") for p in files[i + 1 :]]
+        # written after every file: a run stopped from outside keeps what it measured
+        report = _write(out, machine, rows, outcomes, exits, start)
+        if rc == "interrupted":
+            return 1
     try:
         images = plots(rows, out)
     except Exception as e:  # a plot must not lose the results above
         images = []
         print(f"ppokernels bench: plots failed: {e!r}", file=sys.stderr)
     print(report)
+    failed = [o for o in outcomes if o["outcome"] == "failed"]
     print(
         f"wrote {out}/results.json, {out}/report.md and {len(images)} plots in "
         f"{machine['wall_s']} s; {len(failed)} failed"
     )
     return 1 if failed else 0
+
+
+def _not_run(path: Path, why: str) -> dict:
+    return {"nodeid": path.name, "when": "process", "outcome": "failed", "reason": why}
+
+
+def _write(out: Path, machine: dict, rows: list, outcomes: list, exits: dict, start: float) -> str:
+    """Writes OUT/results.json and OUT/report.md; returns the report."""
+    from ppokernels.bench.report import markdown
+
+    machine["wall_s"] = round(time.time() - start, 1)
+    machine["exit_status"] = exits
+    result = {
+        "machine": machine,
+        "results": rows,
+        "failures": [o for o in outcomes if o["outcome"] == "failed"],
+        "skips": [o for o in outcomes if o["outcome"] == "skipped"],
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    report = markdown(machine, rows, outcomes)
+    (out / "report.md").write_text(report)
+    return report
