@@ -147,3 +147,48 @@ def export_model(out: str, model, tokenizer) -> str:
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, final)
     return final
+
+
+# ---------------------------------------------------------------------------- the loop's state
+def check_out_dir(out: str, *, rank: int, resume: bool, overwrite: bool, names: list) -> None:
+    """Before anything is written: ``--resume`` needs a complete checkpoint; a fresh run must
+    not silently replace another run's metrics."""
+    if resume:
+        require(out, rank=rank, names=names)
+    elif not overwrite and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise CheckpointError(
+            f"{out} already holds a run (metrics.jsonl); resume it with --resume "
+            "or replace it with --overwrite"
+        )
+
+
+def trainer_state(tr) -> dict:
+    """This process's part of a :class:`~ppokernels.rl.trainer.Trainer`'s state: counters,
+    KL coefficient, optimizers, schedulers and RNGs (tensors and plain values only)."""
+    return {
+        "step": tr.step,
+        "elapsed": tr.elapsed,
+        "kl_coef": tr.kl_ctl.value,
+        "opt": tr.opt.state_dict(),
+        "sched": tr.sched.state_dict(),
+        "vopt": tr.vopt.state_dict() if tr.vopt else None,
+        "vsched": tr.vsched.state_dict() if tr.vsched else None,
+        "rng": rng_state(tr.prompt_rng, tr.shuffle_gen),
+        "world": tr.world,
+    }
+
+
+def restore_trainer(tr, state: dict) -> None:
+    """The inverse of :func:`trainer_state` (the models are loaded by :func:`load`)."""
+    if state.get("world", 1) != tr.world:
+        raise CheckpointError(
+            f"checkpoint was written by {state.get('world')} processes, resuming with {tr.world}"
+        )
+    tr.step, tr.elapsed = state["step"], state["elapsed"]
+    tr.kl_ctl.value = state["kl_coef"]
+    tr.opt.load_state_dict(state["opt"])
+    tr.sched.load_state_dict(state["sched"])
+    if tr.vopt is not None:
+        tr.vopt.load_state_dict(state["vopt"])
+        tr.vsched.load_state_dict(state["vsched"])
+    set_rng_state(state["rng"], tr.prompt_rng, tr.shuffle_gen)

@@ -5,8 +5,11 @@ With one process every function is the identity, so the loop is written once."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -87,3 +90,29 @@ def any_true(flag: bool, world: int, device: torch.device) -> bool:
 def barrier(world: int):
     """A barrier callable for multi-process runs, None for one process."""
     return dist.barrier if world > 1 else None
+
+
+class StopFlag:
+    """Ctrl-C as a request: the first SIGINT sets :attr:`requested`, which the loop checks at
+    safe points (every process votes with :func:`any_true`); a second one raises
+    ``KeyboardInterrupt`` at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum=None, frame=None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        """SIGINT handled by this flag inside the block (only the main thread can do so)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)

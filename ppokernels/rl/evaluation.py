@@ -62,6 +62,56 @@ def repeat_to(prompts: list, n: int) -> list:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
+class HeldOut:
+    """The loop's validation and test evaluation (rank 0): ``eval_prompts`` prompts of each
+    split, sampled at the training temperature (short splits cycled) or greedy with
+    ``eval_greedy``; validation every ``eval_every`` steps and at the end, test at the end."""
+
+    def __init__(self, cfg, task, reward_fn, source: str):
+        n = cfg.eval_prompts
+        self.cfg, self.reward_fn, self.source = cfg, reward_fn, source
+        self.prompts = {s: task.split(s, n) if n else [] for s in ("validation", "test")}
+        self.initial: dict = {}
+
+    def run(self, model, tokenizer, split: str) -> float:
+        cfg = self.cfg
+        prompts = self.prompts[split]
+        if not cfg.eval_greedy:
+            prompts = repeat_to(prompts, cfg.eval_prompts)
+        return evaluate(
+            model,
+            tokenizer,
+            prompts,
+            self.reward_fn,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            greedy=cfg.eval_greedy,
+            batch_size=max(64, len(prompts)),
+            source=self.source,
+        )["reward_mean"]
+
+    def due(self, model, tokenizer, step: int, *, final: bool) -> dict:
+        """``eval_reward`` when due, ``test_reward`` at the final step (rank 0 only calls)."""
+        out = {}
+        if not self.cfg.eval_every:
+            return out
+        if self.prompts["validation"] and (step % self.cfg.eval_every == 0 or final):
+            out["eval_reward"] = self.run(model, tokenizer, "validation")
+        if final and self.prompts["test"]:
+            out["test_reward"] = self.run(model, tokenizer, "test")
+        return out
+
+    def before_rl(self, model, tokenizer) -> dict:
+        """Both splits before the first RL step (``*_initial`` in the first metrics row)."""
+        if self.cfg.eval_every:
+            for split, key in (("validation", "eval_reward"), ("test", "test_reward")):
+                if self.prompts[split]:
+                    self.initial[key] = self.run(model, tokenizer, split)
+        return self.initial
+
+
 def _mean(rows: list, key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 

@@ -117,6 +117,24 @@ def load_policy(name: str, tokenizer, *, seed: int = 0, hidden: int = 64, layers
     return model
 
 
+def load_tokenizer(model: str, task_tokenizer, task_name: str):
+    """The task's tokenizer for the built-in ``tiny-*`` models, else ``AutoTokenizer`` from the
+    model's folder (pad = EOS when it has no pad token: truncation uses the first EOS)."""
+    if model in BUILTIN_MODELS:
+        if task_tokenizer is None:
+            raise ValueError(
+                f"task {task_name!r} has no tokenizer for built-in models; "
+                "give --model a Hugging Face model"
+            )
+        return task_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = from_pretrained(AutoTokenizer, model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 class ModelLoadError(OSError):
     """A model or tokenizer that cannot be loaded (one line: the path and the reason)."""
 

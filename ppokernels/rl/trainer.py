@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
-import threading
 import time
 
 import torch
@@ -33,7 +31,7 @@ import torch
 import ppokernels
 from ppokernels.rl import checkpoint, distributed
 from ppokernels.rl.config import RLConfig
-from ppokernels.rl.evaluation import evaluate, repeat_to
+from ppokernels.rl.evaluation import HeldOut
 from ppokernels.rl.experience import KLController, group_advantages, lr_lambda, ppo_advantages
 from ppokernels.rl.logger import MetricsLog, peak_mem_mb, plot
 from ppokernels.rl.losses import Metrics, micro_batch_loss, record
@@ -41,9 +39,9 @@ from ppokernels.rl.models import (
     BUILTIN_MODELS,
     Critic,
     PolicyScorer,
-    from_pretrained,
     frozen_copy,
     load_policy,
+    load_tokenizer,
 )
 from ppokernels.rl.rollout import Batch, generate, supervised_batch
 from ppokernels.rl.tasks import RewardModelScorer, Task, check_rewards, get_task, reward_name
@@ -66,9 +64,8 @@ class Trainer:
     ):
         self.cfg = cfg.validate()
         self.rank, self.world, self.device = distributed.init(cfg.device)
-        self._stop = self.interrupted = False
-        self.initial: dict = {}
-        with self._sigint():
+        self.stop, self.interrupted = distributed.StopFlag(), False
+        with self.stop.installed():
             self._setup(task, resume, overwrite)
 
     def _setup(self, task: Task | None, resume: bool, overwrite: bool) -> None:
@@ -77,15 +74,48 @@ class Trainer:
             # Tiny models: threads only add synchronisation (and stall badly on a shared CPU).
             torch.set_num_threads(cfg.threads or 1)
         self.task = task or get_task(cfg.task)
-        self.tokenizer = self._tokenizer()
+        self.tokenizer = load_tokenizer(cfg.model, self.task.tokenizer, self.task.name)
         self.reward_fn = (
             RewardModelScorer(cfg.reward_model, str(self.device))
             if cfg.reward_model
             else self.task.reward
         )
-        self.reward_source = f"task {self.task.name!r}: {reward_name(self.reward_fn)}"
-        self._check_out_dir(resume, overwrite)
+        source = f"task {self.task.name!r}: {reward_name(self.reward_fn)}"
+        self.reward_source = source
+        names = ["policy", "ref"] + (["critic"] if cfg.is_ppo else [])
+        checkpoint.check_out_dir(
+            cfg.out, rank=self.rank, resume=resume, overwrite=overwrite, names=names
+        )
 
+        self._models_and_optimizers(resume)
+        # Each process samples different prompts and tokens: seed + rank * 100003.
+        rank_seed = cfg.seed + self.rank * 100003
+        self.prompt_rng = random.Random(rank_seed)
+        self.shuffle_gen = torch.Generator().manual_seed(rank_seed)
+        torch.manual_seed(rank_seed)
+        random.seed(rank_seed)
+        self.held_out = HeldOut(cfg, self.task, self.reward_fn, source)
+        self.step, self.elapsed = 0, 0.0
+        if resume:
+            models = self._models()
+            state = checkpoint.load(cfg.out, rank=self.rank, models=models, device=self.device)
+            checkpoint.restore_trainer(self, state)
+        self.train_scorer = distributed.wrap_ddp(self.scorer, self.device, self.world)
+        self.train_critic = self.critic
+        if self.critic is not None:
+            self.train_critic = distributed.wrap_ddp(self.critic, self.device, self.world)
+        if distributed.any_true(self.stop.requested, self.world, self.device):
+            raise Interrupted(f"interrupted during setup: nothing was written to {cfg.out}")
+        self.log = None
+        if self.rank == 0:
+            cfg.save(os.path.join(cfg.out, RUN_CONFIG))
+            self.log = MetricsLog(
+                cfg.out, resume_step=self.step if resume else None, tensorboard=cfg.tensorboard
+            )
+
+    def _models_and_optimizers(self, resume: bool) -> None:
+        """Policy (warmed up unless resuming), frozen reference, critic (PPO), optimizers."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.policy = load_policy(
             cfg.model, self.tokenizer, seed=cfg.seed, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers
@@ -101,47 +131,6 @@ class Trainer:
             self.ref, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
         )
         self.critic = Critic(self.policy).to(self.device) if cfg.is_ppo else None
-        self._optimizers()
-
-        # Each process samples different prompts and tokens: seed + rank * 100003.
-        rank_seed = cfg.seed + self.rank * 100003
-        self.prompt_rng = random.Random(rank_seed)
-        self.shuffle_gen = torch.Generator().manual_seed(rank_seed)
-        torch.manual_seed(rank_seed)
-        random.seed(rank_seed)
-        n = cfg.eval_prompts
-        self.val_prompts = self.task.split("validation", n) if n else []
-        self.test_prompts = self.task.split("test", n) if n else []
-        self.step, self.elapsed = 0, 0.0
-        if resume:
-            self._load()
-        self.train_scorer = distributed.wrap_ddp(self.scorer, self.device, self.world)
-        self.train_critic = self.critic
-        if self.critic is not None:
-            self.train_critic = distributed.wrap_ddp(self.critic, self.device, self.world)
-        if distributed.any_true(self._stop, self.world, self.device):
-            raise Interrupted(f"interrupted during setup: nothing was written to {cfg.out}")
-        self.log = None
-        if self.rank == 0:
-            cfg.save(os.path.join(cfg.out, RUN_CONFIG))
-            self.log = MetricsLog(
-                cfg.out, resume_step=self.step if resume else None, tensorboard=cfg.tensorboard
-            )
-
-    def _check_out_dir(self, resume: bool, overwrite: bool) -> None:
-        """Before anything is written: ``--resume`` needs a complete checkpoint; a fresh run
-        must not silently replace another run's metrics."""
-        if resume:
-            names = ["policy", "ref"] + (["critic"] if self.cfg.is_ppo else [])
-            checkpoint.require(self.cfg.out, rank=self.rank, names=names)
-        elif not overwrite and os.path.exists(os.path.join(self.cfg.out, "metrics.jsonl")):
-            raise checkpoint.CheckpointError(
-                f"{self.cfg.out} already holds a run (metrics.jsonl); resume it with --resume "
-                "or replace it with --overwrite"
-            )
-
-    def _optimizers(self) -> None:
-        cfg = self.cfg
         rollout = cfg.prompts_per_step * cfg.samples_per_prompt
         total = cfg.steps * cfg.ppo_epochs * (rollout // cfg.minibatch_size)
         adam = dict(weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
@@ -162,21 +151,6 @@ class Trainer:
         distributed.shutdown()
 
     # ------------------------------------------------------------------------------ setup
-    def _tokenizer(self):
-        if self.cfg.model in BUILTIN_MODELS:
-            if self.task.tokenizer is None:
-                raise ValueError(
-                    f"task {self.task.name!r} has no tokenizer for built-in models; "
-                    "give --model a Hugging Face model"
-                )
-            return self.task.tokenizer()
-        from transformers import AutoTokenizer
-
-        tok = from_pretrained(AutoTokenizer, self.cfg.model)
-        if tok.pad_token is None:  # truncation uses the first EOS, so pad == EOS still works
-            tok.pad_token = tok.eos_token
-        return tok
-
     def _warmup(self) -> float:
         """Supervised warm-up on task-format examples (same on every process), so the policy
         emits well-formed answers and EOS before RL starts. Ctrl-C stops it (nothing saved)."""
@@ -185,7 +159,7 @@ class Trainer:
         opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.sft_lr)
         loss = torch.zeros(())
         for i in range(cfg.sft_steps):
-            if distributed.any_true(self._stop, self.world, self.device):
+            if distributed.any_true(self.stop.requested, self.world, self.device):
                 raise Interrupted(
                     f"interrupted during the supervised warm-up (step {i} of {cfg.sft_steps}): "
                     f"nothing was written to {cfg.out}"
@@ -319,38 +293,14 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
-    # ------------------------------------------------------------------------------ eval
-    def evaluate(self, split: str = "validation") -> float:
-        """Mean task reward on the held-out ``split`` (sampled at the training temperature,
-        short splits cycled to ``eval_prompts``; greedy with ``eval_greedy=True``)."""
-        cfg = self.cfg
-        prompts = self.val_prompts if split == "validation" else self.test_prompts
-        if not cfg.eval_greedy:
-            prompts = repeat_to(prompts, cfg.eval_prompts)
-        return evaluate(
-            self.policy,
-            self.tokenizer,
-            prompts,
-            self.reward_fn,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            greedy=cfg.eval_greedy,
-            batch_size=max(64, len(prompts)),
-            source=self.reward_source,
-        )["reward_mean"]
+    @property
+    def initial(self) -> dict:
+        """Validation and test reward before RL (empty on a resumed run)."""
+        return self.held_out.initial
 
-    def _evals(self, final: bool) -> dict:
-        """Rank 0: validation every ``eval_every`` steps (and at the end), test at the end."""
-        cfg, out = self.cfg, {}
-        if self.rank != 0 or not cfg.eval_every:
-            return out
-        if self.val_prompts and (self.step % cfg.eval_every == 0 or final):
-            out["eval_reward"] = self.evaluate("validation")
-        if final and self.test_prompts:
-            out["test_reward"] = self.evaluate("test")
-        return out
+    def evaluate(self, split: str = "validation") -> float:
+        """Mean task reward on the held-out ``split`` (see :class:`HeldOut`)."""
+        return self.held_out.run(self.policy, self.tokenizer, split)
 
     # ------------------------------------------------------------------------------ loop
     def train_step(self) -> dict:
@@ -363,7 +313,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         stats["tokens_per_s"] = stats.pop("response_tokens") * self.world / dt
         stats["kl_coef"] = self.kl_ctl.value
-        stats.update(self._evals(final=self.step == self.cfg.steps))
+        if self.rank == 0:
+            final = self.step == self.cfg.steps
+            stats.update(self.held_out.due(self.policy, self.tokenizer, self.step, final=final))
         self.elapsed += time.perf_counter() - t0
         stats.update(
             step=self.step,
@@ -373,23 +325,15 @@ class Trainer:
         )
         return stats
 
-    def _initial_evals(self) -> None:
-        """Rank 0, before RL: validation and test reward of the (warmed-up) policy."""
-        if self.rank != 0 or self.step != 0 or not self.cfg.eval_every:
-            return
-        if self.val_prompts:
-            self.initial["eval_reward"] = self.evaluate("validation")
-        if self.test_prompts:
-            self.initial["test_reward"] = self.evaluate("test")
-
     def train(self) -> list:
         """Run until ``cfg.steps``. Ctrl-C finishes the current step, saves the checkpoint and
         ``OUT/model`` and returns (a second Ctrl-C stops at once; the last checkpoint stays)."""
         rows = []
         bar = self._progress()
         try:
-            with self._sigint():
-                self._initial_evals()
+            with self.stop.installed():
+                if self.rank == 0 and self.step == 0:
+                    self.held_out.before_rl(self.policy, self.tokenizer)
                 self.interrupted = False
                 while self.step < self.cfg.steps and not self.interrupted:
                     rows.append(self._one_step(bar))
@@ -416,7 +360,7 @@ class Trainer:
                 post["val"] = f"{row['eval_reward']:.3f}"
             bar.set_postfix(post)
             bar.update(1)
-        self.interrupted = distributed.any_true(self._stop, self.world, self.device)
+        self.interrupted = distributed.any_true(self.stop.requested, self.world, self.device)
         last = self.interrupted or self.step == cfg.steps
         if last or (cfg.save_every and self.step % cfg.save_every == 0):
             self.save(export=last)
@@ -432,22 +376,9 @@ class Trainer:
         name = f"{self.cfg.algo} {self.task.name}"
         return tqdm(total=self.cfg.steps, initial=self.step, desc=name)
 
-    @contextlib.contextmanager
-    def _sigint(self):
-        """Ctrl-C sets a flag that the loop checks at safe points (every process votes)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, old)
-
-    def _on_sigint(self, signum, frame):
-        if self._stop:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self._stop = True
+    def _on_sigint(self, signum=None, frame=None) -> None:
+        """What Ctrl-C does (see :class:`~ppokernels.rl.distributed.StopFlag`)."""
+        self.stop(signum, frame)
 
     # ------------------------------------------------------------------------------ checkpoints
     def _models(self) -> dict:
@@ -455,43 +386,14 @@ class Trainer:
 
     def save(self, export: bool = False) -> str:
         """Checkpoint (every process); with ``export``, also ``OUT/model`` (rank 0)."""
-        state = {
-            "step": self.step,
-            "elapsed": self.elapsed,
-            "kl_coef": self.kl_ctl.value,
-            "opt": self.opt.state_dict(),
-            "sched": self.sched.state_dict(),
-            "vopt": self.vopt.state_dict() if self.vopt else None,
-            "vsched": self.vsched.state_dict() if self.vsched else None,
-            "rng": checkpoint.rng_state(self.prompt_rng, self.shuffle_gen),
-            "world": self.world,
-        }
         path = checkpoint.save(
             self.cfg.out,
             rank=self.rank,
             world=self.world,
             models=self._models(),
-            state=state,
+            state=checkpoint.trainer_state(self),
             barrier=distributed.barrier(self.world),
         )
         if export and self.rank == 0:
             checkpoint.export_model(self.cfg.out, self.policy, self.tokenizer)
         return path
-
-    def _load(self) -> None:
-        state = checkpoint.load(
-            self.cfg.out, rank=self.rank, models=self._models(), device=self.device
-        )
-        if state.get("world", 1) != self.world:
-            raise checkpoint.CheckpointError(
-                f"checkpoint was written by {state.get('world')} processes, "
-                f"resuming with {self.world}"
-            )
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        self.kl_ctl.value = state["kl_coef"]
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        if self.vopt is not None:
-            self.vopt.load_state_dict(state["vopt"])
-            self.vsched.load_state_dict(state["vsched"])
-        checkpoint.set_rng_state(state["rng"], self.prompt_rng, self.shuffle_gen)
