@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install ninja setuptools wheel
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[test]"
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[all]"
 	$(PIP) install --no-deps -r requirements-compat.txt
 
 demo: install

@@ -12,7 +12,7 @@ from _compat_data import close as _close
 from _compat_data import data as _data
 from _compat_data import mask as _mask
 
-core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl 0.9.1 not installed")
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")  # the reason names the import error
 verl_F = pytest.importorskip("verl.utils.torch_functional")
 from omegaconf import OmegaConf  # noqa: E402  (a verl dependency)
 
