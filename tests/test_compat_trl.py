@@ -110,6 +110,41 @@ def test_chunked_logprob_function(bias, scale, outputs):
         _close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@needs_linear
+def test_chunked_logprob_function_rounds_like_trl_when_asked():
+    """bf16 weights: the default keeps the logits in fp32 (closer to fp64 than TRL); with
+    patch(round_logits=True) the logits are rounded to bf16 first and the forward agrees with
+    TRL's own function."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 40, 128, 2053
+    h = torch.randn(N, H, generator=g).bfloat16()
+    w = (torch.randn(V, H, generator=g) * 0.3).bfloat16()
+    b = torch.randn(V, generator=g).bfloat16()
+    y = torch.randint(0, V, (N,), generator=g)
+    outputs = ("log_probs", "entropy")
+
+    def run(fn, *args):
+        return [o.double() for o in fn.apply(*args, b, y, 0.9, 512, None, 1.0, outputs)[:2]]
+
+    exact = run(ChunkedLogProbFunction, h.double(), w.double())
+    trl = run(ChunkedLogProbFunction, h, w)
+    try:
+        ct._ROUND_LOGITS[0] = False
+        ours = run(ct.ChunkedLogProbFunction, h, w)
+        ct._ROUND_LOGITS[0] = True
+        rounded = run(ct.ChunkedLogProbFunction, h, w)
+    finally:
+        ct._ROUND_LOGITS[0] = False
+    for i in range(2):
+        err = [(a[i] - exact[i]).abs().max().item() for a in (ours, trl)]
+        assert err[0] < 0.01 * err[1]  # fp32 logits: far closer to the exact values
+        _close(rounded[i], trl[i], atol=1e-5, rtol=1e-5)  # TRL's rounding reproduced
+    with pytest.raises(TypeError, match="round_logits must be a bool"):
+        ct.patch(round_logits="yes")
+
+
 # ------------------------------------------------------------------------------ GRPO loss
 
 

@@ -33,7 +33,7 @@ def _inputs(B, T, dtype, device, kind="holes"):
 
 
 def _loop_verl(r, v, m, gamma, lam):
-    """veRL's compute_gae_advantage_return, written from trainers.md 2.1, scalar by scalar."""
+    """veRL 0.9.1's compute_gae_advantage_return (verl/trainer/ppo/core_algos.py), by scalars."""
     B, T = r.shape
     adv = torch.zeros(B, T, dtype=torch.float64)
     for b in range(B):
@@ -49,7 +49,7 @@ def _loop_verl(r, v, m, gamma, lam):
 
 
 def _loop_openrlhf(r, v, m, gamma, lam):
-    """OpenRLHF's get_advantages_and_returns, written from trainers.md 3.5."""
+    """OpenRLHF 0.11.2's get_advantages_and_returns (ppo_utils/experience_maker.py)."""
     v, r = v.double() * m, r.double() * m
     B, T = r.shape
     adv = torch.zeros(B, T, dtype=torch.float64)

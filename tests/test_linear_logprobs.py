@@ -257,7 +257,7 @@ def test_bad_input():
     f = ppokernels.linear_logprobs
     with pytest.raises(ValueError, match="linear_logprobs: weight has H = 7"):
         f(hidden, weight[:, :7], labels)
-    with pytest.raises(TypeError, match="linear_logprobs: labels must be an int64 or int32"):
+    with pytest.raises(TypeError, match="linear_logprobs: labels must be int64 or int32"):
         f(hidden, weight, labels.float())
     with pytest.raises(ValueError, match="linear_logprobs: labels must be in \\[0, 50\\)"):
         f(hidden, weight, torch.tensor([0, 1, 50, 2]))

@@ -254,7 +254,7 @@ def test_logratio_clamped(device, backend):
 
 
 def _verl_policy(lp, old, adv, mask, agg, clip_low, clip_high, dual_clip):
-    """veRL's compute_policy_loss_vanilla + agg_loss (trainers.md 2.4 / 2.5) as plain loops."""
+    """veRL 0.9.1's compute_policy_loss_vanilla + agg_loss (trainer/ppo/core_algos.py), as loops."""
     B, T = lp.shape
     per_tok = torch.zeros(B, T, dtype=torch.float64)
     clipped = dual_n = nlr = 0.0

@@ -6,7 +6,6 @@
 // (SIMD lanes for float) in two sweeps while it is in cache: its count, sum and mean mu_c, then
 // its sums centred at mu_c. The chunk statistics are merged in double, in chunk order (Chan et
 // al.'s pairwise update), so the result is the two-pass one and the same bits on every call.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,8 +14,7 @@
 #include <array>
 #include <vector>
 
-#include "ppokernels/aten_utils.h"
-#include "ppokernels/advantages.h"
+#include "ppokernels/advantages_args.h"
 #include "ppokernels/cpu_vec.h"
 
 namespace ppokernels {
@@ -26,19 +24,6 @@ constexpr int64_t kChunk = 8192;  // entries per reduction partial (fixed: deter
 // Work per thread: below ~2^18 entries one thread is faster than waking a second one.
 constexpr int64_t kChunkGrain = 32;      // chunks
 constexpr int64_t kGrain = int64_t(1) << 18;  // entries of the elementwise passes
-constexpr int kVec = VecF::size();
-
-// 1.0f where the bool mask is set, else 0.0f, for kVec entries.
-inline VecF load_mask(const bool* p) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return VecF(_mm256_cvtepi32_ps(b));  // bool bytes are 0 or 1
-#else
-  alignas(64) float tmp[kVec];
-  for (int k = 0; k < kVec; ++k) tmp[k] = p[k] ? 1.f : 0.f;
-  return VecF::loadu(tmp);
-#endif
-}
 
 // Statistics of one chunk [b, e): count n_c, sum S_c, sum g G_c, then, centred at the chunk mean
 // mu_c, sum m d^2, sum m d (the rounding residue of mu_c) and sum g d, d = x - mu_c. g may be
@@ -56,8 +41,8 @@ void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double
   if constexpr (std::is_same_v<scalar_t, float>) {
     VecF v0(0.f), v1(0.f), v2(0.f);
     const VecF vmean(mean), zero(0.f);
-    for (; i + kVec <= e; i += kVec) {
-      const VecF mk = load_mask(m + i);
+    for (; i + kVecF <= e; i += kVecF) {
+      const VecF mk = vload_mask(m + i);
       const VecF valid = mk != zero;
       const VecF gv = gf ? VecF::loadu(gf + i) : zero;
       if constexpr (kCentred) {
@@ -71,15 +56,9 @@ void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double
         v2 = v2 + gv;
       }
     }
-    alignas(64) float l0[kVec], l1[kVec], l2[kVec];
-    v0.store(l0);
-    v1.store(l1);
-    v2.store(l2);
-    for (int k = 0; k < kVec; ++k) {  // lanes in a fixed order
-      s0 += l0[k];
-      s1 += l1[k];
-      s2 += l2[k];
-    }
+    s0 = hsum(v0);  // lanes in a fixed order
+    s1 = hsum(v1);
+    s2 = hsum(v2);
   }
   for (; i < e; ++i) {
     const acc_t gv = gf ? acc_t(gf[i]) : gd ? acc_t(gd[i]) : acc_t(0);
@@ -154,9 +133,9 @@ void map_masked(const scalar_t* x, const bool* m, const float* gf, const double*
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     int64_t i = b;
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<out_t, float>) {
-      for (; i + kVec <= e; i += kVec) {
+      for (; i + kVecF <= e; i += kVecF) {
         const VecF gv = gf ? VecF::loadu(gf + i) : VecF(0.f);
-        f(VecF::loadu(x + i), load_mask(m + i), gv).store(y + i);
+        f(VecF::loadu(x + i), vload_mask(m + i), gv).store(y + i);
       }
     }
     for (; i < e; ++i) {
@@ -166,22 +145,15 @@ void map_masked(const scalar_t* x, const bool* m, const float* gf, const double*
   });
 }
 
-void check_xm(const char* op, const at::Tensor& x, const at::Tensor& mask) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor");
-  TORCH_CHECK(x.sizes() == mask.sizes(), op, ": mask must have the shape of x");
-}
-
 }  // namespace
 
 // [mean, var, count] of the masked entries, in fp32 (fp64 for fp64 x).
 at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask, bool unbiased) {
-  check_xm("masked_moments", x, mask);
-  const auto xc = x.contiguous();
-  const auto mc = bool_mask(mask);
+  const MaskedArgs a = masked_args("masked_moments", x, mask, nullptr);
   double stats[kNumStats];
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments", [&] {
-    masked_stats(xc.data_ptr<scalar_t>(), mc.data_ptr<bool>(), at::Tensor(), xc.numel(), unbiased,
-                 true, 0.0, stats);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments", [&] {
+    masked_stats(a.x.data_ptr<scalar_t>(), a.m.data_ptr<bool>(), at::Tensor(), a.x.numel(),
+                 unbiased, true, 0.0, stats);
   });
   auto out = at::empty({3}, x.options().dtype(at::kDouble));
   auto* o = out.data_ptr<double>();
@@ -194,78 +166,67 @@ at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask, bool 
 at::Tensor masked_moments_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                        const at::Tensor& mask, const at::Tensor& moments,
                                        bool unbiased) {
-  check_xm("masked_moments_backward", x, mask);
-  TORCH_CHECK(grad.numel() == 3 && moments.numel() == 3,
-              "masked_moments_backward: grad and moments must have 3 entries");
+  const MaskedArgs a = moments_backward_args(grad, x, mask, moments);
+  // the coefficients in double, from the entries as given
   const auto g = grad.to(at::kDouble).contiguous();
   const auto mo = moments.to(at::kDouble).contiguous();
-  const double n = mo.data_ptr<double>()[2];
   const double mean = mo.data_ptr<double>()[0];
-  const double c_mean = g.data_ptr<double>()[0] / n;
-  const double c_var = 2.0 * g.data_ptr<double>()[1] / (unbiased ? n - 1.0 : n);
-  const auto xc = x.contiguous();
-  const auto mc = bool_mask(mask);
-  auto dx = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments_bwd", [&] {
+  const MomentsCoefs c =
+      moments_coefs(g.data_ptr<double>()[0], g.data_ptr<double>()[1], mo.data_ptr<double>()[2],
+                    unbiased);
+  const double c_mean = c.mean, c_var = c.var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t mu = acc_t(mean), cm = acc_t(c_mean), cv = acc_t(c_var);
-    map_masked(xc.data_ptr<scalar_t>(), mc.data_ptr<bool>(), nullptr, nullptr,
-               dx.data_ptr<scalar_t>(), xc.numel(), [&](auto xv, auto mv, auto) {
+    map_masked(a.x.data_ptr<scalar_t>(), a.m.data_ptr<bool>(), nullptr, nullptr,
+               a.out.data_ptr<scalar_t>(), a.x.numel(), [&](auto xv, auto mv, auto) {
                  using V = decltype(xv);
                  return moments_grad(xv, mv, V(mu), V(cm), V(cv));
                });
   });
-  return dx;
+  return a.out;
 }
 
 at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
                              bool unbiased, double eps) {
-  check_xm("masked_whiten", x, mask);
-  const auto xc = x.contiguous();
-  const auto mc = bool_mask(mask);
-  auto y = at::empty(xc.sizes(), xc.options().dtype(acc_dtype(xc)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten", [&] {
+  const MaskedArgs a = whiten_args(x, mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     double stats[kNumStats];
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    masked_stats(xp, mc.data_ptr<bool>(), at::Tensor(), xc.numel(), unbiased, shift_mean, eps,
+    const scalar_t* xp = a.x.data_ptr<scalar_t>();
+    masked_stats(xp, a.m.data_ptr<bool>(), at::Tensor(), a.x.numel(), unbiased, shift_mean, eps,
                  stats);
     const acc_t mu = acc_t(stats[kStatMean]), r = acc_t(stats[kStatRstd]);
     const acc_t back = shift_mean ? acc_t(0) : mu;
-    map_masked(xp, mc.data_ptr<bool>(), nullptr, nullptr, y.data_ptr<acc_t>(), xc.numel(),
+    map_masked(xp, a.m.data_ptr<bool>(), nullptr, nullptr, a.out.data_ptr<acc_t>(), a.x.numel(),
                [&](auto xv, auto, auto) {
                  using V = decltype(xv);
                  return whiten_value(xv, V(mu), V(r), V(back));
                });
   });
-  return y;
+  return a.out;
 }
 
 at::Tensor masked_whiten_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                       const at::Tensor& mask, bool shift_mean, bool unbiased,
                                       double eps) {
-  check_xm("masked_whiten_backward", x, mask);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "masked_whiten_backward: grad must have the shape of x");
-  const auto xc = x.contiguous();
-  const auto mc = bool_mask(mask);
-  const auto g = grad.to(acc_dtype(xc)).contiguous();
-  auto dx = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten_bwd", [&] {
+  const MaskedArgs a = whiten_backward_args(grad, x, mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     double stats[kNumStats];
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    masked_stats(xp, mc.data_ptr<bool>(), g, xc.numel(), unbiased, shift_mean, eps, stats);
+    const scalar_t* xp = a.x.data_ptr<scalar_t>();
+    masked_stats(xp, a.m.data_ptr<bool>(), a.g, a.x.numel(), unbiased, shift_mean, eps, stats);
     const acc_t mu = acc_t(stats[kStatMean]), r = acc_t(stats[kStatRstd]);
     const acc_t cg = acc_t(stats[kStatCoefG]), ch = acc_t(stats[kStatCoefH]);
-    const float* gf = g.scalar_type() == at::kFloat ? g.data_ptr<float>() : nullptr;
-    const double* gd = g.scalar_type() == at::kDouble ? g.data_ptr<double>() : nullptr;
-    map_masked(xp, mc.data_ptr<bool>(), gf, gd, dx.data_ptr<scalar_t>(), xc.numel(),
+    const float* gf = a.g.scalar_type() == at::kFloat ? a.g.data_ptr<float>() : nullptr;
+    const double* gd = a.g.scalar_type() == at::kDouble ? a.g.data_ptr<double>() : nullptr;
+    map_masked(xp, a.m.data_ptr<bool>(), gf, gd, a.out.data_ptr<scalar_t>(), a.x.numel(),
                [&](auto xv, auto mv, auto gv) {
                  using V = decltype(xv);
                  return whiten_grad(gv, xv, mv, V(mu), V(r), V(cg), V(ch));
                });
   });
-  return dx;
+  return a.out;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {

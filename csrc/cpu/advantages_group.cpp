@@ -1,28 +1,17 @@
 // CPU kernels of the advantages family, group baselines: GRPO, Dr.GRPO and RLOO advantages
 // (forward, backward), per group statistics accumulated sequentially in index order
-// (deterministic; a few microseconds at RL batch sizes). Math in ppokernels/advantages.h.
-#include <ATen/ATen.h>
+// (deterministic; a few microseconds at RL batch sizes). Setup in ppokernels/advantages_args.h,
+// math in ppokernels/advantages.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "ppokernels/aten_utils.h"
-#include "ppokernels/advantages.h"
+#include "ppokernels/advantages_args.h"
 
 namespace ppokernels {
 namespace {
-
-void check_groups(const char* op, const at::Tensor& scores, const at::Tensor& ids,
-                  int64_t num_groups, const std::string& estimator, GroupEstimator* est) {
-  TORCH_CHECK(parse_group_estimator(estimator.c_str(), est), op, ": unknown estimator '",
-              estimator, "' (expected grpo or rloo)");
-  TORCH_CHECK(scores.dim() == 1 && ids.dim() == 1 && scores.size(0) == ids.size(0), op,
-              ": scores and group_ids must be 1-D of the same length");
-  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": group_ids must be int64");
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0");
-}
 
 // Per-group count, sum and centred sum of squares (and of g when given), sequentially in index
 // order: deterministic, and a few microseconds at RL batch sizes.
@@ -57,11 +46,10 @@ std::vector<GroupCoefs> group_pass(const scalar_t* s, const int64_t* ids, int64_
 at::Tensor group_advantages_cpu(const at::Tensor& scores, const at::Tensor& group_ids,
                                 int64_t num_groups, const std::string& estimator, double eps,
                                 bool norm_by_std) {
-  GroupEstimator est;
-  check_groups("group_advantages", scores, group_ids, num_groups, estimator, &est);
-  const auto s = scores.contiguous();
-  const auto ids = group_ids.contiguous();
-  auto out = at::empty(s.sizes(), s.options().dtype(acc_dtype(s)));
+  const GroupArgs a = group_args("group_advantages", scores, group_ids, num_groups, estimator,
+                                 nullptr);
+  const auto &s = a.s, &ids = a.ids, &out = a.out;
+  const GroupEstimator est = a.est;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = s.data_ptr<scalar_t>();
@@ -74,20 +62,17 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores, const at::Tensor& grou
       o[i] = (acc_t(sp[i]) - acc_t(k.center)) * acc_t(k.scale);
     }
   });
-  return out;
+  return a.out;
 }
 
 at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tensor& scores,
                                          const at::Tensor& group_ids, int64_t num_groups,
                                          const std::string& estimator, double eps,
                                          bool norm_by_std) {
-  GroupEstimator est;
-  check_groups("group_advantages_backward", scores, group_ids, num_groups, estimator, &est);
-  TORCH_CHECK(grad.sizes() == scores.sizes(), "group_advantages_backward: grad has the wrong shape");
-  const auto s = scores.contiguous();
-  const auto ids = group_ids.contiguous();
-  const auto g = grad.to(acc_dtype(s)).contiguous();
-  auto ds = at::empty_like(s);
+  const GroupArgs a = group_args("group_advantages_backward", scores, group_ids, num_groups,
+                                 estimator, &grad);
+  const auto &s = a.s, &ids = a.ids, &g = a.g, &ds = a.out;
+  const GroupEstimator est = a.est;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = s.data_ptr<scalar_t>();
@@ -114,7 +99,7 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tenso
       o[i] = static_cast<scalar_t>(acc_t(c[k].scale) * gp[i] - cg[k] - ch[k] * d);
     }
   });
-  return ds;
+  return a.out;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {

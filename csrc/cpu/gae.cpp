@@ -1,32 +1,15 @@
 // CPU kernels of the gae family: GAE and discounted returns (reverse scans over each row, rows in
-// parallel), and their backward passes (the transposed scans, forward in time).
-#include <ATen/ATen.h>
+// parallel), and their backward passes (the transposed scans, forward in time). Setup in
+// ppokernels/gae_args.h, the math of one step in ppokernels/gae.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "ppokernels/aten_utils.h"
-#include "ppokernels/gae.h"
+#include "ppokernels/gae_args.h"
 
 namespace ppokernels {
 namespace {
-
-struct Rows {
-  int64_t n, len;  // number of rows, length of a row (the time axis, last dimension)
-};
-
-Rows check(const char* op, const at::Tensor& x, const at::Tensor& mask, MaskMode* mode,
-           const std::string& mode_name, double gamma, double lam) {
-  TORCH_CHECK(parse_mask_mode(mode_name.c_str(), mode), op, ": mode must be 'skip' or 'zero', got '",
-              mode_name, "'");
-  TORCH_CHECK(x.dim() >= 1, op, ": inputs must have a time dimension");
-  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the inputs");
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, op, ": gamma must be in [0, 1]");
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, op, ": lam must be in [0, 1]");
-  const int64_t len = x.size(-1);
-  return {len == 0 ? 0 : x.numel() / len, len};
-}
 
 int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
@@ -53,7 +36,7 @@ void scan_rows(const scalar_t* rewards, const scalar_t* values, const bool* mask
 // Reverse scan of every row; `values` may be null (discounted returns), `returns` too.
 template <typename scalar_t, typename A>
 void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
-                  A* returns, Rows rows, A gamma, A lam, MaskMode mode) {
+                  A* returns, GaeRows rows, A gamma, A lam, MaskMode mode) {
   constexpr int64_t kRows = 4;
   const int64_t grain = std::max<int64_t>(1, row_grain(rows.len) / kRows);
   at::parallel_for(0, (rows.n + kRows - 1) / kRows, grain, [&](int64_t begin, int64_t end) {
@@ -73,7 +56,7 @@ void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* m
 // Forward-time adjoint scan. g_adv may be null (discounted returns); grad_values may be null.
 template <typename scalar_t, typename A>
 void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* grad_rewards,
-                   scalar_t* grad_values, Rows rows, A gamma, A lam, MaskMode mode) {
+                   scalar_t* grad_values, GaeRows rows, A gamma, A lam, MaskMode mode) {
   at::parallel_for(0, rows.n, row_grain(rows.len), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       A la = 0, lnv = 0, m_prev = 0;
@@ -98,19 +81,14 @@ void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* g
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam,
                                            const std::string& mode_name) {
-  MaskMode mode;
-  const Rows rows = check("gae", rewards, mask, &mode, mode_name, gamma, lam);
-  TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values must have the shape of rewards");
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: values and rewards dtypes differ");
-  const auto r = rewards.contiguous(), v = values.contiguous(), m = bool_mask(mask);
-  auto adv = at::empty(r.sizes(), r.options().dtype(acc_dtype(r)));
-  auto ret = at::empty_like(adv);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "gae_cpu", [&] {
+  const auto a = gae_forward_args("gae", rewards, &values, mask, gamma, lam, mode_name);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "gae_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    scan_forward<scalar_t, A>(r.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m.data_ptr<bool>(),
-                              adv.data_ptr<A>(), ret.data_ptr<A>(), rows, A(gamma), A(lam), mode);
+    scan_forward<scalar_t, A>(a.r.data_ptr<scalar_t>(), a.v.data_ptr<scalar_t>(),
+                              a.m.data_ptr<bool>(), a.adv.data_ptr<A>(), a.ret.data_ptr<A>(),
+                              a.rows, A(gamma), A(lam), a.rows.mode);
   });
-  return {adv, ret};
+  return {a.adv, a.ret};
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_backward_cpu(const at::Tensor& grad_advantages,
@@ -118,53 +96,41 @@ std::tuple<at::Tensor, at::Tensor> gae_backward_cpu(const at::Tensor& grad_advan
                                                     const at::Tensor& mask, double gamma,
                                                     double lam, const std::string& mode_name,
                                                     at::ScalarType dtype) {
-  MaskMode mode;
-  const Rows rows = check("gae_backward", grad_advantages, mask, &mode, mode_name, gamma, lam);
-  TORCH_CHECK(grad_returns.sizes() == grad_advantages.sizes(), "gae_backward: shape mismatch");
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto ga = grad_advantages.to(acc).contiguous(), gr = grad_returns.to(acc).contiguous();
-  const auto m = bool_mask(mask);
-  auto grad_r = at::empty(ga.sizes(), ga.options().dtype(dtype));
-  auto grad_v = at::empty_like(grad_r);
+  const auto a = gae_backward_args("gae_backward", &grad_advantages, grad_returns, mask, gamma,
+                                   lam, mode_name, dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    scan_backward<scalar_t, A>(ga.data_ptr<A>(), gr.data_ptr<A>(), m.data_ptr<bool>(),
-                               grad_r.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), rows,
-                               A(gamma), A(lam), mode);
+    scan_backward<scalar_t, A>(a.ga.data_ptr<A>(), a.gr.data_ptr<A>(), a.m.data_ptr<bool>(),
+                               a.grad_r.data_ptr<scalar_t>(), a.grad_v.data_ptr<scalar_t>(),
+                               a.rows, A(gamma), A(lam), a.rows.mode);
   });
-  return {grad_r, grad_v};
+  return {a.grad_r, a.grad_v};
 }
 
 at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask, double gamma,
                                   const std::string& mode_name) {
-  MaskMode mode;
-  const Rows rows = check("discounted_returns", rewards, mask, &mode, mode_name, gamma, 1.0);
-  const auto r = rewards.contiguous(), m = bool_mask(mask);
-  auto ret = at::empty(r.sizes(), r.options().dtype(acc_dtype(r)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "returns_cpu", [&] {
+  const auto a = gae_forward_args("discounted_returns", rewards, nullptr, mask, gamma, 1.0,
+                                  mode_name);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "returns_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    scan_forward<scalar_t, A>(r.data_ptr<scalar_t>(), nullptr, m.data_ptr<bool>(),
-                              ret.data_ptr<A>(), nullptr, rows, A(gamma), A(1), mode);
+    scan_forward<scalar_t, A>(a.r.data_ptr<scalar_t>(), nullptr, a.m.data_ptr<bool>(),
+                              a.adv.data_ptr<A>(), nullptr, a.rows, A(gamma), A(1), a.rows.mode);
   });
-  return ret;
+  return a.adv;
 }
 
 at::Tensor discounted_returns_backward_cpu(const at::Tensor& grad_returns, const at::Tensor& mask,
                                            double gamma, const std::string& mode_name,
                                            at::ScalarType dtype) {
-  MaskMode mode;
-  const Rows rows = check("discounted_returns_backward", grad_returns, mask, &mode, mode_name,
-                          gamma, 1.0);
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto gr = grad_returns.to(acc).contiguous();
-  const auto m = bool_mask(mask);
-  auto grad_r = at::empty(gr.sizes(), gr.options().dtype(dtype));
+  const auto a = gae_backward_args("discounted_returns_backward", nullptr, grad_returns, mask,
+                                   gamma, 1.0, mode_name, dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    scan_backward<scalar_t, A>(nullptr, gr.data_ptr<A>(), m.data_ptr<bool>(),
-                               grad_r.data_ptr<scalar_t>(), nullptr, rows, A(gamma), A(1), mode);
+    scan_backward<scalar_t, A>(nullptr, a.gr.data_ptr<A>(), a.m.data_ptr<bool>(),
+                               a.grad_r.data_ptr<scalar_t>(), nullptr, a.rows, A(gamma), A(1),
+                               a.rows.mode);
   });
-  return grad_r;
+  return a.grad_r;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {

@@ -11,56 +11,20 @@
 //             grad_weight[blk] += dlogits^T @ rows (addmm_, fp32), grad_bias[blk] += column sums.
 // Determinism: a row's statistics are merged over the same vocabulary blocks in the same order
 // whatever N or R is, and MKL's sgemm gives a row the same bits for every M that is a multiple of
-// 16 (it switches to other kernels for M < 8), hence the zero-padded row chunks.
-#include <ATen/ATen.h>
+// 16 (it switches to other kernels for M < 8), hence the zero-padded row chunks. Setup (checks,
+// the row compaction and the chunk plan) in ppokernels/linear_logprobs_args.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "ppokernels/aten_utils.h"
 #include "ppokernels/cpu_vec.h"
-#include "ppokernels/linear_logprobs.h"
+#include "ppokernels/linear_logprobs_args.h"
 
 namespace ppokernels {
 namespace {
-
-constexpr int64_t kVocabBlock = 4096;  // columns per matmul; fixed, never derived from N
-constexpr int64_t kRowAlign = 16;      // row chunks are zero-padded to a multiple of this
-constexpr int64_t kDefaultBudget = 16 << 20;  // bytes of the [R, block] fp32 logits (in L3)
-
-struct Plan {
-  std::vector<int64_t> rows;  // indices of the rows whose label is not ignore_index
-  int64_t H, V, R;            // hidden size, local vocabulary, rows per chunk (padded)
-};
-
-Plan make_plan(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
-               const at::Tensor& labels, const std::optional<at::Tensor>& bias,
-               int64_t ignore_index, int64_t chunk_size) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden and weight must be 2-D");
-  TORCH_CHECK(hidden.size(1) == weight.size(1), op, ": hidden and weight disagree on H");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op,
-              ": labels must be [N] with N = hidden.size(0)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64");
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), op,
-              ": hidden and weight must have the same dtype");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [V]");
-  }
-  Plan p;
-  p.H = hidden.size(1);
-  p.V = weight.size(0);
-  const int64_t* y = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < labels.size(0); ++i) {
-    if (y[i] != ignore_index) p.rows.push_back(i);
-  }
-  const int64_t n = static_cast<int64_t>(p.rows.size());
-  const int64_t block = std::max<int64_t>(1, std::min(kVocabBlock, p.V));
-  int64_t r = chunk_size > 0 ? chunk_size : kDefaultBudget / (4 * block);
-  r = std::min(r, n);
-  p.R = std::max<int64_t>(kRowAlign, (r + kRowAlign - 1) / kRowAlign * kRowAlign);
-  return p;
-}
 
 // Copies the hidden rows rows[r0 .. r0 + cnt) into buf [R, H] (acc_t), zeroing the padding.
 template <typename scalar_t, typename acc_t>
@@ -82,15 +46,6 @@ void gather_rows(const at::Tensor& hidden, const std::vector<int64_t>& rows, int
   });
 }
 
-// Horizontal sum of a SIMD register in a fixed lane order.
-inline float hsum(const VecF& v) {
-  float lanes[VecF::size()];
-  v.store(lanes);
-  float s = 0.f;
-  for (int64_t k = 0; k < VecF::size(); ++k) s += lanes[k];
-  return s;
-}
-
 // Softmax statistics of z_j = (x_j + b_j) * inv_t over one row of a vocabulary block (two passes
 // over an L1-resident row: max, then sum exp and sum exp * (z - max)). b may be null.
 template <typename acc_t>
@@ -107,29 +62,29 @@ SoftmaxStats<acc_t> block_stats(const acc_t* x, const acc_t* b, int64_t n, acc_t
     };
     VecF vm(-INFINITY);
     for (; j + VecF::size() <= n; j += VecF::size()) vm = at::vec::maximum(vm, zv(j));
-    float lanes[VecF::size()];
-    vm.store(lanes);
-    for (int64_t k = 0; k < VecF::size(); ++k) m = std::max(m, lanes[k]);
+    m = hmax(vm, m);
     for (int64_t k = j; k < n; ++k) m = std::max(m, z(k));
-    const VecF vmax(m);
+    if (m == -INFINITY) return {m, acc_t(0), acc_t(0)};  // an all -inf block adds nothing
+    const VecF vmax(m), lowest(-FLT_MAX);
     VecF vs(0.f), vu(0.f);
     for (j = 0; j + VecF::size() <= n; j += VecF::size()) {
       const VecF d = zv(j) - vmax;
       const VecF e = vexp(d);
       vs = vs + e;
-      vu = at::vec::fmadd(e, d, vu);
+      vu = at::vec::fmadd(e, at::vec::maximum(d, lowest), vu);  // -inf column: 0 * -FLT_MAX
     }
     s = hsum(vs);
     u = hsum(vu);
   } else {
     for (int64_t k = 0; k < n; ++k) m = std::max(m, z(k));
+    if (m == -INFINITY) return {m, acc_t(0), acc_t(0)};
     j = 0;
   }
   for (; j < n; ++j) {
     const acc_t d = z(j) - m;
     const acc_t e = std::exp(d);
     s += e;
-    u += e * d;
+    u += e * std::max(d, acc_t(-FLT_MAX));  // e * d with d = -inf would be 0 * -inf = NaN
   }
   return {m, s, u};
 }
@@ -167,11 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cpu(
     const at::Tensor& hidden_, const at::Tensor& weight_, const at::Tensor& labels_,
     const std::optional<at::Tensor>& bias_, double temperature, int64_t ignore_index,
     int64_t vocab_start, int64_t chunk_size) {
-  const auto hidden = hidden_.contiguous();
-  const auto weight = weight_.contiguous();
-  const auto labels = labels_.contiguous();
-  const Plan p = make_plan("linear_logprobs", hidden, weight, labels, bias_, ignore_index,
-                           chunk_size);
+  const LinearLogprobsPlan p = linear_logprobs_plan("linear_logprobs", hidden_, weight_, labels_,
+                                                    bias_, ignore_index, chunk_size);
+  const auto &hidden = p.hidden, &weight = p.weight, &labels = p.labels;
   const auto acc = acc_dtype(hidden);
   const int64_t N = hidden.size(0);
   auto opts = hidden.options().dtype(acc);
@@ -180,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cpu(
   if (n == 0 || p.V == 0) return {label_logit, lse, ent};
   const auto bias = bias_ ? std::optional<at::Tensor>(bias_->to(acc).contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "llp_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = acc_t(1.0 / temperature);
     const int64_t* y = labels.data_ptr<int64_t>();
     const acc_t* bp = bias ? bias->data_ptr<acc_t>() : nullptr;
@@ -227,11 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
     const std::optional<at::Tensor>& bias_, const at::Tensor& lse_, const at::Tensor& ent_,
     double temperature, int64_t ignore_index, int64_t vocab_start, int64_t chunk_size,
     std::array<bool, 3> output_mask) {
-  const auto hidden = hidden_.contiguous();
-  const auto weight = weight_.contiguous();
-  const auto labels = labels_.contiguous();
-  const Plan p = make_plan("linear_logprobs_backward", hidden, weight, labels, bias_,
-                           ignore_index, chunk_size);
+  const LinearLogprobsPlan p = linear_logprobs_plan("linear_logprobs_backward", hidden_, weight_,
+                                                    labels_, bias_, ignore_index, chunk_size);
+  const auto &hidden = p.hidden, &weight = p.weight, &labels = p.labels;
   const auto acc = acc_dtype(hidden);
   const int64_t N = hidden.size(0);
   const bool need_h = output_mask[0], need_w = output_mask[1], need_b = output_mask[2] && bias_;
@@ -249,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
     const auto ent = ent_.to(acc).contiguous();
     const auto bias = bias_ ? std::optional<at::Tensor>(bias_->to(acc).contiguous()) : std::nullopt;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "llp_bwd", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      using acc_t = at::opmath_type<scalar_t>;
       const acc_t inv_t = acc_t(1.0 / temperature);
       const int64_t* y = labels.data_ptr<int64_t>();
       const acc_t* bp = bias ? bias->data_ptr<acc_t>() : nullptr;

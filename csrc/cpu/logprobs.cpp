@@ -3,20 +3,17 @@
 // spread over threads with at::parallel_for, columns over SIMD lanes (fp32 math for fp32, bf16
 // and fp16 logits; fp64 for fp64). Each row is computed the same way wherever it sits in the
 // batch, so its results are bitwise independent of the batch size.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstring>
 #include <limits>
 
-#include "ppokernels/aten_utils.h"
 #include "ppokernels/cpu_vec.h"
-#include "ppokernels/logprobs.h"
+#include "ppokernels/logprobs_args.h"
 
 namespace ppokernels {
 namespace {
@@ -31,22 +28,10 @@ int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int6
 // fp16 (converted on load), plain double for double (scalar loop, used by gradcheck).
 template <typename scalar_t> struct Lanes {
   using W = VecF;
-  static constexpr int64_t L = VecF::size();
-  static W load(const scalar_t* p) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      return VecF::loadu(p);
-    } else {
-      VecF out;
-      at::vec::load_to_float<scalar_t>(p, out);
-      return out;
-    }
-  }
+  static constexpr int64_t L = kVecF;
+  static W load(const scalar_t* p) { return vload<VecF>(p); }
   // n < L columns; the lanes past them are -inf (padding must add nothing to the sums).
-  static W load_partial(const scalar_t* p, int64_t n) {
-    float buf[VecF::size()];
-    for (int64_t i = 0; i < L; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : -INFINITY;
-    return VecF::loadu(buf);
-  }
+  static W load_partial(const scalar_t* p, int64_t n) { return vload_partial(p, n, -INFINITY); }
 };
 template <> struct Lanes<double> {
   using W = double;
@@ -121,60 +106,23 @@ void row_grad(const scalar_t* in, scalar_t* out, int64_t V, int64_t y, acc_t lse
   out[y] = static_cast<scalar_t>(logprobs_grad_target(z_y, lse, mean_z, g_lp, g_ent, inv_t));
 }
 
-// ---------------------------------------------------------------- checks and layouts
-void check_args(const char* op, const at::Tensor& logits, const at::Tensor& labels,
-                double temperature) {
-  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have at least 1 dimension (..., V)");
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op,
-              ": logits must be float32, float64, bfloat16 or float16, got ",
-              logits.scalar_type());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), op,
-              ": labels has shape ", labels.sizes(), " but logits has shape ", logits.sizes(),
-              " (expected labels.shape == logits.shape[:-1])");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
-              ": temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(logits.size(-1) > 0 || labels.numel() == 0, op, ": logits has an empty vocabulary");
-}
-
-// A tensor whose rows the kernels can address (last dim contiguous, leading dims in <= 2
-// strided dims), and that layout. Copies only when the strides do not allow it.
-at::Tensor rows_of(const at::Tensor& t, RowLayout* layout) {
-  const int nd = static_cast<int>(t.dim()) - 1;
-  if (t.stride(-1) == 1 && make_row_layout(t.sizes().data(), t.strides().data(), nd, layout)) {
-    return t;
-  }
-  auto c = t.contiguous();
-  make_row_layout(c.sizes().data(), c.strides().data(), nd, layout);
-  return c;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
     const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
-    int64_t ignore_index, bool inplace_backward) {
-  (void)inplace_backward;  // used by the autograd formula only
-  check_args("token_logprobs", logits, labels, temperature);
-  RowLayout layout;
-  const at::Tensor x = rows_of(logits, &layout);
-  const at::Tensor lab = labels.contiguous();
-  const int64_t n = lab.numel(), V = logits.size(-1);
-  const auto opts = logits.options().dtype(acc_dtype(logits));
-  at::Tensor logprobs = at::empty(labels.sizes(), opts);
-  at::Tensor entropy = with_entropy ? at::empty(labels.sizes(), opts) : at::empty({0}, opts);
-  at::Tensor lse = at::empty(labels.sizes(), opts);
+    int64_t ignore_index, bool /*inplace_backward: autograd only*/) {
+  const LogprobsForwardArgs a = logprobs_forward_args(logits, labels, temperature, with_entropy);
+  const int64_t V = a.V;
   std::atomic<int64_t> bad_row{-1};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* base = x.const_data_ptr<scalar_t>();
-    const int64_t* y = lab.const_data_ptr<int64_t>();
-    acc_t* lp = logprobs.mutable_data_ptr<acc_t>();
-    acc_t* ent = with_entropy ? entropy.mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* ls = lse.mutable_data_ptr<acc_t>();
+    const scalar_t* base = a.x.const_data_ptr<scalar_t>();
+    const int64_t* y = a.lab.const_data_ptr<int64_t>();
+    acc_t* lp = a.lp.mutable_data_ptr<acc_t>();
+    acc_t* ent = with_entropy ? a.ent.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* ls = a.lse.mutable_data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.n, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t label = y[r];
         const bool ignored = label == ignore_index;
@@ -184,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
           if (ent) ent[r] = lp[r];
           continue;
         }
-        const scalar_t* row = base + layout.offset(r);
+        const scalar_t* row = base + a.layout.offset(r);
         const SoftmaxStats<acc_t> st = with_entropy ? row_stats<true>(row, V, inv_t)
                                                     : row_stats<false>(row, V, inv_t);
         const acc_t l = softmax_stats_lse(st);
@@ -196,95 +144,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
     });
   });
   const int64_t r = bad_row.load();
-  TORCH_CHECK_INDEX(r < 0, "token_logprobs: labels contains ", lab.view(-1)[r].item<int64_t>(),
+  TORCH_CHECK_INDEX(r < 0, "token_logprobs: labels contains ", a.lab.view(-1)[r].item<int64_t>(),
                     " (flat index ", r, "), outside [0, V) for V = ", V,
                     " and not ignore_index = ", ignore_index);
-  return {logprobs, entropy, lse};
+  return {a.lp, a.ent, a.lse};
 }
 
 namespace {
-// Writes dz into `out` (same shape as logits; may be logits itself).
-void backward_into(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
-                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& entropy, double temperature,
-                   int64_t ignore_index, at::Tensor& out) {
-  const char* op = "token_logprobs_backward";
-  check_args(op, logits, labels, temperature);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(), op,
-              ": bad output buffer");
-  const bool has_ent = grad_entropy.has_value() && grad_entropy->defined();
-  TORCH_CHECK(!has_ent || (entropy.has_value() && entropy->numel() == labels.numel()), op,
-              ": grad_entropy needs the entropy of the forward");
-  RowLayout in_layout, out_layout;
-  const at::Tensor x = rows_of(logits, &in_layout);
-  const bool direct = out.stride(-1) == 1 &&
-                      make_row_layout(out.sizes().data(), out.strides().data(),
-                                      static_cast<int>(out.dim()) - 1, &out_layout);
-  at::Tensor dst = direct ? out : at::empty(logits.sizes(), logits.options());
-  if (!direct) make_row_layout(dst.sizes().data(), dst.strides().data(), dst.dim() - 1, &out_layout);
-  const auto acc = acc_dtype(logits);
-  const at::Tensor lab = labels.contiguous();
-  const at::Tensor g_lp = grad_logprobs.to(acc).contiguous();
-  const at::Tensor g_ent = has_ent ? grad_entropy->to(acc).contiguous() : at::Tensor();
-  const at::Tensor ent = has_ent ? entropy->to(acc).contiguous() : at::Tensor();
-  const at::Tensor ls = lse.to(acc).contiguous();
-  const int64_t n = lab.numel(), V = logits.size(-1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
+// dz of every row into a.dst (token_logprobs_backward and its in-place form, logprobs_args.h).
+void backward_cpu(const LogprobsBackwardArgs& a, double inv_temperature, int64_t ignore_index) {
+  const int64_t V = a.V;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* o = dst.mutable_data_ptr<scalar_t>();
-    const int64_t* y = lab.const_data_ptr<int64_t>();
-    const acc_t* glp = g_lp.const_data_ptr<acc_t>();
-    const acc_t* gent = has_ent ? g_ent.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* h = has_ent ? ent.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* l = ls.const_data_ptr<acc_t>();
-    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, n, row_grain(V), [&](int64_t begin, int64_t end) {
+    const scalar_t* in = a.x.const_data_ptr<scalar_t>();
+    scalar_t* o = a.dst.mutable_data_ptr<scalar_t>();
+    const int64_t* y = a.lab.const_data_ptr<int64_t>();
+    const acc_t* glp = a.g_lp.const_data_ptr<acc_t>();
+    const acc_t* gent = a.has_ent ? a.g_ent.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* h = a.has_ent ? a.ent.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* l = a.lse.const_data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    at::parallel_for(0, a.n, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t label = y[r];
         const acc_t gl = glp[r], ge = gent ? gent[r] : acc_t(0);
-        scalar_t* orow = o + out_layout.offset(r);
+        scalar_t* orow = o + a.out_layout.offset(r);
         // ignored tokens, and tokens whose upstream gradients are both 0 (PPO-clipped), get 0
         if (label == ignore_index || label < 0 || label >= V || (gl == 0 && ge == 0)) {
           std::memset(static_cast<void*>(orow), 0, V * sizeof(scalar_t));
           continue;
         }
         const acc_t mean_z = h ? softmax_mean_logit(l[r], h[r]) : acc_t(0);
-        row_grad(in + in_layout.offset(r), orow, V, label, l[r], mean_z, gl, ge, inv_t);
+        row_grad(in + a.in_layout.offset(r), orow, V, label, l[r], mean_z, gl, ge, inv_t);
       }
     });
   });
-  if (!direct) out.copy_(dst);
 }
 }  // namespace
 
-at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs,
-                                       const std::optional<at::Tensor>& grad_entropy,
-                                       const at::Tensor& logits, const at::Tensor& labels,
-                                       const at::Tensor& lse,
-                                       const std::optional<at::Tensor>& entropy,
-                                       double temperature, int64_t ignore_index) {
-  at::Tensor out = at::empty_like(logits);
-  backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                ignore_index, out);
-  return out;
-}
-
-// In place: the gradient overwrites the logits (they are destroyed).
-void token_logprobs_backward_inplace_cpu(const at::Tensor& grad_logprobs,
-                                         const std::optional<at::Tensor>& grad_entropy,
-                                         at::Tensor& logits, const at::Tensor& labels,
-                                         const at::Tensor& lse,
-                                         const std::optional<at::Tensor>& entropy,
-                                         double temperature, int64_t ignore_index) {
-  backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                ignore_index, logits);
-}
-
 TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
   m.impl("token_logprobs", &token_logprobs_cpu);
-  m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
-  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_cpu);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_cpu>);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_op<backward_cpu>);
 }
 
 }  // namespace ppokernels

@@ -6,13 +6,12 @@
 // block of finalize_kernel sums the partials in a fixed order and derives the statistics on the
 // device (advantages.h), so the passes follow each other on the stream without a host sync.
 #include "ppokernels/advantages.h"
-#include "ppokernels/advantages_cuda.cuh"
+#include "ppokernels/cuda_utils.cuh"
 
-namespace ppokernels {
-namespace cuda {
+namespace ppokernels::cuda {
 namespace {
 
-constexpr int kThreads = kAdvThreads;
+constexpr int kThreads = 256;
 constexpr int kItems = 16;                    // entries per thread per reduction block
 constexpr int64_t kChunk = kThreads * kItems;  // entries per partial (fixed: determinism)
 
@@ -41,7 +40,7 @@ __global__ void partials_kernel(const T* __restrict__ x, const bool* __restrict_
       v[2] += gv;
     }
   }
-  adv_block_sum(v);
+  block_sum(v);
   if (threadIdx.x == 0) {
     for (int k = 0; k < 3; ++k) part[blockIdx.x * 3 + k] = static_cast<double>(v[k]);
   }
@@ -55,7 +54,7 @@ __global__ void finalize_kernel(const double* __restrict__ part, int64_t num_par
   for (int64_t p = threadIdx.x; p < num_parts; p += kThreads) {
     for (int k = 0; k < 3; ++k) v[k] += part[p * 3 + k];
   }
-  adv_block_sum(v);
+  block_sum(v);
   if (threadIdx.x == 0) {
     if (kPassB) {
       masked_stats_finalize_b(v, stats, unbiased, shift_mean, eps);
@@ -74,10 +73,10 @@ __global__ void elementwise_kernel(const T* __restrict__ x, const bool* __restri
   using A = acc_t<T>;
   A mean, c0, c1, c2 = A(0);
   if (kMode == 2) {  // moments = (mean, var, count), g = their gradient; flag = unbiased
-    const A cnt = moments[2];
     mean = moments[0];
-    c0 = g[0] / cnt;
-    c1 = A(2) * g[1] / (flag ? cnt - A(1) : cnt);
+    const MomentsCoefs c = moments_coefs(g[0], g[1], moments[2], flag);
+    c0 = A(c.mean);
+    c1 = A(c.var);
   } else {  // flag = shift_mean
     mean = static_cast<A>(stats[kStatMean]);
     c0 = static_cast<A>(stats[kStatRstd]);
@@ -141,57 +140,41 @@ cudaError_t masked_elementwise(const T* x, const bool* mask, const acc_t<T>* g,
   template cudaError_t masked_elementwise<T, T, 2>(const T*, const bool*, const acc_t<T>*,        \
                                                    const double*, const acc_t<T>*, T*, int64_t,   \
                                                    bool, cudaStream_t);
-PPK_INSTANTIATE(float)
-PPK_INSTANTIATE(double)
-PPK_INSTANTIATE(__half)
-PPK_INSTANTIATE(__nv_bfloat16)
+PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 #undef PPK_INSTANTIATE
 
-}  // namespace cuda
-}  // namespace ppokernels
+}  // namespace ppokernels::cuda
 
-#ifndef PPK_KERNELS_ONLY
-// ---------------------------------------------------------------- torch glue
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
-#include "ppokernels/aten_utils.h"
+#ifndef PPK_KERNELS_ONLY  // ---------------------------------------------------- torch glue
+#include "ppokernels/advantages_args.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
 namespace {
 
-void check_xm(const char* op, const at::Tensor& x, const at::Tensor& mask) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor");
-  TORCH_CHECK(x.sizes() == mask.sizes(), op, ": mask must have the shape of x");
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask is on another device than x");
-}
-
 // fp64 [kNumStats] statistics of x over the mask (and of g when defined), on x's device.
 template <typename scalar_t>
-at::Tensor stats_of(const at::Tensor& x, const at::Tensor& m, const at::Tensor& g, bool unbiased,
-                    bool shift_mean, double eps) {
+at::Tensor stats_of(const MaskedArgs& a, bool unbiased, bool shift_mean, double eps) {
   using T = typename cuda::CudaType<scalar_t>::type;
-  const auto opts = x.options().dtype(at::kDouble);
+  const auto opts = a.x.options().dtype(at::kDouble);
   auto stats = at::empty({kNumStats}, opts);
-  auto part = at::empty({std::max<int64_t>(1, cuda::masked_stats_parts(x.numel())) * 3}, opts);
-  const auto* gp = g.defined() ? g.data_ptr<cuda::acc_t<T>>() : nullptr;
-  C10_CUDA_CHECK(cuda::masked_stats<T>(cuda::ptr<scalar_t>(x), m.data_ptr<bool>(), gp, x.numel(),
-                                       unbiased, shift_mean, eps, part.data_ptr<double>(),
-                                       stats.data_ptr<double>(), cuda::stream()));
+  auto part = at::empty({std::max<int64_t>(1, cuda::masked_stats_parts(a.x.numel())) * 3}, opts);
+  const auto* gp = a.g.defined() ? a.g.data_ptr<cuda::acc_t<T>>() : nullptr;
+  C10_CUDA_CHECK(cuda::masked_stats<T>(cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), gp,
+                                       a.x.numel(), unbiased, shift_mean, eps,
+                                       part.data_ptr<double>(), stats.data_ptr<double>(),
+                                       cuda::stream()));
   return stats;
 }
 
 }  // namespace
 
 at::Tensor masked_moments_cuda(const at::Tensor& x, const at::Tensor& mask, bool unbiased) {
-  check_xm("masked_moments", x, mask);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto m = bool_mask(mask);
+  const MaskedArgs a = masked_args("masked_moments", x, mask, nullptr);
   at::Tensor stats;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments", [&] {
-    stats = stats_of<scalar_t>(xc, m, at::Tensor(), unbiased, true, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments", [&] {
+    stats = stats_of<scalar_t>(a, unbiased, true, 0.0);
   });
   const auto idx = at::tensor({kStatMean, kStatVar, kStatCount}, x.options().dtype(at::kLong));
   return stats.index_select(0, idx).to(acc_dtype(x));
@@ -200,62 +183,48 @@ at::Tensor masked_moments_cuda(const at::Tensor& x, const at::Tensor& mask, bool
 at::Tensor masked_moments_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                         const at::Tensor& mask, const at::Tensor& moments,
                                         bool unbiased) {
-  check_xm("masked_moments_backward", x, mask);
-  TORCH_CHECK(grad.numel() == 3 && moments.numel() == 3,
-              "masked_moments_backward: grad and moments must have 3 entries");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto m = bool_mask(mask);
-  const auto g = grad.to(acc_dtype(x)).contiguous();
+  const MaskedArgs a = moments_backward_args(grad, x, mask, moments);
   const auto mo = moments.to(acc_dtype(x)).contiguous();
-  auto dx = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_moments_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     C10_CUDA_CHECK((cuda::masked_elementwise<T, T, 2>(
-        cuda::ptr<scalar_t>(xc), m.data_ptr<bool>(), g.data_ptr<A>(), nullptr, mo.data_ptr<A>(),
-        cuda::ptr<scalar_t>(dx), xc.numel(), unbiased, cuda::stream())));
+        cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), a.g.data_ptr<A>(), nullptr,
+        mo.data_ptr<A>(), cuda::ptr<scalar_t>(a.out), a.x.numel(), unbiased, cuda::stream())));
   });
-  return dx;
+  return a.out;
 }
 
 at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
                               bool unbiased, double eps) {
-  check_xm("masked_whiten", x, mask);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto m = bool_mask(mask);
-  auto y = at::empty(xc.sizes(), xc.options().dtype(acc_dtype(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten", [&] {
+  const MaskedArgs a = whiten_args(x, mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    const auto stats = stats_of<scalar_t>(xc, m, at::Tensor(), unbiased, shift_mean, eps);
+    const auto stats = stats_of<scalar_t>(a, unbiased, shift_mean, eps);
     C10_CUDA_CHECK((cuda::masked_elementwise<T, A, 0>(
-        cuda::ptr<scalar_t>(xc), m.data_ptr<bool>(), nullptr, stats.data_ptr<double>(), nullptr,
-        y.data_ptr<A>(), xc.numel(), shift_mean, cuda::stream())));
+        cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), nullptr, stats.data_ptr<double>(), nullptr,
+        a.out.data_ptr<A>(), a.x.numel(), shift_mean, cuda::stream())));
   });
-  return y;
+  return a.out;
 }
 
 at::Tensor masked_whiten_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                        const at::Tensor& mask, bool shift_mean, bool unbiased,
                                        double eps) {
-  check_xm("masked_whiten_backward", x, mask);
-  TORCH_CHECK(grad.sizes() == x.sizes(), "masked_whiten_backward: grad must have the shape of x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto xc = x.contiguous();
-  const auto m = bool_mask(mask);
-  const auto g = grad.to(acc_dtype(x)).contiguous();
-  auto dx = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "masked_whiten_bwd", [&] {
+  const MaskedArgs a = whiten_backward_args(grad, x, mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    const auto stats = stats_of<scalar_t>(xc, m, g, unbiased, shift_mean, eps);
+    const auto stats = stats_of<scalar_t>(a, unbiased, shift_mean, eps);
     C10_CUDA_CHECK((cuda::masked_elementwise<T, T, 1>(
-        cuda::ptr<scalar_t>(xc), m.data_ptr<bool>(), g.data_ptr<A>(), stats.data_ptr<double>(),
-        nullptr, cuda::ptr<scalar_t>(dx), xc.numel(), shift_mean, cuda::stream())));
+        cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), a.g.data_ptr<A>(), stats.data_ptr<double>(),
+        nullptr, cuda::ptr<scalar_t>(a.out), a.x.numel(), shift_mean, cuda::stream())));
   });
-  return dx;
+  return a.out;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {

@@ -1,13 +1,12 @@
 // CUDA kernels of the advantages family, group baselines: GRPO, Dr.GRPO and RLOO advantages
 // (forward, backward). Math in ppokernels/advantages.h.
 #include "ppokernels/advantages.h"
-#include "ppokernels/advantages_cuda.cuh"
+#include "ppokernels/cuda_utils.cuh"
 
-namespace ppokernels {
-namespace cuda {
+namespace ppokernels::cuda {
 namespace {
 
-constexpr int kThreads = kAdvThreads;
+constexpr int kThreads = 256;
 
 // One block per group scans the batch (dense ids): count / sum (/ sum g), centred squares
 // (/ sum g (s - mu)), then the members' outputs. Deterministic; O(B x G) loads.
@@ -25,7 +24,7 @@ __global__ void group_kernel(const T* __restrict__ scores, const int64_t* __rest
     v[1] += load_as<A>(scores, i);
     if (kBackward) v[2] += g[i];
   }
-  adv_block_sum(v);
+  block_sum(v);
   if (threadIdx.x == 0) coef[0] = static_cast<double>(v[1]) / static_cast<double>(v[0]);
   __syncthreads();
   const double n = static_cast<double>(v[0]), sum = static_cast<double>(v[1]);
@@ -38,7 +37,7 @@ __global__ void group_kernel(const T* __restrict__ scores, const int64_t* __rest
     w[0] += d * d;
     if (kBackward) w[1] += g[i] * d;
   }
-  adv_block_sum(w);
+  block_sum(w);
   if (threadIdx.x == 0) {
     const GroupCoefs c = group_coefs(n, sum, static_cast<double>(w[0]), est, eps, norm_by_std);
     coef[1] = c.center;
@@ -74,81 +73,49 @@ cudaError_t group_advantages(const T* scores, const int64_t* ids, const acc_t<T>
   template cudaError_t group_advantages<T, T, true>(const T*, const int64_t*, const acc_t<T>*,    \
                                                     T*, int64_t, int64_t, GroupEstimator, double, \
                                                     bool, cudaStream_t);
-PPK_INSTANTIATE(float)
-PPK_INSTANTIATE(double)
-PPK_INSTANTIATE(__half)
-PPK_INSTANTIATE(__nv_bfloat16)
+PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 #undef PPK_INSTANTIATE
 
-}  // namespace cuda
-}  // namespace ppokernels
+}  // namespace ppokernels::cuda
 
-#ifndef PPK_KERNELS_ONLY
-// ---------------------------------------------------------------- torch glue
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
-#include "ppokernels/aten_utils.h"
+#ifndef PPK_KERNELS_ONLY  // ---------------------------------------------------- torch glue
+#include "ppokernels/advantages_args.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
-namespace {
-
-}  // namespace
-
-namespace {
-GroupEstimator check_groups(const char* op, const at::Tensor& scores, const at::Tensor& ids,
-                            int64_t num_groups, const std::string& estimator) {
-  GroupEstimator est;
-  TORCH_CHECK(parse_group_estimator(estimator.c_str(), &est), op, ": unknown estimator '",
-              estimator, "' (expected grpo or rloo)");
-  TORCH_CHECK(scores.dim() == 1 && ids.dim() == 1 && scores.size(0) == ids.size(0), op,
-              ": scores and group_ids must be 1-D of the same length");
-  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": group_ids must be int64");
-  TORCH_CHECK(ids.device() == scores.device(), op, ": group_ids is on another device");
-  TORCH_CHECK(num_groups >= 0, op, ": num_groups must be >= 0");
-  return est;
-}
-}  // namespace
 
 at::Tensor group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
                                  int64_t num_groups, const std::string& estimator, double eps,
                                  bool norm_by_std) {
-  const auto est = check_groups("group_advantages", scores, group_ids, num_groups, estimator);
   const c10::cuda::CUDAGuard guard(scores.device());
-  const auto s = scores.contiguous();
-  const auto ids = group_ids.contiguous();
-  auto out = at::empty(s.sizes(), s.options().dtype(acc_dtype(s)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv", [&] {
+  const GroupArgs a =
+      group_args("group_advantages", scores, group_ids, num_groups, estimator, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.s.scalar_type(), "group_adv", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     C10_CUDA_CHECK((cuda::group_advantages<T, A, false>(
-        cuda::ptr<scalar_t>(s), ids.data_ptr<int64_t>(), nullptr, out.data_ptr<A>(), s.numel(),
-        num_groups, est, eps, norm_by_std, cuda::stream())));
+        cuda::ptr<scalar_t>(a.s), a.ids.data_ptr<int64_t>(), nullptr, a.out.data_ptr<A>(),
+        a.s.numel(), num_groups, a.est, eps, norm_by_std, cuda::stream())));
   });
-  return out;
+  return a.out;
 }
 
 at::Tensor group_advantages_backward_cuda(const at::Tensor& grad, const at::Tensor& scores,
                                           const at::Tensor& group_ids, int64_t num_groups,
                                           const std::string& estimator, double eps,
                                           bool norm_by_std) {
-  const auto est =
-      check_groups("group_advantages_backward", scores, group_ids, num_groups, estimator);
-  TORCH_CHECK(grad.sizes() == scores.sizes(), "group_advantages_backward: grad has the wrong shape");
   const c10::cuda::CUDAGuard guard(scores.device());
-  const auto s = scores.contiguous();
-  const auto ids = group_ids.contiguous();
-  const auto g = grad.to(acc_dtype(s)).contiguous();
-  auto ds = at::empty_like(s);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv_bwd", [&] {
+  const GroupArgs a =
+      group_args("group_advantages_backward", scores, group_ids, num_groups, estimator, &grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.s.scalar_type(), "group_adv_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     C10_CUDA_CHECK((cuda::group_advantages<T, T, true>(
-        cuda::ptr<scalar_t>(s), ids.data_ptr<int64_t>(), g.data_ptr<A>(), cuda::ptr<scalar_t>(ds),
-        s.numel(), num_groups, est, eps, norm_by_std, cuda::stream())));
+        cuda::ptr<scalar_t>(a.s), a.ids.data_ptr<int64_t>(), a.g.data_ptr<A>(),
+        cuda::ptr<scalar_t>(a.out), a.s.numel(), num_groups, a.est, eps, norm_by_std,
+        cuda::stream())));
   });
-  return ds;
+  return a.out;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {

@@ -9,24 +9,16 @@
 #include "ppokernels/cuda_utils.cuh"
 #include "ppokernels/gae.h"
 
-namespace ppokernels {
-namespace cuda {
+namespace ppokernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kItems = 8;
 constexpr int kWarps = kThreads / 32;
 
-template <typename A>
-__device__ __forceinline__ Affine<A> shfl_up(const Affine<A>& f, int delta) {
-  const unsigned all = 0xffffffffu;
-  return {__shfl_up_sync(all, f.P, delta), __shfl_up_sync(all, f.Q, delta),
-          __shfl_up_sync(all, f.D, delta), __shfl_up_sync(all, f.c0, delta),
-          __shfl_up_sync(all, f.c1, delta)};
-}
-
 // Exclusive block scan in thread order: returns the composition of the aggregates of all lower
-// threads (identity for thread 0); `total` receives the composition of all of them.
+// threads (identity for thread 0); `total` receives the composition of all of them. A scan, not a
+// reduction, so it has its own two levels (the shuffles are cuda_utils.cuh's generic shfl_up).
 template <typename A>
 __device__ Affine<A> block_exclusive_scan(Affine<A> x, Affine<A>& total) {
   __shared__ Affine<A> warp_total[kWarps];
@@ -149,62 +141,32 @@ cudaError_t gae_backward(const A* grad_returns, const A* grad_advantages, const 
   template cudaError_t gae_backward<T, acc_t<T>>(const acc_t<T>*, const acc_t<T>*, const bool*, \
                                                  T*, T*, int64_t, int64_t, double, double,     \
                                                  MaskMode, cudaStream_t);
-PPK_INSTANTIATE(float)
-PPK_INSTANTIATE(double)
-PPK_INSTANTIATE(__half)
-PPK_INSTANTIATE(__nv_bfloat16)
+PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 #undef PPK_INSTANTIATE
 
-}  // namespace cuda
-}  // namespace ppokernels
+}  // namespace ppokernels::cuda
 
-#ifndef PPK_KERNELS_ONLY
-// ---------------------------------------------------------------- torch glue
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
-#include "ppokernels/aten_utils.h"
+#ifndef PPK_KERNELS_ONLY  // ---------------------------------------------------- torch glue
+#include "ppokernels/gae_args.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
-namespace {
-
-struct Rows {
-  int64_t n, len;
-};
-
-Rows check(const char* op, const at::Tensor& x, const at::Tensor& mask, MaskMode* mode,
-           const std::string& mode_name) {
-  TORCH_CHECK(parse_mask_mode(mode_name.c_str(), mode), op, ": mode must be 'skip' or 'zero'");
-  TORCH_CHECK(x.dim() >= 1, op, ": inputs must have a time dimension");
-  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the inputs");
-  TORCH_CHECK(x.size(-1) == 0 || x.numel() / x.size(-1) < (int64_t(1) << 31), op,
-              ": too many rows for one launch");
-  const int64_t len = x.size(-1);
-  return {len == 0 ? 0 : x.numel() / len, len};
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam,
                                             const std::string& mode_name) {
-  MaskMode mode;
-  const Rows rows = check("gae", rewards, mask, &mode, mode_name);
-  TORCH_CHECK(values.sizes() == rewards.sizes(), "gae: values must have the shape of rewards");
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "gae: values and rewards dtypes differ");
   const c10::cuda::CUDAGuard guard(rewards.device());
-  const auto r = rewards.contiguous(), v = values.contiguous(), m = bool_mask(mask);
-  auto adv = at::empty(r.sizes(), r.options().dtype(acc_dtype(r.scalar_type())));
-  auto ret = at::empty_like(adv);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "gae_cuda", [&] {
+  const auto a = gae_forward_args("gae", rewards, &values, mask, gamma, lam, mode_name);
+  cuda::check_grid_rows("gae", a.rows.n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "gae_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(r), cuda::ptr<scalar_t>(v),
-                                           m.data_ptr<bool>(), adv.data_ptr<A>(), ret.data_ptr<A>(),
-                                           rows.n, rows.len, gamma, lam, mode, cuda::stream())));
+    C10_CUDA_CHECK((cuda::gae_forward<T, A>(
+        cuda::ptr<scalar_t>(a.r), cuda::ptr<scalar_t>(a.v), a.m.data_ptr<bool>(),
+        a.adv.data_ptr<A>(), a.ret.data_ptr<A>(), a.rows.n, a.rows.len, gamma, lam, a.rows.mode,
+        cuda::stream())));
   });
-  return {adv, ret};
+  return {a.adv, a.ret};
 }
 
 std::tuple<at::Tensor, at::Tensor> gae_backward_cuda(const at::Tensor& grad_advantages,
@@ -212,58 +174,53 @@ std::tuple<at::Tensor, at::Tensor> gae_backward_cuda(const at::Tensor& grad_adva
                                                      const at::Tensor& mask, double gamma,
                                                      double lam, const std::string& mode_name,
                                                      at::ScalarType dtype) {
-  MaskMode mode;
-  const Rows rows = check("gae_backward", grad_returns, mask, &mode, mode_name);
   const c10::cuda::CUDAGuard guard(grad_returns.device());
-  const auto acc = acc_dtype(dtype);
-  const auto ga = grad_advantages.to(acc).contiguous(), gr = grad_returns.to(acc).contiguous();
-  const auto m = bool_mask(mask);
-  auto grad_r = at::empty(gr.sizes(), gr.options().dtype(dtype));
-  auto grad_v = at::empty_like(grad_r);
+  const auto a = gae_backward_args("gae_backward", &grad_advantages, grad_returns, mask, gamma,
+                                   lam, mode_name, dtype);
+  cuda::check_grid_rows("gae_backward", a.rows.n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_backward<T, A>(gr.data_ptr<A>(), ga.data_ptr<A>(), m.data_ptr<bool>(),
-                                            cuda::ptr<scalar_t>(grad_r), cuda::ptr<scalar_t>(grad_v),
-                                            rows.n, rows.len, gamma, lam, mode, cuda::stream())));
+    C10_CUDA_CHECK((cuda::gae_backward<T, A>(
+        a.gr.data_ptr<A>(), a.ga.data_ptr<A>(), a.m.data_ptr<bool>(), cuda::ptr<scalar_t>(a.grad_r),
+        cuda::ptr<scalar_t>(a.grad_v), a.rows.n, a.rows.len, gamma, lam, a.rows.mode,
+        cuda::stream())));
   });
-  return {grad_r, grad_v};
+  return {a.grad_r, a.grad_v};
 }
 
 at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask, double gamma,
                                    const std::string& mode_name) {
-  MaskMode mode;
-  const Rows rows = check("discounted_returns", rewards, mask, &mode, mode_name);
   const c10::cuda::CUDAGuard guard(rewards.device());
-  const auto r = rewards.contiguous(), m = bool_mask(mask);
-  auto ret = at::empty(r.sizes(), r.options().dtype(acc_dtype(r.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "returns_cuda", [&] {
+  const auto a = gae_forward_args("discounted_returns", rewards, nullptr, mask, gamma, 1.0,
+                                  mode_name);
+  cuda::check_grid_rows("discounted_returns", a.rows.n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "returns_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(r), nullptr, m.data_ptr<bool>(),
-                                           ret.data_ptr<A>(), nullptr, rows.n, rows.len, gamma,
-                                           1.0, mode, cuda::stream())));
+    C10_CUDA_CHECK((cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(a.r), nullptr, a.m.data_ptr<bool>(),
+                                           a.adv.data_ptr<A>(), nullptr, a.rows.n, a.rows.len,
+                                           gamma, 1.0, a.rows.mode, cuda::stream())));
   });
-  return ret;
+  return a.adv;
 }
 
 at::Tensor discounted_returns_backward_cuda(const at::Tensor& grad_returns, const at::Tensor& mask,
                                             double gamma, const std::string& mode_name,
                                             at::ScalarType dtype) {
-  MaskMode mode;
-  const Rows rows = check("discounted_returns_backward", grad_returns, mask, &mode, mode_name);
   const c10::cuda::CUDAGuard guard(grad_returns.device());
-  const auto gr = grad_returns.to(acc_dtype(dtype)).contiguous();
-  const auto m = bool_mask(mask);
-  auto grad_r = at::empty(gr.sizes(), gr.options().dtype(dtype));
+  const auto a = gae_backward_args("discounted_returns_backward", nullptr, grad_returns, mask,
+                                   gamma, 1.0, mode_name, dtype);
+  cuda::check_grid_rows("discounted_returns_backward", a.rows.n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_backward<T, A>(gr.data_ptr<A>(), nullptr, m.data_ptr<bool>(),
-                                            cuda::ptr<scalar_t>(grad_r), nullptr, rows.n, rows.len,
-                                            gamma, 1.0, mode, cuda::stream())));
+    C10_CUDA_CHECK((cuda::gae_backward<T, A>(a.gr.data_ptr<A>(), nullptr, a.m.data_ptr<bool>(),
+                                            cuda::ptr<scalar_t>(a.grad_r), nullptr, a.rows.n,
+                                            a.rows.len, gamma, 1.0, a.rows.mode,
+                                            cuda::stream())));
   });
-  return grad_r;
+  return a.grad_r;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {

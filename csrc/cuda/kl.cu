@@ -2,8 +2,7 @@
 #include "ppokernels/cuda_utils.cuh"
 #include "ppokernels/kl.h"
 
-namespace ppokernels {
-namespace cuda {
+namespace ppokernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -58,77 +57,43 @@ cudaError_t kl_penalty_bwd(const acc_t<T>* grad, const T* logprobs, const T* ref
                                          double, cudaStream_t);                                \
   template cudaError_t kl_penalty_bwd<T>(const acc_t<T>*, const T*, const T*, T*, int64_t,     \
                                          KLEstimator, double, bool, cudaStream_t);
-PPK_INSTANTIATE(float)
-PPK_INSTANTIATE(double)
-PPK_INSTANTIATE(__half)
-PPK_INSTANTIATE(__nv_bfloat16)
+PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 #undef PPK_INSTANTIATE
 
-}  // namespace cuda
-}  // namespace ppokernels
+}  // namespace ppokernels::cuda
 
-#ifndef PPK_KERNELS_ONLY
-// ---------------------------------------------------------------- torch glue
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
+#ifndef PPK_KERNELS_ONLY  // ---------------------------------------------------- torch glue
+#include "ppokernels/kl_args.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
 
-namespace {
-void check_inputs(const char* op, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                  const std::string& estimator, KLEstimator* est, bool* st) {
-  TORCH_CHECK(parse_kl_estimator(estimator.c_str(), est, st), op, ": unknown estimator '",
-              estimator, "'");
-  TORCH_CHECK(logprobs.sizes() == ref_logprobs.sizes(), op,
-              ": logprobs and ref_logprobs must have the same shape");
-  TORCH_CHECK(logprobs.scalar_type() == ref_logprobs.scalar_type(), op,
-              ": logprobs and ref_logprobs must have the same dtype");
-  TORCH_CHECK(ref_logprobs.device() == logprobs.device(), op, ": inputs on different devices");
-}
-}  // namespace
-
 at::Tensor kl_penalty_cuda(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                            const std::string& estimator, std::optional<double> clamp) {
-  KLEstimator est;
-  bool st;
-  check_inputs("kl_penalty", logprobs, ref_logprobs, estimator, &est, &st);
   const c10::cuda::CUDAGuard guard(logprobs.device());
-  const auto lp = logprobs.contiguous();
-  const auto ref = ref_logprobs.contiguous();
-  const auto out_dtype = lp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty(lp.sizes(), lp.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_cuda", [&] {
+  const KLArgs k = kl_args("kl_penalty", logprobs, ref_logprobs, estimator, clamp, nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
-    C10_CUDA_CHECK(cuda::kl_penalty_fwd<T>(cuda::ptr<scalar_t>(lp), cuda::ptr<scalar_t>(ref),
-                                           out.data_ptr<cuda::acc_t<T>>(), lp.numel(), est,
-                                           clamp.value_or(0.0), cuda::stream()));
+    C10_CUDA_CHECK(cuda::kl_penalty_fwd<T>(cuda::ptr<scalar_t>(k.lp), cuda::ptr<scalar_t>(k.ref),
+                                           k.out.data_ptr<cuda::acc_t<T>>(), k.lp.numel(), k.est,
+                                           k.clamp, cuda::stream()));
   });
-  return out;
+  return k.out;
 }
 
 at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& logprobs,
                                     const at::Tensor& ref_logprobs, const std::string& estimator,
                                     std::optional<double> clamp) {
-  KLEstimator est;
-  bool st;
-  check_inputs("kl_penalty_backward", logprobs, ref_logprobs, estimator, &est, &st);
-  TORCH_CHECK(grad.sizes() == logprobs.sizes(), "kl_penalty_backward: grad has the wrong shape");
   const c10::cuda::CUDAGuard guard(logprobs.device());
-  const auto lp = logprobs.contiguous();
-  const auto ref = ref_logprobs.contiguous();
-  const auto out_dtype = lp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto g = grad.to(out_dtype).contiguous();
-  auto grad_lp = at::empty_like(lp);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_bwd_cuda", [&] {
+  const KLArgs k = kl_args("kl_penalty_backward", logprobs, ref_logprobs, estimator, clamp, &grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
-    C10_CUDA_CHECK(cuda::kl_penalty_bwd<T>(g.data_ptr<cuda::acc_t<T>>(), cuda::ptr<scalar_t>(lp),
-                                           cuda::ptr<scalar_t>(ref), cuda::ptr<scalar_t>(grad_lp),
-                                           lp.numel(), est, clamp.value_or(0.0), st,
+    C10_CUDA_CHECK(cuda::kl_penalty_bwd<T>(k.g.data_ptr<cuda::acc_t<T>>(), cuda::ptr<scalar_t>(k.lp),
+                                           cuda::ptr<scalar_t>(k.ref), cuda::ptr<scalar_t>(k.out),
+                                           k.lp.numel(), k.est, k.clamp, k.straight_through,
                                            cuda::stream()));
   });
-  return grad_lp;
+  return k.out;
 }
 
 TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {

@@ -2,8 +2,8 @@
 // gradient with respect to the logits.
 //
 // One block per row. Forward: each thread folds 16-byte vectors of its columns into its own
-// SoftmaxStats (logprobs.h, one rescale per vector), then a fixed shuffle tree + shared-memory
-// merge gives the row's stats: deterministic, and independent of the batch. Backward: one pass,
+// SoftmaxStats (logprobs.h, one rescale per vector), then a fixed-order block reduction
+// (cuda_utils.cuh) gives the row's stats: deterministic, and independent of the batch. Backward: one pass,
 // 16-byte loads and stores, the target column fixed up with -expm1(log p_y). fp32 math for
 // fp32/bf16/fp16 logits (fp64 for fp64), int64 offsets, rows addressed through RowLayout so a
 // strided slice such as logits[:, :-1] needs no copy. Out-of-range labels give NaN here (the
@@ -13,8 +13,7 @@
 #include "ppokernels/cuda_utils.cuh"
 #include "ppokernels/logprobs.h"
 
-namespace ppokernels {
-namespace cuda {
+namespace ppokernels::cuda {
 namespace {
 
 // exp for the sums: the hardware ex2 (__expf, ~2 ulp near 0) for fp32, accurate for fp64.
@@ -49,27 +48,13 @@ template <typename T> __device__ __forceinline__ int64_t head_of(const T* p, int
   return head < V ? head : V;
 }
 
-template <typename A> __device__ __forceinline__ SoftmaxStats<A> shfl_down(SoftmaxStats<A> a,
-                                                                          int off) {
-  return {__shfl_down_sync(0xffffffffu, a.m, off), __shfl_down_sync(0xffffffffu, a.s, off),
-          __shfl_down_sync(0xffffffffu, a.u, off)};
-}
-
-// Merges the stats of all threads of the block in a fixed order; the result is in thread 0.
-template <int kThreads, typename A>
-__device__ SoftmaxStats<A> block_merge(SoftmaxStats<A> st) {
-  __shared__ SoftmaxStats<A> warp_stats[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) st = softmax_stats_merge(st, shfl_down(st, off));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (kThreads == 32) return st;
-  if (lane == 0) warp_stats[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < kThreads / 32 ? warp_stats[lane] : softmax_stats_init<A>();
-    for (int off = 16; off > 0; off >>= 1) st = softmax_stats_merge(st, shfl_down(st, off));
+// Merge of two threads' stats, the combine op of the block reduction (cuda_utils.cuh).
+struct StatsMerge {
+  template <typename A>
+  __device__ __forceinline__ SoftmaxStats<A> operator()(SoftmaxStats<A> a, SoftmaxStats<A> b) const {
+    return softmax_stats_merge(a, b);
   }
-  return st;
-}
+};
 
 template <typename T, int kThreads, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
@@ -112,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
     const A z = to_acc<A>(p[j]) * inv_t;
     softmax_stats_add_block<kEntropy, 1>(st, &z, ex);
   }
-  st = block_merge<kThreads>(st);
+  st = block_reduce(st, StatsMerge{}, softmax_stats_init<A>());
   if (threadIdx.x == 0) {
     const A l = softmax_stats_lse(st);
     lse[row] = l;
@@ -230,134 +215,55 @@ cudaError_t token_logprobs_bwd(const acc_t<T>* grad_logprobs, const acc_t<T>* gr
                                              const int64_t*, const acc_t<T>*, const acc_t<T>*,  \
                                              T*, int64_t, int64_t, RowLayout, RowLayout, double, \
                                              int64_t, cudaStream_t);
-PPK_INSTANTIATE(float)
-PPK_INSTANTIATE(double)
-PPK_INSTANTIATE(__half)
-PPK_INSTANTIATE(__nv_bfloat16)
+PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 #undef PPK_INSTANTIATE
 
-}  // namespace cuda
-}  // namespace ppokernels
+}  // namespace ppokernels::cuda
 
-#ifndef PPK_KERNELS_ONLY
-// ---------------------------------------------------------------- torch glue
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
+#ifndef PPK_KERNELS_ONLY  // ---------------------------------------------------- torch glue
+#include "ppokernels/logprobs_args.h"
 #include "ppokernels/cuda_dispatch.h"
 
 namespace ppokernels {
 
-namespace {
-void check_args(const char* op, const at::Tensor& logits, const at::Tensor& labels,
-                double temperature) {
-  TORCH_CHECK(logits.dim() >= 1, op, ": logits must have at least 1 dimension (..., V)");
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64");
-  TORCH_CHECK(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1), op,
-              ": labels must have shape logits.shape[:-1]");
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels and logits on different devices");
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
-  TORCH_CHECK(logits.size(-1) > 0 || labels.numel() == 0, op, ": logits has an empty vocabulary");
-  TORCH_CHECK(labels.numel() <= INT32_MAX, op, ": too many rows for one launch");
-}
-
-at::Tensor rows_of(const at::Tensor& t, RowLayout* layout) {
-  const int nd = static_cast<int>(t.dim()) - 1;
-  if (t.stride(-1) == 1 && make_row_layout(t.sizes().data(), t.strides().data(), nd, layout)) {
-    return t;
-  }
-  auto c = t.contiguous();
-  make_row_layout(c.sizes().data(), c.strides().data(), nd, layout);
-  return c;
-}
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(
     const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
     int64_t ignore_index, bool /*inplace_backward: autograd only*/) {
-  check_args("token_logprobs", logits, labels, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
-  RowLayout layout;
-  const at::Tensor x = rows_of(logits, &layout);
-  const at::Tensor lab = labels.contiguous();
-  const auto opts = logits.options().dtype(
-      logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor lp = at::empty(labels.sizes(), opts), lse = at::empty(labels.sizes(), opts);
-  at::Tensor ent = with_entropy ? at::empty(labels.sizes(), opts) : at::empty({0}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_cuda", [&] {
+  const LogprobsForwardArgs a = logprobs_forward_args(logits, labels, temperature, with_entropy);
+  cuda::check_grid_rows("token_logprobs", a.n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     C10_CUDA_CHECK(cuda::token_logprobs_fwd<T>(
-        cuda::ptr<scalar_t>(x), lab.data_ptr<int64_t>(), lp.data_ptr<A>(),
-        with_entropy ? ent.data_ptr<A>() : nullptr, lse.data_ptr<A>(), lab.numel(), x.size(-1),
-        layout, 1.0 / temperature, ignore_index, cuda::stream()));
+        cuda::ptr<scalar_t>(a.x), a.lab.data_ptr<int64_t>(), a.lp.data_ptr<A>(),
+        with_entropy ? a.ent.data_ptr<A>() : nullptr, a.lse.data_ptr<A>(), a.n, a.V, a.layout,
+        1.0 / temperature, ignore_index, cuda::stream()));
   });
-  return {lp, ent, lse};
+  return {a.lp, a.ent, a.lse};
 }
 
 namespace {
-void backward_into(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
-                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& entropy, double temperature,
-                   int64_t ignore_index, const at::Tensor& out) {
-  check_args("token_logprobs_backward", logits, labels, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const bool has_ent = grad_entropy.has_value() && grad_entropy->defined();
-  TORCH_CHECK(!has_ent || (entropy.has_value() && entropy->numel() == labels.numel()),
-              "token_logprobs_backward: grad_entropy needs the entropy of the forward");
-  RowLayout in_layout, out_layout;
-  const at::Tensor x = rows_of(logits, &in_layout);
-  at::Tensor dst = out;
-  if (out.stride(-1) != 1 || !make_row_layout(out.sizes().data(), out.strides().data(),
-                                              static_cast<int>(out.dim()) - 1, &out_layout)) {
-    dst = at::empty(logits.sizes(), logits.options());
-    make_row_layout(dst.sizes().data(), dst.strides().data(), dst.dim() - 1, &out_layout);
-  }
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor lab = labels.contiguous(), ls = lse.to(acc).contiguous();
-  const at::Tensor g_lp = grad_logprobs.to(acc).contiguous();
-  const at::Tensor g_ent = has_ent ? grad_entropy->to(acc).contiguous() : at::Tensor();
-  const at::Tensor ent = has_ent ? entropy->to(acc).contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_logprobs_bwd_cuda", [&] {
+// dz of every row into a.dst (token_logprobs_backward and its in-place form, logprobs_args.h).
+void backward_cuda(const LogprobsBackwardArgs& a, double inv_temperature, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(a.x.device());
+  cuda::check_grid_rows("token_logprobs_backward", a.n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     C10_CUDA_CHECK(cuda::token_logprobs_bwd<T>(
-        g_lp.data_ptr<A>(), has_ent ? g_ent.data_ptr<A>() : nullptr, cuda::ptr<scalar_t>(x),
-        lab.data_ptr<int64_t>(), ls.data_ptr<A>(), has_ent ? ent.data_ptr<A>() : nullptr,
-        cuda::ptr<scalar_t>(dst), lab.numel(), x.size(-1), in_layout, out_layout,
-        1.0 / temperature, ignore_index, cuda::stream()));
+        a.g_lp.data_ptr<A>(), a.has_ent ? a.g_ent.data_ptr<A>() : nullptr,
+        cuda::ptr<scalar_t>(a.x), a.lab.data_ptr<int64_t>(), a.lse.data_ptr<A>(),
+        a.has_ent ? a.ent.data_ptr<A>() : nullptr, cuda::ptr<scalar_t>(a.dst), a.n, a.V,
+        a.in_layout, a.out_layout, inv_temperature, ignore_index, cuda::stream()));
   });
-  if (!dst.is_same(out)) out.copy_(dst);
 }
 }  // namespace
 
-at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
-                                        const std::optional<at::Tensor>& grad_entropy,
-                                        const at::Tensor& logits, const at::Tensor& labels,
-                                        const at::Tensor& lse,
-                                        const std::optional<at::Tensor>& entropy,
-                                        double temperature, int64_t ignore_index) {
-  at::Tensor out = at::empty_like(logits);
-  backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                ignore_index, out);
-  return out;
-}
-
-void token_logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs,
-                                          const std::optional<at::Tensor>& grad_entropy,
-                                          at::Tensor& logits, const at::Tensor& labels,
-                                          const at::Tensor& lse,
-                                          const std::optional<at::Tensor>& entropy,
-                                          double temperature, int64_t ignore_index) {
-  backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                ignore_index, logits);
-}
-
 TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
   m.impl("token_logprobs", &token_logprobs_cuda);
-  m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
-  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_cuda);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_cuda>);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_op<backward_cuda>);
 }
 
 }  // namespace ppokernels

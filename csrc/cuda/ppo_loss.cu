@@ -1,52 +1,21 @@
-// CUDA kernels of the ppo_loss family: clipped policy loss and clipped value loss, forward and
-// backward. Forward: one block per row reduces the row into partial sums (fixed shuffle tree),
-// then one block reduces the rows in a fixed order (in double) and applies the aggregation
-// weights: deterministic, no atomics. Backward: grid-stride elementwise pass with the per-row
+// CUDA kernels of the ppo_loss family, policy loss (the value loss is in ppo_loss_value.cu; both
+// end in the finalize kernel here), forward and backward. Forward: one block per row reduces the
+// row into partial sums (the fixed-order block reduction of cuda_utils.cuh), then one block
+// reduces the rows in a fixed order (in double) and applies the aggregation weights:
+// deterministic, no atomics. Backward: grid-stride elementwise pass with the per-row
 // weight saved by the forward. Masked tokens are skipped (no loads, zero gradient).
-#include "ppokernels/cuda_utils.cuh"
-#include "ppokernels/ppo_loss.h"
+#include "ppokernels/ppo_loss_cuda.cuh"
 
-namespace ppokernels {
-namespace cuda {
-
-template <typename T>
-struct PolicyPtrs {
-  const T *lp, *old, *ref, *ent;  // [B, T]; ref / ent may be null
-  const acc_t<T>*adv, *w;         // [B, T] or [B] (adv_row / w_row); w may be null
-  const bool* mask;               // [B, T]
-  bool adv_row, w_row;
-};
-
+namespace ppokernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kFinalThreads = 512;
 
-// Sums v[k] over the block (fixed tree); the result is valid in thread 0.
-template <typename A, int K>
-__device__ void block_sum(A (&v)[K], A* smem) {
-  for (int off = 16; off > 0; off >>= 1) {
-    for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(0xffffffffu, v[k], off);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) {
-    for (int k = 0; k < K; ++k) smem[k * 32 + warp] = v[k];
-  }
-  __syncthreads();
-  if (warp == 0) {
-    for (int k = 0; k < K; ++k) v[k] = lane < warps ? smem[k * 32 + lane] : A(0);
-    for (int off = 16; off > 0; off >>= 1) {
-      for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(0xffffffffu, v[k], off);
-    }
-  }
-}
-
 template <typename T>
 __global__ void policy_row_kernel(PolicyPtrs<T> p, int64_t width, PolicyParams<acc_t<T>> prm,
                                   acc_t<T>* __restrict__ part, acc_t<T>* __restrict__ seq_lr) {
   using A = acc_t<T>;
-  __shared__ A smem[kPolicyK * 32];
   __shared__ A s_shared;
   const int64_t b = blockIdx.x, base = b * width;
   const A adv_row = p.adv_row ? p.adv[b] : A(0);
@@ -60,7 +29,7 @@ __global__ void policy_row_kernel(PolicyPtrs<T> p, int64_t width, PolicyParams<a
                              prm.logratio_clamp);
       v[1] += A(1);
     }
-    block_sum(v, smem);
+    block_sum(v);
     if (threadIdx.x == 0) s_shared = v[1] > A(0) ? v[0] / v[1] : A(0);
     __syncthreads();
     s = s_shared;
@@ -84,7 +53,7 @@ __global__ void policy_row_kernel(PolicyPtrs<T> p, int64_t width, PolicyParams<a
     v[kPNegLR] += neg_lr;
     v[kPDual] += dual;
   }
-  block_sum(v, smem);
+  block_sum(v);
   if (threadIdx.x == 0) {
     for (int k = 0; k < kPolicyK; ++k) part[b * kPolicyK + k] = v[k];
     seq_lr[b] = s;
@@ -99,7 +68,6 @@ __global__ void finalize_kernel(const A* __restrict__ part, const A* __restrict_
                                 double num_seqs, double kl_coef, double entropy_coef,
                                 A* __restrict__ loss, A* __restrict__ metrics,
                                 A* __restrict__ row_stats) {
-  __shared__ double smem[4 * 32];
   __shared__ double n_shared;
   constexpr bool policy = K == kPolicyK;
   double c[4] = {0, 0, 0, 0};  // n, clipped, -logratio, dual
@@ -114,7 +82,7 @@ __global__ void finalize_kernel(const A* __restrict__ part, const A* __restrict_
       c[1] += q[2];
     }
   }
-  block_sum(c, smem);
+  block_sum(c);
   if (threadIdx.x == 0) n_shared = c[0];
   __syncthreads();
   const double n_total = n_shared;
@@ -136,7 +104,7 @@ __global__ void finalize_kernel(const A* __restrict__ part, const A* __restrict_
     }
   }
   __syncthreads();
-  block_sum(l, smem);
+  block_sum(l);
   if (threadIdx.x == 0) {
     const double inv = n_total > 0 ? 1.0 / n_total : 0.0;
     *loss = A(l[0]);
@@ -180,48 +148,6 @@ __global__ void policy_bwd_kernel(const acc_t<T>* __restrict__ grad, PolicyPtrs<
   }
 }
 
-template <typename T>
-__global__ void value_row_kernel(const T* __restrict__ v, const T* __restrict__ vo,
-                                 const acc_t<T>* __restrict__ ret, const bool* __restrict__ mask,
-                                 int64_t width, acc_t<T> clip, acc_t<T>* __restrict__ part) {
-  using A = acc_t<T>;
-  __shared__ A smem[3 * 32];
-  const int64_t b = blockIdx.x, base = b * width;
-  A acc[3] = {0, 0, 0};
-  for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
-    const int64_t i = base + t;
-    if (!mask[i]) continue;
-    A d, clipped;
-    acc[1] += value_token(load_as<A>(v, i), load_as<A>(vo, i), ret[i], clip, &d, &clipped);
-    acc[0] += A(1);
-    acc[2] += clipped;
-  }
-  block_sum(acc, smem);
-  if (threadIdx.x == 0) {
-    for (int k = 0; k < 3; ++k) part[b * 3 + k] = acc[k];
-  }
-}
-
-template <typename T>
-__global__ void value_bwd_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ v,
-                                 const T* __restrict__ vo, const acc_t<T>* __restrict__ ret,
-                                 const bool* __restrict__ mask,
-                                 const acc_t<T>* __restrict__ row_scale, int64_t rows,
-                                 int64_t width, acc_t<T> clip, T* __restrict__ g_v) {
-  using A = acc_t<T>;
-  const int64_t n = rows * width;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const A g = *grad;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const A scale = g * row_scale[i / width];
-    A d = 0, clipped;
-    if (mask[i] && scale != A(0)) {
-      value_token(load_as<A>(v, i), load_as<A>(vo, i), ret[i], clip, &d, &clipped);
-    }
-    store_as(g_v, i, scale * d);
-  }
-}
-
 template <typename A>
 PolicyParams<A> to_acc(const PolicyParams<double>& p) {
   return PolicyParams<A>{A(p.clip_low),  A(p.clip_high), A(p.dual),         A(p.logratio_clamp),
@@ -230,6 +156,17 @@ PolicyParams<A> to_acc(const PolicyParams<double>& p) {
 }
 
 }  // namespace
+
+template <typename A, int K>
+cudaError_t ppo_loss_finalize(const A* part, const A* seq_lr, int64_t rows, int64_t width,
+                              AggMode mode, double num_tokens, double num_seqs, double kl_coef,
+                              double entropy_coef, A* loss, A* metrics, A* row_stats,
+                              cudaStream_t stream) {
+  finalize_kernel<A, K><<<1, kFinalThreads, 0, stream>>>(part, seq_lr, rows, width, mode,
+                                                          num_tokens, num_seqs, kl_coef,
+                                                          entropy_coef, loss, metrics, row_stats);
+  return cudaGetLastError();
+}
 
 // Forward of the policy loss. part: [B, kPolicyK] and seq_lr: [B] scratch; loss: [];
 // metrics: [kPolicyMetrics]; row_stats: [B, 2].
@@ -245,10 +182,9 @@ cudaError_t ppo_policy_fwd(PolicyPtrs<T> p, int64_t rows, int64_t width,
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  finalize_kernel<A, kPolicyK><<<1, kFinalThreads, 0, stream>>>(
-      part, seq_lr, rows, width, mode, num_tokens, num_seqs, prm.kl_coef, prm.entropy_coef, loss,
-      metrics, row_stats);
-  return cudaGetLastError();
+  return ppo_loss_finalize<A, kPolicyK>(part, seq_lr, rows, width, mode, num_tokens, num_seqs,
+                                        prm.kl_coef, prm.entropy_coef, loss, metrics, row_stats,
+                                        stream);
 }
 
 template <typename T>
@@ -262,35 +198,6 @@ cudaError_t ppo_policy_bwd(const acc_t<T>* grad, PolicyPtrs<T> p, const acc_t<T>
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t value_loss_fwd(const T* v, const T* vo, const acc_t<T>* ret, const bool* mask,
-                           int64_t rows, int64_t width, double clip, AggMode mode,
-                           double num_tokens, double num_seqs, acc_t<T>* part, acc_t<T>* loss,
-                           acc_t<T>* clipfrac, acc_t<T>* row_scale, cudaStream_t stream) {
-  using A = acc_t<T>;
-  if (rows > 0) {
-    value_row_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        v, vo, ret, mask, width, A(clip), part);
-    const cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  finalize_kernel<A, 3><<<1, kFinalThreads, 0, stream>>>(part, nullptr, rows, width, mode,
-                                                         num_tokens, num_seqs, 0.0, 0.0, loss,
-                                                         clipfrac, row_scale);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t value_loss_bwd(const acc_t<T>* grad, const T* v, const T* vo, const acc_t<T>* ret,
-                           const bool* mask, const acc_t<T>* row_scale, int64_t rows,
-                           int64_t width, double clip, T* g_v, cudaStream_t stream) {
-  const int64_t n = rows * width;
-  if (n == 0) return cudaSuccess;
-  value_bwd_kernel<T><<<elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
-      grad, v, vo, ret, mask, row_scale, rows, width, acc_t<T>(clip), g_v);
-  return cudaGetLastError();
-}
-
 #define PPK_INSTANTIATE(T)                                                                       \
   template cudaError_t ppo_policy_fwd<T>(PolicyPtrs<T>, int64_t, int64_t,                       \
                                          const PolicyParams<double>&, AggMode, double, double,   \
@@ -298,23 +205,116 @@ cudaError_t value_loss_bwd(const acc_t<T>* grad, const T* v, const T* vo, const 
                                          cudaStream_t);                                          \
   template cudaError_t ppo_policy_bwd<T>(const acc_t<T>*, PolicyPtrs<T>, const acc_t<T>*,       \
                                          int64_t, int64_t, const PolicyParams<double>&, T*, T*,  \
-                                         T*, cudaStream_t);                                      \
-  template cudaError_t value_loss_fwd<T>(const T*, const T*, const acc_t<T>*, const bool*,      \
-                                         int64_t, int64_t, double, AggMode, double, double,      \
-                                         acc_t<T>*, acc_t<T>*, acc_t<T>*, acc_t<T>*,             \
-                                         cudaStream_t);                                          \
-  template cudaError_t value_loss_bwd<T>(const acc_t<T>*, const T*, const T*, const acc_t<T>*,  \
-                                         const bool*, const acc_t<T>*, int64_t, int64_t, double, \
                                          T*, cudaStream_t);
-PPK_INSTANTIATE(float)
-PPK_INSTANTIATE(double)
-PPK_INSTANTIATE(__half)
-PPK_INSTANTIATE(__nv_bfloat16)
+PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
+#undef PPK_INSTANTIATE
+#define PPK_INSTANTIATE(A, K)                                                                     \
+  template cudaError_t ppo_loss_finalize<A, K>(const A*, const A*, int64_t, int64_t, AggMode,     \
+                                               double, double, double, double, A*, A*, A*,        \
+                                               cudaStream_t);
+PPK_INSTANTIATE(float, kPolicyK)
+PPK_INSTANTIATE(double, kPolicyK)
+PPK_INSTANTIATE(float, 3)
+PPK_INSTANTIATE(double, 3)
 #undef PPK_INSTANTIATE
 
-}  // namespace cuda
-}  // namespace ppokernels
+}  // namespace ppokernels::cuda
 
-#ifndef PPK_KERNELS_ONLY
-#include "ppo_loss_glue.inc"
+#ifndef PPK_KERNELS_ONLY  // ---------------------------------------------------- torch glue
+#include "ppokernels/ppo_loss_args.h"
+#include "ppokernels/cuda_dispatch.h"
+
+namespace ppokernels {
+namespace {
+
+template <typename scalar_t>
+cuda::PolicyPtrs<typename cuda::CudaType<scalar_t>::type> pointers(const PolicyArgs& c) {
+  using T = typename cuda::CudaType<scalar_t>::type;
+  using A = cuda::acc_t<T>;
+  cuda::PolicyPtrs<T> p;
+  p.lp = cuda::ptr<scalar_t>(c.lp);
+  p.old = cuda::ptr<scalar_t>(c.old);
+  p.ref = c.ref.defined() ? cuda::ptr<scalar_t>(c.ref) : nullptr;
+  p.ent = c.ent.defined() ? cuda::ptr<scalar_t>(c.ent) : nullptr;
+  p.adv = c.adv.data_ptr<A>();
+  p.w = c.w.defined() ? c.w.data_ptr<A>() : nullptr;
+  p.mask = c.mask.data_ptr<bool>();
+  p.adv_row = c.adv_row;
+  p.w_row = c.w_row;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
+    double clip_low, double clip_high, std::optional<double> dual_clip,
+    std::optional<double> logratio_clamp, const std::string& ratio_level, const std::string& agg,
+    std::optional<double> num_tokens, std::optional<double> num_seqs, double kl_coef,
+    const std::string& kl_estimator, std::optional<double> kl_clamp, double entropy_coef) {
+  const char* op = "ppo_policy_loss";
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const AggMode mode = ppo_agg_mode(op, agg);
+  const PolicyArgs c = policy_args(op, logprobs, old_logprobs, advantages, mask, ref_logprobs,
+                                   entropy, is_weights, clip_low, clip_high, dual_clip,
+                                   logratio_clamp, ratio_level, kl_coef, kl_estimator, kl_clamp,
+                                   entropy_coef);
+  const int64_t B = c.B, T = c.T;
+  cuda::check_grid_rows(op, B);
+  const auto opts = c.lp.options().dtype(acc_dtype(logprobs));
+  auto part = at::empty({B, kPolicyK}, opts);
+  auto seq_lr = at::empty({B}, opts);
+  auto loss = at::empty({}, opts);
+  auto metrics = at::empty({kPolicyMetrics}, opts);
+  auto row_stats = at::empty({B, 2}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cuda", [&] {
+    using T_ = typename cuda::CudaType<scalar_t>::type;
+    using A = cuda::acc_t<T_>;
+    C10_CUDA_CHECK(cuda::ppo_policy_fwd<T_>(
+        pointers<scalar_t>(c), B, T, c.p, mode, num_tokens.value_or(0.0), num_seqs.value_or(0.0),
+        part.data_ptr<A>(), seq_lr.data_ptr<A>(), loss.data_ptr<A>(), metrics.data_ptr<A>(),
+        row_stats.data_ptr<A>(), cuda::stream()));
+  });
+  return {loss, metrics, row_stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+    const at::Tensor& advantages, const at::Tensor& mask,
+    const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& is_weights, const at::Tensor& row_stats, double clip_low,
+    double clip_high, std::optional<double> dual_clip, std::optional<double> logratio_clamp,
+    const std::string& ratio_level, double kl_coef, const std::string& kl_estimator,
+    std::optional<double> kl_clamp, double entropy_coef) {
+  const char* op = "ppo_policy_loss_backward";
+  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const PolicyArgs c = policy_args(op, logprobs, old_logprobs, advantages, mask, ref_logprobs,
+                                   entropy, is_weights, clip_low, clip_high, dual_clip,
+                                   logratio_clamp, ratio_level, kl_coef, kl_estimator, kl_clamp,
+                                   entropy_coef);
+  const int64_t B = c.B, T = c.T;
+  const PolicyGrads out = policy_grad_outputs(op, c, grad, row_stats);
+  const at::Tensor &g_lp = out.lp, &g_ref = out.ref, &g_ent = out.ent;
+  const auto acc = acc_dtype(logprobs);
+  const auto g = grad.to(acc).contiguous();
+  const auto rs = row_stats.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_bwd_cuda", [&] {
+    using T_ = typename cuda::CudaType<scalar_t>::type;
+    using A = cuda::acc_t<T_>;
+    C10_CUDA_CHECK(cuda::ppo_policy_bwd<T_>(
+        g.data_ptr<A>(), pointers<scalar_t>(c), rs.data_ptr<A>(), B, T, c.p,
+        cuda::ptr<scalar_t>(g_lp), c.ref.defined() ? cuda::ptr<scalar_t>(g_ref) : nullptr,
+        c.ent.defined() ? cuda::ptr<scalar_t>(g_ent) : nullptr, cuda::stream()));
+  });
+  return {g_lp, g_ref, g_ent};
+}
+
+TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
+  m.impl("ppo_policy_loss_backward", &ppo_policy_loss_backward_cuda);
+}
+
+}  // namespace ppokernels
 #endif  // PPK_KERNELS_ONLY

@@ -108,7 +108,24 @@ def ppokernels_providers(device: str) -> list[str]:
     return out
 
 
-CUDA_CASE_SECONDS = 2.0
+def provider_fn(provider: str, reference_fn, op, *, result=None, **kwargs):
+    """The callable of provider ``"reference"``, ``"reference-compiled"`` or
+    ``"ppokernels-<backend>"`` for one op: ``reference_fn`` (eager or under torch.compile) or the
+    public ``op`` on that backend, each with ``kwargs``; ``result`` picks the timed output (e.g.
+    ``.loss`` of a named tuple)."""
+    if provider == "reference":
+        fn = functools.partial(reference_fn, **kwargs)
+    elif provider == "reference-compiled":
+        fn = functools.partial(torch.compile(reference_fn), **kwargs)
+    elif provider.startswith("ppokernels-"):
+        fn = functools.partial(op, backend=provider.removeprefix("ppokernels-"), **kwargs)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    return fn if result is None else (lambda *args: result(fn(*args)))
+
+
+# seconds of timed rounds per case on a GPU (PPK_BENCH_CASE_SECONDS; the GPU check uses 0.5)
+CUDA_CASE_SECONDS = float(os.environ.get("PPK_BENCH_CASE_SECONDS", "2.0"))
 
 
 def run(
@@ -147,3 +164,17 @@ def run(
         tf = flops / median / 1e12
         benchmark.extra_info["tflops"] = round(tf, 3)
     return result
+
+
+def run_mode(benchmark, fn, args, mode: str, *, group: str, grad=None, **kw):
+    """Times ``fn(*args)`` and, unless ``mode == "forward"``, its backward (with upstream ``grad``;
+    None for a scalar loss), as pytest-benchmark group ``group``; ``kw`` go to :func:`run`."""
+
+    def step():
+        out = fn(*args)
+        if mode != "forward":
+            out.backward(grad)
+        return out
+
+    benchmark.group = group
+    return run(benchmark, step, **kw)

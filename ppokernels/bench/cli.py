@@ -36,7 +36,8 @@ PRESET_ARGS = {
     "cpu": ["--benchmark-max-time=1.0", "--benchmark-min-rounds=5"],
     "llm": ["--benchmark-max-time=0.5", "--benchmark-min-rounds=10"],
 }
-GROUP_RE = re.compile(r'benchmark\.group\s*=\s*\(?\s*f"([a-z_]+) ')
+# `benchmark.group = f"<op> ..."`, or `group=f"<op> ..."` passed to _common.run_mode
+GROUP_RE = re.compile(r'(?:benchmark\.group\s*=\s*\(?|\bgroup=)\s*f"([a-z_]+) ')
 # what `ppokernels bench` needs beyond the core install: the [bench] extra
 BENCH_EXTRA = {
     "pytest": "pytest",
@@ -123,8 +124,9 @@ def _read_json(path: Path, default):
         return default
 
 
-def _stop(proc: subprocess.Popen, grace: float) -> None:
-    proc.send_signal(signal.SIGINT)
+def _stop(proc: subprocess.Popen, grace: float, signal_first: bool = True) -> None:
+    if signal_first:
+        proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -165,13 +167,14 @@ def _run_file(path: Path, out: Path, preset: str, env: dict, timeout: float | No
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-            _stop(proc, grace=15)  # SIGINT first: pytest still writes what it measured
-        except KeyboardInterrupt:  # our own time limit (gpu_check.sh): a few seconds are left
-            rc = "interrupted"
-            _stop(proc, grace=3)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+                _stop(proc, grace=15)  # SIGINT first: pytest still writes what it measured
+        except KeyboardInterrupt:  # our own time limit (gpu_check.sh): seconds are left
+            rc = "interrupted"  # the child got the same SIGINT (one process group)
+            _stop(proc, grace=2, signal_first=False)
     raw, outcomes = _read_json(raw_path, {}), _read_json(outcomes_path, [])
     for o in outcomes:  # ids are relative to the rootdir (OUT), which does not hold the file
         o["nodeid"] = path.name + (
@@ -214,12 +217,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     files = list(dict.fromkeys(f for op in ops for f in by_op[op]))  # in the order of --ops
     print(f"ppokernels bench: preset {preset} on {device}; measuring the machine's limits ...")
-    machine = {
-        "description": describe_machine(device),
-        "device": device,
-        "preset": preset,
-        "limits": machine_limits(device),
-    }
+    machine = {"description": describe_machine(device), "device": device, "preset": preset}
+    start = time.time()
+    try:
+        machine["limits"] = machine_limits(device)
+    except KeyboardInterrupt:
+        machine["limits"] = {}
+        not_run = [_not_run(p, "interrupted before it started") for p in files]
+        _write(out, machine, [], not_run, {}, start)
+        return 1
     if device == "cuda":
         torch.cuda.empty_cache()  # the benchmark processes get the whole device
     print("  " + ", ".join(f"{k} = {v}" for k, v in machine["limits"].items()), flush=True)
@@ -230,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
         PPK_BENCH_LIMITS=json.dumps(machine["limits"]),
     )
     env.pop("TRITON_INTERPRET", None)
-    start, rows, outcomes, exits = time.time(), [], [], {}
+    rows, outcomes, exits = [], [], {}
     for i, path in enumerate(files):
         t0 = time.time()
         raw, outs, rc = _run_file(path, out, preset, env, args.file_timeout)

@@ -58,17 +58,20 @@ def aggregate_loss(
 
 
 def _agg(token_level, mask, dp_size, batch_num_tokens, global_batch_size):
-    """(ppokernels agg, num_tokens, num_seqs, scale) equal to OpenRLHF's aggregate_loss."""
+    """``(kwargs, scale)``: the ppokernels loss with ``**kwargs`` (agg, num_tokens, num_seqs),
+    times ``scale``, equals OpenRLHF's aggregate_loss."""
+    agg = "token-mean" if token_level else "seq-mean-token-mean"
+    kw = dict(agg=agg, num_tokens=None, num_seqs=None)
     if token_level:
         if batch_num_tokens is None or isinstance(batch_num_tokens, torch.Tensor):
             scale = 1.0 if batch_num_tokens is None else mask.sum() / batch_num_tokens * dp_size
-            return "token-mean", None, None, scale
-        return "token-mean", float(batch_num_tokens), None, float(dp_size)
+            return kw, scale
+        return {**kw, "num_tokens": float(batch_num_tokens)}, float(dp_size)
     if global_batch_size is None:  # masked mean over the rows that have a valid token
-        return "seq-mean-token-mean", None, None, mask.shape[0] / (mask.sum(-1) > 0).sum()
+        return kw, mask.shape[0] / (mask.sum(-1) > 0).sum()
     if isinstance(global_batch_size, torch.Tensor):
-        return "seq-mean-token-mean", None, None, mask.shape[0] / global_batch_size * dp_size
-    return "seq-mean-token-mean", None, float(global_batch_size), float(dp_size)
+        return kw, mask.shape[0] / global_batch_size * dp_size
+    return {**kw, "num_seqs": float(global_batch_size)}, float(dp_size)
 
 
 def _seq_mean(x, mask):
@@ -180,7 +183,7 @@ class PolicyLoss(torch.nn.Module):
             lp, old, clamp = _seq_mean(log_probs, mask), _seq_mean(base, mask).detach(), None
         else:
             raise ValueError(f"Invalid policy loss type: {self.policy_loss_type}")
-        agg, num_tokens, num_seqs, scale = _agg(
+        agg_kw, scale = _agg(
             self.token_level_loss, mask, dp_size, batch_num_tokens, global_batch_size
         )
         out = ppk.ppo_policy_loss(
@@ -192,10 +195,8 @@ class PolicyLoss(torch.nn.Module):
             clip_high=self.clip_eps_high,
             dual_clip=self.dual_clip,
             logratio_clamp=clamp,
-            agg=agg,
-            num_tokens=num_tokens,
-            num_seqs=num_seqs,
             is_weights=weights,
+            **agg_kw,
         )
         dtype = float_dtype(log_probs, old_log_probs, advantages)
         ppo_kl = masked_mean(-(log_probs - old_log_probs).detach(), mask)
@@ -221,19 +222,10 @@ class ValueLoss(torch.nn.Module):
         global_batch_size=None,
     ):
         mask = torch.ones_like(values) if action_mask is None else action_mask
-        agg, num_tokens, num_seqs, scale = _agg(
+        agg_kw, scale = _agg(
             self.token_level_loss, mask, dp_size, batch_num_tokens, global_batch_size
         )
-        out = ppk.value_loss(
-            values,
-            old_values,
-            returns,
-            mask,
-            clip=self.clip_eps,
-            agg=agg,
-            num_tokens=num_tokens,
-            num_seqs=num_seqs,
-        )
+        out = ppk.value_loss(values, old_values, returns, mask, clip=self.clip_eps, **agg_kw)
         return (out.loss * scale).to(float_dtype(values, old_values, returns))
 
 

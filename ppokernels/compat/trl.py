@@ -104,6 +104,16 @@ class ChunkedLogProbFunction:
                 outputs,
             )
         with_entropy = "entropy" in outputs
+        compute_dtype = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if torch.is_autocast_enabled(hidden.device.type)
+            else hidden.dtype
+        )
+        if _ROUND_LOGITS[0] and compute_dtype in (torch.bfloat16, torch.float16):
+            lp, ent = _rounded_head(
+                hidden, weight, bias, targets, temperature, logit_scale, with_entropy, compute_dtype
+            )
+            return lp, ent, None, None, None
         # scale / temperature folds into one temperature (no soft-capping in between)
         lp, ent = ppk.linear_logprobs(
             hidden,
@@ -114,6 +124,37 @@ class ChunkedLogProbFunction:
             with_entropy=with_entropy,
         )
         return lp, ent, None, None, None
+
+
+# patch(round_logits=True): reproduce TRL's rounding of bf16/fp16 logits (a list: mutable here)
+_ROUND_LOGITS = [False]
+_ROUND_ROWS = 1024  # rows per chunk of the rounded head (TRL's TOKEN_CHUNK_SIZE is of this order)
+
+
+def _rounded_chunk(h, weight, bias, y, temperature, with_entropy, dtype):
+    logits = torch.mm(h.to(dtype), weight.to(dtype).t())  # rounded to dtype, as TRL's tiles
+    if bias is not None:
+        logits = logits + bias.to(dtype)  # a second rounding, as TRL's tile.add_(bias)
+    return ppk.token_logprobs(logits, y, temperature=temperature, with_entropy=with_entropy)
+
+
+def _rounded_head(hidden, weight, bias, targets, temperature, logit_scale, with_entropy, dtype):
+    """TRL's arithmetic on low-precision weights: logits rounded to ``dtype`` before the fp32
+    log-softmax. Chunks of rows, each recomputed in the backward (checkpointed), so no more than
+    ``_ROUND_ROWS x V`` logits exist at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    t = float(temperature) / float(logit_scale)
+    lps, ents = [], []
+    for s in range(0, hidden.shape[0], _ROUND_ROWS):
+        h, y = hidden[s : s + _ROUND_ROWS], targets[s : s + _ROUND_ROWS]
+        lp, ent = checkpoint(
+            _rounded_chunk, h, weight, bias, y, t, with_entropy, dtype, use_reentrant=False
+        )
+        lps.append(lp)
+        ents.append(ent)
+    lp = torch.cat(lps) if lps else hidden.new_zeros(0, dtype=torch.float32)
+    return lp, (torch.cat(ents) if with_entropy and ents else None)
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -216,10 +257,18 @@ def grpo_loss(
 _PATCHER = Patcher()
 
 
-def patch() -> None:
+def patch(*, round_logits: bool = False) -> None:
     """Install the replacements in ``trl.trainer.utils`` (and every trl module that imported
     them by name): the three log-prob/entropy helpers and the fused LM head's
-    ``_ChunkedLogProbFunction``."""
+    ``_ChunkedLogProbFunction``.
+
+    ``round_logits=True``: on bf16/fp16 weights the fused head rounds the logits to that dtype
+    before the fp32 log-softmax, as TRL's own ``ChunkedLogProbFunction`` does, so a patched run
+    agrees with an unpatched one (docs/compat.md gives the size of the difference). The default
+    keeps the logits in fp32, which is closer to the exact (fp64) values."""
+    if not isinstance(round_logits, bool):
+        raise TypeError(f"patch: round_logits must be a bool, got {type(round_logits).__name__}")
+    _ROUND_LOGITS[0] = round_logits
     if _PATCHER.active:
         return
     g = globals()
@@ -237,4 +286,5 @@ def patch() -> None:
 
 def unpatch() -> None:
     """Restore everything :func:`patch` replaced."""
+    _ROUND_LOGITS[0] = False
     _PATCHER.restore()

@@ -42,7 +42,61 @@ def mask(op: str, name: str, m, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{op}: {name} must be bool, integer or floating, got {m.dtype}")
     same_shape(op, name, m, "the data", like)
     same_device(op, name, m, like)
+    # A mask selects, it does not weigh: refuse 0.5, 2, -1 or NaN rather than binarise them
+    # silently (one pass over the mask, one sync on CUDA; skipped under torch.compile)
+    if m.dtype != torch.bool and m.device.type != "meta" and not torch.compiler.is_compiling():
+        if bool(((m != 0) & (m != 1)).any()):
+            bad = m[(m != 0) & (m != 1)][0].item()
+            raise ValueError(
+                f"{op}: {name} must hold only 0 and 1 (a selection, not weights), got {bad}"
+            )
     return m
+
+
+def labels(op: str, name: str, y) -> torch.Tensor:
+    """An int64 or int32 tensor of token ids."""
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32):
+        got = getattr(y, "dtype", type(y).__name__)
+        raise TypeError(f"{op}: {name} must be int64 or int32, got {got}")
+    return y
+
+
+def like(op: str, name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """``x`` has the shape and the device of ``other``."""
+    same_shape(op, name, x, other_name, other)
+    same_device(op, name, x, other)
+
+
+def not_meta(op: str, name: str, x: torch.Tensor) -> None:
+    """Meta tensors are refused by every public op: their checks read the data (label ranges,
+    masks, group ids). For shapes without data use torch.compile or FakeTensorMode, which the
+    ops support (their fake kernels propagate shapes)."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{op}: {name} is on the meta device; meta tensors are not supported: pass cpu or "
+            "cuda tensors, or trace under torch.compile / FakeTensorMode for shapes alone"
+        )
+
+
+def constant(op: str, name: str, x) -> None:
+    """``x`` (rollout data) gets no gradient from the fused kernels: refuse one that wants it."""
+    if x is not None and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: {name} requires grad, but the fused kernels treat it as a constant "
+            f"(rollout data); pass {name}.detach() or use backend='reference'"
+        )
+
+
+def row_or_token(op: str, name: str, x, like: torch.Tensor) -> torch.Tensor:
+    """A float tensor of shape [B, T] or [B] on ``like``'s device (any float dtype)."""
+    tensor(op, name, x, ndim=(1, 2))
+    if tuple(x.shape) not in (tuple(like.shape), tuple(like.shape[:1])):
+        raise ValueError(
+            f"{op}: {name} must have shape [B, T] = {tuple(like.shape)} or [B] = "
+            f"({like.shape[0]},), got {tuple(x.shape)}"
+        )
+    same_device(op, name, x, like)
+    return x
 
 
 def same_shape(op: str, name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
@@ -102,6 +156,13 @@ def non_negative(op: str, name: str, v) -> float:
     v = number(op, name, v)
     if v < 0.0:
         raise ValueError(f"{op}: {name} must be >= 0, got {v}")
+    return v
+
+
+def integer(op: str, name: str, v) -> int:
+    """A Python int (not a bool): ``ignore_index``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
     return v
 
 

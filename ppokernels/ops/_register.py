@@ -1,4 +1,5 @@
-"""Registration helpers: fake kernels and autograd formulas for every built variant of an op."""
+"""Registration helpers shared by every ``ops/<stem>.py``: the built variants of an op, the one
+rule that picks the C++ or the Triton op, and fake kernels of the C++ ops."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ def variants(name: str, backward: str | None = None) -> list[tuple[str, str | No
 def op(qualname: str):
     """The OpOverloadPacket of ``ppokernels::<name>``."""
     return getattr(torch.ops.ppokernels, qualname.split("::")[1])
+
+
+def kernel(name: str, backend: str):
+    """The registered op that runs ``name`` on ``backend`` ("cpp" or "triton", as returned by
+    :func:`ppokernels._backend.choose`): ``ppokernels::<name>`` or ``ppokernels::<name>_triton``."""
+    if backend not in ("cpp", "triton"):
+        raise ValueError(f"{name}: no registered op for backend {backend!r}")
+    return getattr(torch.ops.ppokernels, name if backend == "cpp" else f"{name}_triton")
 
 
 def register_fake_cpp(name: str, fn) -> None:

@@ -1,7 +1,7 @@
 """Masked moments and whitening, and group baselines (GRPO, Dr.GRPO, RLOO).
 
-Fake kernels and autograd formulas of the ops are registered in
-:mod:`ppokernels.ops._advantages_register`.
+Each backward is itself a registered op (``*_backward`` / ``*_backward_triton``); the formulas are
+derived in ``csrc/include/ppokernels/advantages.h``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 
 from ppokernels import _backend, reference
-from ppokernels.ops import _advantages_register, _checks  # noqa: F401  (registers fakes, autograd)
+from ppokernels._dtypes import acc_dtype
+from ppokernels.ops import _checks
+from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+
+if _backend.HAS_TRITON:
+    import ppokernels.triton.advantages  # noqa: F401  (masked_*_triton ops)
+    import ppokernels.triton.advantages_group  # noqa: F401  (group_advantages*_triton ops)
 
 ESTIMATORS = ("grpo", "rloo")
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -19,11 +25,9 @@ def _moments(name, x, mask, unbiased, backend):
     _checks.tensor(name, "x", x)
     _checks.mask(name, "mask", mask, x)
     _checks.choice(name, "backend", backend, _backend.BACKENDS)
+    _checks.not_meta(name, "x", x)
     b = _backend.choose("masked_moments", x.device, backend)  # the op both functions share
-    if b == "reference":
-        return None
-    fn = torch.ops.ppokernels.masked_moments
-    return (fn if b == "cpp" else torch.ops.ppokernels.masked_moments_triton)(x, mask, unbiased)
+    return None if b == "reference" else kernel("masked_moments", b)(x, mask, unbiased)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -84,15 +88,11 @@ def masked_whiten(
     _checks.flag(name, "shift_mean", shift_mean)
     _checks.flag(name, "unbiased", unbiased)
     eps = _checks.non_negative(name, "eps", eps)
+    _checks.not_meta(name, "x", x)
     b = _backend.choose(name, x.device, backend)
     if b == "reference":
         return reference.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
-    fn = (
-        torch.ops.ppokernels.masked_whiten
-        if b == "cpp"
-        else torch.ops.ppokernels.masked_whiten_triton
-    )
-    return fn(x, mask, shift_mean, unbiased, eps)
+    return kernel(name, b)(x, mask, shift_mean, unbiased, eps)
 
 
 def group_advantages(
@@ -135,12 +135,68 @@ def group_advantages(
     _checks.choice(name, "estimator", estimator, ESTIMATORS)
     eps = _checks.non_negative(name, "eps", eps)
     _checks.flag(name, "norm_by_std", norm_by_std)
+    _checks.not_meta(name, "scores", scores)
     b = _backend.choose(name, scores.device, backend)
     if b == "reference":
         return reference.group_advantages(
             scores, group_index, estimator=estimator, eps=eps, norm_by_std=norm_by_std
         )
     uniq, ids = torch.unique(group_index, return_inverse=True)  # dense ids in [0, G)
-    fn = torch.ops.ppokernels.group_advantages
-    fn = fn if b == "cpp" else torch.ops.ppokernels.group_advantages_triton
-    return fn(scores, ids, uniq.numel(), estimator, eps, norm_by_std)
+    return kernel(name, b)(scores, ids, uniq.numel(), estimator, eps, norm_by_std)
+
+
+# ------------------------------------------------------------------ fake kernels (C++ ops)
+register_fake_cpp("masked_moments", lambda x, mask, unbiased: x.new_empty((3,), dtype=acc_dtype(x)))
+register_fake_cpp(
+    "masked_moments_backward", lambda grad, x, mask, moments, unbiased: x.new_empty(x.shape)
+)
+register_fake_cpp(
+    "masked_whiten",
+    lambda x, mask, shift_mean, unbiased, eps: x.new_empty(x.shape, dtype=acc_dtype(x)),
+)
+register_fake_cpp(
+    "masked_whiten_backward",
+    lambda grad, x, mask, shift_mean, unbiased, eps: x.new_empty(x.shape),
+)
+register_fake_cpp(
+    "group_advantages",
+    lambda scores, ids, num_groups, est, eps, norm: scores.new_empty(
+        scores.shape, dtype=acc_dtype(scores)
+    ),
+)
+register_fake_cpp(
+    "group_advantages_backward",
+    lambda grad, scores, ids, num_groups, est, eps, norm: scores.new_empty(scores.shape),
+)
+
+
+# ------------------------------------------------------------------------------- autograd
+# The three ops differentiate their first input only (x, scores; masks and group ids are not
+# differentiable). Each backward op takes (grad, *saved tensors, *scalar arguments): the tensor
+# inputs, plus for masked_moments its output [mean, var, count] (the count gets no gradient).
+def _make_setup(n_tensors: int, save_output: bool):
+    def setup_context(ctx, inputs, output):
+        ctx.scalars = inputs[n_tensors:]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*inputs[:n_tensors], *((output,) if save_output else ()))
+
+    return setup_context
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = backward_op(grad, *ctx.saved_tensors, *ctx.scalars)
+        return dx, *([None] * (1 + len(ctx.scalars)))
+
+    return backward
+
+
+for _name, _setup in (
+    ("masked_moments", _make_setup(2, save_output=True)),
+    ("masked_whiten", _make_setup(2, save_output=False)),
+    ("group_advantages", _make_setup(2, save_output=False)),
+):
+    for _fwd, _bwd in variants(_name, f"{_name}_backward"):
+        torch.library.register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ppokernels import _backend, reference
+from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.gae  # noqa: F401  (registers the ppokernels::*_triton ops)
@@ -49,7 +50,7 @@ def gae(
         with respect to rewards and values (the backward is the transposed scan, forward in time).
         NaN at valid positions propagates; rewards at masked positions are never read.
 
-    See also: :func:`ppokernels.reference.gae`, trainers.md sections 2.1, 3.5 and 4.1.
+    See also: :func:`ppokernels.reference.gae`; the trainers' formulas in ``docs/semantics.md``.
     """
     name = "gae"
     _check(name, rewards, mask, gamma, lam, mode)
@@ -58,11 +59,11 @@ def gae(
     _checks.same_device(name, "values", values, rewards)
     _checks.same_dtype(name, "values", values, "rewards", rewards)
     gamma, lam = float(gamma), float(lam)
+    _checks.not_meta(name, "rewards", rewards)
     b = _backend.choose(name, rewards.device, backend)
     if b == "reference":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam, mode=mode)
-    fn = torch.ops.ppokernels.gae if b == "cpp" else torch.ops.ppokernels.gae_triton
-    return fn(rewards, values, mask, gamma, lam, mode)
+    return kernel(name, b)(rewards, values, mask, gamma, lam, mode)
 
 
 def discounted_returns(
@@ -92,12 +93,11 @@ def discounted_returns(
     name = "discounted_returns"
     _check(name, rewards, mask, gamma, 1.0, mode)
     gamma = float(gamma)
+    _checks.not_meta(name, "rewards", rewards)
     b = _backend.choose(name, rewards.device, backend)
     if b == "reference":
         return reference.discounted_returns(rewards, mask, gamma=gamma, mode=mode)
-    if b == "cpp":
-        return torch.ops.ppokernels.discounted_returns(rewards, mask, gamma, mode)
-    return torch.ops.ppokernels.discounted_returns_triton(rewards, mask, gamma, mode)
+    return kernel(name, b)(rewards, mask, gamma, mode)
 
 
 def _check(name, rewards, mask, gamma, lam, mode):
@@ -110,13 +110,9 @@ def _check(name, rewards, mask, gamma, lam, mode):
     _checks.choice(name, "mode", mode, MODES)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Fake kernels: shapes and dtypes of the C++ ops' outputs, for torch.compile and opcheck.
+# ------------------------------------------------------------------ fake kernels (C++ ops)
 def _fake_gae(rewards, values, mask, gamma, lam, mode):
-    adv = rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype))
+    adv = rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards))
     return adv, torch.empty_like(adv)
 
 
@@ -126,7 +122,7 @@ def _fake_gae_backward(grad_advantages, grad_returns, mask, gamma, lam, mode, dt
 
 
 def _fake_returns(rewards, mask, gamma, mode):
-    return rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype))
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards))
 
 
 def _fake_returns_backward(grad_returns, mask, gamma, mode, dtype):
@@ -139,6 +135,9 @@ register_fake_cpp("discounted_returns", _fake_returns)
 register_fake_cpp("discounted_returns_backward", _fake_returns_backward)
 
 
+# ------------------------------------------------------------------------------- autograd
+# Both scans are linear in (rewards, values): the backward needs only the mask (and the input
+# dtype for its outputs), never the inputs themselves.
 def _setup_gae(ctx, inputs, output):
     rewards, _, mask, ctx.gamma, ctx.lam, ctx.mode = inputs
     ctx.dtype = rewards.dtype
@@ -154,8 +153,14 @@ def _gae_backward(backward_op):
         ga = grad_advantages if grad_advantages is not None else torch.zeros_like(like)
         gr = grad_returns if grad_returns is not None else torch.zeros_like(like)
         dr, dv = backward_op(ga, gr, mask, ctx.gamma, ctx.lam, ctx.mode, ctx.dtype)
-        return (dr if ctx.needs_input_grad[0] else None,
-                dv if ctx.needs_input_grad[1] else None, None, None, None, None)
+        return (
+            dr if ctx.needs_input_grad[0] else None,
+            dv if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     return backward
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ppokernels import _backend, reference
+from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.kl  # noqa: F401  (registers ppokernels::kl_penalty_triton)
@@ -57,16 +58,16 @@ def kl_penalty(
             f"got {estimator!r}"
         )
     clamp = _checks.positive(name, "clamp", clamp, allow_none=True)
+    _checks.not_meta(name, "logprobs", logprobs)
     b = _backend.choose(name, logprobs.device, backend)
     if b == "reference":
         return reference.kl_penalty(logprobs, ref_logprobs, estimator=estimator, clamp=clamp)
-    fn = torch.ops.ppokernels.kl_penalty if b == "cpp" else torch.ops.ppokernels.kl_penalty_triton
-    return fn(logprobs, ref_logprobs, estimator, clamp)
+    return kernel(name, b)(logprobs, ref_logprobs, estimator, clamp)
 
 
+# ------------------------------------------------------------------ fake kernels (C++ ops)
 def _fake(logprobs, ref_logprobs, estimator, clamp):
-    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    return logprobs.new_empty(logprobs.shape, dtype=dtype)
+    return logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs))
 
 
 def _fake_backward(grad, logprobs, ref_logprobs, estimator, clamp):
@@ -77,14 +78,19 @@ register_fake_cpp("kl_penalty", _fake)
 register_fake_cpp("kl_penalty_backward", _fake_backward)
 
 
+# ------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     logprobs, ref_logprobs, ctx.estimator, ctx.clamp = inputs
-    ctx.save_for_backward(logprobs, ref_logprobs)
+    # the gradient of either input needs both (it is a function of their difference)
+    need = any(ctx.needs_input_grad[:2])
+    ctx.save_for_backward(*((logprobs, ref_logprobs) if need else (None, None)))
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad):
         logprobs, ref_logprobs = ctx.saved_tensors
+        if logprobs is None:
+            return None, None, None, None
         g = backward_op(grad, logprobs, ref_logprobs, ctx.estimator, ctx.clamp)
         return (
             g if ctx.needs_input_grad[0] else None,

@@ -6,13 +6,15 @@ Triton under ``auto``."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ppokernels import _backend, reference
-from ppokernels.ops import (
-    _checks,
-    _linear_logprobs_register,  # noqa: F401  (fake kernels, autograd)
-)
-from ppokernels.ops import _linear_logprobs_tp as tp
+from ppokernels._dtypes import acc_dtype
+from ppokernels.ops import _checks
+from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+
+if _backend.HAS_TRITON:
+    import ppokernels.triton.linear_logprobs  # noqa: F401  (registers the _triton ops)
 
 NAME = "linear_logprobs"
 CPU_BUDGET = 16 << 20  # bytes of the C++ kernel's [rows, 4096] fp32 logits block (in L3)
@@ -66,6 +68,9 @@ def linear_logprobs(
             is summed over ranks, grad_weight / grad_bias are the local shard's.
         backend: "auto", "cpp" (CPU), "triton" or "reference".
 
+    A ``-inf`` entry of ``bias`` masks that vocabulary entry (p = 0; finite entropy and gradients,
+    equal to :func:`token_logprobs` of the same logits); a ``+inf`` logit gives NaN for its row.
+
     Returns:
         ``(logprobs, entropy or None)``, float32 (float64 for float64 inputs), shape of labels;
         differentiable w.r.t. hidden, weight and bias for any upstream gradients of both.
@@ -73,11 +78,7 @@ def linear_logprobs(
     """
     _checks.tensor(NAME, "hidden", hidden, ndim=(2, 3))
     _checks.tensor(NAME, "weight", weight, ndim=2)
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            f"{NAME}: labels must be an int64 or int32 tensor, got "
-            f"{getattr(labels, 'dtype', type(labels).__name__)}"
-        )
+    _checks.labels(NAME, "labels", labels)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{NAME}: weight has H = {weight.shape[1]} but hidden has "
@@ -92,8 +93,7 @@ def linear_logprobs(
     for arg, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None:
             _checks.same_device(NAME, arg, t, hidden)
-    if hidden.device.type == "meta":
-        raise ValueError(f"{NAME}: hidden is on the meta device; labels must be checked")
+    _checks.not_meta(NAME, "hidden", hidden)
     if bias is not None:
         _checks.tensor(NAME, "bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
@@ -102,14 +102,18 @@ def linear_logprobs(
                 f"V = {weight.shape[0]} rows"
             )
     temperature = _checks.positive(NAME, "temperature", temperature)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"{NAME}: ignore_index must be an int")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.integer(NAME, "ignore_index", ignore_index)
+    _checks.flag(NAME, "with_entropy", with_entropy)
+    if chunk_size is not None:
+        _checks.integer(NAME, "chunk_size", chunk_size)
+        if chunk_size <= 0:
+            raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{NAME}: hidden has H = 0 features (shape {tuple(hidden.shape)})")
     b = _backend.choose(NAME, hidden.device, backend)
     H, V = hidden.shape[-1], weight.shape[0]
     h2, y = hidden.reshape(-1, H), labels.reshape(-1).long()
-    v0, v_total = (0, V) if process_group is None else tp.vocab_range(weight, process_group)
+    v0, v_total = (0, V) if process_group is None else _vocab_range(weight, process_group)
     if not torch.compiler.is_compiling():
         bad = (y != ignore_index) & ((y < 0) | (y >= v_total))
         if bool(bad.any()):
@@ -118,7 +122,7 @@ def linear_logprobs(
                 f"{ignore_index}, got {int(y[bad][0])}"
             )
     if process_group is not None:
-        h2 = tp.reduce_grad_hidden(h2, process_group)
+        h2 = _reduce_grad_hidden(h2, process_group)
     chunk = chunk_size or default_chunk_size(h2.shape[0], V, hidden.device)
     if b == "reference":
         out = reference.linear_logprobs_stats(
@@ -131,11 +135,134 @@ def linear_logprobs(
             vocab_start=v0,
         )
     else:
-        ops = torch.ops.ppokernels
-        fn = ops.linear_logprobs if b == "cpp" else ops.linear_logprobs_triton
-        out = fn(h2, weight, y, bias, temperature, ignore_index, v0, chunk)
+        out = kernel(NAME, b)(h2, weight, y, bias, temperature, ignore_index, v0, chunk)
     label_logit, lse, ent = out
     if process_group is not None:
-        label_logit, lse, ent = tp.combine(label_logit, lse, ent, y != ignore_index, process_group)
+        label_logit, lse, ent = _tp_combine(label_logit, lse, ent, y != ignore_index, process_group)
     logprobs = (label_logit - lse).view(labels.shape)
     return logprobs, ent.view(labels.shape) if with_entropy else None
+
+
+# ------------------------------------------------- vocabulary-parallel (tensor-parallel) glue
+# Rank r of ``process_group`` holds rows ``[v0, v1)`` of the lm_head weight (ranks in order, as
+# Megatron's vocab-parallel embedding). Each rank computes per-row partial statistics over its
+# shard: the label logit (0 unless the rank owns the label), ``lse_r`` and the shard entropy
+# ``H_r``. They are all-gathered and merged in the same fixed rank order on every rank:
+#
+#     lse = logsumexp_r lse_r,   w_r = exp(lse_r - lse),   H = sum_r w_r (H_r + lse - lse_r)
+#
+# (the entropy of a mixture: every term is >= 0, so nothing cancels). Autograd: the loss is
+# replicated on every rank, so the gathered tensor carries only the local slot's graph and the
+# shard's gradients come out exact; ``grad_hidden`` is summed over ranks by a hook (Megatron's
+# "copy to tensor-parallel region").
+def _vocab_range(weight: torch.Tensor, group) -> tuple[int, int]:
+    """``(vocab_start, vocab_total)`` of this rank's shard."""
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([weight.shape[0]], dtype=torch.int64), group=group)
+    rank = dist.get_rank(group)
+    sizes = [int(s) for s in sizes]
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _all_reduce(grad: torch.Tensor, group) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
+
+
+def _reduce_grad_hidden(hidden: torch.Tensor, group) -> torch.Tensor:
+    """``hidden`` unchanged; its gradient is summed over the ranks of ``group``."""
+    if not hidden.requires_grad:
+        return hidden
+    out = hidden.view_as(hidden)
+    out.register_hook(lambda g: _all_reduce(g, group))
+    return out
+
+
+def _tp_combine(label_logit, lse, entropy, valid, group):
+    """Global ``(label_logit, lse, entropy)`` per row from every rank's shard statistics."""
+    local = torch.stack([label_logit, lse, entropy])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    parts[dist.get_rank(group)] = local  # only the local slot carries this rank's graph
+    g = torch.stack(parts)  # [ranks, 3, N]
+    lse_r, ent_r = g[:, 1], g[:, 2]
+    lse_all = torch.logsumexp(lse_r, dim=0)
+    w = torch.exp(lse_r - lse_all)
+    ent_all = (w * (ent_r + (lse_all - lse_r))).sum(0)
+    zero = torch.zeros_like(lse_all)
+    return (
+        torch.where(valid, g[:, 0].sum(0), zero),
+        torch.where(valid, lse_all, zero),
+        torch.where(valid, ent_all, zero),
+    )
+
+
+# ------------------------------------------------------------------ fake kernels (C++ ops)
+def _fake(hidden, weight, labels, bias, temperature, ignore_index, vocab_start, chunk_size):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=acc_dtype(hidden)) for _ in range(3))
+
+
+def _fake_backward(
+    g_y,
+    g_lse,
+    g_ent,
+    hidden,
+    weight,
+    labels,
+    bias,
+    lse,
+    ent,
+    temperature,
+    ignore_index,
+    vocab_start,
+    chunk_size,
+    output_mask,
+):
+    gh = torch.empty_like(hidden) if output_mask[0] else hidden.new_empty(0)
+    acc = acc_dtype(hidden)
+    gw = torch.empty_like(weight) if output_mask[1] else hidden.new_empty(0, dtype=acc)
+    use_b = output_mask[2] and bias is not None
+    gb = torch.empty_like(bias) if use_b else hidden.new_empty(0, dtype=acc)
+    return gh, gw, gb
+
+
+register_fake_cpp("linear_logprobs", _fake)
+register_fake_cpp("linear_logprobs_backward", _fake_backward)
+
+
+# ------------------------------------------------------------------------------- autograd
+# The forward op returns per-row (label_logit, lse, entropy); the backward op takes their upstream
+# gradients and output_mask = which of (hidden, weight, bias) need a gradient, from
+# ctx.needs_input_grad (a frozen lm_head costs no grad_weight GEMM). Every gradient needs the
+# recomputed logits, hence both hidden and weight, so setup_context saves them whenever any of
+# (hidden, weight, bias) needs a gradient.
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, *ctx.args = inputs
+    if any(ctx.needs_input_grad[i] for i in (0, 1, 3)):
+        ctx.save_for_backward(hidden, weight, labels, bias, output[1], output[2])
+
+
+def _make_backward(backward_op):
+    def backward(ctx, g_y, g_lse, g_ent):
+        hidden, weight, labels, bias, lse, ent = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], bias is not None and need[3]]
+        grads = [g if g is not None else torch.zeros_like(lse) for g in (g_y, g_lse, g_ent)]
+        gh, gw, gb = backward_op(*grads, hidden, weight, labels, bias, lse, ent, *ctx.args, mask)
+        return (
+            gh if mask[0] else None,
+            gw if mask[1] else None,
+            None,
+            gb if mask[2] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+for _fwd, _bwd in variants("linear_logprobs", "linear_logprobs_backward"):
+    torch.library.register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup_context)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ppokernels import _backend, reference
+from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import op, register_fake_cpp
+from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.logprobs  # noqa: F401  (registers ppokernels::token_logprobs_triton)
@@ -32,6 +33,10 @@ def token_logprobs(
     from both outputs' upstream gradients g_lp, g_ent is formed in one more pass:
     ``dz_j = (g_lp (1[j = y] - p_j) - g_ent p_j (z_j - E_p[z])) / temperature``.
 
+    Infinite logits: ``-inf`` masks a vocabulary entry (p = 0, no NaN in outputs or gradients);
+    a ``+inf`` logit (an overflow upstream) makes the softmax undefined, and that row's log-prob
+    and entropy are NaN on every backend, as ``torch.log_softmax`` gives.
+
     Args:
         logits: (..., V) float32/bfloat16/float16 (float64 for gradcheck). The last dim must be
             contiguous for a zero-copy call; the leading dims may be strided (e.g.
@@ -48,6 +53,8 @@ def token_logprobs(
             afterwards. The write goes through a registered op that declares the mutation, so
             autograd's version counter catches any other user of the logits that saved them for
             its own backward (an error, not a wrong gradient); a second backward also errors.
+            Logits whose elements overlap (``expand``-ed, stride 0) cannot hold their own
+            gradient: for them the backward writes a new buffer, as without this flag.
         backend: "auto", "cpp", "triton" or "reference".
 
     Returns:
@@ -55,31 +62,47 @@ def token_logprobs(
         values are bitwise independent of the batch it is computed in.
     """
     _check(logits, labels, temperature, ignore_index)
+    _checks.flag(NAME, "with_entropy", with_entropy)
+    _checks.flag(NAME, "inplace_backward", inplace_backward)
+    if inplace_backward and _overlaps(logits):
+        # expanded (stride-0) or otherwise overlapping logits: one element stands for several
+        # entries, so an in-place gradient would be summed over them; use a new buffer instead
+        inplace_backward = False
     if labels.dtype != torch.int64:
         labels = labels.long()
     if logits.dim() > 0 and logits.stride(-1) != 1:
         logits = logits.contiguous()
+    _checks.not_meta(NAME, "logits", logits)
     b = _backend.choose(NAME, logits.device, backend)
     if not (b == "cpp" and logits.device.type == "cpu") and not torch.compiler.is_compiling():
         _check_label_range(labels, logits.shape[-1], ignore_index)
     args = (float(temperature), bool(with_entropy), ignore_index)
     if b == "reference":
         return reference.token_logprobs(logits, labels, **dict(zip(_REF_KW, args, strict=True)))
-    fn = getattr(torch.ops.ppokernels, "token_logprobs" + ("_triton" if b == "triton" else ""))
-    lp, ent, _ = fn(logits, labels, *args, bool(inplace_backward))
+    lp, ent, _ = kernel(NAME, b)(logits, labels, *args, bool(inplace_backward))
     return lp, (ent if with_entropy else None)
 
 
 _REF_KW = ("temperature", "with_entropy", "ignore_index")
 
 
+def _overlaps(x: torch.Tensor) -> bool:
+    """Whether two index tuples of ``x`` may share one element (a sufficient test for "no": each
+    stride, in increasing order, passes the span of the smaller ones)."""
+    span = 0
+    dims = zip(x.stride(), x.shape, strict=True)
+    for stride, size in sorted((st, sz) for st, sz in dims if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def _check(logits, labels, temperature, ignore_index):
     _checks.tensor(NAME, "logits", logits)
-    _checks.tensor(NAME, "labels", labels, floating=False)
+    _checks.labels(NAME, "labels", labels)
     if logits.dim() < 1:
         raise ValueError(f"{NAME}: logits must have shape (..., V), got a scalar")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{NAME}: labels must be int64 or int32, got {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"{NAME}: labels has shape {tuple(labels.shape)} but logits has shape "
@@ -87,8 +110,7 @@ def _check(logits, labels, temperature, ignore_index):
         )
     _checks.same_device(NAME, "labels", labels, logits)
     _checks.positive(NAME, "temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{NAME}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.integer(NAME, "ignore_index", ignore_index)
     if logits.shape[-1] == 0 and labels.numel() > 0:
         raise ValueError(f"{NAME}: logits has an empty vocabulary (V = 0)")
 
@@ -103,8 +125,9 @@ def _check_label_range(labels, V, ignore_index):
         )
 
 
+# ------------------------------------------------------------------ fake kernels (C++ ops)
 def _fake(logits, labels, temperature, with_entropy, ignore_index, inplace_backward):
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(logits)
     ent_shape = labels.shape if with_entropy else (0,)
     return (
         logits.new_empty(labels.shape, dtype=dtype),
@@ -126,15 +149,19 @@ register_fake_cpp("token_logprobs_backward", _fake_backward)
 register_fake_cpp("token_logprobs_backward_", _fake_backward_)
 
 
+# ------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     logits, labels, ctx.temperature, ctx.with_entropy, ctx.ignore_index, ctx.inplace = inputs
     _, entropy, lse = output
     ctx.mark_non_differentiable(lse)  # saved for the backward only; not exposed
-    ctx.save_for_backward(logits, labels, lse, entropy if ctx.with_entropy else None)
+    if ctx.needs_input_grad[0]:  # only the logits are differentiable
+        ctx.save_for_backward(logits, labels, lse, entropy if ctx.with_entropy else None)
 
 
 def _make_backward(backward_op, backward_inplace_op):
     def backward(ctx, grad_lp, grad_ent, _grad_lse):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
         logits, labels, lse, entropy = ctx.saved_tensors
         grad_ent = grad_ent if ctx.with_entropy else None
         args = (grad_lp, grad_ent, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
@@ -151,21 +178,8 @@ def _make_backward(backward_op, backward_inplace_op):
     return backward
 
 
-def _variants():
-    out = []
-    if _backend.CPP_ERROR is None:
-        out.append(("", "_"))
-    if _backend.HAS_TRITON:
-        out.append(("_triton", "_triton_"))
-    return out
-
-
-for _sfx, _isfx in _variants():
+# the in-place backward of each variant is its backward op's name + "_"
+for _fwd, _bwd in variants(NAME, f"{NAME}_backward"):
     torch.library.register_autograd(
-        f"ppokernels::token_logprobs{_sfx}",
-        _make_backward(
-            op(f"ppokernels::token_logprobs_backward{_sfx}"),
-            op(f"ppokernels::token_logprobs_backward{_isfx}"),
-        ),
-        setup_context=_setup_context,
+        _fwd, _make_backward(op(_bwd), op(f"{_bwd}_")), setup_context=_setup_context
     )

@@ -1,15 +1,30 @@
-"""ppo_policy_loss and value_loss: PPO's clipped policy and value losses, fused."""
+"""ppo_policy_loss and value_loss: PPO's clipped policy and value losses, fused.
+
+The forward ops return (loss, metrics, row_stats): row_stats holds what the fused backward needs per
+row (the aggregation weight, and for ppo_policy_loss the sequence log-ratio of GSPO), so the
+backward is one elementwise pass without a second reduction. Gradients flow to logprobs,
+ref_logprobs and entropy (policy) and to values (value loss); old_logprobs, advantages, is_weights,
+old_values and returns are constants, as in veRL's and OpenRLHF's losses (they are rollout data).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ppokernels import _backend, reference
+from ppokernels._dtypes import acc_dtype, bool_mask, promote
 from ppokernels.ops import _checks
-from ppokernels.ops import ppo_loss_register as _reg
-from ppokernels.reference import PolicyLossOutput, ValueLossOutput
+from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.reference import AGG_MODES, PolicyLossOutput, ValueLossOutput
+
+if _backend.HAS_TRITON:
+    import ppokernels.triton.ppo_loss  # noqa: F401  (registers the ppokernels::*_triton ops)
+    import ppokernels.triton.ppo_loss_value  # noqa: F401
 
 __all__ = ["PolicyLossOutput", "ValueLossOutput", "ppo_policy_loss", "value_loss"]
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def ppo_policy_loss(
@@ -72,17 +87,16 @@ def ppo_policy_loss(
         ``entropy`` (aggregated like the loss) when their inputs are given. No valid token: all 0.
     """
     name = "ppo_policy_loss"
-    _reg.check_data(name, logprobs, arg="logprobs")
-    _reg.check_data(name, old_logprobs, like=logprobs, arg="old_logprobs")
-    _reg.check_row_or_token(name, "advantages", advantages, logprobs)
-    mask = _reg.check_mask(name, mask, logprobs)
-    if ref_logprobs is not None:
-        _reg.check_data(name, ref_logprobs, like=logprobs, arg="ref_logprobs")
-    if entropy is not None:
-        _reg.check_data(name, entropy, like=logprobs, arg="entropy")
+    _data(name, "logprobs", logprobs)
+    for arg, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                   ("entropy", entropy)):  # fmt: skip
+        if x is not None or arg == "old_logprobs":
+            _data(name, arg, x, "logprobs", logprobs)
+    _checks.row_or_token(name, "advantages", advantages, logprobs)
+    mask = bool_mask(_checks.mask(name, "mask", mask, logprobs))
     if is_weights is not None:
-        _reg.check_row_or_token(name, "is_weights", is_weights, logprobs)
-    scalars = _reg.check_policy_scalars(
+        _checks.row_or_token(name, "is_weights", is_weights, logprobs)
+    scalars = _policy_scalars(
         name, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         logratio_clamp=logratio_clamp, ratio_level=ratio_level, agg=agg, num_tokens=num_tokens,
         num_seqs=num_seqs, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
@@ -92,15 +106,13 @@ def ppo_policy_loss(
     opt = dict(ref_logprobs=ref_logprobs, entropy=entropy, is_weights=is_weights)
     if b == "reference":
         return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, **opt, **scalars)
-    for arg, x in (("old_logprobs", old_logprobs), ("advantages", advantages)):
-        _reg.check_constant(name, arg, x)
-    _reg.check_constant(name, "is_weights", is_weights)
-    logprobs, old_logprobs, opt["ref_logprobs"], opt["entropy"] = _reg.promote(
+    for arg, x in (("old_logprobs", old_logprobs), ("advantages", advantages),
+                   ("is_weights", is_weights)):  # fmt: skip
+        _checks.constant(name, arg, x)
+    logprobs, old_logprobs, opt["ref_logprobs"], opt["entropy"] = promote(
         logprobs, old_logprobs, ref_logprobs, entropy
     )
-    fn = torch.ops.ppokernels.ppo_policy_loss
-    fn = fn if b == "cpp" else torch.ops.ppokernels.ppo_policy_loss_triton
-    loss, metrics, _ = fn(
+    loss, metrics, _ = kernel(name, b)(
         logprobs, old_logprobs, advantages, mask, *opt.values(), *scalars.values()
     )
     metrics = metrics.detach()
@@ -143,21 +155,179 @@ def value_loss(
         ``clipfrac`` (masked mean of clipped > unclipped squared error).
     """
     name = "value_loss"
-    _reg.check_data(name, values, arg="values")
-    _reg.check_data(name, old_values, like=values, arg="old_values")
+    _data(name, "values", values)
+    _data(name, "old_values", old_values, "values", values)
     _checks.tensor(name, "returns", returns, ndim=2)
-    _checks.same_shape(name, "returns", returns, "values", values)
-    _checks.same_device(name, "returns", returns, values)
-    mask = _reg.check_mask(name, mask, values)
+    _checks.like(name, "returns", returns, "values", values)
+    mask = bool_mask(_checks.mask(name, "mask", mask, values))
     clip = _checks.positive(name, "clip", clip, allow_none=True)
-    num_tokens, num_seqs = _reg.check_agg(name, agg, num_tokens, num_seqs)
+    num_tokens, num_seqs = _agg(name, agg, num_tokens, num_seqs)
     b = _backend.choose(name, values.device, backend)
     kw = dict(clip=clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
     if b == "reference":
         return reference.value_loss(values, old_values, returns, mask, **kw)
-    _reg.check_constant(name, "old_values", old_values)
-    _reg.check_constant(name, "returns", returns)
-    values, old_values = _reg.promote(values, old_values)
-    fn = torch.ops.ppokernels.value_loss if b == "cpp" else torch.ops.ppokernels.value_loss_triton
-    loss, clipfrac, _ = fn(values, old_values, returns, mask, clip, agg, num_tokens, num_seqs)
+    _checks.constant(name, "old_values", old_values)
+    _checks.constant(name, "returns", returns)
+    values, old_values = promote(values, old_values)
+    loss, clipfrac, _ = kernel(name, b)(
+        values, old_values, returns, mask, clip, agg, num_tokens, num_seqs
+    )
     return ValueLossOutput(loss, clipfrac.detach())
+
+
+# --------------------------------------------------------------------------- argument checks
+def _data(name: str, arg: str, x, like_name: str | None = None, like=None) -> torch.Tensor:
+    """A float [B, T] tensor (shape and device of ``like`` when given), not on meta."""
+    _checks.tensor(name, arg, x, ndim=2)
+    _checks.not_meta(name, arg, x)
+    if like is not None:
+        _checks.like(name, arg, x, like_name, like)
+    return x
+
+
+def _agg(name: str, agg, num_tokens, num_seqs):
+    _checks.choice(name, "agg", agg, AGG_MODES)
+    num_tokens = _checks.positive(name, "num_tokens", num_tokens, allow_none=True)
+    num_seqs = _checks.positive(name, "num_seqs", num_seqs, allow_none=True)
+    return num_tokens, num_seqs
+
+
+def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
+    """Checks and normalises the scalar options of ppo_policy_loss; returns them in the op's
+    argument order (clip_low ... entropy_coef)."""
+    clip_low = _checks.number(name, "clip_low", kw["clip_low"])
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"{name}: clip_low must be in [0, 1), got {clip_low}")
+    clip_high = kw["clip_high"]
+    clip_high = clip_low if clip_high is None else _checks.number(name, "clip_high", clip_high)
+    if clip_high < 0.0:
+        raise ValueError(f"{name}: clip_high must be >= 0, got {clip_high}")
+    dual = kw["dual_clip"]
+    if dual is not None and not _checks.number(name, "dual_clip", dual) > 1.0:
+        raise ValueError(f"{name}: dual_clip must be > 1, got {dual}")
+    _checks.choice(name, "ratio_level", kw["ratio_level"], RATIO_LEVELS)
+    num_tokens, num_seqs = _agg(name, kw["agg"], kw["num_tokens"], kw["num_seqs"])
+    kl_coef = _checks.number(name, "kl_coef", kw["kl_coef"])
+    entropy_coef = _checks.number(name, "entropy_coef", kw["entropy_coef"])
+    est = kw["kl_estimator"]
+    if not isinstance(est, str) or est.rstrip("+") not in KL_ESTIMATORS:
+        raise ValueError(
+            f"{name}: kl_estimator must be one of {KL_ESTIMATORS} (optionally with '+'), "
+            f"got {est!r}"
+        )
+    if kl_coef != 0.0 and not has_ref:
+        raise ValueError(f"{name}: kl_coef = {kl_coef} needs ref_logprobs")
+    if entropy_coef != 0.0 and not has_ent:
+        raise ValueError(f"{name}: entropy_coef = {entropy_coef} needs entropy")
+    return dict(
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=None if dual is None else float(dual),
+        logratio_clamp=_checks.positive(
+            name, "logratio_clamp", kw["logratio_clamp"], allow_none=True
+        ),
+        ratio_level=kw["ratio_level"],
+        agg=kw["agg"],
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        kl_coef=kl_coef,
+        kl_estimator=est,
+        kl_clamp=_checks.positive(name, "kl_clamp", kw["kl_clamp"], allow_none=True),
+        entropy_coef=entropy_coef,
+    )
+
+
+# ------------------------------------------------------------------ fake kernels (C++ ops)
+def _policy_fake(lp, old, adv, mask, ref, ent, w, *args):
+    acc = acc_dtype(lp)
+    return (
+        lp.new_empty((), dtype=acc),
+        lp.new_empty((5,), dtype=acc),
+        lp.new_empty((lp.shape[0], 2), dtype=acc),
+    )
+
+
+def _policy_backward_fake(grad, lp, old, adv, mask, ref, ent, *args):
+    empty = lp.new_empty((0,))
+    return (
+        torch.empty_like(lp),
+        torch.empty_like(ref) if ref is not None else empty,
+        torch.empty_like(ent) if ent is not None else empty,
+    )
+
+
+def _value_fake(values, old_values, returns, mask, *args):
+    acc = acc_dtype(values)
+    return (
+        values.new_empty((), dtype=acc),
+        values.new_empty((), dtype=acc),
+        values.new_empty((values.shape[0],), dtype=acc),
+    )
+
+
+def _value_backward_fake(grad, values, *args):
+    return torch.empty_like(values)
+
+
+register_fake_cpp("ppo_policy_loss", _policy_fake)
+register_fake_cpp("ppo_policy_loss_backward", _policy_backward_fake)
+register_fake_cpp("value_loss", _value_fake)
+register_fake_cpp("value_loss_backward", _value_backward_fake)
+
+
+# ------------------------------------------------------------------------------- autograd
+# ppo_policy_loss differentiates logprobs (0), ref_logprobs (4) and entropy (5); each gradient is
+# one elementwise pass over every saved tensor, so they are saved when any of the three is needed.
+# The backward takes the forward's scalars minus agg / num_tokens / num_seqs (row_stats holds
+# their effect).
+def _policy_setup(ctx, inputs, output):
+    (clip_low, clip_high, dual, lr_clamp, level, _, _, _, kl_coef, est, kl_clamp,
+     ent_coef) = inputs[7:]  # fmt: skip
+    ctx.scalars = (clip_low, clip_high, dual, lr_clamp, level, kl_coef, est, kl_clamp, ent_coef)
+    if any(ctx.needs_input_grad[i] for i in (0, 4, 5)):
+        ctx.save_for_backward(*inputs[:7], output[2])
+
+
+def _make_policy_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_metrics, _grad_row_stats):
+        if not ctx.saved_tensors:  # only a constant input asked for a gradient
+            return (None,) * 19
+        lp, old, adv, mask, ref, ent, w, row_stats = ctx.saved_tensors
+        g_lp, g_ref, g_ent = backward_op(
+            grad_loss, lp, old, adv, mask, ref, ent, w, row_stats, *ctx.scalars
+        )
+        need = ctx.needs_input_grad
+        grads = [g_lp if need[0] else None, None, None, None]
+        grads += [g_ref if ref is not None and need[4] else None]
+        grads += [g_ent if ent is not None and need[5] else None]
+        return (*grads, *([None] * 13))
+
+    return backward
+
+
+# value_loss differentiates values (0) only; the backward needs clip, not the aggregation.
+def _value_setup(ctx, inputs, output):
+    ctx.clip = inputs[4]
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(*inputs[:4], output[2])
+
+
+def _make_value_backward(backward_op):
+    def backward(ctx, grad_loss, _grad_clipfrac, _grad_row_scale):
+        if not ctx.saved_tensors:  # only a constant input asked for a gradient
+            return (None,) * 8
+        values, old_values, returns, mask, row_scale = ctx.saved_tensors
+        g = backward_op(grad_loss, values, old_values, returns, mask, row_scale, ctx.clip)
+        return (g, *([None] * 7))
+
+    return backward
+
+
+for _fwd, _bwd in variants("ppo_policy_loss", "ppo_policy_loss_backward"):
+    torch.library.register_autograd(
+        _fwd, _make_policy_backward(op(_bwd)), setup_context=_policy_setup
+    )
+for _fwd, _bwd in variants("value_loss", "value_loss_backward"):
+    torch.library.register_autograd(
+        _fwd, _make_value_backward(op(_bwd)), setup_context=_value_setup
+    )

@@ -6,9 +6,13 @@
     cfg = RLConfig(algo="grpo", task="reverse", steps=50, out="runs/grpo")
     Trainer(cfg).train()
 
-Submodules: :mod:`~ppokernels.rl.config` (RLConfig), :mod:`~ppokernels.rl.tasks` (Task API and
-built-in tasks), :mod:`~ppokernels.rl.models` (scoring from hidden states, critic, tiny models),
-:mod:`~ppokernels.rl.rollout` (generation, EOS handling), :mod:`~ppokernels.rl.trainer` (the loop).
+Submodules: :mod:`~ppokernels.rl.config` (RLConfig), :mod:`~ppokernels.rl.tasks` (Task API,
+splits, reward checks) and :mod:`~ppokernels.rl.builtin_tasks`, :mod:`~ppokernels.rl.models`
+(scoring from hidden states, critic, tiny models), :mod:`~ppokernels.rl.rollout` (generation, EOS
+handling), :mod:`~ppokernels.rl.losses` (one micro-batch's loss), :mod:`~ppokernels.rl.trainer`
+(the loop), :mod:`~ppokernels.rl.evaluation` (held-out splits), :mod:`~ppokernels.rl.checkpoint`
+(checkpoints, ``OUT/model``), :mod:`~ppokernels.rl.distributed` (process group, Ctrl-C),
+:mod:`~ppokernels.rl.apply` (``ppokernels generate`` / ``eval``).
 Importing this package does not import transformers; the submodules that need it import it lazily.
 """
 

@@ -14,8 +14,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train",
         help="train a Hugging Face causal LM with PPO / GRPO / RLOO / Dr.GRPO",
         description="Train with the lean loop (ppokernels.rl). Without arguments it trains the "
-        "built-in 'repeat' task on a tiny model in a few CPU minutes. Under torchrun it runs "
-        "data parallel (DDP).",
+        "built-in 'copy' task on a tiny model in a few CPU minutes, with validation and test "
+        "splits, and writes OUT/model. Under torchrun it runs data parallel (DDP).",
     )
     p.add_argument("--algo", choices=("ppo", "grpo", "rloo", "drgrpo"), help="default: ppo")
     p.add_argument("--task", help="built-in task (copy, repeat, reverse, sum) or module:attribute")

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class RLConfig:
-    """Every knob of the loop. Defaults train the built-in ``repeat`` task with PPO on CPU in a
+    """Every knob of the loop. Defaults train the built-in ``copy`` task with PPO on CPU in a
     few minutes. ``algo`` selects PPO (critic + GAE + KL in the reward) or a critic-free group
     method (GRPO, RLOO, Dr.GRPO: ``group_size`` samples per prompt, KL in the loss)."""
 

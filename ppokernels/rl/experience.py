@@ -1,5 +1,5 @@
 """Experience: the KL controller, the LR schedule and the advantages of one rollout batch, each
-a few ppokernels ops (trainers.md sections 2.1-2.3 and 7)."""
+a few ppokernels ops (docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def lr_lambda(cfg: RLConfig, total: int):
             return (step + 1) / cfg.warmup_steps
         frac = min(step / max(total, 1), 1.0)
         if cfg.lr_schedule == "linear":
-            return 1.0 - frac  # anneal to 0 (trainers.md 7)
+            return 1.0 - frac  # anneal to 0 (docs/semantics.md, "the lean loop's details")
         if cfg.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * frac))
         return 1.0

@@ -1,7 +1,7 @@
 """Model wrappers: policy scoring straight from hidden states, a critic with a zero-initialised
 scalar head, tiny built-in models and a character-level tokenizer built in code.
 
-Alignment (trainers.md section 1): the sequence is ``[left-padded prompt (P) | response (T)]``;
+Alignment (docs/semantics.md): the sequence is ``[left-padded prompt (P) | response (T)]``;
 the hidden state at position ``P - 1 + t`` predicts response token ``t``. Only those ``T``
 positions are used, and of them only the tokens under the response mask are scored, so the
 vocabulary projection touches ``N = mask.sum()`` rows and never ``[N, V]`` logits on the fused
@@ -24,7 +24,7 @@ BUILTIN_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 # ---------------------------------------------------------------------------------- tokenizer
 def char_tokenizer(chars: str):
     """A character-level ``PreTrainedTokenizerFast`` built with the ``tokenizers`` library:
-    ids 0, 1, 2 are ``<pad>``, ``<eos>``, ``<unk>`` (pad distinct from EOS, trainers.md 7)."""
+    ids 0, 1, 2 are ``<pad>``, ``<eos>``, ``<unk>`` (pad distinct from EOS, docs/semantics.md)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,30 +57,20 @@ def tiny_config(
     common = dict(
         vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id
     )
+    llama_like = dict(  # the decoder shape both Llama and Qwen2 configs take
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+        attention_dropout=0.0,
+        **common,
+    )
     if family == "llama":
-        return tf.LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=max_positions,
-            attention_dropout=0.0,
-            tie_word_embeddings=False,
-            **common,
-        )
-    if family == "qwen2":
-        return tf.Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=max_positions,
-            attention_dropout=0.0,
-            tie_word_embeddings=True,
-            **common,
-        )
+        return tf.LlamaConfig(num_key_value_heads=heads, tie_word_embeddings=False, **llama_like)
+    if family == "qwen2":  # grouped-query attention and tied embeddings, as Qwen2 models have
+        kv_heads = max(1, heads // 2)
+        return tf.Qwen2Config(num_key_value_heads=kv_heads, tie_word_embeddings=True, **llama_like)
     if family == "gpt2":
         return tf.GPT2Config(
             n_embd=hidden,
@@ -159,7 +149,7 @@ def from_pretrained(cls, name: str, **kw):
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (trainers.md 7): PPO's first ratio must be exactly 1."""
+    """Dropout off everywhere (docs/semantics.md): PPO's first ratio must be exactly 1."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -183,7 +173,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding (trainers.md 7: cumsum(mask) - 1)."""
+    """Positions that ignore left padding (docs/semantics.md: cumsum(mask) - 1)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -249,7 +239,7 @@ def _unpack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Critic(nn.Module):
-    """Value model: a causal-LM backbone plus a zero-initialised scalar head (trainers.md 7), so
+    """Value model: a causal-LM backbone plus a zero-initialised scalar head (docs/semantics.md), so
     the first value estimates are exactly 0. Built from a copy of the policy by default."""
 
     def __init__(self, lm: nn.Module):

@@ -1,5 +1,5 @@
 """Rollouts: tokenise prompts (left padding), sample responses with ``model.generate``, cut
-everything after the first EOS (trainers.md 7: the response mask includes EOS, the rest is pad),
+everything after the first EOS (docs/semantics.md: the response mask includes EOS, the rest is pad),
 decode and score."""
 
 from __future__ import annotations

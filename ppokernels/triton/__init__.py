@@ -4,3 +4,17 @@ Importing this package needs triton; :mod:`ppokernels.ops` imports it only when 
 installed. ``TRITON_INTERPRET=1`` must be set before the import for the kernels to run on CPU
 tensors (the interpreter is chosen when ``@triton.jit`` decorates a kernel).
 """
+
+# Every kernel module; each holds an ``AOT`` table (``_common.Spec`` rows) of the configurations
+# its launchers can produce, compiled by tests/_triton_aot.py and audited by
+# tests/test_triton_audit.py.
+MODULES = (
+    "ppokernels.triton.advantages",
+    "ppokernels.triton.advantages_group",
+    "ppokernels.triton.gae",
+    "ppokernels.triton.kl",
+    "ppokernels.triton.linear_logprobs",
+    "ppokernels.triton.logprobs",
+    "ppokernels.triton.ppo_loss",
+    "ppokernels.triton.ppo_loss_value",
+)

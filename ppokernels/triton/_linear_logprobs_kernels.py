@@ -8,33 +8,41 @@ csrc/include/ppokernels/logprobs.h, ``softmax_stats_tile`` of triton/_common.py)
 logit picked from the same accumulator. Tile columns past V are -inf. The tile shape never depends
 on N, so a row's bits do not depend on the batch it is in.
 
-Backward, per chunk of rows: ``_dz_kernel`` recomputes each tile and writes dlogits
-(csrc/include/ppokernels/linear_logprobs.h) into a [rows, V] workspace; ``_grad_hidden_kernel``
-(programs own row x H blocks, loop over the vocabulary) and ``_grad_weight_kernel`` (programs own
-vocab x H blocks, loop over rows, also summing grad_bias) are plain GEMMs with fp32 accumulators:
+Backward, per chunk of rows: ``_linear_logprobs_dz_kernel`` recomputes each tile and writes
+dlogits (csrc/include/ppokernels/linear_logprobs.h) into a [rows, V] workspace;
+``_linear_logprobs_grad_hidden_kernel`` (programs own row x H blocks, loop over the vocabulary)
+and ``_linear_logprobs_grad_weight_kernel`` (programs own vocab x H blocks, loop over rows, also
+summing grad_bias) are plain GEMMs with fp32 accumulators:
 no atomics, a fixed summation order. Rows labelled ignore_index are compacted out on the host
 (``nonzero``: one device sync per call).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ppokernels.triton._common import expm1, softmax_stats_tile
 
-# Tile shapes per input dtype, fixed (never chosen from N) so a row's bits do not depend on the
-# batch: fp32/fp64 tiles fit the fp32 MMA operands in shared memory; bf16/fp16 use tensor-core sized
-# tiles. BLOCK_K is the K step of the logits GEMM, BLOCK_H the H tile of the gradient GEMMs.
+# Launch table per input dtype and kernel role, read by the launchers and the AOT table. Tile
+# shapes are fixed (never chosen from N) so a row's bits do not depend on the batch. "logits":
+# the forward and the dlogits kernels (BLOCK_N x BLOCK_V tiles, K step BLOCK_K over H); "grad":
+# the two gradient GEMMs (BLOCK_N or BLOCK_V x BLOCK_H tiles). The shapes are the largest that
+# compile for sm_90 without register spills at these warps/stages (tests/test_triton_audit.py
+# checks it for bf16, under triton 3.6 on the GPU machine's stack and the newest triton here): a
+# 128 x 128 fp32 accumulator plus the softmax temporaries spilled with 8 warps, and triton 3.6
+# spilled the forward's 64 x 128 tile with a K step of 64 (bf16) or 32 (fp32) too. IEEE: fp32
+# and fp64 dots in full precision (no tf32), with the accumulator's out_dtype (triton <= 3.6
+# needs it). bf16/fp16 run on the tensor cores (wgmma on sm_90).
+_WIDE = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=16, BLOCK_H=64, IEEE=True, num_warps=8, num_stages=2)
+_HALF_LOGITS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, IEEE=False, num_warps=8, num_stages=3)
+_HALF_GRAD = dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, IEEE=False, num_warps=8, num_stages=3)
 CONFIGS = {
-    "wide": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, BLOCK_H=64, num_warps=4, num_stages=2),
-    "half": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, BLOCK_H=128, num_warps=8, num_stages=3),
+    "fp32": {"logits": _WIDE, "grad": _WIDE},
+    "fp64": {"logits": _WIDE, "grad": _WIDE},
+    "bf16": {"logits": _HALF_LOGITS, "grad": _HALF_GRAD},
+    "fp16": {"logits": _HALF_LOGITS, "grad": _HALF_GRAD},
 }
-
-
-def _cfg(dtype: torch.dtype) -> dict:
-    return CONFIGS["half" if dtype in (torch.bfloat16, torch.float16) else "wide"]
 
 
 @triton.jit
@@ -75,7 +83,7 @@ def _logits_tile(
 
 
 @triton.jit
-def _fwd_kernel(
+def _linear_logprobs_fwd_kernel(
     # inputs
     hidden_ptr,  # [n, H] valid rows only, contiguous
     weight_ptr,  # [V, H] contiguous, same dtype
@@ -121,7 +129,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dz_kernel(
+def _linear_logprobs_dz_kernel(
     # inputs
     hidden_ptr,  # [n, H] valid rows only
     weight_ptr,  # [V, H]
@@ -162,7 +170,8 @@ def _dz_kernel(
     c = tl.load(coef_ptr + 2 * n + rows, mask=rmask, other=0.0)
     logp = acc * inv_t - lse[:, None]
     p = tl.exp(logp)
-    ent_term = p * c[:, None] * (logp + ent[:, None])
+    # p = 0 (a -inf logit: a masked vocabulary entry) gives 0, not 0 * -inf (linear_logprobs.h)
+    ent_term = tl.where(p > 0, p * c[:, None] * (logp + ent[:, None]), 0.0)
     # label column: a + b p_y = (a + b) + b expm1(log p_y), no cancellation near p_y = 1
     dz_y = (a + b)[:, None] + b[:, None] * expm1(logp) + ent_term
     dz = tl.where(cols[None, :] == y[:, None], dz_y, p * b[:, None] + ent_term) * inv_t
@@ -172,7 +181,7 @@ def _dz_kernel(
 
 
 @triton.jit
-def _grad_hidden_kernel(
+def _linear_logprobs_grad_hidden_kernel(
     dz_ptr,  # [cnt, V] dlogits of this chunk
     weight_ptr,  # [V, H]
     grad_ptr,  # [n, H] fp32 grad of the valid rows; this chunk writes rows [r0, r0 + cnt)
@@ -213,7 +222,7 @@ def _grad_hidden_kernel(
 
 
 @triton.jit
-def _grad_weight_kernel(
+def _linear_logprobs_grad_weight_kernel(
     dz_ptr,  # [cnt, V] dlogits of this chunk
     hidden_ptr,  # [n, H] valid rows; this chunk is rows [r0, r0 + cnt)
     grad_w_ptr,  # [V, H] fp32, accumulated over chunks (read, add, write)

@@ -1,10 +1,10 @@
 """Triton kernels of the advantages family: masked moments and masked whitening.
 
 Math and the statistics layout as in ``csrc/include/ppokernels/advantages.h``. Each statistic is a
-deterministic two-level reduction: ``_partials_kernel`` sums fixed chunks of CHUNK entries (one
-program each, fp32 lanes reduced by tl.sum's fixed tree; fp64 for fp64 x) into fp64 partials, and
-``_finalize_kernel`` (one program) sums the partials in a fixed order and derives the statistics
-on the device, so no host synchronisation is needed between the passes.
+deterministic two-level reduction: ``_advantages_partials_kernel`` sums fixed chunks of CHUNK
+entries (one program each, fp32 lanes reduced by tl.sum's fixed tree; fp64 for fp64 x) into fp64
+partials, and ``_advantages_finalize_kernel`` (one program) sums the partials in a fixed order and
+derives the statistics on the device, so no host synchronisation is needed between the passes.
 """
 
 from __future__ import annotations
@@ -14,16 +14,19 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, launch
+from ppokernels._dtypes import acc_dtype
+from ppokernels.triton._common import aot_table, launch
 
-BLOCK = 1024
+# Launch table (read by the launchers and the AOT table). BLOCK and TILES fix the reduction order,
+# so they never depend on the input (determinism).
+CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=3)
 TILES = 8
-CHUNK = BLOCK * TILES  # entries per partial (fixed: determinism)
+CHUNK = CONFIG["BLOCK"] * TILES  # entries per partial
 NUM_STATS = 8  # count, mean, sum g, var, rstd, sum g (x - mean), coef_g, coef_h
 
 
 @triton.jit
-def _partials_kernel(
+def _advantages_partials_kernel(
     # inputs
     x_ptr,  # [n] fp32/fp64/bf16/fp16
     mask_ptr,  # [n] any dtype, valid where != 0
@@ -69,7 +72,7 @@ def _partials_kernel(
 
 
 @triton.jit
-def _finalize_kernel(
+def _advantages_finalize_kernel(
     part_ptr,  # [P, 3] fp64 partial sums
     stats_ptr,  # [NUM_STATS] fp64, written (pass A: count, mean, sum g; pass B: the rest)
     P,
@@ -117,7 +120,7 @@ def _finalize_kernel(
 
 
 @triton.jit
-def _elementwise_kernel(
+def _advantages_elementwise_kernel(
     x_ptr,  # [n]
     mask_ptr,  # [n] any dtype
     g_ptr,  # [n] upstream gradient (MODE 1) or [3] gradient of the moments (MODE 2), acc dtype
@@ -145,7 +148,8 @@ def _elementwise_kernel(
         g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(acc)
         cg = tl.load(stats_ptr + 6).to(acc)
         ch = tl.load(stats_ptr + 7).to(acc)
-        y = tl.load(stats_ptr + 4).to(acc) * g + m * (cg - ch * (x - mean))
+        # selected, not multiplied by m: NaN padding at masked entries gives 0 (advantages.h)
+        y = tl.load(stats_ptr + 4).to(acc) * g + tl.where(m > 0, cg - ch * (x - mean), 0.0)
     else:
         mean = tl.load(stats_ptr + 0).to(acc)
         cnt = tl.load(stats_ptr + 2).to(acc)
@@ -154,9 +158,12 @@ def _elementwise_kernel(
         else:
             d = cnt
         m = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0).to(acc)
-        c_mean = tl.load(g_ptr + 0).to(acc) / cnt
-        c_var = 2.0 * tl.load(g_ptr + 1).to(acc) / d
-        y = m * (c_mean + c_var * (x - mean))
+        # moments_coefs of advantages.h: 0 where the statistic is undefined or gets no gradient
+        g_mean = tl.load(g_ptr + 0).to(acc)
+        g_var = tl.load(g_ptr + 1).to(acc)
+        c_mean = tl.where((cnt > 0) & (g_mean != 0), g_mean / tl.maximum(cnt, 1.0), 0.0)
+        c_var = tl.where((d > 0) & (g_var != 0), 2.0 * g_var / tl.maximum(d, 1.0), 0.0)
+        y = tl.where(m > 0, c_mean + c_var * (x - mean), 0.0)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inb)
 
 
@@ -169,13 +176,13 @@ def _stats(x, mask, g, unbiased: bool, shift_mean: bool, eps: float) -> torch.Te
     f64 = x.dtype == torch.float64
     for pass_b in (False, True):
         if p > 0:
-            launch(_partials_kernel)[(p,)](
+            launch(_advantages_partials_kernel)[(p,)](
                 x, mask, g if g is not None else x, stats, part, n,
-                PASS_B=pass_b, HAS_G=g is not None, F64=f64, BLOCK=BLOCK, TILES=TILES,
+                PASS_B=pass_b, HAS_G=g is not None, F64=f64, TILES=TILES, **CONFIG,
             )  # fmt: skip
-        launch(_finalize_kernel)[(1,)](
+        launch(_advantages_finalize_kernel)[(1,)](
             part, stats, p, eps, PASS_B=pass_b, UNBIASED=unbiased, SHIFT_MEAN=shift_mean,
-            BLOCK=BLOCK,
+            **CONFIG,
         )  # fmt: skip
     return stats
 
@@ -188,21 +195,17 @@ def _mask(mask: torch.Tensor) -> torch.Tensor:
 def _elementwise(mode, x, mask, g, stats, out, shift_mean=True, unbiased=True):
     n = x.numel()
     if n > 0:
-        launch(_elementwise_kernel)[(triton.cdiv(n, BLOCK),)](
+        launch(_advantages_elementwise_kernel)[(triton.cdiv(n, CONFIG["BLOCK"]),)](
             x, mask, g if g is not None else x, stats, out, n, MODE=mode, SHIFT_MEAN=shift_mean,
-            UNBIASED=unbiased, F64=x.dtype == torch.float64, BLOCK=BLOCK,
+            UNBIASED=unbiased, F64=x.dtype == torch.float64, **CONFIG,
         )  # fmt: skip
     return out
-
-
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @triton_op("ppokernels::masked_moments_triton", mutates_args=())
 def masked_moments_triton(x: torch.Tensor, mask: torch.Tensor, unbiased: bool) -> torch.Tensor:
     stats = _stats(x.contiguous(), _mask(mask), None, unbiased, True, 0.0)
-    return stats[[1, 3, 0]].to(_acc(x))
+    return stats[[1, 3, 0]].to(acc_dtype(x))
 
 
 @triton_op("ppokernels::masked_moments_backward_triton", mutates_args=())
@@ -210,7 +213,7 @@ def masked_moments_backward_triton(
     grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, unbiased: bool
 ) -> torch.Tensor:
     xc = x.contiguous()
-    g = grad.to(_acc(x)).contiguous()
+    g = grad.to(acc_dtype(x)).contiguous()
     out = torch.empty(xc.shape, dtype=x.dtype, device=x.device)
     return _elementwise(2, xc, _mask(mask), g, moments.contiguous(), out, unbiased=unbiased)
 
@@ -221,7 +224,7 @@ def masked_whiten_triton(
 ) -> torch.Tensor:
     xc, m = x.contiguous(), _mask(mask)
     stats = _stats(xc, m, None, unbiased, shift_mean, eps)
-    out = torch.empty(xc.shape, dtype=_acc(x), device=x.device)
+    out = torch.empty(xc.shape, dtype=acc_dtype(x), device=x.device)
     return _elementwise(0, xc, m, None, stats, out, shift_mean=shift_mean)
 
 
@@ -235,23 +238,41 @@ def masked_whiten_backward_triton(
     eps: float,
 ) -> torch.Tensor:
     xc, m = x.contiguous(), _mask(mask)
-    g = grad.to(_acc(x)).contiguous()
+    g = grad.to(acc_dtype(x)).contiguous()
     stats = _stats(xc, m, g, unbiased, shift_mean, eps)
     out = torch.empty(xc.shape, dtype=x.dtype, device=x.device)
     return _elementwise(1, xc, m, g, stats, out)
 
 
-for _pass_b in (False, True):
-    _sig = {"x_ptr": "*bf16", "mask_ptr": "*u8", "g_ptr": "*fp32", "stats_ptr": "*fp64",
-            "part_ptr": "*fp64", "n": "i64"}  # fmt: skip
-    aot(_partials_kernel, _sig, PASS_B=_pass_b, HAS_G=True, F64=False, BLOCK=BLOCK, TILES=TILES)
-    _sig = {"part_ptr": "*fp64", "stats_ptr": "*fp64", "P": "i64", "eps": "fp32"}
-    aot(_finalize_kernel, _sig, PASS_B=_pass_b, UNBIASED=True, SHIFT_MEAN=False, BLOCK=BLOCK)
-_sig = {"x_ptr": "*fp64", "mask_ptr": "*i64", "g_ptr": "*fp64", "stats_ptr": "*fp64",
-        "part_ptr": "*fp64", "n": "i64"}  # fmt: skip
-aot(_partials_kernel, _sig, PASS_B=True, HAS_G=True, F64=True, BLOCK=BLOCK, TILES=TILES)
-for _mode in (0, 1, 2):
-    _sig = {"x_ptr": "*fp32", "mask_ptr": "*u8", "g_ptr": "*fp32", "stats_ptr": "*fp64",
-            "out_ptr": "*fp32", "n": "i64"}  # fmt: skip
-    aot(_elementwise_kernel, _sig, MODE=_mode, SHIFT_MEAN=False, UNBIASED=True, F64=False,
-        BLOCK=BLOCK)  # fmt: skip
+# ------------------------------------------------------------ ahead-of-time compile table
+def _config(dt: str) -> dict:
+    return CONFIG
+
+
+_F64 = lambda dt: dt == "fp64"  # noqa: E731  (the kernels' accumulator switch)
+_PART_SIG = {"x_ptr": "*T", "mask_ptr": "*u8", "g_ptr": "*A", "stats_ptr": "*fp64",
+             "part_ptr": "*fp64", "n": "i64"}  # fmt: skip
+_FIN_SIG = {"part_ptr": "*fp64", "stats_ptr": "*fp64", "P": "i64", "eps": "fp32"}
+_EW_SIG = {"x_ptr": "*T", "mask_ptr": "*u8", "g_ptr": "*A", "n": "i64"}
+AOT = (
+    aot_table(_advantages_partials_kernel, _PART_SIG, _config, variants=[
+        dict(PASS_B=b, HAS_G=h, F64=_F64, TILES=TILES) for b in (False, True) for h in (True, False)
+    ])
+    + aot_table(_advantages_finalize_kernel, _FIN_SIG, _config, dtypes=("fp32",), variants=[
+        dict(PASS_B=b, UNBIASED=u, SHIFT_MEAN=m) for b in (False, True) for u in (True, False)
+        for m in (True, False)
+    ])
+    # whiten (MODE 0): out in the accumulator dtype; the backwards (1, 2): out in x's dtype
+    + aot_table(_advantages_elementwise_kernel, {**_EW_SIG, "stats_ptr": "*fp64", "out_ptr": "*A"},
+                _config, variants=[
+        dict(MODE=0, SHIFT_MEAN=m, UNBIASED=True, F64=_F64) for m in (True, False)
+    ])
+    + aot_table(_advantages_elementwise_kernel, {**_EW_SIG, "stats_ptr": "*fp64", "out_ptr": "*T"},
+                _config, variants=[dict(MODE=1, SHIFT_MEAN=True, UNBIASED=True, F64=_F64)])
+    # moments backward: stats_ptr holds the op's own output (mean, var, count), accumulator dtype
+    + aot_table(_advantages_elementwise_kernel, {**_EW_SIG, "stats_ptr": "*A", "out_ptr": "*T"},
+                _config, variants=[
+        dict(MODE=2, SHIFT_MEAN=True, UNBIASED=True, F64=_F64),
+        dict(MODE=2, SHIFT_MEAN=True, UNBIASED=False, F64=_F64),
+    ])
+)  # fmt: skip

@@ -14,14 +14,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, launch
+from ppokernels._dtypes import acc_dtype
+from ppokernels.triton._common import aot_table, launch
 
 ESTIMATORS = {"grpo": 0, "rloo": 1}
-BLOCK = 1024
+# Launch table (read by the launcher and the AOT table); BLOCK fixes the summation order.
+CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=3)
 
 
 @triton.jit
-def _group_kernel(
+def _advantages_group_kernel(
     # inputs
     scores_ptr,  # [B] fp32/fp64/bf16/fp16
     ids_ptr,  # [B] int64 dense group ids in [0, G)
@@ -93,10 +95,10 @@ def _launch(scores, ids, g, out, num_groups, estimator, eps, norm_by_std, backwa
     if estimator not in ESTIMATORS:
         raise ValueError(f"group_advantages: unknown estimator {estimator!r}")
     if num_groups > 0 and scores.numel() > 0:
-        launch(_group_kernel)[(num_groups,)](
+        launch(_advantages_group_kernel)[(num_groups,)](
             scores, ids, g if g is not None else scores, out, scores.numel(), eps,
             EST=ESTIMATORS[estimator], NORM_BY_STD=norm_by_std, BACKWARD=backward,
-            F64=scores.dtype == torch.float64, BLOCK=BLOCK,
+            F64=scores.dtype == torch.float64, **CONFIG,
         )  # fmt: skip
     return out
 
@@ -111,8 +113,7 @@ def group_advantages_triton(
     norm_by_std: bool,
 ) -> torch.Tensor:
     s = scores.contiguous()
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    out = torch.empty(s.shape, dtype=acc, device=s.device)
+    out = torch.empty(s.shape, dtype=acc_dtype(s), device=s.device)
     ids = group_ids.contiguous()
     return _launch(s, ids, None, out, num_groups, estimator, eps, norm_by_std, False)
 
@@ -128,18 +129,25 @@ def group_advantages_backward_triton(
     norm_by_std: bool,
 ) -> torch.Tensor:
     s = scores.contiguous()
-    g = grad.to(torch.float64 if s.dtype == torch.float64 else torch.float32).contiguous()
+    g = grad.to(acc_dtype(s)).contiguous()
     out = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     ids = group_ids.contiguous()
     return _launch(s, ids, g, out, num_groups, estimator, eps, norm_by_std, True)
 
 
-for _est, _norm in ((0, True), (0, False), (1, True)):
-    for _bwd in (False, True):
-        _sig = {"scores_ptr": "*bf16", "ids_ptr": "*i64", "g_ptr": "*fp32", "out_ptr": "*fp32",
-                "B": "i64", "eps": "fp32"}  # fmt: skip
-        aot(_group_kernel, _sig, EST=_est, NORM_BY_STD=_norm, BACKWARD=_bwd, F64=False,
-            BLOCK=BLOCK)  # fmt: skip
-_sig = {"scores_ptr": "*fp64", "ids_ptr": "*i64", "g_ptr": "*fp64", "out_ptr": "*fp64",
-        "B": "i64", "eps": "fp32"}  # fmt: skip
-aot(_group_kernel, _sig, EST=0, NORM_BY_STD=True, BACKWARD=True, F64=True, BLOCK=BLOCK)
+# ------------------------------------------------------------ ahead-of-time compile table
+# forward: out in the accumulator dtype; backward: out (d scores) in the dtype of the scores
+_SIG = {"scores_ptr": "*T", "ids_ptr": "*i64", "g_ptr": "*A", "B": "i64", "eps": "fp32"}
+_F64 = lambda dt: dt == "fp64"  # noqa: E731
+_VARIANTS = [
+    dict(EST=0, NORM_BY_STD=True),
+    dict(EST=0, NORM_BY_STD=False),
+    dict(EST=1, NORM_BY_STD=True),
+]
+AOT = aot_table(
+    _advantages_group_kernel, {**_SIG, "out_ptr": "*A"}, lambda dt: CONFIG,
+    variants=[dict(v, BACKWARD=False, F64=_F64) for v in _VARIANTS],
+) + aot_table(
+    _advantages_group_kernel, {**_SIG, "out_ptr": "*T"}, lambda dt: CONFIG,
+    variants=[dict(v, BACKWARD=True, F64=_F64) for v in _VARIANTS],
+)  # fmt: skip

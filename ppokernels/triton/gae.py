@@ -15,9 +15,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, launch
+from ppokernels._dtypes import acc_dtype, bool_mask
+from ppokernels.triton._common import aot_table, launch
 
 MODES = {"skip": 0, "zero": 1}
+MAX_BLOCK_T = 1024  # time tile of rows with T >= 1024
 
 
 @triton.jit
@@ -145,8 +147,9 @@ def _gae_bwd_kernel(
         p = tl.where(live, p, 1.0)
         g = tl.where(live, g, 0.0)
         a_adj, nv_adj = _scan_tile(d, q, p, g, tl.zeros_like(g), la, lnv)
-        tl.store(grad_rewards_ptr + row + t, (m * a_adj).to(grad_rewards_ptr.dtype.element_ty),
-                 mask=live)
+        tl.store(
+            grad_rewards_ptr + row + t, (m * a_adj).to(grad_rewards_ptr.dtype.element_ty), mask=live
+        )
         if HAS_VALUES:
             if MODE == 0:  # the returns' upstream gradient reaches every value directly
                 dv = m * (nv_adj - a_adj) + g_ret
@@ -157,50 +160,71 @@ def _gae_bwd_kernel(
         lnv = _last(nv_adj, k, BLOCK_T)
 
 
-def _block(T: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(max(T, 1))))
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _config(T: int) -> dict:
+    """Launch table of both scans for rows of length T (read by the launchers and the AOT table):
+    the time tile is T rounded up to a power of two, between 16 and MAX_BLOCK_T."""
+    block = max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(T, 1))))
+    return dict(BLOCK_T=block, num_warps=4, num_stages=3)
 
 
 def _launch_fwd(rewards, values, mask, gamma, lam, mode):
     r = rewards.contiguous()
-    m = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-    adv = torch.empty(r.shape, dtype=_acc(r.dtype), device=r.device)
+    m = bool_mask(mask).contiguous()
+    adv = torch.empty(r.shape, dtype=acc_dtype(r), device=r.device)
     ret = torch.empty_like(adv) if values is not None else adv
     T = r.shape[-1] if r.dim() else 1
     rows = r.numel() // T if T else 0
     if rows:
         v = values.contiguous() if values is not None else r
         launch(_gae_fwd_kernel)[(rows,)](
-            r, v, m, adv, ret, T, gamma, lam,
-            MODE=MODES[mode], HAS_VALUES=values is not None, BLOCK_T=_block(T),
+            r,
+            v,
+            m,
+            adv,
+            ret,
+            T,
+            gamma,
+            lam,
+            MODE=MODES[mode],
+            HAS_VALUES=values is not None,
+            **_config(T),
         )
     return adv, ret
 
 
 def _launch_bwd(grad_advantages, grad_returns, mask, gamma, lam, mode, dtype, has_values):
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     gr = grad_returns.to(acc).contiguous()
     ga = grad_advantages.to(acc).contiguous() if has_values else gr
-    m = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    m = bool_mask(mask).contiguous()
     grad_r = torch.empty(gr.shape, dtype=dtype, device=gr.device)
     grad_v = torch.empty_like(grad_r) if has_values else grad_r
     T = gr.shape[-1] if gr.dim() else 1
     rows = gr.numel() // T if T else 0
     if rows:
         launch(_gae_bwd_kernel)[(rows,)](
-            ga, gr, m, grad_r, grad_v, T, gamma, lam,
-            MODE=MODES[mode], HAS_VALUES=has_values, BLOCK_T=_block(T),
+            ga,
+            gr,
+            m,
+            grad_r,
+            grad_v,
+            T,
+            gamma,
+            lam,
+            MODE=MODES[mode],
+            HAS_VALUES=has_values,
+            **_config(T),
         )
     return grad_r, grad_v
 
 
 @triton_op("ppokernels::gae_triton", mutates_args=())
 def gae_triton(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
     mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_fwd(rewards, values, mask, gamma, lam, mode)
@@ -208,8 +232,13 @@ def gae_triton(
 
 @triton_op("ppokernels::gae_backward_triton", mutates_args=())
 def gae_backward_triton(
-    grad_advantages: torch.Tensor, grad_returns: torch.Tensor, mask: torch.Tensor, gamma: float,
-    lam: float, mode: str, dtype: torch.dtype,
+    grad_advantages: torch.Tensor,
+    grad_returns: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    mode: str,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_bwd(grad_advantages, grad_returns, mask, gamma, lam, mode, dtype, True)
 
@@ -228,15 +257,13 @@ def discounted_returns_backward_triton(
     return _launch_bwd(grad_returns, grad_returns, mask, gamma, 1.0, mode, dtype, False)[0]
 
 
-for _mode in MODES.values():
-    for _has_values in (True, False):
-        aot(_gae_fwd_kernel,
-            {"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*i1",
-             "advantages_ptr": "*fp32", "returns_ptr": "*fp32", "T": "i32", "gamma": "fp32",
-             "lam": "fp32"},
-            MODE=_mode, HAS_VALUES=_has_values, BLOCK_T=1024)
-        aot(_gae_bwd_kernel,
-            {"grad_advantages_ptr": "*fp32", "grad_returns_ptr": "*fp32", "mask_ptr": "*i1",
-             "grad_rewards_ptr": "*bf16", "grad_values_ptr": "*bf16", "T": "i32",
-             "gamma": "fp32", "lam": "fp32"},
-            MODE=_mode, HAS_VALUES=_has_values, BLOCK_T=256)
+# ------------------------------------------------------------ ahead-of-time compile table
+_SCALARS = {"T": "i32", "gamma": "fp32", "lam": "fp32"}
+_FWD_SIG = {"rewards_ptr": "*T", "values_ptr": "*T", "mask_ptr": "*i1", "advantages_ptr": "*A",
+            "returns_ptr": "*A", **_SCALARS}  # fmt: skip
+_BWD_SIG = {"grad_advantages_ptr": "*A", "grad_returns_ptr": "*A", "mask_ptr": "*i1",
+            "grad_rewards_ptr": "*T", "grad_values_ptr": "*T", **_SCALARS}  # fmt: skip
+_VARIANTS = [dict(MODE=m, HAS_VALUES=v) for v in (True, False) for m in MODES.values()]
+AOT = aot_table(
+    _gae_fwd_kernel, _FWD_SIG, lambda dt: _config(MAX_BLOCK_T), variants=_VARIANTS
+) + aot_table(_gae_bwd_kernel, _BWD_SIG, lambda dt: _config(MAX_BLOCK_T), variants=_VARIANTS)

@@ -10,23 +10,18 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, expm1, launch
+from ppokernels._dtypes import acc_dtype
+from ppokernels.triton._common import aot_table, expm1, expm1_minus_y, launch
 
 ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-BLOCK = 1024
+# Launch table (read by the launchers and the AOT table): elementwise, 1024 tokens per program.
+CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=3)
 
 
 @triton.jit
 def _k3(x):
-    """exp(-x) - 1 + x; a Taylor series near 0, where the direct form cancels."""
-    s = 1.0 / 40320.0
-    s = 1.0 / 5040.0 - x * s
-    s = 1.0 / 720.0 - x * s
-    s = 1.0 / 120.0 - x * s
-    s = 1.0 / 24.0 - x * s
-    s = 1.0 / 6.0 - x * s
-    s = 0.5 - x * s
-    return tl.where(tl.abs(x) < 0.25, x * x * s, expm1(-x) + x)
+    """exp(-x) - 1 + x, from the series shared with the C++ kernels near 0 (no cancellation)."""
+    return expm1_minus_y(-x)
 
 
 @triton.jit
@@ -118,27 +113,29 @@ def _parse(estimator: str) -> tuple[int, bool]:
     return ESTIMATORS[name], st
 
 
+def _launch(kernel, tensors, n: int, clamp: float | None, **switches) -> None:
+    """One program per BLOCK elements over ``n`` elements: ``kernel(*tensors, n, clamp, ...)``
+    (nothing to launch for n = 0)."""
+    if n > 0:
+        grid = (triton.cdiv(n, CONFIG["BLOCK"]),)
+        launch(kernel)[grid](
+            *tensors,
+            n,
+            clamp if clamp is not None else 0.0,
+            HAS_CLAMP=clamp is not None,
+            **switches,
+            **CONFIG,
+        )
+
+
 @triton_op("ppokernels::kl_penalty_triton", mutates_args=())
 def kl_penalty_triton(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, clamp: float | None
 ) -> torch.Tensor:
     est, _ = _parse(estimator)
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
-    out_dtype = torch.float64 if lp.dtype == torch.float64 else torch.float32
-    out = torch.empty(lp.shape, dtype=out_dtype, device=lp.device)
-    n = lp.numel()
-    grid = (triton.cdiv(n, BLOCK),)
-    if n > 0:
-        launch(_kl_fwd_kernel)[grid](
-            lp,
-            ref,
-            out,
-            n,
-            clamp if clamp is not None else 0.0,
-            EST=est,
-            HAS_CLAMP=clamp is not None,
-            BLOCK=BLOCK,
-        )
+    out = torch.empty(lp.shape, dtype=acc_dtype(lp), device=lp.device)
+    _launch(_kl_fwd_kernel, (lp, ref, out), lp.numel(), clamp, EST=est)
     return out
 
 
@@ -152,42 +149,27 @@ def kl_penalty_backward_triton(
 ) -> torch.Tensor:
     est, st = _parse(estimator)
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
-    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
-    g = grad.to(acc).contiguous()
+    g = grad.to(acc_dtype(lp)).contiguous()
     grad_lp = torch.empty_like(lp)
-    n = lp.numel()
-    grid = (triton.cdiv(n, BLOCK),)
-    if n > 0:
-        launch(_kl_bwd_kernel)[grid](
-            g,
-            lp,
-            ref,
-            grad_lp,
-            n,
-            clamp if clamp is not None else 0.0,
-            EST=est,
-            HAS_CLAMP=clamp is not None,
-            STRAIGHT_THROUGH=st,
-            BLOCK=BLOCK,
-        )
+    _launch(_kl_bwd_kernel, (g, lp, ref, grad_lp), lp.numel(), clamp, EST=est, STRAIGHT_THROUGH=st)
     return grad_lp
 
 
-for _est in range(4):
-    _sig = {
-        "logprobs_ptr": "*bf16",
-        "ref_logprobs_ptr": "*bf16",
-        "out_ptr": "*fp32",
-        "n": "i64",
-        "clamp": "fp32",
-    }
-    aot(_kl_fwd_kernel, _sig, EST=_est, HAS_CLAMP=True, BLOCK=BLOCK)
-    _sig = {
-        "grad_ptr": "*fp32",
-        "logprobs_ptr": "*fp32",
-        "ref_logprobs_ptr": "*fp32",
-        "grad_logprobs_ptr": "*fp32",
-        "n": "i64",
-        "clamp": "fp32",
-    }
-    aot(_kl_bwd_kernel, _sig, EST=_est, HAS_CLAMP=True, STRAIGHT_THROUGH=False, BLOCK=BLOCK)
+# ------------------------------------------------------------ ahead-of-time compile table
+_SIG = {
+    "logprobs_ptr": "*T",
+    "ref_logprobs_ptr": "*T",
+    "out_ptr": "*A",
+    "n": "i64",
+    "clamp": "fp32",
+}
+_BWD_SIG = {"grad_ptr": "*A", "logprobs_ptr": "*T", "ref_logprobs_ptr": "*T",
+            "grad_logprobs_ptr": "*T", "n": "i64", "clamp": "fp32"}  # fmt: skip
+AOT = aot_table(
+    _kl_fwd_kernel, _SIG, lambda dt: CONFIG,
+    variants=[dict(EST=e, HAS_CLAMP=True) for e in range(4)],
+) + aot_table(
+    _kl_bwd_kernel, _BWD_SIG, lambda dt: CONFIG,
+    variants=[dict(EST=e, HAS_CLAMP=True, STRAIGHT_THROUGH=st) for st in (False, True)
+              for e in range(4)],
+)  # fmt: skip

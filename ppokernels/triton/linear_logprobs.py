@@ -10,39 +10,35 @@ import triton
 from torch.library import triton_op
 
 from ppokernels._backend import interpreting
-from ppokernels.triton._common import aot, launch
+from ppokernels._dtypes import acc_dtype
+from ppokernels.triton._common import aot_table, dtype_name, launch
 from ppokernels.triton._linear_logprobs_kernels import (
     CONFIGS,
-    _cfg,
-    _dz_kernel,
-    _fwd_kernel,
-    _grad_hidden_kernel,
-    _grad_weight_kernel,
+    _linear_logprobs_dz_kernel,
+    _linear_logprobs_fwd_kernel,
+    _linear_logprobs_grad_hidden_kernel,
+    _linear_logprobs_grad_weight_kernel,
 )
 
-
-def _launch(kernel, grid, args, dtype, keys, **constexprs):
-    """Launches ``kernel`` with the dtype's tile config (the ``keys`` it takes), ``constexprs``."""
-    cfg = _cfg(dtype)
-    meta = {k: cfg[k] for k in keys}
-    launch(kernel)[grid](
-        *args,
-        IEEE=dtype == torch.float32,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-        **meta,
-        **constexprs,
-    )
+# The tile constexprs each kernel role takes from its dtype's CONFIGS entry.
+_TILES = {"logits": ("BLOCK_N", "BLOCK_V", "BLOCK_K"), "grad": ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
 
 
-def _acc(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+def _config(dt: str, role: str) -> dict:
+    """Launch options of a ``role`` kernel for input dtype ``dt``: tiles, IEEE, warps, stages."""
+    cfg = CONFIGS[dt][role]
+    return {k: cfg[k] for k in (*_TILES[role], "IEEE", "num_warps", "num_stages")}
+
+
+def _launch(kernel, grid, args, dtype, role, **constexprs):
+    """Launches ``kernel`` with the launch options of (``dtype``, ``role``) and ``constexprs``."""
+    launch(kernel)[grid](*args, **_config(dtype_name(dtype), role), **constexprs)
 
 
 def _compact(hidden, weight, labels, bias, ignore_index, vocab_start):
     """Valid rows (one device sync), their hidden states and shard-local labels."""
     rows = torch.nonzero(labels != ignore_index).squeeze(1)
-    acc = _acc(hidden)
+    acc = acc_dtype(hidden)
     b = bias.to(acc).contiguous() if bias is not None else hidden.new_empty(0, dtype=acc)
     h, w = hidden[rows].contiguous(), weight.contiguous()
     if interpreting() and h.dtype in (torch.bfloat16, torch.float16):
@@ -63,7 +59,7 @@ def linear_logprobs_triton(
     vocab_start: int,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _acc(hidden)
+    acc = acc_dtype(hidden)
     N, H = hidden.shape
     V = weight.shape[0]
     outs = [torch.zeros(N, dtype=acc, device=hidden.device) for _ in range(3)]
@@ -72,13 +68,13 @@ def linear_logprobs_triton(
     if n == 0 or V == 0:
         return tuple(outs)
     part = [torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3)]
-    grid = (triton.cdiv(n, _cfg(hidden.dtype)["BLOCK_N"]),)
+    grid = (triton.cdiv(n, CONFIGS[dtype_name(hidden.dtype)]["logits"]["BLOCK_N"]),)
     _launch(
-        _fwd_kernel,
+        _linear_logprobs_fwd_kernel,
         grid,
         (h, w, b, y, *part, n, V, H, 1.0 / temperature),
         hidden.dtype,
-        ("BLOCK_N", "BLOCK_V", "BLOCK_K"),
+        "logits",
         HAS_BIAS=bias is not None,
     )
     for out, val in zip(outs, part, strict=True):
@@ -103,7 +99,7 @@ def linear_logprobs_backward_triton(
     chunk_size: int,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc, dev, dt = _acc(hidden), hidden.device, hidden.dtype
+    acc, dev, dt = acc_dtype(hidden), hidden.device, hidden.dtype
     N, H = hidden.shape
     V = weight.shape[0]
     need_h, need_w = output_mask[0], output_mask[1]
@@ -121,35 +117,35 @@ def linear_logprobs_backward_triton(
         gw_k = gw if need_w else torch.empty(V, H, dtype=acc, device=dev)  # bias-only case
         R = max(1, min(chunk_size if chunk_size > 0 else n, n))
         dz = torch.empty(R, V, dtype=h.dtype, device=dev)  # dlogits workspace of one row chunk
-        cfg = _cfg(dt)
+        cfg, gcfg = CONFIGS[dtype_name(dt)]["logits"], CONFIGS[dtype_name(dt)]["grad"]
         for r0 in range(0, n, R):
             cnt = min(R, n - r0)
             grid = (triton.cdiv(cnt, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
             _launch(
-                _dz_kernel,
+                _linear_logprobs_dz_kernel,
                 grid,
                 (h, w, b, y, lse_c, ent_c, coef, dz, r0, r0 + cnt, n, V, H, 1.0 / temperature),
                 dt,
-                ("BLOCK_N", "BLOCK_V", "BLOCK_K"),
+                "logits",
                 HAS_BIAS=bias is not None,
             )
             if need_h:
-                grid = (triton.cdiv(cnt, cfg["BLOCK_N"]), triton.cdiv(H, cfg["BLOCK_H"]))
+                grid = (triton.cdiv(cnt, gcfg["BLOCK_N"]), triton.cdiv(H, gcfg["BLOCK_H"]))
                 _launch(
-                    _grad_hidden_kernel,
+                    _linear_logprobs_grad_hidden_kernel,
                     grid,
                     (dz, w, gh_c, r0, cnt, V, H),
                     dt,
-                    ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+                    "grad",
                 )
             if need_w or need_b:
-                grid = (triton.cdiv(V, cfg["BLOCK_V"]), triton.cdiv(H, cfg["BLOCK_H"]))
+                grid = (triton.cdiv(V, gcfg["BLOCK_V"]), triton.cdiv(H, gcfg["BLOCK_H"]))
                 _launch(
-                    _grad_weight_kernel,
+                    _linear_logprobs_grad_weight_kernel,
                     grid,
                     (dz, h, gw_k, gb, r0, cnt, V, H),
                     dt,
-                    ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+                    "grad",
                     HAS_BIAS=need_b,
                 )
         if need_h:
@@ -159,64 +155,27 @@ def linear_logprobs_backward_triton(
     return gh, gw, gb
 
 
-for _dt, _name in (("bf16", "half"), ("fp32", "wide")):
-    _c = CONFIGS[_name]
-    _m = dict(IEEE=_dt == "fp32", BLOCK_N=_c["BLOCK_N"], BLOCK_V=_c["BLOCK_V"])
-    _s = {"n": "i64", "V": "i64", "H": "i64"}
-    _io = {
-        "hidden_ptr": f"*{_dt}",
-        "weight_ptr": f"*{_dt}",
-        "bias_ptr": "*fp32",
-        "labels_ptr": "*i64",
-    }
-    aot(
-        _fwd_kernel,
-        {
-            **_io,
-            "label_logit_ptr": "*fp32",
-            "lse_ptr": "*fp32",
-            "ent_ptr": "*fp32",
-            **_s,
-            "inv_t": "fp32",
-        },
-        HAS_BIAS=True,
-        BLOCK_K=_c["BLOCK_K"],
-        **_m,
-    )
-    aot(
-        _dz_kernel,
-        {
-            **_io,
-            "lse_ptr": "*fp32",
-            "ent_ptr": "*fp32",
-            "coef_ptr": "*fp32",
-            "dz_ptr": f"*{_dt}",
-            "r0": "i64",
-            "r1": "i64",
-            **_s,
-            "inv_t": "fp32",
-        },
-        HAS_BIAS=True,
-        BLOCK_K=_c["BLOCK_K"],
-        **_m,
-    )
-    _g = {"r0": "i64", "cnt": "i64", "V": "i64", "H": "i64"}
-    aot(
-        _grad_hidden_kernel,
-        {"dz_ptr": f"*{_dt}", "weight_ptr": f"*{_dt}", "grad_ptr": "*fp32", **_g},
-        BLOCK_H=_c["BLOCK_H"],
-        **_m,
-    )
-    aot(
-        _grad_weight_kernel,
-        {
-            "dz_ptr": f"*{_dt}",
-            "hidden_ptr": f"*{_dt}",
-            "grad_w_ptr": "*fp32",
-            "grad_b_ptr": "*fp32",
-            **_g,
-        },
-        HAS_BIAS=True,
-        BLOCK_H=_c["BLOCK_H"],
-        **_m,
-    )
+# ------------------------------------------------------------ ahead-of-time compile table
+_IO = {"hidden_ptr": "*T", "weight_ptr": "*T", "bias_ptr": "*A", "labels_ptr": "*i64"}
+_NVH = {"n": "i64", "V": "i64", "H": "i64"}
+_CHUNK = {"r0": "i64", "cnt": "i64", "V": "i64", "H": "i64"}
+AOT = (
+    aot_table(_linear_logprobs_fwd_kernel,
+              {**_IO, "label_logit_ptr": "*A", "lse_ptr": "*A", "ent_ptr": "*A", **_NVH,
+               "inv_t": "fp32"},
+              lambda dt: _config(dt, "logits"),
+              variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)])
+    + aot_table(_linear_logprobs_dz_kernel,
+                {**_IO, "lse_ptr": "*A", "ent_ptr": "*A", "coef_ptr": "*A", "dz_ptr": "*T",
+                 "r0": "i64", "r1": "i64", **_NVH, "inv_t": "fp32"},
+                lambda dt: _config(dt, "logits"),
+                variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)])
+    + aot_table(_linear_logprobs_grad_hidden_kernel,
+                {"dz_ptr": "*T", "weight_ptr": "*T", "grad_ptr": "*A", **_CHUNK},
+                lambda dt: _config(dt, "grad"))
+    + aot_table(_linear_logprobs_grad_weight_kernel,
+                {"dz_ptr": "*T", "hidden_ptr": "*T", "grad_w_ptr": "*A", "grad_b_ptr": "*A",
+                 **_CHUNK},
+                lambda dt: _config(dt, "grad"),
+                variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)])
+)  # fmt: skip

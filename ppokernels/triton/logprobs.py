@@ -14,11 +14,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, expm1, launch, softmax_stats_tile
+from ppokernels._dtypes import acc_dtype
+from ppokernels.triton._common import aot_table, expm1, launch, softmax_stats_tile
+
+MAX_BLOCK_V = 4096  # vocabulary tile of the widest rows (V >= 4096)
 
 
 @triton.jit
-def _fwd_kernel(
+def _logprobs_fwd_kernel(
     # inputs
     logits_ptr,  # [..., V] fp32/fp64/bf16/fp16, last dim contiguous, rows as in the docstring
     labels_ptr,  # [N] int64
@@ -67,7 +70,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _logprobs_bwd_kernel(
     # inputs
     grad_logprobs_ptr,  # [N] fp32 (fp64), upstream gradient of logprobs
     grad_entropy_ptr,  # [N] same, read when HAS_ENTROPY
@@ -144,8 +147,12 @@ def row_layout(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return row_layout(t.contiguous())
 
 
-def _block(V: int) -> int:
-    return min(triton.next_power_of_2(max(V, 16)), 4096)
+def _config(V: int) -> dict:
+    """Launch table of both kernels for a vocabulary of V: the tile is V rounded up to a power of
+    two (at most MAX_BLOCK_V), 8 warps from 2048 columns on. Read by the launchers and by the
+    AOT table (for the widest tile, the one every real vocabulary uses)."""
+    block = min(triton.next_power_of_2(max(V, 16)), MAX_BLOCK_V)
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4, num_stages=3)
 
 
 @triton_op("ppokernels::token_logprobs_triton", mutates_args=())
@@ -159,14 +166,13 @@ def token_logprobs_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, layout = row_layout(logits)
     lab = labels.contiguous()
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x)
     lp = torch.empty(labels.shape, dtype=acc, device=x.device)
     ent = torch.empty(labels.shape if with_entropy else (0,), dtype=acc, device=x.device)
     lse = torch.empty(labels.shape, dtype=acc, device=x.device)
     n, V = lab.numel(), x.shape[-1]
     if n > 0:
-        block = _block(V)
-        launch(_fwd_kernel)[(n,)](
+        launch(_logprobs_fwd_kernel)[(n,)](
             x,
             lab,
             lp,
@@ -177,8 +183,7 @@ def token_logprobs_triton(
             1.0 / temperature,
             ignore_index,
             WITH_ENTROPY=with_entropy,
-            BLOCK_V=block,
-            num_warps=8 if block >= 2048 else 4,
+            **_config(V),
         )
     return lp, ent, lse
 
@@ -194,8 +199,7 @@ def _backward(grad_lp, grad_ent, logits, labels, lse, entropy, temperature, igno
     if n > 0:
         dst, g_layout = row_layout(out)
         assert dst is out, "the gradient buffer must have addressable rows"
-        block = _block(V)
-        launch(_bwd_kernel)[(n,)](
+        launch(_logprobs_bwd_kernel)[(n,)](
             g_lp,
             g_ent,
             x,
@@ -209,8 +213,7 @@ def _backward(grad_lp, grad_ent, logits, labels, lse, entropy, temperature, igno
             1.0 / temperature,
             ignore_index,
             HAS_ENTROPY=has_ent,
-            BLOCK_V=block,
-            num_warps=8 if block >= 2048 else 4,
+            **_config(V),
         )
 
 
@@ -253,38 +256,19 @@ def token_logprobs_backward_triton_(
         logits.copy_(out)
 
 
-for _ent in (False, True):
-    for _dt in ("*bf16", "*fp32"):
-        _sig = {
-            "logits_ptr": _dt,
-            "labels_ptr": "*i64",
-            "logprobs_ptr": "*fp32",
-            "entropy_ptr": "*fp32",
-            "lse_ptr": "*fp32",
-            "V": "i64",
-            "inner": "i64",
-            "outer_stride": "i64",
-            "inner_stride": "i64",
-            "inv_t": "fp32",
-            "ignore_index": "i64",
-        }
-        aot(_fwd_kernel, _sig, WITH_ENTROPY=_ent, BLOCK_V=4096)
-        _sig = {
-            "grad_logprobs_ptr": "*fp32",
-            "grad_entropy_ptr": "*fp32",
-            "logits_ptr": _dt,
-            "labels_ptr": "*i64",
-            "lse_ptr": "*fp32",
-            "entropy_ptr": "*fp32",
-            "grad_ptr": _dt,
-            "V": "i64",
-            "inner": "i64",
-            "outer_stride": "i64",
-            "inner_stride": "i64",
-            "g_inner": "i64",
-            "g_outer_stride": "i64",
-            "g_inner_stride": "i64",
-            "inv_t": "fp32",
-            "ignore_index": "i64",
-        }
-        aot(_bwd_kernel, _sig, HAS_ENTROPY=_ent, BLOCK_V=4096)
+# ------------------------------------------------------------ ahead-of-time compile table
+_ROWS = {"V": "i64", "inner": "i64", "outer_stride": "i64", "inner_stride": "i64"}
+_SCALARS = {"inv_t": "fp32", "ignore_index": "i64"}
+_FWD_SIG = {"logits_ptr": "*T", "labels_ptr": "*i64", "logprobs_ptr": "*A", "entropy_ptr": "*A",
+            "lse_ptr": "*A", **_ROWS, **_SCALARS}  # fmt: skip
+_BWD_SIG = {"grad_logprobs_ptr": "*A", "grad_entropy_ptr": "*A", "logits_ptr": "*T",
+            "labels_ptr": "*i64", "lse_ptr": "*A", "entropy_ptr": "*A", "grad_ptr": "*T", **_ROWS,
+            "g_inner": "i64", "g_outer_stride": "i64", "g_inner_stride": "i64",
+            **_SCALARS}  # fmt: skip
+AOT = aot_table(
+    _logprobs_fwd_kernel, _FWD_SIG, lambda dt: _config(MAX_BLOCK_V),
+    variants=[dict(WITH_ENTROPY=True), dict(WITH_ENTROPY=False)],
+) + aot_table(
+    _logprobs_bwd_kernel, _BWD_SIG, lambda dt: _config(MAX_BLOCK_V),
+    variants=[dict(HAS_ENTROPY=True), dict(HAS_ENTROPY=False)],
+)  # fmt: skip

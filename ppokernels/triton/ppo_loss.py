@@ -1,8 +1,9 @@
 """Triton kernels of the ppo_loss family: the clipped policy loss, forward and backward.
 
 Math as in ``csrc/include/ppokernels/ppo_loss.h``. Forward: one program per row reduces the row
-into partial sums (``_policy_row_kernel``), then one program reduces the rows in a fixed order
-and applies the aggregation weights (``_policy_finalize_kernel``): deterministic, no atomics.
+into partial sums (``_ppo_loss_policy_row_kernel``), then one program reduces the rows in a fixed
+order and applies the aggregation weights (``_ppo_loss_policy_finalize_kernel``): deterministic,
+no atomics.
 Backward: elementwise over [B, T] with the per-row weight saved by the forward.
 Scalars travel as fp32 (Triton's type for Python floats), also for fp64 data.
 The value loss is in ``ppo_loss_value.py``, the per-token math in ``ppo_loss_math.py``.
@@ -15,14 +16,23 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, launch
+from ppokernels._dtypes import acc_dtype, bool_mask
+from ppokernels.triton._common import aot_table, launch
 from ppokernels.triton.kl import ESTIMATORS
 from ppokernels.triton.kl import _value as _kl_value
-from ppokernels.triton.ppo_loss_math import AGG, BLOCK, K, _agg_scale, _kl_grad, _surrogate
+from ppokernels.triton.ppo_loss_math import (
+    AGG,
+    FINALIZE_CONFIG,
+    ROW_CONFIG,
+    K,
+    _agg_scale,
+    _kl_grad,
+    _surrogate,
+)
 
 
 @triton.jit
-def _policy_row_kernel(
+def _ppo_loss_policy_row_kernel(
     # inputs, [B, T] unless noted
     lp_ptr, old_ptr, ref_ptr, ent_ptr,  # dtype of logprobs (ref/ent: used if HAS_REF/HAS_ENT)
     adv_ptr, w_ptr,  # fp32/fp64, [B, T] or [B] (ADV_ROW / W_ROW)
@@ -101,7 +111,7 @@ def _policy_row_kernel(
 
 
 @triton.jit
-def _policy_finalize_kernel(
+def _ppo_loss_policy_finalize_kernel(
     # inputs
     part_ptr,  # [B, K] per-row partial sums
     seq_lr_ptr,  # [B]
@@ -152,10 +162,10 @@ def _policy_finalize_kernel(
 
 
 @triton.jit
-def _policy_bwd_kernel(
+def _ppo_loss_policy_bwd_kernel(
     # inputs, [B, T] unless noted
     grad_ptr,  # [] upstream gradient of the loss, fp32/fp64
-    lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, mask_ptr,  # as in _policy_row_kernel
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, mask_ptr,  # as in _ppo_loss_policy_row_kernel
     row_stats_ptr,  # [B, 2] aggregation weight, sequence log-ratio
     # outputs
     g_lp_ptr, g_ref_ptr, g_ent_ptr,  # dtype of logprobs (ref/ent: if HAS_REF/HAS_ENT)
@@ -223,11 +233,11 @@ def _flags(lp, adv, ref, ent, w, dual, lr_clamp, ratio_level, kl_estimator, kl_c
 
 
 def _prep(lp, old, adv, mask, ref, ent, w):
-    acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(lp)
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     adv = adv.to(acc).contiguous()
     w = None if w is None else w.to(acc).contiguous()
-    mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    mask = bool_mask(mask).contiguous()
     return acc, c(lp), c(old), adv, mask, c(ref), c(ent), w
 
 
@@ -252,14 +262,14 @@ def ppo_policy_loss_triton(
     flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
                    kl_clamp)  # fmt: skip
     if B > 0:
-        launch(_policy_row_kernel)[(B,)](
+        launch(_ppo_loss_policy_row_kernel)[(B,)](
             lp, old, ref if ref is not None else lp, ent if ent is not None else lp, adv,
             w if w is not None else adv, mask, part, seq_lr, T, clip_low, clip_high,
-            dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **flags, BLOCK=BLOCK,
+            dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **flags, **ROW_CONFIG,
         )  # fmt: skip
-    launch(_policy_finalize_kernel)[(1,)](
+    launch(_ppo_loss_policy_finalize_kernel)[(1,)](
         part, seq_lr, loss, metrics, row_stats, B, T, num_tokens or 0.0, num_seqs or 0.0,
-        kl_coef, entropy_coef, AGG=AGG[agg], BLOCK_B=256,
+        kl_coef, entropy_coef, AGG=AGG[agg], **FINALIZE_CONFIG,
     )  # fmt: skip
     return loss, metrics, row_stats
 
@@ -283,30 +293,42 @@ def ppo_policy_loss_backward_triton(
     flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
                    kl_clamp)  # fmt: skip
     if B > 0 and T > 0:
-        launch(_policy_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
+        launch(_ppo_loss_policy_bwd_kernel)[(B, triton.cdiv(T, ROW_CONFIG["BLOCK"]))](
             grad.to(acc), lp, old, ref if ref is not None else lp, adv,
             w if w is not None else adv, mask, row_stats.to(acc).contiguous(), g_lp,
             g_ref if ref is not None else g_lp, g_ent if ent is not None else g_lp, T, clip_low,
             clip_high, dual_clip or 0.0, logratio_clamp or 0.0, kl_coef, kl_clamp or 0.0,
-            entropy_coef, **flags, KL_ST=kl_estimator.endswith("+"), BLOCK=BLOCK,
+            entropy_coef, **flags, KL_ST=kl_estimator.endswith("+"), **ROW_CONFIG,
         )  # fmt: skip
     return g_lp, g_ref, g_ent
 
 
-_F = dict(HAS_REF=True, HAS_ENT=True, HAS_W=True, ADV_ROW=False, W_ROW=False, HAS_DUAL=True,
-          HAS_LR_CLAMP=True, KL_EST=2, HAS_KL_CLAMP=True)  # fmt: skip
-_DATA = {"lp_ptr": "*bf16", "old_ptr": "*bf16", "ref_ptr": "*bf16"}
-_CLIP = {"clip_low": "fp32", "clip_high": "fp32", "dual": "fp32", "lr_clamp": "fp32"}
-for _seq in (False, True):
-    aot(_policy_row_kernel, {**_DATA, "ent_ptr": "*bf16", "adv_ptr": "*fp32", "w_ptr": "*fp32",
-        "mask_ptr": "*i1", "part_ptr": "*fp32", "seq_lr_ptr": "*fp32", "T": "i64", **_CLIP,
-        "kl_clamp": "fp32"}, **_F, SEQ=_seq, BLOCK=BLOCK)  # fmt: skip
-    aot(_policy_bwd_kernel, {"grad_ptr": "*fp32", **_DATA, "adv_ptr": "*fp32", "w_ptr": "*fp32",
-        "mask_ptr": "*i1", "row_stats_ptr": "*fp32", "g_lp_ptr": "*bf16", "g_ref_ptr": "*bf16",
-        "g_ent_ptr": "*bf16", "T": "i64", **_CLIP, "kl_coef": "fp32", "kl_clamp": "fp32",
-        "entropy_coef": "fp32"}, **_F, SEQ=_seq, KL_ST=False, BLOCK=BLOCK)  # fmt: skip
-for _agg in AGG.values():
-    aot(_policy_finalize_kernel, {"part_ptr": "*fp32", "seq_lr_ptr": "*fp32", "loss_ptr": "*fp32",
-        "metrics_ptr": "*fp32", "row_stats_ptr": "*fp32", "B": "i64", "T": "i64",
-        "num_tokens": "fp32", "num_seqs": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32"},
-        AGG=_agg, BLOCK_B=256)  # fmt: skip
+# ------------------------------------------------------------ ahead-of-time compile table
+_ALL = dict(HAS_REF=True, HAS_ENT=True, HAS_W=True, ADV_ROW=False, W_ROW=False, HAS_DUAL=True,
+            HAS_LR_CLAMP=True, KL_EST=2, HAS_KL_CLAMP=True)  # fmt: skip
+_NONE = dict(HAS_REF=False, HAS_ENT=False, HAS_W=False, ADV_ROW=True, W_ROW=True, HAS_DUAL=False,
+             HAS_LR_CLAMP=False, KL_EST=0, HAS_KL_CLAMP=False)  # fmt: skip
+_DATA = {"lp_ptr": "*T", "old_ptr": "*T", "ref_ptr": "*T", "adv_ptr": "*A", "w_ptr": "*A",
+         "mask_ptr": "*i1"}  # fmt: skip
+_CLIP = {"T": "i64", "clip_low": "fp32", "clip_high": "fp32", "dual": "fp32", "lr_clamp": "fp32"}
+AOT = (
+    aot_table(_ppo_loss_policy_row_kernel,
+              {**_DATA, "ent_ptr": "*T", "part_ptr": "*A", "seq_lr_ptr": "*A", **_CLIP,
+               "kl_clamp": "fp32"},
+              lambda dt: ROW_CONFIG,
+              variants=[dict(_ALL, SEQ=False), dict(_ALL, SEQ=True), dict(_NONE, SEQ=False)])
+    + aot_table(_ppo_loss_policy_bwd_kernel,
+                {"grad_ptr": "*A", **_DATA, "row_stats_ptr": "*A", "g_lp_ptr": "*T",
+                 "g_ref_ptr": "*T", "g_ent_ptr": "*T", **_CLIP, "kl_coef": "fp32",
+                 "kl_clamp": "fp32", "entropy_coef": "fp32"},
+                lambda dt: ROW_CONFIG,
+                variants=[dict(_ALL, SEQ=False, KL_ST=False), dict(_ALL, SEQ=True, KL_ST=True),
+                          dict(_NONE, SEQ=False, KL_ST=False)])
+    # the finalize kernel sees only accumulator-dtype partials
+    + aot_table(_ppo_loss_policy_finalize_kernel,
+                {"part_ptr": "*A", "seq_lr_ptr": "*A", "loss_ptr": "*A", "metrics_ptr": "*A",
+                 "row_stats_ptr": "*A", "B": "i64", "T": "i64", "num_tokens": "fp32",
+                 "num_seqs": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32"},
+                lambda dt: FINALIZE_CONFIG, dtypes=("fp32", "fp64"),
+                variants=[dict(AGG=a) for a in AGG.values()])
+)  # fmt: skip

@@ -15,7 +15,11 @@ AGG = {
     "seq-mean-token-sum": 3,
     "seq-mean-token-sum-norm": 4,
 }
-BLOCK = 1024
+# Launch table of the ppo_loss kernels (read by the launchers and the AOT tables): the row and
+# backward kernels step over BLOCK tokens, the finalize kernels over BLOCK_B rows (both fixed, so
+# the reduction order never depends on the batch).
+ROW_CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=3)
+FINALIZE_CONFIG = dict(BLOCK_B=256, num_warps=4, num_stages=3)
 K = 8  # per-row partials: n, loss, kl, entropy, clipped, -logratio, dual, (pad)
 
 
@@ -70,7 +74,8 @@ def _agg_scale(n_row, n_total, num_tokens, num_seqs, rows, width, AGG: tl.conste
     elif AGG == 2:
         w = tl.where(n_row > 0, 1.0 / tl.maximum(n_row * seqs, 1e-30), 0.0)
     elif AGG == 3:
-        w = n_row * 0.0 + 1.0 / seqs
-    else:
-        w = n_row * 0.0 + 1.0 / (seqs * width)
+        w = tl.where(n_row * 0.0 + seqs > 0, 1.0 / tl.maximum(seqs, 1e-30), 0.0)
+    else:  # seqs or width (T) may be 0: an empty batch weighs 0, not 1 / 0
+        d = n_row * 0.0 + seqs * width
+        w = tl.where(d > 0, 1.0 / tl.maximum(d, 1e-30), 0.0)
     return w

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ppokernels.triton._common import aot, launch
-from ppokernels.triton.ppo_loss_math import AGG, BLOCK, _agg_scale
+from ppokernels._dtypes import acc_dtype, bool_mask
+from ppokernels.triton._common import aot_table, launch
+from ppokernels.triton.ppo_loss_math import AGG, FINALIZE_CONFIG, ROW_CONFIG, _agg_scale
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _value_token(v, vo, ret, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _value_row_kernel(
+def _ppo_loss_value_row_kernel(
     # inputs, [B, T]
     v_ptr, vo_ptr,  # values, old_values (same dtype)
     ret_ptr,  # returns, fp32/fp64
@@ -69,7 +70,7 @@ def _value_row_kernel(
 
 
 @triton.jit
-def _value_finalize_kernel(
+def _ppo_loss_value_finalize_kernel(
     # inputs
     part_ptr,  # [B, 4]
     # outputs
@@ -104,10 +105,10 @@ def _value_finalize_kernel(
 
 
 @triton.jit
-def _value_bwd_kernel(
+def _ppo_loss_value_bwd_kernel(
     # inputs
     grad_ptr,  # [] upstream gradient
-    v_ptr, vo_ptr, ret_ptr, mask_ptr,  # [B, T] as in _value_row_kernel
+    v_ptr, vo_ptr, ret_ptr, mask_ptr,  # [B, T] as in _ppo_loss_value_row_kernel
     row_scale_ptr,  # [B]
     # outputs
     g_v_ptr,  # [B, T] dtype of values
@@ -132,8 +133,8 @@ def _value_bwd_kernel(
 
 
 def _prep(values, old_values, returns, mask):
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
+    acc = acc_dtype(values)
+    mask = bool_mask(mask).contiguous()
     return acc, values.contiguous(), old_values.contiguous(), returns.to(acc).contiguous(), mask
 
 
@@ -149,12 +150,12 @@ def value_loss_triton(
     clipfrac = torch.empty((), dtype=acc, device=v.device)
     row_scale = torch.empty((B,), dtype=acc, device=v.device)
     if B > 0:
-        launch(_value_row_kernel)[(B,)](
-            v, vo, ret, mask, part, T, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=BLOCK
+        launch(_ppo_loss_value_row_kernel)[(B,)](
+            v, vo, ret, mask, part, T, clip or 0.0, HAS_CLIP=clip is not None, **ROW_CONFIG
         )
-    launch(_value_finalize_kernel)[(1,)](
+    launch(_ppo_loss_value_finalize_kernel)[(1,)](
         part, loss, clipfrac, row_scale, B, T, num_tokens or 0.0, num_seqs or 0.0,
-        AGG=AGG[agg], BLOCK_B=256,
+        AGG=AGG[agg], **FINALIZE_CONFIG,
     )  # fmt: skip
     return loss, clipfrac, row_scale
 
@@ -168,19 +169,26 @@ def value_loss_backward_triton(
     B, T = v.shape
     g_v = torch.empty_like(v)
     if B > 0 and T > 0:
-        launch(_value_bwd_kernel)[(B, triton.cdiv(T, BLOCK))](
+        launch(_ppo_loss_value_bwd_kernel)[(B, triton.cdiv(T, ROW_CONFIG["BLOCK"]))](
             grad.to(acc), v, vo, ret, mask, row_scale.to(acc).contiguous(), g_v, T,
-            clip or 0.0, HAS_CLIP=clip is not None, BLOCK=BLOCK,
+            clip or 0.0, HAS_CLIP=clip is not None, **ROW_CONFIG,
         )  # fmt: skip
     return g_v
 
 
-_V = {"v_ptr": "*bf16", "vo_ptr": "*bf16", "ret_ptr": "*fp32", "mask_ptr": "*i1"}
-aot(_value_row_kernel, {**_V, "part_ptr": "*fp32", "T": "i64", "clip": "fp32"}, HAS_CLIP=True,
-    BLOCK=BLOCK)  # fmt: skip
-aot(_value_bwd_kernel, {"grad_ptr": "*fp32", **_V, "row_scale_ptr": "*fp32", "g_v_ptr": "*bf16",
-    "T": "i64", "clip": "fp32"}, HAS_CLIP=True, BLOCK=BLOCK)  # fmt: skip
-for _agg in AGG.values():
-    aot(_value_finalize_kernel, {"part_ptr": "*fp32", "loss_ptr": "*fp32",
-        "clipfrac_ptr": "*fp32", "row_scale_ptr": "*fp32", "B": "i64", "T": "i64",
-        "num_tokens": "fp32", "num_seqs": "fp32"}, AGG=_agg, BLOCK_B=256)  # fmt: skip
+# ------------------------------------------------------------ ahead-of-time compile table
+_V = {"v_ptr": "*T", "vo_ptr": "*T", "ret_ptr": "*A", "mask_ptr": "*i1"}
+_CLIP = [dict(HAS_CLIP=True), dict(HAS_CLIP=False)]
+AOT = (
+    aot_table(_ppo_loss_value_row_kernel, {**_V, "part_ptr": "*A", "T": "i64", "clip": "fp32"},
+              lambda dt: ROW_CONFIG, variants=_CLIP)
+    + aot_table(_ppo_loss_value_bwd_kernel,
+                {"grad_ptr": "*A", **_V, "row_scale_ptr": "*A", "g_v_ptr": "*T", "T": "i64",
+                 "clip": "fp32"},
+                lambda dt: ROW_CONFIG, variants=_CLIP)
+    + aot_table(_ppo_loss_value_finalize_kernel,
+                {"part_ptr": "*A", "loss_ptr": "*A", "clipfrac_ptr": "*A", "row_scale_ptr": "*A",
+                 "B": "i64", "T": "i64", "num_tokens": "fp32", "num_seqs": "fp32"},
+                lambda dt: FINALIZE_CONFIG, dtypes=("fp32", "fp64"),
+                variants=[dict(AGG=a) for a in AGG.values()])
+)  # fmt: skip

@@ -64,16 +64,34 @@ PPK_HOST_DEVICE T whiten_value(T x, T mean, T rstd, T shift_back) {
   return (x - mean) * rstd + shift_back;  // shift_back = mean, or 0 when shift_mean
 }
 
-// Gradient of one entry; m is 1 for valid entries, 0 otherwise.
+// Gradient of one entry; m is 1 for valid entries, 0 otherwise. The statistics' part is selected,
+// not multiplied by m: a masked entry may hold inf/NaN padding, and 0 * NaN would be NaN.
 template <typename T>
 PPK_HOST_DEVICE T whiten_grad(T g, T x, T m, T mean, T rstd, T coef_g, T coef_h) {
-  return rstd * g + m * (coef_g - coef_h * (x - mean));
+  return rstd * g + vselect(m > T(0), coef_g - coef_h * (x - mean), T(0));
 }
 
-// Gradient of (mean, var) of masked_moments for one entry: m (g_mean / n + g_var 2 (x - mu) / d).
+// Coefficients of the masked_moments gradient from the upstream gradient (g_mean, g_var) and the
+// count n: coef_mean = g_mean / n, coef_var = 2 g_var / d with d = n - 1 (unbiased) or n. Where
+// the statistic is undefined (n = 0, or d = 0: its forward is NaN, a constant) or gets no upstream
+// gradient (g = 0, e.g. masked_mean of one entry, whose variance is never used), the coefficient
+// is 0, not 0 / 0.
+struct MomentsCoefs {
+  double mean, var;
+};
+
+PPK_HOST_DEVICE MomentsCoefs moments_coefs(double g_mean, double g_var, double n,
+                                           bool unbiased) {
+  const double d = unbiased ? n - 1.0 : n;
+  return {n > 0.0 && g_mean != 0.0 ? g_mean / n : 0.0,
+          d > 0.0 && g_var != 0.0 ? 2.0 * g_var / d : 0.0};
+}
+
+// Gradient of (mean, var) of masked_moments for one entry: coef_mean + coef_var (x - mu) where
+// valid, 0 elsewhere (selected, so NaN padding at masked entries gives 0).
 template <typename T>
 PPK_HOST_DEVICE T moments_grad(T x, T m, T mean, T coef_mean, T coef_var) {
-  return m * (coef_mean + coef_var * (x - mean));  // coef_mean = g_mean / n, coef_var = 2 g_var / d
+  return vselect(m > T(0), coef_mean + coef_var * (x - mean), T(0));
 }
 
 // ------------------------------------------------------------------------- group baselines

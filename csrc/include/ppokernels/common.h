@@ -53,13 +53,46 @@ template <typename C, typename T> PPK_HOST_DEVICE T vselect(C c, T a, T b) {
 template <typename T> PPK_HOST_DEVICE T vmin(T a, T b) { return VecOps<T>::min(a, b); }
 template <typename T> PPK_HOST_DEVICE T vmax(T a, T b) { return VecOps<T>::max(a, b); }
 
-// exp(y) - 1 built on exp: a Taylor series for |y| < 0.5, where exp(y) - 1 cancels (error below
-// 1e-10 relative), else exp(y) - 1. Branch-free, so it vectorises; cheaper than a SIMD expm1.
+// ---------------------------------------------------------------- the exp(y) - 1 series
+// exp(y) - 1 cancels near y = 0 (and exp(-x) - 1 + x, the k3 KL estimator, cancels twice), so
+// both are evaluated there from one truncated Taylor series, written once:
+//   exp(y) - 1     = y (1 + (y / 2) tail(y))
+//   exp(y) - 1 - y = y^2 (1 / 2) tail(y),     tail(y) = 1 + y/3 (1 + y/4 (1 + ... (1 + y/N)))
+// for |y| < kExpSeriesBound, and from exp beyond it. N = ExpSeries<T>::kTerms is the last power
+// kept; the truncation error of the sum, relative to its value, is below
+//   |y|^N / (N + 1)!          for exp(y) - 1       (N = 10, |y| < 0.5: 2.5e-11)
+//   2 |y|^(N - 1) / (N + 1)!  for exp(y) - 1 - y   (N = 10, |y| < 0.5: 9.8e-11)
+// so N = 10 is far inside fp32's rounding (2^-24 = 6.0e-8), and fp64 takes N = 15 (1.5e-18 and
+// 5.8e-18, inside 2^-53 = 1.1e-16). Outside the bound exp(y) - 1 loses at most a few ulp (the
+// factor exp(y) / |exp(y) - 1| <= 2.6 at |y| = 0.5). Branch-free (both sides are computed), so it
+// vectorises; cheaper than a SIMD expm1. The Triton kernels (ppokernels/triton/_common.py) use
+// the same N, bound and Horner order, term for term.
+constexpr double kExpSeriesBound = 0.5;
+template <typename T> struct ExpSeries { static constexpr int kTerms = 10; };  // fp32, SIMD fp32
+template <> struct ExpSeries<double> { static constexpr int kTerms = 15; };
+
+// tail(y) above, Horner from the highest power down; multiplies by 1/n (no divisions).
+template <typename T>
+PPK_HOST_DEVICE T exp_series_tail(T y) {
+  constexpr int N = ExpSeries<T>::kTerms;
+  T s = T(1) + y * T(1.0 / N);
+#pragma unroll
+  for (int n = N - 1; n >= 3; --n) s = T(1) + y * T(1.0 / n) * s;
+  return s;
+}
+
+// exp(y) - 1.
 template <typename T>
 PPK_HOST_DEVICE T expm1_poly(T y) {
-  T s = T(1) + y * T(1.0 / 10);
-  for (int n = 9; n >= 2; --n) s = T(1) + y * T(1.0 / n) * s;
-  return vselect(vabs(y) < T(0.5), y * s, vexp(y) - T(1));
+  const T s = T(1) + y * T(1.0 / 2) * exp_series_tail(y);
+  return vselect(vabs(y) < T(kExpSeriesBound), y * s, vexp(y) - T(1));
+}
+
+// exp(y) - 1 - y.
+template <typename T>
+PPK_HOST_DEVICE T expm1_minus_y(T y) {
+  return vselect(vabs(y) < T(kExpSeriesBound), y * y * (T(0.5) * exp_series_tail(y)),
+                 vexp(y) - T(1) - y);
 }
 
 }  // namespace ppokernels

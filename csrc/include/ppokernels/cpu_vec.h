@@ -3,7 +3,14 @@
 // in the CPU kernels. setup.py builds with AVX2 + FMA where the build machine has them, which
 // selects ATen's AVX2 Vectorized and SLEEF's vector exp/log from libtorch.
 #pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "ppokernels/common.h"
 
@@ -22,5 +29,144 @@ struct VecOps<VecF> {
   static VecF min(VecF a, VecF b) { return at::vec::minimum(a, b); }
   static VecF max(VecF a, VecF b) { return at::vec::maximum(a, b); }
 };
+
+
+// ---------------------------------------------------------------- loads, stores, lane sums
+// Written once for every CPU kernel. V is VecF (SIMD) or a scalar acc type (float / double, for
+// the tails and the fp64 path), so one loop body serves both.
+constexpr int64_t kVecF = VecF::size();
+
+// v = p[0 .. width(V)), converted to float lanes (fp32, bf16, fp16) or to the scalar V.
+template <typename V, typename scalar_t>
+inline V vload(const scalar_t* p) {
+  if constexpr (!std::is_same_v<V, VecF>) {
+    return V(*p);
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    return VecF::loadu(p);
+  } else {
+    VecF out;
+    at::vec::load_to_float<scalar_t>(p, out);
+    return out;
+  }
+}
+
+// The first n < kVecF entries of p, the lanes past them set to `fill` (e.g. -inf, so that tile
+// padding adds nothing to a softmax sum).
+template <typename scalar_t>
+inline VecF vload_partial(const scalar_t* p, int64_t n, float fill) {
+  alignas(64) float buf[kVecF];
+  for (int64_t i = 0; i < kVecF; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : fill;
+  return VecF::loadu(buf);
+}
+
+template <typename V, typename scalar_t>
+inline void vstore(scalar_t* p, V v) {
+  if constexpr (std::is_same_v<V, VecF>) {
+    v.store(p);
+  } else {
+    *p = static_cast<scalar_t>(v);
+  }
+}
+
+// A bool mask as 1 (set) or 0 values of V: kVecF bytes for VecF (bool bytes are 0 or 1).
+template <typename V = VecF>
+inline V vload_mask(const bool* p) {
+  if constexpr (!std::is_same_v<V, VecF>) {
+    return V(*p ? 1 : 0);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return VecF(_mm256_cvtepi32_ps(b));
+#else
+    alignas(64) float buf[kVecF];
+    for (int64_t k = 0; k < kVecF; ++k) buf[k] = p[k] ? 1.f : 0.f;
+    return VecF::loadu(buf);
+#endif
+  }
+}
+
+// True when the kVecF mask bytes at p are all 0 (a chunk of padding: skipped outright).
+inline bool mask_chunk_empty(const bool* p) {
+  static_assert(kVecF % 8 == 0, "mask chunks are read 8 bytes at a time");
+  for (int64_t j = 0; j < kVecF; j += 8) {
+    uint64_t bits;
+    std::memcpy(&bits, p + j, 8);
+    if (bits != 0) return false;
+  }
+  return true;
+}
+
+// Horizontal sum and max of the lanes, in lane order (a fixed order: the same bits every call).
+inline float hsum(const VecF& v) {
+  alignas(64) float lanes[kVecF];
+  v.store(lanes);
+  float s = 0.f;
+  for (int64_t k = 0; k < kVecF; ++k) s += lanes[k];
+  return s;
+}
+inline float hmax(const VecF& v, float init) {
+  alignas(64) float lanes[kVecF];
+  v.store(lanes);
+  // std::max: a NaN lane is passed over
+  for (int64_t k = 0; k < kVecF; ++k) init = std::max(init, lanes[k]);
+  return init;
+}
+
+
+// ---------------------------------------------------------------- masked row loops
+// The token loops of the [B, T] kernels (ppo_loss): one row at a time, kVecF tokens per SIMD step
+// for float data, chunks whose mask is all 0 skipped outright (padding costs no work), the tail
+// scalar. f is generic over V = VecF or the scalar acc type; f(V(0), t, ...) handles tokens
+// [t, t + width(V)) and masks inside.
+
+// out[k] = sum over the valid tokens of the K values f adds into acc[k] (acc_t accumulators,
+// the SIMD lanes summed in a fixed order, then the scalar tail; in double at the end).
+template <int K, typename scalar_t, typename F>
+void row_accumulate(int64_t width, const bool* m, F f, double* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t t = 0;
+  for (int k = 0; k < K; ++k) out[k] = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    VecF acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = VecF(0.f);
+    for (; t + kVecF <= width; t += kVecF) {
+      if (!mask_chunk_empty(m + t)) f(VecF(0.f), t, acc);
+    }
+    for (int k = 0; k < K; ++k) out[k] = hsum(acc[k]);
+  }
+  acc_t tail[K] = {};
+  for (; t < width; ++t) {
+    if (m[t]) f(acc_t(0), t, tail);
+  }
+  for (int k = 0; k < K; ++k) out[k] += static_cast<double>(tail[k]);
+}
+
+// Calls f(V(0), t) on chunks with a valid token, z(t, n) on the n masked-out tokens from t (to
+// write zeros); a row that is not `active` (e.g. a zero gradient scale) is z(0, width) at once.
+template <typename scalar_t, typename F, typename Z>
+void row_map(int64_t width, const bool* m, bool active, F f, Z z) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!active) {
+    z(0, width);
+    return;
+  }
+  int64_t t = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; t + kVecF <= width; t += kVecF) {
+      if (mask_chunk_empty(m + t)) {
+        z(t, kVecF);
+      } else {
+        f(VecF(0.f), t);
+      }
+    }
+  }
+  for (; t < width; ++t) {
+    if (m[t]) {
+      f(acc_t(0), t);
+    } else {
+      z(t, 1);
+    }
+  }
+}
 
 }  // namespace ppokernels

@@ -1,11 +1,14 @@
-// Torch-side glue for the CUDA launchers: maps ATen dtypes to the CUDA storage types.
+// Torch-side glue for the CUDA launchers: maps ATen dtypes to the CUDA storage types, and brings
+// in what every glue section needs (dispatch macros, the op registry, the current stream).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <torch/library.h>
 
 namespace ppokernels {
 namespace cuda {
@@ -20,6 +23,11 @@ template <typename scalar_t> auto* ptr(const at::Tensor& t) {
 }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Kernels with one block per row launch `rows` blocks along grid.x (at most 2^31 - 1).
+inline void check_grid_rows(const char* op, int64_t rows) {
+  TORCH_CHECK(rows < (int64_t(1) << 31), op, ": too many rows for one launch");
+}
 
 }  // namespace cuda
 }  // namespace ppokernels

@@ -1,6 +1,7 @@
 // Per-token KL estimators (Schulman, "Approximating KL Divergence", 2020), x = logprobs - ref_logprobs.
 //   k1 = x            k2 = x^2 / 2            k3 = exp(-x) - 1 + x            abs = |x|
-// A "+" estimator (veRL) has the value of the named one and the gradient of k2 (straight-through).
+// A "+" estimator (veRL 0.9.1 verl/trainer/ppo/core_algos.py kl_penalty) has the value of the
+// named one and the gradient of k2 (straight-through).
 // Written branch-free over T (a float, a double or a SIMD vector of floats, see common.h).
 #pragma once
 #include <cstring>
@@ -11,15 +12,11 @@ namespace ppokernels {
 
 enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
 
-// exp(-x) - 1 + x. Near x = 0 the direct form cancels (both terms ~ x, the result ~ x^2 / 2), so a
-// Taylor series is used for |x| < 0.5: sum_{n=2..10} (-x)^n / n! (error < 1e-10 relative).
+// exp(-x) - 1 + x. Near x = 0 the direct form cancels (both terms ~ x, the result ~ x^2 / 2), so
+// the shared series of common.h is used there (expm1_minus_y at y = -x).
 template <typename T>
 PPK_HOST_DEVICE T kl_k3(T x) {
-  T s = T(1.0 / 3628800);  // 1 / 10!
-  const double inv_fact[] = {1.0 / 362880, 1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120,
-                             1.0 / 24, 1.0 / 6, 1.0 / 2};
-  for (double c : inv_fact) s = T(c) - x * s;
-  return vselect(vabs(x) < T(0.5), x * x * s, vexp(T(0) - x) - T(1) + x);
+  return expm1_minus_y(T(0) - x);
 }
 
 // Value of the estimator (unclamped).

@@ -20,13 +20,16 @@ namespace ppokernels {
 // dz of a column that is not the label.
 template <typename T>
 PPK_HOST_DEVICE T linear_logprobs_dz(T logp, T b, T c, T ent) {
-  return vexp(logp) * (b + c * (logp + ent));
+  const T p = vexp(logp);
+  // p = 0 (a -inf logit: a masked vocabulary entry) gives exactly 0, not 0 * -inf = NaN
+  return vselect(p == T(0), T(0), p * (b + c * (logp + ent)));
 }
 
 // dz of the label column.
 template <typename T>
 PPK_HOST_DEVICE T linear_logprobs_dz_label(T logp, T a, T b, T c, T ent) {
-  return (a + b) + b * expm1_poly(logp) + vexp(logp) * c * (logp + ent);
+  const T p = vexp(logp);
+  return (a + b) + b * expm1_poly(logp) + vselect(p == T(0), T(0), p * c * (logp + ent));
 }
 
 // softmax_stats_merge where either side may be empty (s == 0, m == -inf): returns the other side

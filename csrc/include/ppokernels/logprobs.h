@@ -56,9 +56,12 @@ PPK_HOST_DEVICE SoftmaxStats<T> softmax_stats_merge(SoftmaxStats<T> a, SoftmaxSt
   return {m, a.s + b.s, a.u + b.u};
 }
 
+// A +inf logit (an overflow upstream) leaves the softmax undefined: lse is NaN then, so every
+// log-prob and the entropy of that row are NaN, as torch.log_softmax gives (not -inf for the
+// other labels, which m + log s = +inf would give).
 template <typename T>
 PPK_HOST_DEVICE T softmax_stats_lse(const SoftmaxStats<T>& a) {
-  return a.m + PPK_MATH(log)(a.s);
+  return a.m == T(INFINITY) ? T(NAN) : a.m + PPK_MATH(log)(a.s);
 }
 
 // Entropy of the softmax: log s - u / s.

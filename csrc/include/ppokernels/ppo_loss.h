@@ -3,8 +3,8 @@
 // loss modes. Written branch-free over T (float, double or a SIMD vector of floats; common.h),
 // so the CPU SIMD loops, the scalar tails and the CUDA threads run the same code.
 //
-// Policy, one token (Schulman et al. 2017; dual clip: Ye et al. 2019; veRL
-// compute_policy_loss_vanilla, research/trainers.md 2.4):
+// Policy, one token (Schulman et al. 2017; dual clip: Ye et al. 2019; veRL 0.9.1
+// verl/trainer/ppo/core_algos.py compute_policy_loss_vanilla; docs/semantics.md):
 //   L1 = -A r,  L2 = -A clip(r, 1 - clip_low, 1 + clip_high),  Lc = max(L1, L2)
 //   dual clip c > 1, A < 0:  L = min(Lc, -A c)
 // Gradient with respect to r: L1 wins (or ties, where r is inside the clip range and both terms
@@ -12,7 +12,8 @@
 // the constant -A c, slope 0. The flags are veRL's metrics: clipped = L2 > L1, dual = Lc > -A c
 // with A < 0.
 //
-// Value, one token (veRL compute_value_loss, OpenRLHF ValueLoss, trainers.md 2.6 / 3.3):
+// Value, one token (veRL 0.9.1 verl/trainer/ppo/core_algos.py compute_value_loss; OpenRLHF
+// 0.11.2 openrlhf/models/loss.py ValueLoss; docs/semantics.md):
 //   vc = clip(v, v_old - clip, v_old + clip),  L = 0.5 max((v - R)^2, (vc - R)^2)
 // dL/dv = v - R unless the clipped term strictly wins (then v is outside the range: 0).
 #pragma once
@@ -23,7 +24,7 @@
 
 namespace ppokernels {
 
-// Loss aggregation modes (veRL agg_loss, trainers.md 2.5).
+// Loss aggregation modes (veRL 0.9.1 verl/trainer/ppo/core_algos.py agg_loss; docs/semantics.md).
 enum class AggMode : int {
   kTokenMean = 0,             // sum over valid tokens / (num_tokens or number of valid tokens)
   kTokenSum = 1,              // sum over valid tokens

@@ -13,7 +13,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.bench._common import ppokernels_providers, run
+from ppokernels.bench._common import ppokernels_providers, provider_fn, run_mode
 from ppokernels.bench.plugin import preset_shapes
 
 SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048), (256, 4096)], "llm": [(256, 4096), (1024, 8192)]}
@@ -32,21 +32,11 @@ def providers(device):
 
 
 def _whiten(provider):
-    if provider == "reference":
-        return reference.masked_whiten
-    if provider == "reference-compiled":
-        return torch.compile(reference.masked_whiten)
-    backend = provider.removeprefix("ppokernels-")
-    return lambda x, m: ppokernels.masked_whiten(x, m, backend=backend)
+    return provider_fn(provider, reference.masked_whiten, ppokernels.masked_whiten)
 
 
 def _group(provider):
-    if provider == "reference":
-        return reference.group_advantages
-    if provider == "reference-compiled":
-        return torch.compile(reference.group_advantages)
-    backend = provider.removeprefix("ppokernels-")
-    return lambda s, i: ppokernels.group_advantages(s, i, backend=backend)
+    return provider_fn(provider, reference.group_advantages, ppokernels.group_advantages)
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
@@ -55,18 +45,9 @@ def test_masked_whiten(benchmark, shape, provider, device, mode):
     lengths = torch.randint(shape[1] // 4, shape[1] + 1, (shape[0], 1), device=device)
     mask = torch.arange(shape[1], device=device) < lengths  # right-padded responses
     grad = torch.randn(shape, device=device)
-    fn = _whiten(provider)
-
-    def step():
-        out = fn(x, mask)
-        if mode != "forward":
-            out.backward(grad)
-        return out
-
-    benchmark.group = f"masked_whiten {mode} {shape}"
-    n = x.numel()
-    run(benchmark, step, device=device, provider=provider,
-        bytes_moved=n * (9 if mode == "forward" else 22))  # fmt: skip
+    run_mode(benchmark, _whiten(provider), (x, mask), mode, grad=grad,
+             group=f"masked_whiten {mode} {shape}", device=device, provider=provider,
+             bytes_moved=x.numel() * (9 if mode == "forward" else 22))  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
@@ -76,14 +57,6 @@ def test_group_advantages(benchmark, group_shape, provider, device, mode):
     ids = torch.arange(b, device=device) // k  # veRL uids map to such ids
     ids = ids[torch.randperm(b, device=device)] * 7 + 3  # shuffled, non-contiguous
     grad = torch.randn(b, device=device)
-    fn = _group(provider)
-
-    def step():
-        out = fn(scores, ids)
-        if mode != "forward":
-            out.backward(grad)
-        return out
-
-    benchmark.group = f"group_advantages {mode} B={b} group={k}"
-    run(benchmark, step, device=device, provider=provider,
-        bytes_moved=b * (16 if mode == "forward" else 32))  # fmt: skip
+    run_mode(benchmark, _group(provider), (scores, ids), mode, grad=grad,
+             group=f"group_advantages {mode} B={b} group={k}", device=device, provider=provider,
+             bytes_moved=b * (16 if mode == "forward" else 32))  # fmt: skip

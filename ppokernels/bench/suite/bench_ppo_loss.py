@@ -12,7 +12,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.bench._common import ppokernels_providers, run
+from ppokernels.bench._common import ppokernels_providers, provider_fn, run_mode
 
 SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048), (256, 4096)], "llm": [(256, 4096), (1024, 8192)]}
 AGG = "token-mean"
@@ -22,7 +22,7 @@ def providers(device):
     return ["eager-formula", "reference-compiled", *ppokernels_providers(device)]
 
 
-# ---- the trainers' formulas in plain torch (veRL core_algos, research/trainers.md 2.4-2.6)
+# ---- the trainers' formulas in plain torch (veRL 0.9.1 verl/trainer/ppo/core_algos.py)
 def _masked_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
@@ -63,25 +63,19 @@ def eager_value_loss(vpreds, returns, values, mask, clip=0.5):
 def _policy_fn(provider):
     if provider == "eager-formula":
         return lambda lp, old, adv, m: eager_policy_loss(lp, old, adv, m.float())[0]
-    if provider == "reference-compiled":
-        fn = torch.compile(reference.ppo_policy_loss)
-        return lambda lp, old, adv, m: fn(lp, old, adv, m, dual_clip=3.0, agg=AGG).loss
-    backend = provider.removeprefix("ppokernels-")
-    return lambda lp, old, adv, m: (
-        ppokernels.ppo_policy_loss(lp, old, adv, m, dual_clip=3.0, agg=AGG, backend=backend).loss
-    )
+    return provider_fn(provider, reference.ppo_policy_loss, ppokernels.ppo_policy_loss,
+                       result=_loss, dual_clip=3.0, agg=AGG)  # fmt: skip
 
 
 def _value_fn(provider):
     if provider == "eager-formula":
         return lambda v, vo, ret, m: eager_value_loss(v, ret, vo, m.float())[0]
-    if provider == "reference-compiled":
-        fn = torch.compile(reference.value_loss)
-        return lambda v, vo, ret, m: fn(v, vo, ret, m, clip=0.5, agg=AGG).loss
-    backend = provider.removeprefix("ppokernels-")
-    return lambda v, vo, ret, m: (
-        ppokernels.value_loss(v, vo, ret, m, clip=0.5, agg=AGG, backend=backend).loss
-    )
+    return provider_fn(provider, reference.value_loss, ppokernels.value_loss, result=_loss,
+                       clip=0.5, agg=AGG)  # fmt: skip
+
+
+def _loss(out):
+    return out.loss
 
 
 def _data(shape, device, mode):
@@ -94,34 +88,20 @@ def _data(shape, device, mode):
     return lp, old, adv, mask
 
 
+def _bench(benchmark, fn, shape, provider, device, mode, group):
+    data = _data(shape, device, mode)  # (logprobs or values, old ..., advantages or returns, mask)
+    moved = data[0].numel() * (13 if mode == "forward" else 30)
+    run_mode(benchmark, fn, data, mode, group=group, device=device, provider=provider,
+             bytes_moved=moved)  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_ppo_policy_loss(benchmark, shape, provider, device, mode):
-    lp, old, adv, mask = _data(shape, device, mode)
-    fn = _policy_fn(provider)
-
-    def step():
-        loss = fn(lp, old, adv, mask)
-        if mode != "forward":
-            loss.backward()
-        return loss
-
-    benchmark.group = f"ppo_policy_loss {mode} {shape}"
-    n = lp.numel()
-    run(benchmark, step, device=device, provider=provider,
-        bytes_moved=n * (13 if mode == "forward" else 30))  # fmt: skip
+    _bench(benchmark, _policy_fn(provider), shape, provider, device, mode,
+           group=f"ppo_policy_loss {mode} {shape}")  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_value_loss(benchmark, shape, provider, device, mode):
-    v, vo, ret, mask = _data(shape, device, mode)
-    fn = _value_fn(provider)
-
-    def step():
-        loss = fn(v, vo, ret, mask)
-        if mode != "forward":
-            loss.backward()
-        return loss
-
-    benchmark.group = f"value_loss {mode} {shape}"
-    run(benchmark, step, device=device, provider=provider,
-        bytes_moved=v.numel() * (13 if mode == "forward" else 30))  # fmt: skip
+    _bench(benchmark, _value_fn(provider), shape, provider, device, mode,
+           group=f"value_loss {mode} {shape}")  # fmt: skip

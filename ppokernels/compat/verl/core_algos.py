@@ -1,25 +1,5 @@
-"""Drop-in replacements for veRL's PPO/GRPO arithmetic, targeting **verl 0.9.1** (PyPI).
-
-Same names, signatures, values, gradients and output dtypes as ``verl.trainer.ppo.core_algos``,
-``verl.utils.torch_functional``, ``verl.utils.kernel.linear_cross_entropy`` and
-``verl.utils.experimental.torch_functional`` of that release, computed with ppokernels ops
-(one fused scan for GAE instead of a Python loop over tokens, grouped statistics instead of a loop
-over the batch, fused clipped loss, online-softmax log-probs without ``[N, V]`` temporaries).
-Masks are 0/1 (``response_mask``); entries where the mask is 0 may hold anything.
-
-Switch on in every process that computes losses (driver and Ray workers)::
-
-    import ppokernels.compat.verl as ppk_verl
-    ppk_verl.patch()          # ppk_verl.unpatch() restores veRL's functions
-
-With veRL's launcher, ``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=
-ppokernels.compat.verl.patch`` runs it in each Ray worker (see docs/compat.md).
-
-Differences in how (not what) things are computed: log-probs are fp32 whatever the logits dtype
-(veRL's flash-attn path; its pure-torch fallback returns bf16 for bf16 logits), entropies are
-computed in fp32 and returned in veRL's dtype, and errors veRL raises (``masked_var`` on fewer
-than two valid tokens, ``dp_size > 1`` without global counts) are raised the same way.
-"""
+"""veRL 0.9.1 ``verl.trainer.ppo.core_algos``: advantage estimators, KL, policy / value / entropy
+losses and their aggregation, on ppokernels ops (see the package doc)."""
 
 from __future__ import annotations
 
@@ -29,71 +9,8 @@ import numpy as np
 import torch
 
 import ppokernels as ppk
-from ppokernels.compat import Patcher, float_dtype
-
-TARGET_VERSION = "0.9.1"
-
-# ---------------------------------------------------------------- torch_functional helpers
-
-
-def masked_sum(values, mask, axis=None):
-    """sum(values * mask) over ``axis``; out-of-mask entries (NaN included) count as 0."""
-    return (torch.where(mask.bool(), values, 0.0) * mask).sum(axis=axis)
-
-
-def masked_mean(values, mask, axis=None):
-    """``masked_sum / (sum(mask) + 1e-8)`` (0 for an empty mask), as veRL."""
-    if axis is not None:
-        return masked_sum(values, mask, axis) / (mask.sum(axis=axis) + 1e-8)
-    mean = ppk.masked_mean(values, mask)
-    # veRL divides by sum(mask) + 1e-8: an empty mask gives 0, not NaN
-    mean = torch.where(mask.sum() > 0, mean, torch.zeros_like(mean))
-    return mean.to(float_dtype(values, mask))
-
-
-def _check_var(mask):
-    n = mask.sum()
-    if n == 0:
-        raise ValueError("At least one element in the mask has to be 1.")
-    if n == 1:
-        raise ValueError("The sum of the mask is one, which can cause a division by zero.")
-
-
-def masked_var(values, mask, unbiased=True):
-    """Variance over the valid entries, Bessel-corrected when ``unbiased`` (raises as veRL)."""
-    if unbiased:
-        _check_var(mask)
-    return ppk.masked_var(values, mask, unbiased=unbiased).to(float_dtype(values, mask))
-
-
-def masked_whiten(values, mask, shift_mean=True):
-    """``(values - mean) * rsqrt(var + 1e-8)`` (+ mean if not ``shift_mean``), unbiased var."""
-    _check_var(mask)
-    out = ppk.masked_whiten(values, mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
-    return out.to(float_dtype(values, mask))
-
-
-def logprobs_from_logits(logits, labels, inplace_backward=True):
-    """``log_softmax(logits)[labels]`` as float32 (-100 labels give 0), like veRL's flash-attn
-    path; ``inplace_backward`` writes the logits gradient into the logits' memory."""
-    lp, _ = ppk.token_logprobs(logits, labels, inplace_backward=inplace_backward)
-    return lp
-
-
-def _entropy(logits):
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return ppk.token_logprobs(logits, labels, with_entropy=True)[1]
-
-
-def entropy_from_logits(logits):
-    """Entropy of ``softmax(logits)`` per row, (...), in the logits' dtype (computed in fp32)."""
-    return _entropy(logits).to(logits.dtype)
-
-
-def entropy_from_logits_with_chunking(logits, chunk_size=2048):
-    """Entropy per row of 2-D logits as float32 (no chunking needed: no [N, V] temporaries)."""
-    return _entropy(logits).float()
-
+from ppokernels.compat import float_dtype
+from ppokernels.compat.verl.torch_functional import entropy_from_logits, masked_whiten
 
 # ---------------------------------------------------------------------- advantage estimators
 
@@ -199,8 +116,10 @@ def _agg_args(
 ):
     """(ppokernels agg, num_tokens, num_seqs, scale): veRL's agg_loss = ppokernels agg * scale."""
     scale: Any = float(dp_size)
-    if mode in ("token-mean", "token-sum"):
-        if mode == "token-mean" and batch_num_tokens is None and dp_size > 1:
+    if mode == "token-sum":  # veRL: masked_sum * dp_size, whatever batch_num_tokens says
+        return mode, None, None, scale
+    if mode == "token-mean":
+        if batch_num_tokens is None and dp_size > 1:
             raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
         if isinstance(batch_num_tokens, torch.Tensor):  # keep it on device: fold into scale
             scale = scale * mask.sum() / batch_num_tokens
@@ -389,129 +308,3 @@ def compute_value_loss(
 def compute_entropy_loss(logits, response_mask, loss_agg_mode: str = "token-mean"):
     """``agg_loss(entropy_from_logits(logits), response_mask, loss_agg_mode)``."""
     return agg_loss(entropy_from_logits(logits), response_mask, loss_agg_mode)
-
-
-# ------------------------------------------------------------------ fused linear log-probs
-
-
-def linear_cross_entropy(
-    hidden,
-    weight,
-    labels,
-    temperature: float = 1.0,
-    reduction: str = "none",
-    dist_process_group=None,
-):
-    """``(logprobs, entropy)`` of ``hidden @ weight.T / temperature`` without the [N, V] logits:
-    both float32 and flattened to (N,); ``reduction`` "sum"/"mean" applies to the log-probs."""
-    assert isinstance(temperature, float), (
-        f"temperature must be a float, but got {type(temperature)}"
-    )
-    assert isinstance(reduction, str), f"reduction must be a str, but got {type(reduction)}"
-    reduction = reduction.lower()
-    if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"Invalid reduction: {reduction}")
-    lp, ent = ppk.linear_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        labels.reshape(-1),
-        temperature=temperature,
-        with_entropy=True,
-        process_group=dist_process_group,
-    )
-    if reduction == "sum":
-        lp = lp.sum()
-    elif reduction == "mean":
-        lp = lp.sum() / lp.numel()
-    return lp, ent
-
-
-class FusedLinearForPPO(torch.nn.Module):
-    """``FusedLinearForPPO(chunk_size=512)(hidden_states, vocab_weights, input_ids, temperature)``
-    -> ``(log_probs float32, entropy in the hidden dtype)``, shaped like ``input_ids``."""
-
-    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
-        super().__init__()
-        if impl_backend not in ("torch", "liger"):
-            raise ValueError(
-                f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'."
-            )
-        self.chunk_size = chunk_size
-        self.impl_backend = impl_backend
-
-    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        assert hidden_states.ndim in (2, 3), f"Invalid hidden_states shape {hidden_states.shape}"
-        shape = input_ids.shape
-        lp, ent = ppk.linear_logprobs(
-            hidden_states.reshape(-1, hidden_states.shape[-1]),
-            vocab_weights,
-            input_ids.reshape(-1).long(),
-            temperature=float(temperature),
-            with_entropy=True,
-        )
-        return lp.view(shape), ent.to(hidden_states.dtype).view(shape)
-
-
-# ------------------------------------------------------------------------------- patching
-
-_PATCHER = Patcher()
-_CORE = (
-    "compute_gae_advantage_return",
-    "compute_grpo_outcome_advantage",
-    "compute_rloo_outcome_advantage",
-    "compute_reinforce_plus_plus_outcome_advantage",
-    "compute_policy_loss",
-    "compute_policy_loss_vanilla",
-    "agg_loss",
-    "compute_value_loss",
-    "kl_penalty",
-    "compute_entropy_loss",
-)
-_ADV = {
-    "gae": "compute_gae_advantage_return",
-    "grpo": "compute_grpo_outcome_advantage",
-    "rloo": "compute_rloo_outcome_advantage",
-    "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
-}
-_TF = (
-    "logprobs_from_logits",
-    "entropy_from_logits",
-    "entropy_from_logits_with_chunking",
-    "masked_sum",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-)
-
-
-def patch() -> None:
-    """Install the replacements in veRL (idempotent): ``core_algos`` attributes (the trainer
-    calls GAE/GRPO by attribute), the advantage-estimator and policy-loss registries ("gae",
-    "grpo", "rloo", "reinforce_plus_plus", "vanilla"), the ``torch_functional`` helpers and the
-    fused linear log-prob; every veRL module that imported one of them by name is updated too."""
-    if _PATCHER.active:
-        return
-    from verl.trainer.ppo import core_algos
-
-    g = globals()
-    for name in _CORE:
-        _PATCHER.everywhere("verl", core_algos.__name__, name, g[name])
-    for key, name in _ADV.items():
-        _PATCHER.set(core_algos.ADV_ESTIMATOR_REGISTRY, key, g[name])
-    _PATCHER.set(core_algos.POLICY_LOSS_REGISTRY, "vanilla", compute_policy_loss_vanilla)
-    for name in _TF:
-        _PATCHER.everywhere("verl", "verl.utils.torch_functional", name, g[name])
-    _PATCHER.everywhere(
-        "verl",
-        "verl.utils.kernel.linear_cross_entropy",
-        "linear_cross_entropy",
-        linear_cross_entropy,
-    )
-    _PATCHER.everywhere(
-        "verl", "verl.utils.experimental.torch_functional", "FusedLinearForPPO", FusedLinearForPPO
-    )
-
-
-def unpatch() -> None:
-    """Restore every veRL attribute and registry entry :func:`patch` replaced."""
-    _PATCHER.restore()

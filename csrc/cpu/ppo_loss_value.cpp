@@ -1,0 +1,129 @@
+// CPU kernels of the ppo_loss family, value loss: the clipped value loss, a fused forward (loss
+// and clip fraction in one pass over [B, T]) and its backward. Same structure as the policy loss
+// (ppo_loss.cpp); setup in ppokernels/ppo_loss_args.h, the math of one token in
+// ppokernels/ppo_loss.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ppokernels/cpu_vec.h"
+#include "ppokernels/ppo_loss_args.h"
+
+namespace ppokernels {
+namespace {
+
+// Per-row token pointers of the value inputs, typed; token() is the loss of tokens
+// [t, t + width(V)) and its gradient.
+template <typename scalar_t>
+struct ValueRow {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *v, *vo;
+  const acc_t* ret;
+  const bool* m;
+
+  ValueRow(const ValueArgs& c, int64_t b)
+      : v(c.v.data_ptr<scalar_t>() + b * c.T),
+        vo(c.vo.data_ptr<scalar_t>() + b * c.T),
+        ret(c.ret.data_ptr<acc_t>() + b * c.T),
+        m(c.mask.data_ptr<bool>() + b * c.T) {}
+  template <typename V>
+  V token(int64_t t, double clip, V* d, V* clipped) const {
+    return value_token(vload<V>(v + t), vload<V>(vo + t), vload<V>(ret + t), clip, d, clipped);
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const at::Tensor& mask, std::optional<double> clip, const std::string& agg,
+    std::optional<double> num_tokens, std::optional<double> num_seqs) {
+  const char* op = "value_loss";
+  const AggMode mode = ppo_agg_mode(op, agg);
+  const ValueArgs c = value_args(op, values, old_values, returns, mask, clip);
+  const int64_t B = c.B, T = c.T;
+  const double eps = c.clip;
+  const auto acc = acc_dtype(values);
+  std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_loss_cpu", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const ValueRow<scalar_t> row(c, b);
+        row_accumulate<3, scalar_t>(
+            T, row.m,
+            [&](auto tag, int64_t t, auto* acc_k) {
+              using V = decltype(tag);
+              const auto valid = vload_mask<V>(row.m + t) > V(0);
+              V d, clipped;
+              const V loss = row.token(t, eps, &d, &clipped);
+              acc_k[0] = acc_k[0] + vselect(valid, V(1), V(0));
+              acc_k[1] = acc_k[1] + vselect(valid, loss, V(0));
+              acc_k[2] = acc_k[2] + vselect(valid, clipped, V(0));
+            },
+            part.data() + 3 * b);
+      }
+    });
+  });
+  double n_total = 0, loss = 0, clipped = 0;
+  for (int64_t b = 0; b < B; ++b) n_total += part[3 * b];
+  auto row_scale = at::empty({B}, at::TensorOptions().dtype(at::kDouble));
+  double* rs = row_scale.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    const double w = agg_row_scale(mode, part[3 * b], n_total, num_tokens.value_or(0.0),
+                                   num_seqs.value_or(0.0), B, T);
+    rs[b] = w;
+    if (w != 0) loss += w * part[3 * b + 1];
+    clipped += part[3 * b + 2];
+  }
+  const auto opts = values.options().dtype(acc);
+  return {at::scalar_tensor(loss, opts),
+          at::scalar_tensor(n_total > 0 ? clipped / n_total : 0.0, opts), row_scale.to(acc)};
+}
+
+at::Tensor value_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& values,
+                                   const at::Tensor& old_values, const at::Tensor& returns,
+                                   const at::Tensor& mask, const at::Tensor& row_scale,
+                                   std::optional<double> clip) {
+  const char* op = "value_loss_backward";
+  const ValueArgs c = value_args(op, values, old_values, returns, mask, clip);
+  const int64_t B = c.B, T = c.T;
+  auto grad_v = value_grad_output(op, c, grad, row_scale);
+  const auto rs = row_scale.to(at::kDouble).contiguous();
+  const double* rsp = rs.data_ptr<double>();
+  const double g = grad.to(at::kDouble).item<double>();
+  const double eps = c.clip;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* gv = grad_v.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t o = b * T;
+        const ValueRow<scalar_t> row(c, b);
+        const double scale = g * rsp[b];
+        auto zero = [&](int64_t t, int64_t n) { std::fill_n(gv + o + t, n, scalar_t(0)); };
+        // an empty row (or a zero upstream gradient) gets zeros, no work
+        row_map<scalar_t>(
+            T, row.m, scale != 0,
+            [&](auto tag, int64_t t) {
+              using V = decltype(tag);
+              const auto valid = vload_mask<V>(row.m + t) > V(0);
+              V d, clipped;
+              row.token(t, eps, &d, &clipped);
+              vstore(gv + o + t, vselect(valid, V(static_cast<acc_t>(scale)) * d, V(0)));
+            },
+            zero);
+      }
+    });
+  });
+  return grad_v;
+}
+
+TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+  m.impl("value_loss", &value_loss_cpu);
+  m.impl("value_loss_backward", &value_loss_backward_cpu);
+}
+
+}  // namespace ppokernels

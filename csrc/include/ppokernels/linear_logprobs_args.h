@@ -1,0 +1,57 @@
+// Host-side setup of the linear_logprobs family (CPU front end cpu/linear_logprobs.cpp; a device
+// front end would share it): argument checks, contiguity, the compaction of ignored rows and the
+// row-chunk plan. The kernel file keeps only the dtype dispatch, the chunk loop and the
+// registration.
+#pragma once
+#include <optional>
+#include <vector>
+
+#include "ppokernels/aten_utils.h"
+#include "ppokernels/linear_logprobs.h"
+
+namespace ppokernels {
+
+inline constexpr int64_t kVocabBlock = 4096;  // columns per matmul; fixed, never derived from N
+inline constexpr int64_t kRowAlign = 16;      // row chunks are zero-padded to a multiple of this
+inline constexpr int64_t kDefaultBudget = 16 << 20;  // bytes of the [R, block] fp32 logits (in L3)
+
+struct LinearLogprobsPlan {
+  at::Tensor hidden, weight, labels;  // contiguous
+  std::vector<int64_t> rows;  // indices of the rows whose label is not ignore_index
+  int64_t H, V, R;            // hidden size, local vocabulary, rows per chunk (padded)
+};
+
+inline LinearLogprobsPlan linear_logprobs_plan(const char* op, const at::Tensor& hidden_,
+                                               const at::Tensor& weight_, const at::Tensor& labels_,
+                                               const std::optional<at::Tensor>& bias,
+                                               int64_t ignore_index, int64_t chunk_size) {
+  LinearLogprobsPlan p;
+  p.hidden = hidden_.contiguous();
+  p.weight = weight_.contiguous();
+  p.labels = labels_.contiguous();
+  const auto &hidden = p.hidden, &weight = p.weight, &labels = p.labels;
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden and weight must be 2-D");
+  TORCH_CHECK(hidden.size(1) == weight.size(1), op, ": hidden and weight disagree on H");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), op,
+              ": labels must be [N] with N = hidden.size(0)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), op,
+              ": hidden and weight must have the same dtype");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [V]");
+  }
+  p.H = hidden.size(1);
+  p.V = weight.size(0);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels.size(0); ++i) {
+    if (y[i] != ignore_index) p.rows.push_back(i);
+  }
+  const int64_t n = static_cast<int64_t>(p.rows.size());
+  const int64_t block = std::max<int64_t>(1, std::min(kVocabBlock, p.V));
+  int64_t r = chunk_size > 0 ? chunk_size : kDefaultBudget / (4 * block);
+  r = std::min(r, n);
+  p.R = std::max<int64_t>(kRowAlign, (r + kRowAlign - 1) / kRowAlign * kRowAlign);
+  return p;
+}
+
+}  // namespace ppokernels

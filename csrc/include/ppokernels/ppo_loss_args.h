@@ -1,0 +1,154 @@
+// Host-side setup of the ppo_loss family (ppo_policy_loss, value_loss and their backward passes),
+// written once for the CPU (cpu/ppo_loss*.cpp) and CUDA (cuda/ppo_loss*.cu) front ends: argument
+// checks, mode parsing (agg, ratio_level, kl_estimator), contiguity and the gradient outputs.
+// Those files keep only the dtype dispatch, the launch and the registration.
+#pragma once
+#include <optional>
+#include <string>
+
+#include "ppokernels/aten_utils.h"
+#include "ppokernels/ppo_loss.h"
+
+namespace ppokernels {
+
+inline AggMode ppo_agg_mode(const char* op, const std::string& agg) {
+  AggMode mode;
+  TORCH_CHECK(parse_agg_mode(agg.c_str(), &mode), op, ": unknown agg '", agg, "'");
+  return mode;
+}
+
+// x must match `like` (the [B, T] data) in shape, dtype and device.
+inline void ppo_check_like(const char* op, const char* name, const at::Tensor& x,
+                           const at::Tensor& like) {
+  TORCH_CHECK(x.sizes() == like.sizes(), op, ": ", name, " must have the shape of the data");
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), op, ": ", name, " must have the data's dtype");
+  TORCH_CHECK(x.device() == like.device(), op, ": ", name, " must be on the data's device");
+}
+
+// advantages / is_weights / returns: [B, T] or [B], converted to the accumulation dtype.
+inline at::Tensor ppo_token_or_row(const char* op, const char* name, const at::Tensor& x,
+                                   int64_t B, int64_t T, at::ScalarType acc, bool* per_row) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", name, " must be floating point");
+  const bool full = x.dim() == 2 && x.size(0) == B && x.size(1) == T;
+  *per_row = x.dim() == 1 && x.size(0) == B;
+  TORCH_CHECK(full || *per_row, op, ": ", name, " must have shape [B, T] or [B]");
+  return x.to(acc).contiguous();
+}
+
+// [B, T] data with a mask of its shape.
+inline void ppo_check_2d(const char* op, const at::Tensor& x, const at::Tensor& mask,
+                         int64_t* B, int64_t* T) {
+  TORCH_CHECK(x.dim() == 2, op, ": inputs must be [B, T]");
+  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the data");
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on the data's device");
+  *B = x.size(0);
+  *T = x.size(1);
+}
+
+// ---------------------------------------------------------------------------- policy loss
+struct PolicyArgs {
+  int64_t B, T;
+  at::Tensor lp, old, ref, ent;  // [B, T], input dtype; ref / ent undefined when not given
+  at::Tensor adv, w;             // [B, T] or [B] (adv_row / w_row), accumulation dtype
+  at::Tensor mask;               // [B, T] bool
+  bool adv_row = false, w_row = false;
+  PolicyParams<double> p;
+};
+
+inline PolicyArgs policy_args(const char* op, const at::Tensor& logprobs,
+                              const at::Tensor& old_logprobs, const at::Tensor& advantages,
+                              const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
+                              const std::optional<at::Tensor>& entropy,
+                              const std::optional<at::Tensor>& is_weights, double clip_low,
+                              double clip_high, std::optional<double> dual_clip,
+                              std::optional<double> logratio_clamp,
+                              const std::string& ratio_level, double kl_coef,
+                              const std::string& kl_estimator, std::optional<double> kl_clamp,
+                              double entropy_coef) {
+  PolicyArgs c;
+  ppo_check_2d(op, logprobs, mask, &c.B, &c.T);
+  ppo_check_like(op, "old_logprobs", old_logprobs, logprobs);
+  const auto acc = acc_dtype(logprobs);
+  c.lp = logprobs.contiguous();
+  c.old = old_logprobs.contiguous();
+  c.adv = ppo_token_or_row(op, "advantages", advantages, c.B, c.T, acc, &c.adv_row);
+  c.mask = bool_mask(mask);
+  if (ref_logprobs) {
+    ppo_check_like(op, "ref_logprobs", *ref_logprobs, logprobs);
+    c.ref = ref_logprobs->contiguous();
+  }
+  if (entropy) {
+    ppo_check_like(op, "entropy", *entropy, logprobs);
+    c.ent = entropy->contiguous();
+  }
+  if (is_weights) {
+    c.w = ppo_token_or_row(op, "is_weights", *is_weights, c.B, c.T, acc, &c.w_row);
+  }
+  TORCH_CHECK(clip_low >= 0 && clip_low < 1 && clip_high >= 0, op,
+              ": clip_low must be in [0, 1) and clip_high >= 0");
+  TORCH_CHECK(!dual_clip || *dual_clip > 1, op, ": dual_clip must be > 1");
+  bool seq;
+  TORCH_CHECK(parse_ratio_level(ratio_level.c_str(), &seq), op,
+              ": ratio_level must be 'token' or 'sequence'");
+  KLEstimator est;
+  bool st;
+  TORCH_CHECK(parse_kl_estimator(kl_estimator.c_str(), &est, &st), op,
+              ": unknown kl_estimator '", kl_estimator, "'");
+  c.p = PolicyParams<double>{clip_low, clip_high, dual_clip.value_or(0.0),
+                             logratio_clamp.value_or(0.0), kl_coef, kl_clamp.value_or(0.0),
+                             entropy_coef, est, st, seq, c.ref.defined()};
+  return c;
+}
+
+// Checks of the backward's own inputs, and the gradients' buffers: lp [B, T]; ref and ent [B, T]
+// when ref_logprobs / entropy were given, else [0].
+struct PolicyGrads {
+  at::Tensor lp, ref, ent;
+};
+
+inline PolicyGrads policy_grad_outputs(const char* op, const PolicyArgs& c, const at::Tensor& grad,
+                                       const at::Tensor& row_stats) {
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == c.B && row_stats.size(1) == 2, op,
+              ": row_stats must be [B, 2]");
+  TORCH_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
+  PolicyGrads o;
+  o.lp = at::empty_like(c.lp);
+  o.ref = c.ref.defined() ? at::empty_like(c.ref) : at::empty({0}, c.lp.options());
+  o.ent = c.ent.defined() ? at::empty_like(c.ent) : at::empty({0}, c.lp.options());
+  return o;
+}
+
+// ----------------------------------------------------------------------------- value loss
+struct ValueArgs {
+  int64_t B, T;
+  at::Tensor v, vo;  // [B, T], input dtype
+  at::Tensor ret;    // [B, T], accumulation dtype
+  at::Tensor mask;   // [B, T] bool
+  double clip;       // 0: none
+};
+
+inline ValueArgs value_args(const char* op, const at::Tensor& values, const at::Tensor& old_values,
+                            const at::Tensor& returns, const at::Tensor& mask,
+                            std::optional<double> clip) {
+  ValueArgs c;
+  ppo_check_2d(op, values, mask, &c.B, &c.T);
+  ppo_check_like(op, "old_values", old_values, values);
+  c.v = values.contiguous();
+  c.vo = old_values.contiguous();
+  bool per_row;
+  c.ret = ppo_token_or_row(op, "returns", returns, c.B, c.T, acc_dtype(values), &per_row);
+  TORCH_CHECK(!per_row, op, ": returns must have shape [B, T]");
+  c.mask = bool_mask(mask);
+  TORCH_CHECK(!clip || *clip > 0, op, ": clip must be > 0");
+  c.clip = clip.value_or(0.0);
+  return c;
+}
+
+inline at::Tensor value_grad_output(const char* op, const ValueArgs& c, const at::Tensor& grad,
+                                    const at::Tensor& row_scale) {
+  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == c.B, op, ": row_scale must be [B]");
+  TORCH_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
+  return at::empty_like(c.v);
+}
+
+}  // namespace ppokernels

@@ -1,0 +1,30 @@
+// Declarations shared by the CUDA files of the ppo_loss family (ppo_loss.cu: policy loss and the
+// finalize step; ppo_loss_value.cu: value loss). Plain CUDA: compiles without torch headers.
+#pragma once
+#include "ppokernels/cuda_utils.cuh"
+#include "ppokernels/ppo_loss.h"
+
+namespace ppokernels {
+namespace cuda {
+
+template <typename T>
+struct PolicyPtrs {
+  const T *lp, *old, *ref, *ent;  // [B, T]; ref / ent may be null
+  const acc_t<T>*adv, *w;         // [B, T] or [B] (adv_row / w_row); w may be null
+  const bool* mask;               // [B, T]
+  bool adv_row, w_row;
+};
+
+// Second step of both forwards: one block reduces the rows' K partial sums (part [rows, K]) in a
+// fixed order, in double, and applies the aggregation weights. K = kPolicyK: the policy loss
+// (loss of row b = part[kPLoss] + kl_coef part[kPKL] - entropy_coef part[kPEntropy]; seq_lr [rows];
+// metrics [kPolicyMetrics]; row_stats [rows, 2] = (weight, seq_lr)). K = 3: the value loss
+// (part = (n, loss, clipped); metrics [1] = clipfrac; row_stats [rows] = weight; seq_lr null).
+template <typename A, int K>
+cudaError_t ppo_loss_finalize(const A* part, const A* seq_lr, int64_t rows, int64_t width,
+                              AggMode mode, double num_tokens, double num_seqs, double kl_coef,
+                              double entropy_coef, A* loss, A* metrics, A* row_stats,
+                              cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ppokernels

@@ -1,0 +1,66 @@
+"""veRL 0.9.1 fused linear log-probs: ``verl.utils.kernel.linear_cross_entropy`` and
+``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (see the package doc)."""
+
+from __future__ import annotations
+
+import torch
+
+import ppokernels as ppk
+
+
+def linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group=None,
+):
+    """``(logprobs, entropy)`` of ``hidden @ weight.T / temperature`` without the [N, V] logits:
+    both float32 and flattened to (N,); ``reduction`` "sum"/"mean" applies to the log-probs."""
+    assert isinstance(temperature, float), (
+        f"temperature must be a float, but got {type(temperature)}"
+    )
+    assert isinstance(reduction, str), f"reduction must be a str, but got {type(reduction)}"
+    reduction = reduction.lower()
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"Invalid reduction: {reduction}")
+    lp, ent = ppk.linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        temperature=temperature,
+        with_entropy=True,
+        process_group=dist_process_group,
+    )
+    if reduction == "sum":
+        lp = lp.sum()
+    elif reduction == "mean":
+        lp = lp.sum() / lp.numel()
+    return lp, ent
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """``FusedLinearForPPO(chunk_size=512)(hidden_states, vocab_weights, input_ids, temperature)``
+    -> ``(log_probs float32, entropy in the hidden dtype)``, shaped like ``input_ids``."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(
+                f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'."
+            )
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        assert hidden_states.ndim in (2, 3), f"Invalid hidden_states shape {hidden_states.shape}"
+        shape = input_ids.shape
+        lp, ent = ppk.linear_logprobs(
+            hidden_states.reshape(-1, hidden_states.shape[-1]),
+            vocab_weights,
+            input_ids.reshape(-1).long(),
+            temperature=float(temperature),
+            with_entropy=True,
+        )
+        return lp.view(shape), ent.to(hidden_states.dtype).view(shape)

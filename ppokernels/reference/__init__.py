@@ -1,0 +1,38 @@
+"""Plain-PyTorch definitions of every ppokernels op: the specification the kernels are tested
+against, readable first, one module per stem. Each function computes in float32, or float64 for
+float64 inputs, and is differentiable by autograd. Names follow the RL literature (cleanrl, the
+PPO-RLHF papers); the trainers' own formulas are in ``docs/semantics.md``.
+"""
+
+from ppokernels.reference.advantages import group_advantages, masked_mean, masked_var, masked_whiten
+from ppokernels.reference.gae import discounted_returns, gae
+from ppokernels.reference.kl import kl_penalty
+from ppokernels.reference.linear_logprobs import linear_logprobs, linear_logprobs_stats
+from ppokernels.reference.logprobs import token_logprobs
+from ppokernels.reference.ppo_loss import (
+    AGG_MODES,
+    PolicyLossOutput,
+    ValueLossOutput,
+    agg_loss,
+    ppo_policy_loss,
+    value_loss,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "PolicyLossOutput",
+    "ValueLossOutput",
+    "agg_loss",
+    "discounted_returns",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "linear_logprobs",
+    "linear_logprobs_stats",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "token_logprobs",
+    "value_loss",
+]

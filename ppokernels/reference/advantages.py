@@ -1,0 +1,67 @@
+"""Reference Masked moments and whitening, and group baselines."""
+
+from __future__ import annotations
+
+import torch
+
+from ppokernels._dtypes import acc_dtype as _acc
+
+
+def _valid(x, mask):
+    """(x in the accumulation dtype with masked entries set to 0, mask as bool)."""
+    m = mask != 0
+    xa = x.to(_acc(x))
+    return torch.where(m, xa, torch.zeros_like(xa)), m
+
+
+def masked_mean(x, mask):
+    """sum(x * m) / sum(m) over all entries (NaN when no entry is valid, as torch.mean).
+
+    Masked entries are selected away, so inf/NaN padding does not leak into the result.
+    """
+    xv, m = _valid(x, mask)
+    return xv.sum() / m.sum()
+
+
+def masked_var(x, mask, *, unbiased=True):
+    """sum(m (x - mean)^2) / (n - 1 if unbiased else n), n = sum(m); NaN without enough entries."""
+    xv, m = _valid(x, mask)
+    n = m.sum()
+    mean = xv.sum() / n
+    d = n - 1 if unbiased else n
+    sq = torch.where(m, (xv - mean).square(), torch.zeros_like(xv)).sum()
+    return torch.where(d > 0, sq / d.clamp(min=1), torch.full_like(sq, float("nan")))
+
+
+def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8):
+    """(x - mean) * rsqrt(var + eps) (+ mean if not shift_mean), statistics over the valid
+    entries, every entry transformed (veRL's / TRL's masked_whiten)."""
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=unbiased)
+    y = (x.to(_acc(x)) - mean) * torch.rsqrt(var + eps)
+    return y if shift_mean else y + mean
+
+
+def group_advantages(scores, group_index, *, estimator="grpo", eps=1e-6, norm_by_std=True):
+    """Per-sequence advantages with a group baseline; groups of one member as veRL's loops.
+
+    grpo: (s - mean_g) / (std_g + eps) with the unbiased std, or s - mean_g without std
+    normalisation (Dr.GRPO); a singleton has mean 0 and std 1. rloo: s - mean of the other
+    members = n / (n - 1) (s - mean_g); a singleton keeps its score.
+    """
+    s = scores.to(_acc(scores))
+    _, inv = torch.unique(group_index, return_inverse=True)
+    g = int(inv.max()) + 1 if inv.numel() else 0
+    one = torch.ones_like(s)
+    n = torch.zeros(g, dtype=s.dtype, device=s.device).index_add(0, inv, one)[inv]
+    mean = torch.zeros(g, dtype=s.dtype, device=s.device).index_add(0, inv, s)[inv] / n
+    sq = torch.zeros(g, dtype=s.dtype, device=s.device).index_add(0, inv, (s - mean).square())
+    single = n == 1
+    # singletons: std 1 (selected before the sqrt, whose gradient at 0 is infinite)
+    std = torch.sqrt(torch.where(single, one, sq[inv] / torch.where(single, one, n - 1)))
+    mean = torch.where(single, torch.zeros_like(s), mean)
+    if estimator == "grpo":
+        return (s - mean) / (std + eps) if norm_by_std else s - mean
+    if estimator == "rloo":
+        return torch.where(single, s, (s - mean) * n / (n - 1).clamp(min=1))
+    raise ValueError(f"group_advantages: unknown estimator {estimator!r}")
