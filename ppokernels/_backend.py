@@ -30,7 +30,14 @@ except ImportError as e:  # pure-Python install (PPOKERNELS_BUILD_EXT=0) or a fa
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-# Which GPU kernel `auto` takes per op when both are built (set from benchmarks/results).
+# Which GPU kernel `auto` takes when both the Triton and the CUDA C++ kernels of an op are built:
+# keys "<op>" or "<op>:<dtype>" (e.g. "linear_logprobs:bfloat16", which wins over "<op>"), values
+# "triton" or "cpp". The rule: the faster of the two in the GPU check's `llm` benchmarks
+# (benchmarks/gpu_check.sh), per op and input dtype. No GPU run has been recorded yet, so the
+# table is empty and `auto` takes Triton for every op on CUDA: its kernels are checked ahead of
+# time for sm_90 (wgmma in bf16, no register spills: tests/test_triton_audit.py), while the CUDA
+# C++ linear_logprobs (cuBLAS GEMMs on chunks with fused epilogues) is compile-checked only;
+# `backend="cpp"` runs it.
 FASTEST_GPU: dict[str, str] = {}
 
 BUILD_HINT = {
@@ -73,8 +80,20 @@ def has_triton(device_type: str = "cuda") -> bool:
     return device_type == "cuda" or (device_type == "cpu" and interpreting())
 
 
-def choose(op: str, device: torch.device, backend: str = "auto") -> str:
-    """Backend that runs ``op`` on ``device``: "cpp", "triton" or "reference"."""
+def fastest_gpu(op: str, dtype: torch.dtype | None = None) -> str:
+    """The entry of FASTEST_GPU for ``op`` (and ``dtype`` when given), "triton" by default."""
+    if dtype is not None:
+        key = f"{op}:{str(dtype).removeprefix('torch.')}"
+        if key in FASTEST_GPU:
+            return FASTEST_GPU[key]
+    return FASTEST_GPU.get(op, "triton")
+
+
+def choose(
+    op: str, device: torch.device, backend: str = "auto", dtype: torch.dtype | None = None
+) -> str:
+    """Backend that runs ``op`` on ``device`` (inputs of ``dtype``): "cpp", "triton" or
+    "reference"."""
     if backend == "auto":
         backend = os.environ.get("PPOKERNELS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
@@ -82,11 +101,7 @@ def choose(op: str, device: torch.device, backend: str = "auto") -> str:
     dev = device.type
     if backend == "auto":
         if dev == "cuda":
-            order = (
-                ("triton", "cpp")
-                if FASTEST_GPU.get(op, "triton") == "triton"
-                else ("cpp", "triton")
-            )
+            order = ("triton", "cpp") if fastest_gpu(op, dtype) == "triton" else ("cpp", "triton")
         else:
             order = ("cpp",)
         for b in order:

@@ -278,3 +278,40 @@ def test_bad_input():
     with pytest.raises(ValueError, match="linear_logprobs: chunk_size"):
         f(hidden, weight, labels, chunk_size=0)
     assert f(hidden, weight, labels.int())[0].shape == (4,)  # int32 labels are fine
+
+
+def test_fastest_gpu_table_by_op_and_dtype(monkeypatch):
+    """auto on CUDA reads FASTEST_GPU: an "<op>:<dtype>" entry wins over "<op>", Triton else."""
+    from ppokernels import _backend
+
+    monkeypatch.setattr(_backend, "FASTEST_GPU", {"linear_logprobs": "cpp"})
+    assert _backend.fastest_gpu("linear_logprobs", torch.bfloat16) == "cpp"
+    assert _backend.fastest_gpu("token_logprobs", torch.bfloat16) == "triton"
+    monkeypatch.setattr(
+        _backend, "FASTEST_GPU", {"linear_logprobs": "cpp", "linear_logprobs:bfloat16": "triton"}
+    )
+    assert _backend.fastest_gpu("linear_logprobs", torch.bfloat16) == "triton"
+    assert _backend.fastest_gpu("linear_logprobs", torch.float32) == "cpp"
+    assert _backend.fastest_gpu("linear_logprobs") == "cpp"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_cpp_matches_triton_and_reference(dtype):
+    """The cuBLAS path (backend="cpp" on CUDA) against the fp64 reference and the Triton path,
+    forward and backward, with bias, holes and a row count that is not a multiple of 16."""
+    h, w, y, b = _inputs(37, 64, 1271, dtype=dtype, device="cuda", bias=True)
+    ref_lp, ref_ent = reference.linear_logprobs(
+        h.double(), w.double(), y, bias=b.double(), with_entropy=True
+    )
+    tol = (
+        TOL32 if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    )  # fp32 math on bf16 inputs
+    for backend in ("cpp", "triton"):
+        lp, ent = ppokernels.linear_logprobs(h, w, y, bias=b, with_entropy=True, backend=backend)
+        torch.testing.assert_close(lp.double(), ref_lp, **tol)
+        torch.testing.assert_close(ent.double(), ref_ent, **tol)
+    # a row's bits do not depend on the batch it is in (fixed GEMM shape)
+    lp_all, _ = ppokernels.linear_logprobs(h, w, y, bias=b, backend="cpp")
+    lp_one, _ = ppokernels.linear_logprobs(h[5:6], w, y[5:6], bias=b, backend="cpp")
+    assert torch.equal(lp_all[5:6], lp_one)

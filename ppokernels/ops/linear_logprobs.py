@@ -20,6 +20,10 @@ NAME = "linear_logprobs"
 CPU_BUDGET = 16 << 20  # bytes of the C++ kernel's [rows, 4096] fp32 logits block (in L3)
 CPU_VOCAB_BLOCK = 4096  # csrc/cpu/linear_logprobs.cpp kVocabBlock
 GPU_BUDGET = 1 << 30  # at most, bytes of the Triton backward's [rows, V] dlogits workspace
+# Rows per chunk of the CUDA C++ path (csrc/cuda/linear_logprobs.cu): fixed, never shrunk to N,
+# so cuBLAS always sees one GEMM shape (M = 1024) and a row gets the same bits in any batch; the
+# fp32 tile is [1024, 4096] (16 MiB) as on the CPU.
+CUDA_CPP_ROWS = 1024
 
 
 def default_chunk_size(n: int, vocab: int, device: torch.device) -> int:
@@ -66,7 +70,9 @@ def linear_logprobs(
         process_group: vocabulary-parallel group; rank r holds rows [v0, v1) of the full weight
             in rank order, labels are global ids, results equal the unsharded op, grad_hidden
             is summed over ranks, grad_weight / grad_bias are the local shard's.
-        backend: "auto", "cpp" (CPU), "triton" or "reference".
+        backend: "auto", "cpp" (CPU: BLAS chunks; CUDA: cuBLAS chunks, both with fused
+            epilogues), "triton" or "reference". On CUDA, ``auto`` follows
+            ``ppokernels._backend.FASTEST_GPU`` (Triton until a GPU run says otherwise).
 
     A ``-inf`` entry of ``bias`` masks that vocabulary entry (p = 0; finite entropy and gradients,
     equal to :func:`token_logprobs` of the same logits); a ``+inf`` logit gives NaN for its row.
@@ -110,7 +116,7 @@ def linear_logprobs(
             raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size}")
     if hidden.shape[-1] == 0:
         raise ValueError(f"{NAME}: hidden has H = 0 features (shape {tuple(hidden.shape)})")
-    b = _backend.choose(NAME, hidden.device, backend)
+    b = _backend.choose(NAME, hidden.device, backend, dtype=hidden.dtype)
     H, V = hidden.shape[-1], weight.shape[0]
     h2, y = hidden.reshape(-1, H), labels.reshape(-1).long()
     v0, v_total = (0, V) if process_group is None else _vocab_range(weight, process_group)
@@ -123,7 +129,12 @@ def linear_logprobs(
             )
     if process_group is not None:
         h2 = _reduce_grad_hidden(h2, process_group)
-    chunk = chunk_size or default_chunk_size(h2.shape[0], V, hidden.device)
+    if chunk_size is not None:
+        chunk = chunk_size
+    elif b == "cpp" and hidden.device.type == "cuda":
+        chunk = CUDA_CPP_ROWS
+    else:
+        chunk = default_chunk_size(h2.shape[0], V, hidden.device)
     if b == "reference":
         out = reference.linear_logprobs_stats(
             h2,

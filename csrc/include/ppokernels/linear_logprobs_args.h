@@ -1,10 +1,8 @@
-// Host-side setup of the linear_logprobs family (CPU front end cpu/linear_logprobs.cpp; a device
-// front end would share it): argument checks, contiguity, the compaction of ignored rows and the
-// row-chunk plan. The kernel file keeps only the dtype dispatch, the chunk loop and the
-// registration.
+// Host-side setup of the linear_logprobs family, shared by the CPU (cpu/linear_logprobs.cpp) and
+// CUDA (cuda/linear_logprobs.cu) front ends: argument checks, contiguity, the compaction of
+// ignored rows and the row-chunk plan. The chunk loop itself is linear_logprobs_chunks.h.
 #pragma once
 #include <optional>
-#include <vector>
 
 #include "ppokernels/aten_utils.h"
 #include "ppokernels/linear_logprobs.h"
@@ -17,7 +15,7 @@ inline constexpr int64_t kDefaultBudget = 16 << 20;  // bytes of the [R, block] 
 
 struct LinearLogprobsPlan {
   at::Tensor hidden, weight, labels;  // contiguous
-  std::vector<int64_t> rows;  // indices of the rows whose label is not ignore_index
+  at::Tensor rows;            // [n] int64, ascending: the rows whose label is not ignore_index
   int64_t H, V, R;            // hidden size, local vocabulary, rows per chunk (padded)
 };
 
@@ -42,11 +40,10 @@ inline LinearLogprobsPlan linear_logprobs_plan(const char* op, const at::Tensor&
   }
   p.H = hidden.size(1);
   p.V = weight.size(0);
-  const int64_t* y = labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < labels.size(0); ++i) {
-    if (y[i] != ignore_index) p.rows.push_back(i);
-  }
-  const int64_t n = static_cast<int64_t>(p.rows.size());
+  TORCH_CHECK(weight.device() == hidden.device() && labels.device() == hidden.device(), op,
+              ": hidden, weight and labels must be on one device");
+  p.rows = at::nonzero(labels != ignore_index).view({-1});  // one host sync on CUDA
+  const int64_t n = p.rows.numel();
   const int64_t block = std::max<int64_t>(1, std::min(kVocabBlock, p.V));
   int64_t r = chunk_size > 0 ? chunk_size : kDefaultBudget / (4 * block);
   r = std::min(r, n);
