@@ -1,8 +1,9 @@
 """Checks the OUT folder of ``benchmarks/gpu_check.sh`` against what the GPU machine returns
-(../shared/GPU.md): at most 8 files, each under 16 MiB and 64 MiB together, at most two folders
-deep, names of letters, digits, ``.``, ``_`` and ``-``, plain files only. And the layout the
-script promises: ``summary.txt`` whose first line is the check's header, ``results.json`` from
-``ppokernels bench``, ``report.md`` and ``logs.tar.gz``, a readable archive.
+(its limits: one command <= 600 s, no network): at most 8 files, each under 16 MiB and 64 MiB
+together, at most two folders deep, names of letters, digits, ``.``, ``_`` and ``-``, plain
+files only. And the layout the script promises: ``summary.txt`` whose first line is the
+check's header, ``results.json`` from ``ppokernels bench``, ``report.md`` and ``logs.tar.gz``,
+a readable archive.
 
     python benchmarks/check_gpu_out.py OUT     exit 0 and the listing, or 1 and the problems
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, fitted to the lent GPU machine (../shared/GPU.md: one command <= 600 s, at most 8 files
+# GPU check, fitted to the lent GPU machine (its limits: one command <= 600 s, at most 8 files
 # of 16 MiB back, no network). One command of at most 540 s: build the CUDA kernels for sm_90 only,
 # run the CUDA tests, then the llm benchmarks (ours beside the competition's released code, from
 # wheels carried in wheels/), each step time-boxed so that a later step still runs when an earlier

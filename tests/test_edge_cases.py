@@ -47,6 +47,31 @@ def test_masked_var_nan_padding_gets_zero_gradient(device, backend, unbiased):
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_nan_padding_keeps_gradients_finite(device, backend, shift_mean):
+    """inf/NaN at masked positions: their outputs are inf/NaN (every entry is transformed), but
+    every gradient is finite, for any upstream gradient, and equal to the reference's."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 50, dtype=torch.float64, device=device)
+    mask = torch.rand(3, 50, device=device) < 0.6
+    pads = torch.tensor([float("nan"), float("inf"), -float("inf"), 5.0], dtype=x.dtype)
+    x[~mask] = pads.to(device)[torch.arange(int((~mask).sum()), device=device) % 4]
+    g = torch.randn(3, 50, dtype=torch.float64, device=device)
+
+    def grad(b):
+        xx = x.clone().requires_grad_(True)
+        y = ppokernels.masked_whiten(xx, mask, shift_mean=shift_mean, backend=b)
+        y.backward(g)
+        return y.detach(), xx.grad
+
+    y, gx = grad(backend)
+    y_ref, gx_ref = grad("reference")
+    assert torch.isfinite(gx).all(), gx
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+@pytest.mark.parametrize("device, backend", PARAMS)
 def test_masked_var_one_valid_entry_is_nan_without_nan_gradient(device, backend):
     """The unbiased variance of one entry is undefined (NaN, a constant): its gradient is 0."""
     x = torch.tensor([1.0, 2.0, 3.0], device=device)

@@ -44,12 +44,15 @@ void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double
     for (; i + kVecF <= e; i += kVecF) {
       const VecF mk = vload_mask(m + i);
       const VecF valid = mk != zero;
-      const VecF gv = gf ? VecF::loadu(gf + i) : zero;
+      const VecF xv = VecF::loadu(x + i);
+      // feeds_stats_grad (advantages.h): valid, or finite (x - x == 0) masked padding
+      const VecF feed = valid | ((xv - xv) == zero);
+      const VecF gv = gf ? vselect(feed, VecF::loadu(gf + i), zero) : zero;
       if constexpr (kCentred) {
-        const VecF d = VecF::loadu(x + i) - vmean;
+        const VecF d = xv - vmean;
         v0 = v0 + vselect(valid, d * d, zero);
         v1 = v1 + vselect(valid, d, zero);
-        v2 = v2 + gv * d;
+        v2 = v2 + vselect(feed, gv * d, zero);
       } else {
         v0 = v0 + mk;
         v1 = v1 + vselect(valid, VecF::loadu(x + i), zero);
@@ -61,14 +64,15 @@ void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double
     s2 = hsum(v2);
   }
   for (; i < e; ++i) {
-    const acc_t gv = gf ? acc_t(gf[i]) : gd ? acc_t(gd[i]) : acc_t(0);
+    const bool feed = feeds_stats_grad(m[i], acc_t(x[i]));
+    const acc_t gv = !feed ? acc_t(0) : gf ? acc_t(gf[i]) : gd ? acc_t(gd[i]) : acc_t(0);
     if constexpr (kCentred) {
       const acc_t d = acc_t(x[i]) - mean;
       if (m[i]) {
         s0 += d * d;
         s1 += d;
       }
-      s2 += gv * d;
+      if (feed) s2 += gv * d;
     } else {
       if (m[i]) {
         s0 += 1;

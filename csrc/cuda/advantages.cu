@@ -29,11 +29,12 @@ __global__ void partials_kernel(const T* __restrict__ x, const bool* __restrict_
     const int64_t i = base + static_cast<int64_t>(k) * kThreads;
     if (i >= n) break;
     const A xv = load_as<A>(x, i);
-    const A gv = g ? g[i] : A(0);
+    const bool feed = g && feeds_stats_grad(mask[i], xv);  // advantages.h
+    const A gv = feed ? g[i] : A(0);
     if (kPassB) {
       const A d = xv - mean;
       v[0] += mask[i] ? d * d : A(0);  // select: masked inf/NaN must not leak
-      v[1] += gv * d;
+      v[1] += feed ? gv * d : A(0);
     } else {
       v[0] += mask[i] ? A(1) : A(0);
       v[1] += mask[i] ? xv : A(0);

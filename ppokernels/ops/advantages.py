@@ -70,9 +70,11 @@ def masked_whiten(
     """``(x - mean) * rsqrt(var + eps)``, with mean and var (:func:`masked_var`) over the
     entries where ``mask != 0``; with ``shift_mean=False`` the mean is added back.
 
-    As veRL's and TRL's ``masked_whiten``, every entry is transformed, valid or not (multiply
-    by the mask afterwards to zero the padding). veRL raises on masks with fewer than two valid
+    As veRL's and TRL's ``masked_whiten``, every entry is transformed, valid or not (select
+    with the mask afterwards to zero the padding). veRL raises on masks with fewer than two valid
     entries; here the statistics are NaN then (see :func:`masked_var`) and so is the output.
+    inf/NaN padding at masked positions stays inf/NaN in the output but never reaches a
+    gradient: such entries do not feed the statistics' gradient (their own is ``rstd * g``).
 
     Args:
         x: (...) any float dtype. mask: (...) bool, integer or float {0, 1}, the shape of x.

@@ -35,11 +35,21 @@ def masked_var(x, mask, *, unbiased=True):
 
 def masked_whiten(x, mask, *, shift_mean=True, unbiased=True, eps=1e-8):
     """(x - mean) * rsqrt(var + eps) (+ mean if not shift_mean), statistics over the valid
-    entries, every entry transformed (veRL's / TRL's masked_whiten)."""
+    entries, every entry transformed (veRL's / TRL's masked_whiten).
+
+    A masked entry holding inf/NaN padding is transformed too (its output is inf/NaN), but it
+    does not feed the gradient of the statistics: its output is computed from detached mean and
+    rstd, so its g * (x - mean) can never reach (and poison) the valid entries' gradients.
+    """
     mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=unbiased)
-    y = (x.to(_acc(x)) - mean) * torch.rsqrt(var + eps)
-    return y if shift_mean else y + mean
+    r = torch.rsqrt(masked_var(x, mask, unbiased=unbiased) + eps)
+    xa = x.to(_acc(x))
+    feed = (mask != 0) | torch.isfinite(xa)  # advantages.h feeds_stats_grad
+    xs = torch.where(feed, xa, 0.0)  # the branch autograd differentiates is finite
+    shift = 0.0 if shift_mean else 1.0
+    y = (xs - mean) * r + shift * mean
+    y_pad = (xa - mean.detach()) * r.detach() + shift * mean.detach()
+    return torch.where(feed, y, y_pad)
 
 
 def group_advantages(scores, group_index, *, estimator="grpo", eps=1e-6, norm_by_std=True):

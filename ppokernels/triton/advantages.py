@@ -58,14 +58,16 @@ def _advantages_partials_kernel(
         g = tl.zeros([BLOCK], acc)
         if HAS_G:
             g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(acc)
+        # feeds_stats_grad (advantages.h): valid entries, or masked ones that are finite
+        feed = inb & (m | (x - x == 0.0))
         if PASS_B:
             d = x - mean
             a0 += tl.where(m, d * d, 0.0)  # select: masked inf/NaN must not leak
-            a1 += tl.where(inb, g * d, 0.0)
+            a1 += tl.where(feed, g * d, 0.0)
         else:
             a0 += tl.where(m, 1.0, 0.0)
             a1 += tl.where(m, x, 0.0)
-            a2 += g
+            a2 += tl.where(feed, g, 0.0)
     tl.store(part_ptr + pid * 3 + 0, tl.sum(a0, axis=0).to(tl.float64))
     tl.store(part_ptr + pid * 3 + 1, tl.sum(a1, axis=0).to(tl.float64))
     tl.store(part_ptr + pid * 3 + 2, tl.sum(a2, axis=0).to(tl.float64))

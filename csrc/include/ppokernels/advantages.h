@@ -58,6 +58,15 @@ PPK_HOST_DEVICE void masked_stats_finalize_b(const double* sums, double* stats, 
   stats[kStatCoefH] = rstd * rstd * rstd * sums[1] / d;
 }
 
+// Whether an entry feeds the gradient of the statistics (mean, variance) through its whitened
+// output: valid entries always; masked ones only when finite. A masked entry holding inf/NaN
+// padding keeps its own gradient rstd * g but is never multiplied into the sums (its g * (x - mu)
+// would be NaN even for g = 0), so padding cannot poison the valid entries' gradients.
+template <typename T>
+PPK_HOST_DEVICE bool feeds_stats_grad(bool valid, T x) {
+  return valid || x - x == T(0);  // x - x is 0 exactly when x is finite
+}
+
 // Whitened value of one entry.
 template <typename T>
 PPK_HOST_DEVICE T whiten_value(T x, T mean, T rstd, T shift_back) {
