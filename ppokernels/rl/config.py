@@ -14,6 +14,9 @@ ALGOS = ("ppo", "grpo", "rloo", "drgrpo")
 LOGPROBS = ("fused", "naive")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+STRATEGIES = ("auto", "none", "ddp", "fsdp2")
+PRECISIONS = ("auto", "fp32", "bf16")
 AGGS = (
     "token-mean",
     "token-sum",
@@ -47,6 +50,9 @@ class RLConfig:
     threads: int | None = None  # torch CPU threads (None: 1 for tiny-* models on CPU, else default)
     logprobs: str = "fused"  # fused: linear_logprobs on hidden states; naive: full logits
     chunk_size: int | None = None  # linear_logprobs vocabulary chunk (None: the op's default)
+    strategy: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp2
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (decoder compute)
+    gradient_checkpointing: bool = False  # recompute decoder activations in the backward
 
     # rollout
     batch_size: int | None = None  # prompts per step per process (None: 64 samples in all)
@@ -190,25 +196,24 @@ class RLConfig:
                 raise ConfigError(msg)
 
         _check_types(self)
-        need(self.algo in ALGOS, f"algo must be one of {ALGOS}, got {self.algo!r}")
-        need(
-            self.logprobs in LOGPROBS, f"logprobs must be one of {LOGPROBS}, got {self.logprobs!r}"
+        choices = dict(
+            algo=ALGOS,
+            logprobs=LOGPROBS,
+            lr_schedule=LR_SCHEDULES,
+            device=DEVICES,
+            strategy=STRATEGIES,
+            precision=PRECISIONS,
         )
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            need(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
         need(
             self.kl_estimator is None or self.kl_estimator in KL_ESTIMATORS,
             f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}",
         )
         need(
-            self.lr_schedule in LR_SCHEDULES,
-            f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
-        )
-        need(
             self.loss_agg is None or self.loss_agg in AGGS,
             f"loss_agg must be one of {AGGS} or null, got {self.loss_agg!r}",
-        )
-        need(
-            self.device in ("auto", "cpu", "cuda"),
-            f"device must be auto|cpu|cuda, got {self.device!r}",
         )
         need(
             self.batch_size is None or self.batch_size >= 1,

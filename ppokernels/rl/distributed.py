@@ -32,15 +32,6 @@ def init(device: str) -> tuple:
     return rank, world, torch.device("cuda", local)
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
-    """``module`` itself for one process, else a DDP wrapper that averages its gradients."""
-    if world == 1:
-        return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def shutdown() -> None:
     """Leave the process group once every process got here, and free it.
 

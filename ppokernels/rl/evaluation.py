@@ -92,6 +92,15 @@ class HeldOut:
             source=self.source,
         )["reward_mean"]
 
+    def is_due(self, step: int, *, final: bool) -> bool:
+        """Whether :meth:`due` evaluates anything at ``step`` (every process can ask)."""
+        every = self.cfg.eval_every
+        return bool(every) and (
+            bool(self.prompts["validation"])
+            and (step % every == 0 or final)
+            or (final and bool(self.prompts["test"]))
+        )
+
     def due(self, model, tokenizer, step: int, *, final: bool) -> dict:
         """``eval_reward`` when due, ``test_reward`` at the final step (rank 0 only calls)."""
         out = {}

@@ -8,12 +8,14 @@ loss. DDP averages gradients over ``world`` processes, hence the backward of ``l
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
 
 import ppokernels
 from ppokernels.rl.config import RLConfig
+from ppokernels.rl.rollout import supervised_batch
 
 
 @dataclass
@@ -94,3 +96,27 @@ def record(acc: Metrics, pl, vl, scale: float) -> None:
     if vl is not None:
         acc.add("value_loss", vl.loss * scale)
         acc.add("vf_clipfrac", vl.clipfrac)
+
+
+def supervised_warmup(cfg: RLConfig, task, tokenizer, scorer, check_stop) -> float:
+    """``cfg.sft_steps`` steps of teacher-forced log-likelihood on ``task.sft_example`` pairs
+    (the same on every process), so the policy emits well-formed answers and EOS before RL
+    starts. ``check_stop(i)`` is called before step ``i`` (it raises to stop). Returns the last
+    loss."""
+    rng = random.Random(cfg.seed + 7)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.sft_lr)
+    device = next(scorer.parameters()).device
+    loss = torch.zeros(())
+    for i in range(cfg.sft_steps):
+        check_stop(i)
+        pairs = [task.sft_example(rng) for _ in range(cfg.sft_batch_size)]
+        b = supervised_batch(tokenizer, [p for p, _ in pairs], [r for _, r in pairs], device)
+        lp, _ = scorer(b.input_ids, b.attention_mask, b.mask, b.prompt_len, with_entropy=False)
+        loss = -ppokernels.masked_mean(lp, b.mask.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    # Drop the last step's gradients: left on the parameters, they would be added to the first
+    # RL minibatch's gradient (the optimizer there accumulates into .grad).
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())

@@ -10,6 +10,7 @@ path (:func:`ppokernels.linear_logprobs` streams over the vocabulary).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -153,6 +154,8 @@ def disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama/Qwen2 attention
+            m.attention_dropout = 0.0  # (read in training mode, i.e. under checkpointing)
     model.eval()
 
 
@@ -177,15 +180,41 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_hidden(body: nn.Module, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
-    """[B, T, H] hidden states whose next-token predictions are the T response tokens."""
-    seq = input_ids[:, :-1]  # the last token predicts nothing we score
-    am = attention_mask[:, :-1]
-    out = body(input_ids=seq, attention_mask=am, position_ids=position_ids(am), use_cache=False)
-    return out.last_hidden_state[:, prompt_len - 1 :]
+class DecoderOptions:
+    """What :mod:`ppokernels.rl.parallel` sets on a scorer or critic: ``autocast_dtype``
+    (bf16 autocast of the decoder, None: off) and ``checkpointing`` (recompute activations)."""
+
+    autocast_dtype: torch.dtype | None = None
+    checkpointing: bool = False
+
+    def response_hidden(self, body: nn.Module, input_ids, attention_mask, prompt_len: int):
+        """[B, T, H] hidden states whose next-token predictions are the T response tokens."""
+        seq = input_ids[:, :-1]  # the last token predicts nothing we score
+        am = attention_mask[:, :-1]
+        with self._compute(body, input_ids.device.type):
+            out = body(
+                input_ids=seq, attention_mask=am, position_ids=position_ids(am), use_cache=False
+            )
+        return out.last_hidden_state[:, prompt_len - 1 :]
+
+    @contextlib.contextmanager
+    def _compute(self, body: nn.Module, device_type: str):
+        # Hugging Face checkpoints a layer only in training mode; dropout is off everywhere
+        # (disable_dropout), so training mode changes nothing else. Generation stays in eval
+        # mode and keeps its KV cache.
+        train = self.checkpointing and torch.is_grad_enabled()
+        if train:
+            body.train()
+        dtype = self.autocast_dtype
+        try:
+            with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=bool(dtype)):
+                yield
+        finally:
+            if train:
+                body.eval()
 
 
-class PolicyScorer(nn.Module):
+class PolicyScorer(DecoderOptions, nn.Module):
     """Per-token log-probs (and entropy) of the response under a causal LM.
 
     ``mode="fused"``: ``ppokernels.linear_logprobs(hidden[mask], lm_head.weight, tokens[mask])``.
@@ -210,15 +239,19 @@ class PolicyScorer(nn.Module):
     def forward(self, input_ids, attention_mask, mask, prompt_len: int, with_entropy: bool = True):
         """input_ids/attention_mask [B, P + T], mask [B, T] (bool) -> logprobs, entropy [B, T]
         (float32, 0 where ``mask`` is False)."""
-        h = response_hidden(backbone(self.model), input_ids, attention_mask, prompt_len)
+        h = self.response_hidden(backbone(self.model), input_ids, attention_mask, prompt_len)
         labels = input_ids[:, prompt_len:][mask]
         hs = h[mask]  # [N, H]: only real response tokens reach the vocabulary projection
         head = self.model.get_output_embeddings()
+        # bf16 autocast leaves the head's parameters fp32: cast them (differentiably) so that
+        # the head runs in the decoder's dtype, as autocast's own linear would.
+        weight = head.weight.to(hs.dtype)
         bias = getattr(head, "bias", None)
+        bias = bias.to(hs.dtype) if bias is not None else None
         if self.mode == "fused":
             lp, ent = ppokernels.linear_logprobs(
                 hs,
-                head.weight,
+                weight,
                 labels,
                 bias=bias,
                 temperature=self.temperature,
@@ -226,7 +259,7 @@ class PolicyScorer(nn.Module):
                 chunk_size=self.chunk_size,
             )
         else:
-            logits = nn.functional.linear(hs, head.weight, bias).float() / self.temperature
+            logits = nn.functional.linear(hs, weight, bias).float() / self.temperature
             logp = torch.log_softmax(logits, dim=-1)
             lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
@@ -238,7 +271,7 @@ def _unpack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
 
 
-class Critic(nn.Module):
+class Critic(DecoderOptions, nn.Module):
     """Value model: a causal-LM backbone plus a zero-initialised scalar head (docs/semantics.md), so
     the first value estimates are exactly 0. Built from a copy of the policy by default."""
 
@@ -254,5 +287,5 @@ class Critic(nn.Module):
 
     def forward(self, input_ids, attention_mask, mask, prompt_len: int):
         """-> values [B, T] float32 for the response positions, 0 where ``mask`` is False."""
-        h = response_hidden(self.body, input_ids, attention_mask, prompt_len)
-        return self.head(h).squeeze(-1).float() * mask
+        h = self.response_hidden(self.body, input_ids, attention_mask, prompt_len)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float() * mask

@@ -98,7 +98,12 @@ def generate(
         use_cache=True,
         **sampling,
     )
-    out = model.generate(input_ids=pids, attention_mask=pmask, generation_config=gen)
+    # synced_gpus=False: under FSDP2 the caller gathers the parameters first (parallel.gathered),
+    # so each process generates on its own; transformers would otherwise keep every process
+    # stepping until all have finished, which deadlocks when only rank 0 evaluates.
+    out = model.generate(
+        input_ids=pids, attention_mask=pmask, generation_config=gen, synced_gpus=False
+    )
     resp = out[:, pids.shape[1] :]
     if resp.shape[1] < max_new_tokens:  # generate stops early once every row has ended
         fill = resp.new_full((resp.shape[0], max_new_tokens - resp.shape[1]), pad)

@@ -14,14 +14,15 @@ Every token-level step is a ppokernels op:
   loss (``ppo_policy_loss(ref_logprobs=..., kl_coef=...)``).
 
 Validation every ``eval_every`` steps and test once at the end, on the task's held-out splits.
-Data parallel (torchrun): each process samples its own prompts, the models are wrapped in DDP,
-and the loss denominators (tokens and sequences of the minibatch) are summed over processes, so
-the averaged gradient is the gradient of the global minibatch loss (:mod:`ppokernels.rl.losses`).
+Data parallel (torchrun): each process samples its own prompts, the models are wrapped in DDP
+or sharded with FSDP2 (:mod:`ppokernels.rl.parallel`, which also sets bf16 and activation
+checkpointing), and the loss denominators (tokens and sequences of the minibatch) are summed over
+processes, so the averaged gradient is the gradient of the global minibatch loss
+(:mod:`ppokernels.rl.losses`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
@@ -34,16 +35,18 @@ from ppokernels.rl.config import RLConfig
 from ppokernels.rl.evaluation import HeldOut
 from ppokernels.rl.experience import KLController, group_advantages, lr_lambda, ppo_advantages
 from ppokernels.rl.logger import MetricsLog, peak_mem_mb, plot
-from ppokernels.rl.losses import Metrics, micro_batch_loss, record
+from ppokernels.rl.losses import Metrics, micro_batch_loss, record, supervised_warmup
 from ppokernels.rl.models import (
     BUILTIN_MODELS,
     Critic,
     PolicyScorer,
+    backbone,
     frozen_copy,
     load_policy,
     load_tokenizer,
 )
-from ppokernels.rl.rollout import Batch, generate, supervised_batch
+from ppokernels.rl.parallel import Parallel
+from ppokernels.rl.rollout import Batch, generate
 from ppokernels.rl.tasks import RewardModelScorer, Task, check_rewards, get_task, reward_name
 
 RUN_CONFIG = "run_config.json"
@@ -64,6 +67,7 @@ class Trainer:
     ):
         self.cfg = cfg.validate()
         self.rank, self.world, self.device = distributed.init(cfg.device)
+        self.par = Parallel(self.cfg, self.world, self.device)
         self.stop, self.interrupted = distributed.StopFlag(), False
         with self.stop.installed():
             self._setup(task, resume, overwrite)
@@ -80,12 +84,10 @@ class Trainer:
             if cfg.reward_model
             else self.task.reward
         )
-        source = f"task {self.task.name!r}: {reward_name(self.reward_fn)}"
-        self.reward_source = source
+        self.reward_source = source = f"task {self.task.name!r}: {reward_name(self.reward_fn)}"
         names = ["policy", "ref"] + (["critic"] if cfg.is_ppo else [])
-        checkpoint.check_out_dir(
-            cfg.out, rank=self.rank, resume=resume, overwrite=overwrite, names=names
-        )
+        where = dict(rank=self.rank, names=names, sharded=self.par.fsdp)
+        checkpoint.check_out_dir(cfg.out, resume=resume, overwrite=overwrite, **where)
 
         self._models_and_optimizers(resume)
         # Each process samples different prompts and tokens: seed + rank * 100003.
@@ -98,12 +100,12 @@ class Trainer:
         self.step, self.elapsed = 0, 0.0
         if resume:
             models = self._models()
-            state = checkpoint.load(cfg.out, rank=self.rank, models=models, device=self.device)
+            state = checkpoint.load(
+                cfg.out, rank=self.rank, models=models, device=self.device, sharded=self.par.fsdp
+            )
             checkpoint.restore_trainer(self, state)
-        self.train_scorer = distributed.wrap_ddp(self.scorer, self.device, self.world)
-        self.train_critic = self.critic
-        if self.critic is not None:
-            self.train_critic = distributed.wrap_ddp(self.critic, self.device, self.world)
+        self.train_scorer = self.par.train_module(self.scorer)
+        self.train_critic = self.par.train_module(self.critic)
         if distributed.any_true(self.stop.requested, self.world, self.device):
             raise Interrupted(f"interrupted during setup: nothing was written to {cfg.out}")
         self.log = None
@@ -119,7 +121,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.policy = load_policy(
             cfg.model, self.tokenizer, seed=cfg.seed, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers
-        ).to(self.device)
+        ).to(self.par.build_device)
         self.scorer = PolicyScorer(
             self.policy, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
         )
@@ -130,7 +132,12 @@ class Trainer:
         self.ref_scorer = PolicyScorer(
             self.ref, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
         )
-        self.critic = Critic(self.policy).to(self.device) if cfg.is_ppo else None
+        self.critic = Critic(self.policy).to(self.par.build_device) if cfg.is_ppo else None
+        # Shard / set precision before the optimizers exist: FSDP2 replaces the parameters.
+        self.par.prepare(self.scorer, backbone(self.policy), self.policy)
+        self.par.prepare(self.ref_scorer, backbone(self.ref))
+        if self.critic is not None:
+            self.par.prepare(self.critic, self.critic.body, self.critic.body)
         rollout = cfg.prompts_per_step * cfg.samples_per_prompt
         total = cfg.steps * cfg.ppo_epochs * (rollout // cfg.minibatch_size)
         adam = dict(weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
@@ -143,39 +150,25 @@ class Trainer:
         self.kl_ctl = KLController(cfg)
 
     def close(self) -> None:
-        """Leave the process group. The DDP wrappers (their reducers) hold a reference to it, so
-        they are dropped first: then destroying the group joins gloo's threads here, instead of
-        leaving them running into interpreter exit (SIGABRT, "terminate called without an
-        active exception")."""
+        """Leave the process group; the DDP wrappers (their reducers hold the group) are dropped
+        first, so that gloo's threads are joined here, not at interpreter exit (SIGABRT)."""
         self.train_scorer, self.train_critic = self.scorer, self.critic
         distributed.shutdown()
 
     # ------------------------------------------------------------------------------ setup
     def _warmup(self) -> float:
-        """Supervised warm-up on task-format examples (same on every process), so the policy
-        emits well-formed answers and EOS before RL starts. Ctrl-C stops it (nothing saved)."""
+        """Supervised warm-up (:func:`~ppokernels.rl.losses.supervised_warmup`) before the
+        models are sharded; Ctrl-C stops it and nothing is saved."""
         cfg = self.cfg
-        rng = random.Random(cfg.seed + 7)
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.sft_lr)
-        loss = torch.zeros(())
-        for i in range(cfg.sft_steps):
+
+        def check_stop(i: int) -> None:
             if distributed.any_true(self.stop.requested, self.world, self.device):
                 raise Interrupted(
                     f"interrupted during the supervised warm-up (step {i} of {cfg.sft_steps}): "
                     f"nothing was written to {cfg.out}"
                 )
-            pairs = [self.task.sft_example(rng) for _ in range(cfg.sft_batch_size)]
-            b = supervised_batch(
-                self.tokenizer, [p for p, _ in pairs], [r for _, r in pairs], self.device
-            )
-            lp, _ = self.scorer(
-                b.input_ids, b.attention_mask, b.mask, b.prompt_len, with_entropy=False
-            )
-            loss = -ppokernels.masked_mean(lp, b.mask.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return float(loss.detach())
+
+        return supervised_warmup(cfg, self.task, self.tokenizer, self.scorer, check_stop)
 
     # ------------------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -198,16 +191,17 @@ class Trainer:
         k = cfg.samples_per_prompt
         prompts = self.task.sample_train(self.prompt_rng, cfg.prompts_per_step)
         rep = [p for p in prompts for _ in range(k)]
-        b = generate(
-            self.policy,
-            self.tokenizer,
-            rep,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            group_index=torch.arange(len(prompts)).repeat_interleave(k),
-        )
+        with self.par.gathered(self.scorer):
+            b = generate(
+                self.policy,
+                self.tokenizer,
+                rep,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                group_index=torch.arange(len(prompts)).repeat_interleave(k),
+            )
         raw = check_rewards(self.reward_fn(rep, b.responses), len(rep), self.reward_source)
         return b, torch.tensor(raw, dtype=torch.float32, device=self.device)
 
@@ -263,7 +257,7 @@ class Trainer:
         num_tokens = float(distributed.all_sum(b.mask[mb].sum().float(), self.world))
         micro = mb.split(self.cfg.micro_batch_size)
         for i, idx in enumerate(micro):
-            with self._no_sync(i < len(micro) - 1):
+            with self.par.no_sync([self.train_scorer, self.train_critic], i < len(micro) - 1):
                 loss, pl, vl = micro_batch_loss(
                     self.cfg,
                     self.train_scorer,
@@ -277,21 +271,12 @@ class Trainer:
                 (loss * self.world).backward()
             record(acc, pl, vl, len(micro) * self.world)
 
-    def _no_sync(self, skip: bool):
-        if not (skip and self.world > 1):
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.train_scorer.no_sync())
-        if self.critic is not None:
-            stack.enter_context(self.train_critic.no_sync())
-        return stack
-
     def _step(self, model, opt, sched) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm or 1e9)
+        norm = self.par.clip_grad_norm(model, self.cfg.max_grad_norm or 1e9)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def initial(self) -> dict:
@@ -299,8 +284,15 @@ class Trainer:
         return self.held_out.initial
 
     def evaluate(self, split: str = "validation") -> float:
-        """Mean task reward on the held-out ``split`` (see :class:`HeldOut`)."""
-        return self.held_out.run(self.policy, self.tokenizer, split)
+        """Mean task reward on the held-out ``split`` (see :class:`HeldOut`); every process
+        calls it under FSDP2."""
+        with self.par.gathered(self.scorer):
+            return self.held_out.run(self.policy, self.tokenizer, split)
+
+    def _rank0_eval(self, fn, *args, **kw) -> dict:
+        """``fn(policy, tokenizer, ...)`` on rank 0, the policy gathered by every process."""
+        with self.par.gathered(self.scorer):
+            return fn(self.policy, self.tokenizer, *args, **kw) if self.rank == 0 else {}
 
     # ------------------------------------------------------------------------------ loop
     def train_step(self) -> dict:
@@ -313,9 +305,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         stats["tokens_per_s"] = stats.pop("response_tokens") * self.world / dt
         stats["kl_coef"] = self.kl_ctl.value
-        if self.rank == 0:
-            final = self.step == self.cfg.steps
-            stats.update(self.held_out.due(self.policy, self.tokenizer, self.step, final=final))
+        final = self.step == self.cfg.steps
+        if self.held_out.is_due(self.step, final=final):
+            stats.update(self._rank0_eval(self.held_out.due, self.step, final=final))
         self.elapsed += time.perf_counter() - t0
         stats.update(
             step=self.step,
@@ -332,8 +324,8 @@ class Trainer:
         bar = self._progress()
         try:
             with self.stop.installed():
-                if self.rank == 0 and self.step == 0:
-                    self.held_out.before_rl(self.policy, self.tokenizer)
+                if self.step == 0:
+                    self._rank0_eval(self.held_out.before_rl)
                 self.interrupted = False
                 while self.step < self.cfg.steps and not self.interrupted:
                     rows.append(self._one_step(bar))
@@ -393,7 +385,10 @@ class Trainer:
             models=self._models(),
             state=checkpoint.trainer_state(self),
             barrier=distributed.barrier(self.world),
+            sharded=self.par.fsdp,
         )
-        if export and self.rank == 0:
-            checkpoint.export_model(self.cfg.out, self.policy, self.tokenizer)
+        if export:  # a full Hugging Face folder, gathered from the shards under FSDP2
+            full = self.par.full_state_dict(self.policy) if self.par.fsdp else None
+            if self.rank == 0:
+                checkpoint.export_model(self.cfg.out, self.policy, self.tokenizer, full)
         return path
