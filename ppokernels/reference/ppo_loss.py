@@ -89,6 +89,11 @@ LOSS_MODES = (
 _LOG_1E8 = math.log(1e-8)
 
 
+def _where(cond, a, b, like):
+    """torch.where of two Python numbers in like's dtype (not the default float32)."""
+    return torch.where(cond, torch.full_like(like, a), torch.full_like(like, b))
+
+
 def _surrogate(mode, lp, old, adv, w, m, lr, o):
     """Per-token surrogate [B, T] (or per-row [B] for geo_mean) and the two metric flags."""
     zero = torch.zeros_like(lp)
@@ -109,7 +114,7 @@ def _surrogate(mode, lp, old, adv, w, m, lr, o):
         return loss * w, flag0, flag1
     ratio = torch.exp(lr)
     if mode == "sapo":
-        tau = torch.where(adv > 0, o["tau_pos"], o["tau_neg"])
+        tau = _where(adv > 0, o["tau_pos"], o["tau_neg"], lp)
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv * w, flag0, flag1
     if mode == "cispo":
         c = ratio.clamp(o["cispo_lo"], o["cispo_hi"])
@@ -142,8 +147,8 @@ def _surrogate(mode, lp, old, adv, w, m, lr, o):
         k_pos, k_neg = o["vespo_k"]
         l_pos, l_neg = o["vespo_lambda"]
         nonneg = adv >= 0
-        k = torch.where(nonneg, k_pos, k_neg)
-        lam = torch.where(nonneg, l_pos, l_neg).clamp(min=1e-4)
+        k = _where(nonneg, k_pos, k_neg, lp)
+        lam = _where(nonneg, l_pos, l_neg, lp).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * log_w.exp())
         phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         return -phi * adv * lp, phi, flag1

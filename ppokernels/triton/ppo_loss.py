@@ -269,7 +269,7 @@ def _flags(lp, adv, ref, ent, w, dual, lr_clamp, ratio_level, kl_estimator, kl_c
         HAS_LR_CLAMP=lr_clamp is not None, KL_EST=ESTIMATORS[est],
         HAS_KL_CLAMP=kl_clamp is not None,
     )  # fmt: skip
-    return flags, dict(zip(("mp0", "mp1", "mp2", "mp3"), mp))
+    return flags, dict(zip(("mp0", "mp1", "mp2", "mp3"), mp, strict=True))
 
 
 def _prep(lp, old, adv, mask, ref, ent, w):
