@@ -17,6 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402  (a verl dependency)
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 import ppokernels.compat.verl as cv  # noqa: E402
+from ppokernels.compat.verl.advantages import ESTIMATORS  # noqa: E402
 from ppokernels.compat.verl.policy_losses import POLICY_LOSSES  # noqa: E402
 
 AGG = [
@@ -26,7 +27,7 @@ AGG = [
     "seq-mean-token-sum-norm",
     "seq-mean-token-mean",
 ]
-INFO = [{}, {"dp_size": 2, "batch_num_tokens": 71, "global_batch_size": 11, "loss_scale_factor": 20}]
+INFO = [{}, dict(dp_size=2, batch_num_tokens=71, global_batch_size=11, loss_scale_factor=20)]
 # veRL's own functions, captured before any patch() in this process can replace them
 VERL = {m: getattr(core_algos, f"compute_policy_loss_{m}") for m in POLICY_LOSSES}
 
@@ -116,4 +117,76 @@ def test_patch_installs_every_mode():
 
 # ------------------------------------------------------------------------- advantages
 INDEX = np.array(["a", "b", "a", "c", "b", "a", "d", "b", "e"], dtype=object)  # c, d, e alone
-_ = OmegaConf  # AlgoConfig-like dict configs for the estimators
+PAIRS = np.array([4, 2, 4, 9, 2, 4, 9, 2, 7, 7])  # every group has >= 2 samples (Pass@k)
+VERL_ADV = {k: core_algos.get_adv_estimator_fn(k) for k in ESTIMATORS}
+
+
+def _rewards(B, seed, binary=False):
+    """Outcome rewards on the last valid token of multi-turn masks with holes (one sequence
+    with a single valid token); binary rewards tie within groups."""
+    mask = _mask(B=B, T=11, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(B, generator=g) < 0.5).float() if binary else torch.randn(B, generator=g)
+    last = (mask * torch.arange(1, 12)).argmax(-1)
+    r = torch.zeros_like(mask)
+    r[torch.arange(B), last] = s
+    r[2] += 0.1 * torch.randn(11, generator=g) * mask[2]  # token-level rewards on one row
+    return r, mask
+
+
+def _same(name, *args, **kw):
+    want = VERL_ADV[name](*args, **kw)
+    got = ESTIMATORS[name](*args, **kw)
+    for w, o in zip(want, got, strict=True):
+        assert o.dtype == w.dtype and o.shape == w.shape
+        _close(o, w)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("norm", [True, False])
+def test_group_estimators(binary, norm):
+    r, m = _rewards(9, seed=1, binary=binary)
+    cfg = OmegaConf.create({"norm_adv_by_std_in_grpo": norm, "gamma": 1.0})
+    for eps in (1e-6, 0.1):
+        _same("grpo_vectorized", r, m, INDEX, eps, norm, cfg)
+        _same("gdpo", r, m, INDEX, eps, norm, cfg)
+    for name in ("reinforce_plus_plus_baseline", "rloo_vectorized", "opo", "gpg"):
+        _same(name, r, m, INDEX, 1e-6, config=cfg)
+    _same("gpg", r, m, INDEX, 1e-6, f_norm=2.0, config=cfg)
+    r, m = _rewards(10, seed=2, binary=binary)
+    _same("grpo_passk", r, m, PAIRS, 1e-6, config=cfg)
+
+
+def test_remax():
+    r, m = _rewards(9, seed=3)
+    baselines = torch.randn(9, generator=torch.Generator().manual_seed(4))
+    _same("remax", r, baselines, m, config=OmegaConf.create({}))
+
+
+def test_gdpo_reward_components():
+    r, m = _rewards(9, seed=5)
+    g = np.random.default_rng(0)
+    att = torch.cat([torch.ones(9, 3), (m.cumsum(-1) > 0).float().flip(-1).cummin(-1)[0]], -1)
+    batch = {"prompts": torch.zeros(9, 3), "attention_mask": att.long()}
+    extra = {"fmt": g.random(9).tolist(), "acc": (g.random(9) > 0.5).astype(float).tolist()}
+    for weights in (None, [0.3, 1.5]):
+        cfg = OmegaConf.create({"gdpo_reward_keys": ["fmt", "acc"], "gdpo_reward_weights": weights})
+        _same("gdpo", r, m, INDEX, 1e-6, True, cfg, non_tensor_batch=extra, batch=batch)
+
+
+def test_passk_needs_pairs():
+    r, m = _rewards(9, seed=6)
+    cfg = OmegaConf.create({})
+    with pytest.raises(ValueError, match="Pass@k requires at least 2 samples per group"):
+        ESTIMATORS["grpo_passk"](r, m, INDEX, config=cfg)
+
+
+def test_patch_installs_every_estimator():
+    cv.patch()
+    try:
+        for name, fn in ESTIMATORS.items():
+            assert core_algos.get_adv_estimator_fn(name) is fn
+    finally:
+        cv.unpatch()
+    for name, fn in VERL_ADV.items():
+        assert core_algos.get_adv_estimator_fn(name) is fn

@@ -25,6 +25,17 @@ from __future__ import annotations
 
 import ppokernels as ppk  # noqa: F401  (tests check ppk.<op> through this module)
 from ppokernels.compat import Patcher
+from ppokernels.compat.verl.advantages import (  # noqa: F401
+    ESTIMATORS,
+    compute_gdpo_outcome_advantage,
+    compute_gpg_outcome_advantage,
+    compute_grpo_passk_outcome_advantage,
+    compute_grpo_vectorized_outcome_advantage,
+    compute_opo_outcome_advantage,
+    compute_reinforce_plus_plus_baseline_outcome_advantage,
+    compute_remax_outcome_advantage,
+    compute_rloo_vectorized_outcome_advantage,
+)
 from ppokernels.compat.verl.core_algos import (  # noqa: F401
     agg_loss,
     compute_entropy_loss,
@@ -74,6 +85,7 @@ _CORE = (
     "kl_penalty",
     "compute_entropy_loss",
     *(fn.__name__ for fn in POLICY_LOSSES.values()),
+    *(fn.__name__ for fn in ESTIMATORS.values()),
 )
 _ADV = {
     "gae": "compute_gae_advantage_return",
@@ -94,7 +106,8 @@ _TF = (
 
 def patch() -> None:
     """Install the replacements in veRL (idempotent): ``core_algos`` attributes (the trainer
-    calls GAE/GRPO by attribute), the advantage-estimator registry (``_ADV``) and the policy-loss
+    calls GAE/GRPO by attribute), the advantage-estimator registry (``_ADV`` and every estimator
+    of ``ESTIMATORS``; not the optimal-token-baseline ones) and the policy-loss
     registry ("vanilla" and every mode of ``POLICY_LOSSES``; not clip_cov, kl_cov, bypass_mode),
     the ``torch_functional`` helpers and the fused linear log-prob; every veRL module that
     imported one of them by name is updated too."""
@@ -107,6 +120,8 @@ def patch() -> None:
         _PATCHER.everywhere("verl", core_algos.__name__, name, g[name])
     for key, name in _ADV.items():
         _PATCHER.set(core_algos.ADV_ESTIMATOR_REGISTRY, key, g[name])
+    for key, fn in ESTIMATORS.items():
+        _PATCHER.set(core_algos.ADV_ESTIMATOR_REGISTRY, key, fn)
     _PATCHER.set(core_algos.POLICY_LOSS_REGISTRY, "vanilla", compute_policy_loss_vanilla)
     for key, fn in POLICY_LOSSES.items():
         _PATCHER.set(core_algos.POLICY_LOSS_REGISTRY, key, fn)
