@@ -96,7 +96,7 @@ MODES = {
     "vespo": 9,
 }
 ROW_PASS = (1, 5, 9)  # modes with a first pass over the row: gspo, geo_mean, vespo
-LOG_1E8 = -18.420680743952367  # log(1e-8), TRL's VESPO clamp
+LOG_1E8 = tl.constexpr(-18.420680743952367)  # log(1e-8), TRL's VESPO clamp (a jit global)
 
 
 def parse_spec(spec: str) -> tuple[str, tuple[float, ...]]:
