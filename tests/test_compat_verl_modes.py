@@ -51,12 +51,14 @@ def _inputs(seed=6, spread=0.4):
 
 def _run(fn, old, lp, adv, mask, agg, cfg, weights):
     x = lp.clone().requires_grad_(True)
+    torch.manual_seed(0)  # clip_cov's random subset: the same generator state for both
     loss, metrics = fn(old, x, adv, mask, agg, cfg, weights)
     return loss, metrics, torch.autograd.grad(loss, [x])[0]
 
 
-def _compare(mode, agg, cfg, weights=None, seed=6, spread=0.4):
+def _compare(mode, agg, cfg, weights=None, seed=6, spread=0.4, adv_scale=1.0):
     old, lp, adv, mask = _inputs(seed, spread)
+    adv = adv * adv_scale
     lw, mw, gw = _run(VERL[mode], old, lp, adv, mask, agg, cfg, weights)
     lo, mo, go = _run(POLICY_LOSSES[mode], old, lp, adv, mask, agg, cfg, weights)
     assert lo.dtype == lw.dtype and lo.dim() == 0
@@ -95,6 +97,17 @@ def test_policy_loss_modes_is_weights(mode):
 def test_policy_loss_mode_options(mode, kw):
     """Config fields each mode reads; wide log-ratios (GSPO's clamp at 10, the DPPO cap)."""
     _compare(mode, "token-mean", _config({}, **kw), spread=3.0, seed=3)
+
+
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+@pytest.mark.parametrize("agg", AGG)
+def test_covariance_modes_select_tokens(mode, agg):
+    """Wide advantages put many tokens in clip_cov's covariance band; ratios of 5-10 % select
+    several tokens (veRL's defaults select one)."""
+    pl = PolicyLossConfig(clip_cov_ratio=0.1, kl_cov_ratio=0.05, ppo_kl_coef=0.7)
+    weights = torch.rand(_mask().shape, generator=torch.Generator().manual_seed(3)) + 0.5
+    for w in (None, weights):
+        _compare(mode, agg, _config(INFO[1], policy_loss=pl), w, spread=1.0, adv_scale=4.0)
 
 
 def test_dro_needs_beta():

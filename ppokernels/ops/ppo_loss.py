@@ -107,7 +107,8 @@ def ppo_policy_loss(
             logprobs, old_logprobs, ref_logprobs and entropy run in their promoted dtype.
         advantages: [B, T] per token or [B] per sequence, any float dtype (a constant).
         mask: [B, T] bool/int/float; 0 marks padding (no work, zero gradient, NaN-safe).
-        clip_low, clip_high: clip range [1 - clip_low, 1 + clip_high]; clip_high None = clip_low.
+        clip_low, clip_high: clip range [1 - clip_low, 1 + clip_high]; clip_high None = clip_low
+            (clip_low = 1: no lower clip). geo_mean / dppo: the log-ratio clip / trust region.
         dual_clip: c > 1 (Ye et al. 2019), or None.
         logratio_clamp: clamp of lp - old before exp (veRL/OpenRLHF: 20), None for none.
         ref_logprobs, kl_coef, kl_estimator, kl_clamp: KL-in-loss term (GRPO), see kl_penalty.
@@ -255,7 +256,7 @@ def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
     argument order (clip_low ... entropy_coef)."""
     clip_low = _checks.number(name, "clip_low", kw["clip_low"])
     if not 0.0 <= clip_low:
-        raise ValueError(f"{name}: clip_low must be in [0, 1), got {clip_low}")
+        raise ValueError(f"{name}: clip_low must be in [0, 1] (any >= 0: dppo), got {clip_low}")
     clip_high = kw["clip_high"]
     clip_high = clip_low if clip_high is None else _checks.number(name, "clip_high", clip_high)
     if clip_high < 0.0:

@@ -39,8 +39,8 @@ def mode_spec(name: str, loss_mode, *, clip_low, clip_high, dual_clip, opts: dic
     """
     _checks.choice(name, "loss_mode", loss_mode, LOSS_MODES)
     if loss_mode in _PPO_RANGE or (loss_mode == "cispo" and opts["ratio_cap"] is None):
-        if not clip_low < 1.0:
-            raise ValueError(f"{name}: clip_low must be in [0, 1), got {clip_low}")
+        if not clip_low <= 1.0:  # 1: the lower bound 0, i.e. no lower clip
+            raise ValueError(f"{name}: clip_low must be in [0, 1], got {clip_low}")
     if dual_clip is not None and loss_mode not in _PPO_RANGE:
         raise ValueError(f"{name}: dual_clip applies to loss_mode 'vanilla' and 'gspo' only")
     cap = _checks.positive(name, "ratio_cap", opts["ratio_cap"], allow_none=True)

@@ -52,12 +52,14 @@ from ppokernels.compat.verl.kernel import FusedLinearForPPO, linear_cross_entrop
 from ppokernels.compat.verl.policy_losses import (  # noqa: F401
     POLICY_LOSSES,
     compute_policy_loss_cispo,
+    compute_policy_loss_clip_cov,
     compute_policy_loss_dppo_kl,
     compute_policy_loss_dppo_tv,
     compute_policy_loss_dro,
     compute_policy_loss_geo_mean,
     compute_policy_loss_gpg,
     compute_policy_loss_gspo,
+    compute_policy_loss_kl_cov,
     compute_policy_loss_sapo,
 )
 from ppokernels.compat.verl.torch_functional import (  # noqa: F401
@@ -108,7 +110,7 @@ def patch() -> None:
     """Install the replacements in veRL (idempotent): ``core_algos`` attributes (the trainer
     calls GAE/GRPO by attribute), the advantage-estimator registry (``_ADV`` and every estimator
     of ``ESTIMATORS``; not the optimal-token-baseline ones) and the policy-loss
-    registry ("vanilla" and every mode of ``POLICY_LOSSES``; not clip_cov, kl_cov, bypass_mode),
+    registry ("vanilla" and every mode of ``POLICY_LOSSES``; not bypass_mode),
     the ``torch_functional`` helpers and the fused linear log-prob; every veRL module that
     imported one of them by name is updated too."""
     if _PATCHER.active:
