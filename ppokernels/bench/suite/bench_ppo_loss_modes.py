@@ -13,7 +13,18 @@ import pytest
 import torch
 
 SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048)], "llm": [(256, 4096), (1024, 8192)]}
-VERL_MODES = ["gspo", "sapo", "gpg", "cispo", "geo_mean", "dppo_tv", "dppo_kl", "dro"]
+VERL_MODES = [
+    "gspo",
+    "sapo",
+    "gpg",
+    "cispo",
+    "geo_mean",
+    "dppo_tv",
+    "dppo_kl",
+    "dro",
+    "clip_cov",
+    "kl_cov",
+]
 TRL_TYPES = ["cispo", "sapo", "vespo"]
 CASES = [f"verl_{m}" for m in VERL_MODES] + [f"trl_{t}" for t in TRL_TYPES]
 
