@@ -19,14 +19,9 @@ from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 import ppokernels.compat.verl as cv  # noqa: E402
 from ppokernels.compat.verl.advantages import ESTIMATORS  # noqa: E402
 from ppokernels.compat.verl.policy_losses import POLICY_LOSSES  # noqa: E402
+from ppokernels.reference import AGG_MODES  # noqa: E402
 
-AGG = [
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-    "seq-mean-token-mean",
-]
+AGG = list(AGG_MODES)
 INFO = [{}, dict(dp_size=2, batch_num_tokens=71, global_batch_size=11, loss_scale_factor=20)]
 # veRL's own functions, captured before any patch() in this process can replace them
 VERL = {m: getattr(core_algos, f"compute_policy_loss_{m}") for m in POLICY_LOSSES}
