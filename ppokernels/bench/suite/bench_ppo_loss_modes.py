@@ -12,6 +12,8 @@ mask (16 B); backward reads them again and writes the gradient (20 B).
 import pytest
 import torch
 
+from ppokernels.bench._common import run
+
 SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048)], "llm": [(256, 4096), (1024, 8192)]}
 VERL_MODES = [
     "gspo",
@@ -85,8 +87,6 @@ def _trl(loss_type, provider):
 
 @pytest.mark.parametrize("case", CASES)
 def test_ppo_loss_modes(benchmark, shape, provider, device, case):
-    from ppokernels.bench._common import run
-
     B, T = shape
     g = torch.Generator(device=device).manual_seed(0)
     old = -(torch.rand(B, T, generator=g, device=device) * 2 + 0.01)
