@@ -157,7 +157,12 @@ def _mask(B=6, T=11, seed=0):
     return m, tool
 
 
-def _trainer(loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S, P, training):
+SAPO_VESPO = dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+                  vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)  # fmt: skip
+
+
+def _trainer(loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S, P, training,
+             vllm=False, **args):  # fmt: skip
     trainer = SimpleNamespace(
         loss_type=loss_type,
         epsilon_low=eps_low,
@@ -166,19 +171,25 @@ def _trainer(loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S
         importance_sampling_level=level,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
+        use_vllm=vllm,
+        vllm_importance_sampling_correction=vllm,
         max_completion_length=lp.shape[1] + 3,
         current_gradient_accumulation_steps=G,
         aux_loss_enabled=False,
         _entropy_bonus_enabled=False,
         model=SimpleNamespace(training=training),
-        args=SimpleNamespace(delta=delta, use_bias_correction_kl=bias_kl, steps_per_generation=S),
+        args=SimpleNamespace(
+            delta=delta,
+            use_bias_correction_kl=bias_kl,
+            steps_per_generation=S,
+            **{**SAPO_VESPO, **args},
+        ),  # fmt: skip
         accelerator=SimpleNamespace(
             num_processes=P, reduce=lambda t, reduction: t, gather=lambda t: t
         ),
         _metrics=defaultdict(lambda: defaultdict(list)),
     )
+    trainer.get_gamma_weights = grpo_trainer.GRPOTrainer.get_gamma_weights  # a staticmethod
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (
         trainer.lp,
         torch.zeros_like(trainer.lp),
@@ -196,6 +207,21 @@ def _trainer(loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S
 @pytest.mark.parametrize("training", [True, False])
 def test_grpo_loss(loss_type, level, clip, training):
     eps_low, eps_high, delta, beta, bias_kl = clip
+    if loss_type == "cispo":
+        eps_high += 1.0  # TRL's cispo caps the ratio at epsilon_high itself
+    _grpo_parity(loss_type, level, eps_low, eps_high, delta, beta, bias_kl, training)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo", "vespo"])
+@pytest.mark.parametrize("args", [{}, dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5,
+                                            vespo_k_pos=1.5, vespo_lambda_neg=0.7)])  # fmt: skip
+def test_grpo_loss_vllm_is(loss_type, args):
+    """vLLM importance-sampling correction: scales the token loss, or (vespo) enters phi."""
+    _grpo_parity(loss_type, "token", 0.2, 1.2, None, 0.04, False, True, vllm=True, **args)
+
+
+def _grpo_parity(loss_type, level, eps_low, eps_high, delta, beta, bias_kl, training,
+                 vllm=False, **args):  # fmt: skip
     B, T = 6, 11
     g = torch.Generator().manual_seed(7)
     completion_mask, tool_mask = _mask(B, T)
@@ -215,11 +241,23 @@ def test_grpo_loss(loss_type, level, clip, training):
         num_items_in_batch=torch.tensor(float(completion_mask.sum() * 3)),
     )
     G, S, P = 2, 4, 3
+    is_ratio = None
+    if vllm:  # 1 on padding, as TRL's (exp of a masked log-ratio difference)
+        m = (completion_mask * tool_mask).bool()
+        is_ratio = torch.where(m, torch.rand(B, T, generator=g) + 0.5, 1.0)
+        inputs["importance_sampling_ratio"] = is_ratio
+    if loss_type == "cispo" and level == "sequence":
+        with pytest.raises(NotImplementedError, match="cispo at importance_sampling_level"):
+            ct.grpo_loss(
+                lp, old, adv, completion_mask, loss_type="cispo", importance_sampling_level=level
+            )
+        return
 
     x = lp.clone().requires_grad_(True)
     trainer = _trainer(
-        loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S, P, training
-    )
+        loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S, P, training,
+        vllm, **args,
+    )  # fmt: skip
     trainer.lp = x
     want = grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
     (gw,) = torch.autograd.grad(want, [x])
@@ -244,6 +282,8 @@ def test_grpo_loss(loss_type, level, clip, training):
         gradient_accumulation_steps=G,
         steps_per_generation=S,
         training=training,
+        importance_sampling_ratio=is_ratio,
+        **{**SAPO_VESPO, **args},
     )
     (go,) = torch.autograd.grad(got, [y])
     _close(got, want)
@@ -253,7 +293,7 @@ def test_grpo_loss(loss_type, level, clip, training):
 def test_grpo_loss_errors():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError):
-        ct.grpo_loss(x, x, torch.zeros(2), x, loss_type="vespo")
+        ct.grpo_loss(x, x, torch.zeros(2), x, loss_type="ppo")
     with pytest.raises(NotImplementedError):
         ct.grpo_loss(x, x, torch.zeros(2), x, delta=1.1, epsilon_high=0.28)
 

@@ -51,21 +51,29 @@ struct PolicyRow {
   }
 };
 
-// Sequence log-ratio of one row: masked mean of the clamped token log-ratios (0 if none valid).
+// First pass over one row (gspo, geo_mean, vespo): the row sums of policy_row_terms, then the
+// row values ra, rb and the row's surrogate loss (policy_row_values). out = {ra, rb, row_loss}.
 template <typename scalar_t>
-double seq_logratio(const PolicyRow<scalar_t>& row, int64_t width, double clamp) {
-  double s[2];
-  row_accumulate<2, scalar_t>(
+void row_pass(const PolicyRow<scalar_t>& row, int64_t width, const PolicyParams<double>& p,
+                     double* out) {
+  double s[4];
+  row_accumulate<4, scalar_t>(
       width, row.m,
       [&](auto tag, int64_t t, auto* acc) {
         using V = decltype(tag);
         const V valid = vload_mask<V>(row.m + t);
-        const V lr = clamp_logratio(vload<V>(row.lp + t) - vload<V>(row.old + t), clamp);
-        acc[0] = acc[0] + vselect(valid > V(0), lr, V(0));
-        acc[1] = acc[1] + valid;
+        const V lr = clamp_logratio(vload<V>(row.lp + t) - vload<V>(row.old + t), p.logratio_clamp);
+        V s0, s1, s2;
+        policy_row_terms(p.mode, p.has_w, lr, row.template advantage<V>(t),
+                         row.template weight<V>(t), p.clip_low, p.clip_high, &s0, &s1, &s2);
+        const auto on = valid > V(0);
+        acc[0] = acc[0] + vselect(on, s0, V(0));
+        acc[1] = acc[1] + vselect(on, s1, V(0));
+        acc[2] = acc[2] + vselect(on, s2, V(0));
+        acc[3] = acc[3] + valid;
       },
       s);
-  return s[1] > 0 ? s[0] / s[1] : 0.0;
+  policy_row_values(p.mode, p.has_w, s[0], s[1], s[2], s[3], &out[0], &out[1], &out[2]);
 }
 
 }  // namespace
@@ -88,13 +96,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   const auto acc = acc_dtype(logprobs);
   const auto opts = logprobs.options().dtype(acc);
   std::vector<double> part(static_cast<size_t>(B) * kPolicyK, 0.0);
-  std::vector<double> seq_lr(static_cast<size_t>(B), 0.0);
+  std::vector<double> rowv(static_cast<size_t>(B) * 3, 0.0);  // ra, rb, row loss
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cpu", [&] {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
-        const double s = c.p.seq_ratio ? seq_logratio(row, T, c.p.logratio_clamp) : 0.0;
-        seq_lr[b] = s;
+        double* rv = rowv.data() + 3 * b;
+        if (policy_row_pass(c.p.mode)) row_pass(row, T, c.p, rv);
         row_accumulate<kPolicyK, scalar_t>(
             T, row.m,
             [&](auto tag, int64_t t, auto* acc_k) {
@@ -104,13 +112,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
               V kl, clipped, dual, neg_lr;
               const V loss = policy_token_forward(c.p, vload<V>(row.lp + t), vload<V>(row.old + t),
                                                   ref, row.template advantage<V>(t),
-                                                  row.template weight<V>(t), V(s), &kl, &clipped,
-                                                  &dual, &neg_lr);
+                                                  row.template weight<V>(t), V(rv[0]), V(rv[1]),
+                                                  &kl, &clipped, &dual, &neg_lr);
               const V ent = row.ent ? vload<V>(row.ent + t) : V(0);
               const V vals[kPolicyK] = {V(1), loss, kl, ent, clipped, neg_lr, dual};
               for (int k = 0; k < kPolicyK; ++k) acc_k[k] = acc_k[k] + vselect(valid, vals[k], V(0));
             },
             part.data() + b * kPolicyK);
+        part[b * kPolicyK + kPLoss] += rv[2];  // geo_mean's per-row loss (0 otherwise)
       }
     });
   });
@@ -118,16 +127,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   double n_total = 0;
   for (int64_t b = 0; b < B; ++b) n_total += part[b * kPolicyK + kPN];
   double loss = 0, kl = 0, ent = 0, clip = 0, neg_lr = 0, dual = 0;
-  auto row_stats = at::empty({B, 2}, opts.dtype(at::kDouble));
+  auto row_stats = at::empty({B, kPolicyRowStats}, opts.dtype(at::kDouble));
   double* rs = row_stats.data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
     const double* p = part.data() + b * kPolicyK;
     const double w = agg_row_scale(mode, p[kPN], n_total, num_tokens.value_or(0.0),
                                    num_seqs.value_or(0.0), B, T);
-    rs[2 * b] = w;
-    rs[2 * b + 1] = seq_lr[b];
-    if (w == 0) continue;  // an empty row adds nothing (and no 0 * inf)
-    loss += w * (p[kPLoss] + kl_coef * p[kPKL] - entropy_coef * p[kPEntropy]);
+    const double wp = policy_surrogate_scale(c.p.mode, w, num_seqs.value_or(0.0), B);
+    double* r = rs + kPolicyRowStats * b;
+    r[0] = w;
+    r[1] = rowv[3 * b];
+    r[2] = wp;
+    r[3] = rowv[3 * b + 1];
+    // an empty row adds nothing (and no 0 * inf)
+    if (wp != 0) loss += wp * p[kPLoss];
+    if (w == 0) continue;
+    loss += w * (kl_coef * p[kPKL] - entropy_coef * p[kPEntropy]);
     kl += w * p[kPKL];
     ent += w * p[kPEntropy];
   }
@@ -171,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         const int64_t o = b * T;
-        const double scale = g * rsp[2 * b];
-        const double s = rsp[2 * b + 1];
+        const double* r = rsp + kPolicyRowStats * b;
+        const double scale = g * r[0], scale_pg = g * r[2];
         auto zero = [&](int64_t t, int64_t n) {
           std::fill_n(glp + o + t, n, scalar_t(0));
           if (gref) std::fill_n(gref + o + t, n, scalar_t(0));
@@ -180,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
         };
         // an empty row (or a zero upstream gradient) gets zeros, no work
         row_map<scalar_t>(
-            T, row.m, scale != 0,
+            T, row.m, scale != 0 || scale_pg != 0,
             [&](auto tag, int64_t t) {
               using V = decltype(tag);
               const auto valid = vload_mask<V>(row.m + t) > V(0);
@@ -188,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
               V dkl;
               const V d = policy_token_backward(c.p, vload<V>(row.lp + t), vload<V>(row.old + t), ref,
                                                 row.template advantage<V>(t),
-                                                row.template weight<V>(t), V(s), &dkl);
-              const V sc(static_cast<acc_t>(scale));
-              vstore(glp + o + t, vselect(valid, sc * d, V(0)));
+                                                row.template weight<V>(t), V(r[1]), V(r[3]), &dkl);
+              const V sc(static_cast<acc_t>(scale)), sp(static_cast<acc_t>(scale_pg));
+              vstore(glp + o + t, vselect(valid, sp * d + sc * dkl, V(0)));
               if (gref) vstore(gref + o + t, vselect(valid, V(0) - sc * dkl, V(0)));
               if (gent) {
                 vstore(gent + o + t, vselect(valid, V(static_cast<acc_t>(-entropy_coef)) * sc, V(0)));

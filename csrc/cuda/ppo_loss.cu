@@ -12,27 +12,40 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kFinalThreads = 512;
 
+// rowv: [rows, 3] = ra, rb, the row's own surrogate loss (policy_row_values).
 template <typename T>
 __global__ void policy_row_kernel(PolicyPtrs<T> p, int64_t width, PolicyParams<acc_t<T>> prm,
-                                  acc_t<T>* __restrict__ part, acc_t<T>* __restrict__ seq_lr) {
+                                  acc_t<T>* __restrict__ part, acc_t<T>* __restrict__ rowv) {
   using A = acc_t<T>;
-  __shared__ A s_shared;
+  __shared__ A s_shared[3];
   const int64_t b = blockIdx.x, base = b * width;
   const A adv_row = p.adv_row ? p.adv[b] : A(0);
   const A w_row = p.w && p.w_row ? p.w[b] : A(1);
-  A s = 0;
-  if (prm.seq_ratio) {  // masked mean of the clamped log-ratio (GSPO's sequence log-ratio)
-    A v[2] = {0, 0};
+  A ra = 0, rb = 0;
+  if (policy_row_pass(prm.mode)) {  // sequence-level quantities (gspo, geo_mean, vespo)
+    A v[4] = {0, 0, 0, 0};
     for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
       if (!p.mask[base + t]) continue;
-      v[0] += clamp_logratio(load_as<A>(p.lp, base + t) - load_as<A>(p.old, base + t),
-                             prm.logratio_clamp);
-      v[1] += A(1);
+      const A lr = clamp_logratio(load_as<A>(p.lp, base + t) - load_as<A>(p.old, base + t),
+                                  prm.logratio_clamp);
+      const A adv = p.adv_row ? adv_row : p.adv[base + t];
+      const A w = p.w && !p.w_row ? p.w[base + t] : w_row;
+      A s0, s1, s2;
+      policy_row_terms(prm.mode, prm.has_w, lr, adv, w, prm.clip_low, prm.clip_high, &s0, &s1,
+                       &s2);
+      v[0] += s0;
+      v[1] += s1;
+      v[2] += s2;
+      v[3] += A(1);
     }
     block_sum(v);
-    if (threadIdx.x == 0) s_shared = v[1] > A(0) ? v[0] / v[1] : A(0);
+    if (threadIdx.x == 0) {
+      policy_row_values(prm.mode, prm.has_w, v[0], v[1], v[2], v[3], &s_shared[0], &s_shared[1],
+                        &s_shared[2]);
+    }
     __syncthreads();
-    s = s_shared;
+    ra = s_shared[0];
+    rb = s_shared[1];
   }
   A v[kPolicyK] = {};
   for (int64_t t = threadIdx.x; t < width; t += blockDim.x) {
@@ -43,7 +56,7 @@ __global__ void policy_row_kernel(PolicyPtrs<T> p, int64_t width, PolicyParams<a
     const A w = p.w && !p.w_row ? p.w[i] : w_row;
     const A ref = p.ref ? load_as<A>(p.ref, i) : A(0);
     A kl, clipped, dual, neg_lr;
-    const A loss = policy_token_forward(prm, lp, load_as<A>(p.old, i), ref, adv, w, s, &kl,
+    const A loss = policy_token_forward(prm, lp, load_as<A>(p.old, i), ref, adv, w, ra, rb, &kl,
                                         &clipped, &dual, &neg_lr);
     v[kPN] += A(1);
     v[kPLoss] += loss;
@@ -55,17 +68,21 @@ __global__ void policy_row_kernel(PolicyPtrs<T> p, int64_t width, PolicyParams<a
   }
   block_sum(v);
   if (threadIdx.x == 0) {
+    const bool rp = policy_row_pass(prm.mode);
     for (int k = 0; k < kPolicyK; ++k) part[b * kPolicyK + k] = v[k];
-    seq_lr[b] = s;
+    part[b * kPolicyK + kPLoss] += rp ? s_shared[2] : A(0);  // geo_mean's per-row loss
+    rowv[3 * b] = ra;
+    rowv[3 * b + 1] = rb;
   }
 }
 
 // One block: the rows in a fixed order, in double. K partials per row; the loss of row b is
 // part[kLoss] + kl_coef part[kKL] - entropy_coef part[kEnt] (policy) or part[1] (value, K = 3).
 template <typename A, int K>
-__global__ void finalize_kernel(const A* __restrict__ part, const A* __restrict__ seq_lr,
-                                int64_t rows, int64_t width, AggMode mode, double num_tokens,
-                                double num_seqs, double kl_coef, double entropy_coef,
+__global__ void finalize_kernel(const A* __restrict__ part, const A* __restrict__ rowv,
+                                int64_t rows, int64_t width, AggMode mode, PolicyMode pmode,
+                                double num_tokens, double num_seqs, double kl_coef,
+                                double entropy_coef,
                                 A* __restrict__ loss, A* __restrict__ metrics,
                                 A* __restrict__ row_stats) {
   __shared__ double n_shared;
@@ -91,10 +108,15 @@ __global__ void finalize_kernel(const A* __restrict__ part, const A* __restrict_
     const A* q = part + b * K;
     const double w = agg_row_scale(mode, q[0], n_total, num_tokens, num_seqs, rows, width);
     if constexpr (policy) {
-      row_stats[2 * b] = A(w);
-      row_stats[2 * b + 1] = seq_lr[b];
+      const double wp = policy_surrogate_scale(pmode, w, num_seqs, rows);
+      A* r = row_stats + kPolicyRowStats * b;
+      r[0] = A(w);
+      r[1] = rowv[3 * b];
+      r[2] = A(wp);
+      r[3] = rowv[3 * b + 1];
+      if (wp != 0) l[0] += wp * double(q[kPLoss]);
       if (w != 0) {
-        l[0] += w * (double(q[kPLoss]) + kl_coef * q[kPKL] - entropy_coef * q[kPEntropy]);
+        l[0] += w * (kl_coef * q[kPKL] - entropy_coef * q[kPEntropy]);
         l[1] += w * q[kPKL];
         l[2] += w * q[kPEntropy];
       }
@@ -129,8 +151,9 @@ __global__ void policy_bwd_kernel(const acc_t<T>* __restrict__ grad, PolicyPtrs<
   const A g = *grad;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t b = i / width;
-    const A scale = g * row_stats[2 * b];
-    if (!p.mask[i] || scale == A(0)) {
+    const A* r = row_stats + kPolicyRowStats * b;
+    const A scale = g * r[0], scale_pg = g * r[2];
+    if (!p.mask[i] || (scale == A(0) && scale_pg == A(0))) {
       store_as(g_lp, i, A(0));
       if (g_ref) store_as(g_ref, i, A(0));
       if (g_ent) store_as(g_ent, i, A(0));
@@ -141,8 +164,8 @@ __global__ void policy_bwd_kernel(const acc_t<T>* __restrict__ grad, PolicyPtrs<
     const A ref = p.ref ? load_as<A>(p.ref, i) : A(0);
     A dkl;
     const A d = policy_token_backward(prm, load_as<A>(p.lp, i), load_as<A>(p.old, i), ref, adv, w,
-                                      row_stats[2 * b + 1], &dkl);
-    store_as(g_lp, i, scale * d);
+                                      r[1], r[3], &dkl);
+    store_as(g_lp, i, scale_pg * d + scale * dkl);
     if (g_ref) store_as(g_ref, i, -scale * dkl);
     if (g_ent) store_as(g_ent, i, -A(prm.entropy_coef) * scale);
   }
@@ -150,41 +173,51 @@ __global__ void policy_bwd_kernel(const acc_t<T>* __restrict__ grad, PolicyPtrs<
 
 template <typename A>
 PolicyParams<A> to_acc(const PolicyParams<double>& p) {
-  return PolicyParams<A>{A(p.clip_low),  A(p.clip_high), A(p.dual),         A(p.logratio_clamp),
-                         A(p.kl_coef),   A(p.kl_clamp),  A(p.entropy_coef), p.est,
-                         p.kl_straight_through,          p.seq_ratio,       p.has_ref};
+  return PolicyParams<A>{A(p.clip_low),
+                         A(p.clip_high),
+                         A(p.dual),
+                         A(p.logratio_clamp),
+                         A(p.kl_coef),
+                         A(p.kl_clamp),
+                         A(p.entropy_coef),
+                         {A(p.mp[0]), A(p.mp[1]), A(p.mp[2]), A(p.mp[3])},
+                         p.est,
+                         p.mode,
+                         p.kl_straight_through,
+                         p.has_ref,
+                         p.has_w};
 }
 
 }  // namespace
 
 template <typename A, int K>
-cudaError_t ppo_loss_finalize(const A* part, const A* seq_lr, int64_t rows, int64_t width,
-                              AggMode mode, double num_tokens, double num_seqs, double kl_coef,
-                              double entropy_coef, A* loss, A* metrics, A* row_stats,
-                              cudaStream_t stream) {
-  finalize_kernel<A, K><<<1, kFinalThreads, 0, stream>>>(part, seq_lr, rows, width, mode,
+cudaError_t ppo_loss_finalize(const A* part, const A* rowv, int64_t rows, int64_t width,
+                              AggMode mode, PolicyMode pmode, double num_tokens, double num_seqs,
+                              double kl_coef, double entropy_coef, A* loss, A* metrics,
+                              A* row_stats, cudaStream_t stream) {
+  finalize_kernel<A, K><<<1, kFinalThreads, 0, stream>>>(part, rowv, rows, width, mode, pmode,
                                                           num_tokens, num_seqs, kl_coef,
                                                           entropy_coef, loss, metrics, row_stats);
   return cudaGetLastError();
 }
 
-// Forward of the policy loss. part: [B, kPolicyK] and seq_lr: [B] scratch; loss: [];
-// metrics: [kPolicyMetrics]; row_stats: [B, 2].
+// Forward of the policy loss. part: [B, kPolicyK] and rowv: [B, 3] scratch; loss: [];
+// metrics: [kPolicyMetrics]; row_stats: [B, kPolicyRowStats].
 template <typename T>
 cudaError_t ppo_policy_fwd(PolicyPtrs<T> p, int64_t rows, int64_t width,
                            const PolicyParams<double>& prm, AggMode mode, double num_tokens,
-                           double num_seqs, acc_t<T>* part, acc_t<T>* seq_lr, acc_t<T>* loss,
+                           double num_seqs, acc_t<T>* part, acc_t<T>* rowv, acc_t<T>* loss,
                            acc_t<T>* metrics, acc_t<T>* row_stats, cudaStream_t stream) {
   using A = acc_t<T>;
   if (rows > 0) {
     policy_row_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        p, width, to_acc<A>(prm), part, seq_lr);
+        p, width, to_acc<A>(prm), part, rowv);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  return ppo_loss_finalize<A, kPolicyK>(part, seq_lr, rows, width, mode, num_tokens, num_seqs,
-                                        prm.kl_coef, prm.entropy_coef, loss, metrics, row_stats,
-                                        stream);
+  return ppo_loss_finalize<A, kPolicyK>(part, rowv, rows, width, mode, prm.mode, num_tokens,
+                                        num_seqs, prm.kl_coef, prm.entropy_coef, loss, metrics,
+                                        row_stats, stream);
 }
 
 template <typename T>
@@ -210,8 +243,8 @@ PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 #undef PPK_INSTANTIATE
 #define PPK_INSTANTIATE(A, K)                                                                     \
   template cudaError_t ppo_loss_finalize<A, K>(const A*, const A*, int64_t, int64_t, AggMode,     \
-                                               double, double, double, double, A*, A*, A*,        \
-                                               cudaStream_t);
+                                               PolicyMode, double, double, double, double, A*, A*, \
+                                               A*, cudaStream_t);
 PPK_INSTANTIATE(float, kPolicyK)
 PPK_INSTANTIATE(double, kPolicyK)
 PPK_INSTANTIATE(float, 3)
@@ -265,16 +298,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
   cuda::check_grid_rows(op, B);
   const auto opts = c.lp.options().dtype(acc_dtype(logprobs));
   auto part = at::empty({B, kPolicyK}, opts);
-  auto seq_lr = at::empty({B}, opts);
+  auto rowv = at::empty({B, 3}, opts);
   auto loss = at::empty({}, opts);
   auto metrics = at::empty({kPolicyMetrics}, opts);
-  auto row_stats = at::empty({B, 2}, opts);
+  auto row_stats = at::empty({B, kPolicyRowStats}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;
     C10_CUDA_CHECK(cuda::ppo_policy_fwd<T_>(
         pointers<scalar_t>(c), B, T, c.p, mode, num_tokens.value_or(0.0), num_seqs.value_or(0.0),
-        part.data_ptr<A>(), seq_lr.data_ptr<A>(), loss.data_ptr<A>(), metrics.data_ptr<A>(),
+        part.data_ptr<A>(), rowv.data_ptr<A>(), loss.data_ptr<A>(), metrics.data_ptr<A>(),
         row_stats.data_ptr<A>(), cuda::stream()));
   });
   return {loss, metrics, row_stats};

@@ -64,8 +64,8 @@ cudaError_t value_loss_fwd(const T* v, const T* vo, const acc_t<T>* ret, const b
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  return ppo_loss_finalize<A, 3>(part, nullptr, rows, width, mode, num_tokens, num_seqs, 0.0, 0.0,
-                                 loss, clipfrac, row_scale, stream);
+  return ppo_loss_finalize<A, 3>(part, nullptr, rows, width, mode, PolicyMode::kVanilla, num_tokens,
+                                 num_seqs, 0.0, 0.0, loss, clipfrac, row_scale, stream);
 }
 
 template <typename T>

@@ -157,14 +157,14 @@ def _rounded_head(hidden, weight, bias, targets, temperature, logit_scale, with_
     return lp, (torch.cat(ents) if with_entropy and ents else None)
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 
 
 def _agg_extra(x, mask, loss_type):
     """An extra per-token term aggregated like ``ppo_policy_loss``'s ``agg`` for ``loss_type``
     (the same normalisers then apply to both)."""
     x = x * mask
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return (x.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     if loss_type == "bnpo":
         return x.sum() / mask.sum().clamp(min=1.0)
@@ -193,17 +193,31 @@ def grpo_loss(
     gradient_accumulation_steps=1,
     steps_per_generation=1,
     training=True,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+    importance_sampling_ratio=None,
 ):
-    """The loss ``GRPOTrainer._compute_loss`` returns (trl 1.16.0) for ``loss_type`` in
-    grpo / bnpo / dr_grpo / dapo / luspo (off-policy and entropy masks, vLLM IS and the entropy
-    bonus off). Per token ``-min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)`` with ``w``
+    """The loss ``GRPOTrainer._compute_loss`` returns (trl 1.16.0) for every ``loss_type``
+    (off-policy and entropy masks and the entropy bonus off). grpo / bnpo / dr_grpo / dapo /
+    luspo: per token ``-min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)`` with ``w``
     = exp(lp - old) (token) or exp(masked mean of lp - old) (sequence, GSPO), ``w = min(w,
-    delta)`` in the unclipped term, ``+ beta k3(lp, ref)``; aggregated as TRL:
-    grpo = mean of row means / G, bnpo = token mean / G, dr_grpo = sum / (B L) / G,
-    dapo = sum / (num_items / num_processes * G / steps_per_generation), luspo = mean of row
-    sums / G, with G = gradient_accumulation_steps in training (1 in eval)."""
+    delta)`` in the unclipped term; cispo: ``-sg(min(w, eps_high)) A lp`` (token level);
+    sapo: ``-sigmoid(tau (w - 1)) 4 / tau A`` (``tau = sapo_temperature_pos`` if A > 0 else
+    ``_neg``); vespo: ``-phi A lp`` with TRL's gamma weight ``phi`` of the summed, clamped
+    log-ratio (``get_gamma_weights``; ``importance_sampling_ratio`` enters its log-weight).
+    Every other type multiplies the token loss by ``importance_sampling_ratio`` (vLLM IS,
+    [B, T]) when given. Then ``+ beta k3(lp, ref)``; aggregated as TRL: grpo / sapo = mean of
+    row means / G, bnpo = token mean / G, dr_grpo = sum / (B L) / G, dapo / cispo / vespo =
+    sum / (num_items / num_processes * G / steps_per_generation), luspo = mean of row sums / G,
+    with G = gradient_accumulation_steps in training (1 in eval)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "cispo" and importance_sampling_level != "token":
+        raise NotImplementedError("grpo_loss: cispo at importance_sampling_level='sequence'")
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     advantages = advantages.expand_as(per_token_logps)
@@ -216,26 +230,38 @@ def grpo_loss(
         old = ((old_per_token_logps * mask).sum(-1, keepdim=True) / n).expand_as(lp)
     else:
         raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}.")
-    if delta is not None and delta < 1 + epsilon_high:
+    clipped = loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+    if clipped and delta is not None and delta < 1 + epsilon_high:
         raise NotImplementedError("grpo_loss: delta below 1 + epsilon_high")
     # delta >= 1 + eps_high caps only A < 0 tokens at -delta A: exactly the dual clip
-    agg = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "luspo": "seq-mean-token-sum"}
+    agg = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
+           "luspo": "seq-mean-token-sum"}  # fmt: skip
     # the KL term uses the per-token log-probs even at sequence level: fused only when the
     # ratio is per token and not IS-weighted
     kl_in_loss = beta != 0.0 and not use_bias_correction_kl and importance_sampling_level == "token"
+    mode = dict(loss_mode="vanilla", dual_clip=delta, logratio_clamp=None)
+    if loss_type == "cispo":
+        mode = dict(loss_mode="cispo", ratio_cap=epsilon_high, logratio_clamp=None)
+    elif loss_type == "sapo":
+        mode = dict(loss_mode="sapo", tau_pos=sapo_temperature_pos,
+                    tau_neg=sapo_temperature_neg, logratio_clamp=None)  # fmt: skip
+    elif loss_type == "vespo":  # phi reads the per-token log-ratios at either level
+        mode = dict(loss_mode="vespo", logratio_clamp=20.0, vespo_k=(vespo_k_pos, vespo_k_neg),
+                    vespo_lambda=(vespo_lambda_pos, vespo_lambda_neg))  # fmt: skip
+    token = loss_type in ("cispo", "vespo")
     out = ppk.ppo_policy_loss(
-        lp,
-        old.detach(),
+        per_token_logps if token else lp,
+        (old_per_token_logps if token else old).detach(),
         advantages,
         mask,
         clip_low=epsilon_low,
         clip_high=epsilon_high,
-        dual_clip=delta,
-        logratio_clamp=None,
         agg=agg.get(loss_type, "token-sum"),
         ref_logprobs=ref_per_token_logps if kl_in_loss else None,
         kl_coef=beta if kl_in_loss else 0.0,
         kl_estimator="k3",
+        is_weights=importance_sampling_ratio,
+        **mode,
     )
     loss = out.loss
     if beta != 0.0 and not kl_in_loss:
@@ -246,7 +272,7 @@ def grpo_loss(
     G = gradient_accumulation_steps if training else 1.0
     if loss_type == "dr_grpo":
         return loss / (per_token_logps.size(0) * max_completion_length) / G
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo", "vespo"):
         normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
         if training:
             normalizer = normalizer * gradient_accumulation_steps / steps_per_generation

@@ -15,13 +15,14 @@ from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype, bool_mask, promote
 from ppokernels.ops import _checks
 from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops.ppo_loss_modes import LOSS_MODES, mode_spec
 from ppokernels.reference import AGG_MODES, PolicyLossOutput, ValueLossOutput
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.ppo_loss  # noqa: F401  (registers the ppokernels::*_triton ops)
     import ppokernels.triton.ppo_loss_value  # noqa: F401
 
-__all__ = ["PolicyLossOutput", "ValueLossOutput", "ppo_policy_loss", "value_loss"]
+__all__ = ["LOSS_MODES", "PolicyLossOutput", "ValueLossOutput", "ppo_policy_loss", "value_loss"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 RATIO_LEVELS = ("token", "sequence")
@@ -33,6 +34,7 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    loss_mode: str = "vanilla",
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
@@ -48,6 +50,13 @@ def ppo_policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     is_weights: torch.Tensor | None = None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    ratio_cap: float | None = None,
+    seq_logratio_max: float | None = None,
+    dro_beta: float | None = None,
+    vespo_k: tuple[float, float] = (2.0, 3.0),
+    vespo_lambda: tuple[float, float] = (3.0, 2.0),
     backend: str = "auto",
 ) -> PolicyLossOutput:
     """PPO clipped surrogate loss with its metrics, in one fused forward and one fused backward.
@@ -64,8 +73,33 @@ def ppo_policy_loss(
     - "seq-mean-token-sum": sum of row sums / (num_seqs or B); "seq-mean-token-sum-norm": / T too.
 
     Global ``num_tokens`` / ``num_seqs`` make the sum of per-rank losses the global-batch loss.
-    ``ratio_level="sequence"`` is GSPO: r has the value exp(masked mean over t of logratio) and
-    the per-token gradient of ``exp(lp - sg(lp) + sg(seq_logratio))`` (veRL's gspo).
+
+    ``loss_mode`` picks the surrogate (veRL 0.9.1 ``POLICY_LOSS_REGISTRY``, TRL 1.16
+    ``GRPOTrainer`` loss types; ``r = exp(logratio)``, sg = stop-gradient):
+
+    - "vanilla": the clipped surrogate above.
+    - "gspo": the same of the sequence ratio, value ``exp(min(s, seq_logratio_max))`` with
+      ``s`` the row's masked mean log-ratio, per-token gradient of ``exp(lp - sg(lp) + sg(s))``.
+      (``ratio_level="sequence"`` is the former spelling.)
+    - "sapo": ``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau = tau_pos`` if ``A > 0`` else ``tau_neg``.
+    - "cispo": ``-sg(clip(r)) A lp``, clipped to ``[1 - clip_low, 1 + clip_high]`` (veRL), or to
+      ``[-inf, ratio_cap]`` when ``ratio_cap`` is given (TRL's ``epsilon_high``).
+    - "gpg": ``-A lp``.
+    - "geo_mean" (GMPO): per row ``-Abar exp(sum_t m dt / (n + 1e-8))``, ``dt`` the log-ratio
+      clipped to ``clip_high`` where ``A > 0`` and to ``-clip_low`` where ``A < 0`` (0 where
+      ``A = 0``), ``Abar`` the masked mean advantage; is_weights enter as their per-row geometric
+      mean. Averaged over ``num_seqs`` or B rows whatever ``agg`` (``agg`` still aggregates the
+      KL and entropy terms).
+    - "dppo_tv" / "dppo_kl": ``-A sg(min(r, ratio_cap)) lp valid`` (ratio_cap default 20),
+      ``valid`` the trust region: ``p - p_old <= clip_high`` (A > 0) / ``>= -clip_low``, or the
+      binary KL ``<= clip_high`` or ``p <= p_old`` (A > 0) / ``<= clip_low`` or ``p >= p_old``.
+    - "dro": ``-(lp A - dro_beta logratio^2 / 2)``.
+    - "vespo" (TRL): ``-phi A lp``, ``phi = exp(lam + k log_w - lam exp(log_w))`` detached,
+      ``log_w`` = the row's summed log-ratio plus the summed ``clamp(log is_weights, log 1e-8,
+      20)``, clamped to ``[log 1e-8, 20]``; ``(k, lam) = (vespo_k[0], vespo_lambda[0])`` if
+      ``A >= 0`` else ``[1]``. is_weights enter log_w only, they do not scale the loss.
+
+    Every other mode multiplies its token loss by ``is_weights``.
 
     Args:
         logprobs: [B, T] log-probs under the current policy (float dtype; differentiable).
@@ -73,18 +107,30 @@ def ppo_policy_loss(
             logprobs, old_logprobs, ref_logprobs and entropy run in their promoted dtype.
         advantages: [B, T] per token or [B] per sequence, any float dtype (a constant).
         mask: [B, T] bool/int/float; 0 marks padding (no work, zero gradient, NaN-safe).
-        clip_low, clip_high: clip range [1 - clip_low, 1 + clip_high]; clip_high None = clip_low.
+        clip_low, clip_high: clip range [1 - clip_low, 1 + clip_high]; clip_high None = clip_low
+            (clip_low = 1: no lower clip). geo_mean / dppo: the log-ratio clip / trust region.
         dual_clip: c > 1 (Ye et al. 2019), or None.
         logratio_clamp: clamp of lp - old before exp (veRL/OpenRLHF: 20), None for none.
         ref_logprobs, kl_coef, kl_estimator, kl_clamp: KL-in-loss term (GRPO), see kl_penalty.
         entropy, entropy_coef: [B, T] entropy of the policy and the bonus coefficient.
         is_weights: [B, T] or [B] importance weights (e.g. truncated IS), a constant.
 
+        tau_pos, tau_neg: SAPO's gate temperatures (veRL's defaults).
+        ratio_cap: CISPO's upper bound (TRL form) / DPPO's truncation of the ratio weight.
+        seq_logratio_max: GSPO's clamp of the sequence log-ratio (veRL: 10), None for none.
+        dro_beta: DRO's penalty coefficient (> 0, required for "dro").
+        vespo_k, vespo_lambda: VESPO's (positive, negative advantage) k and lambda (TRL's
+            defaults).
+
     Returns:
         PolicyLossOutput: ``loss`` (0-d float32, float64 for float64 inputs); detached 0-d
-        ``clipfrac`` (masked mean of clipped > unclipped), ``approx_kl`` (masked mean of
-        -logratio), ``dual_clipfrac`` (masked mean of dual clip active and A < 0), and ``kl`` /
-        ``entropy`` (aggregated like the loss) when their inputs are given. No valid token: all 0.
+        ``approx_kl`` (masked mean of -logratio), ``kl`` / ``entropy`` (aggregated like the
+        loss) when their inputs are given, and two masked means of per-token flags:
+        ``clipfrac`` / ``dual_clipfrac`` are, for vanilla and gspo, clipped > unclipped / dual
+        clip active with A < 0; cispo: r != clip(r) / r > upper bound with A > 0; geo_mean:
+        log-ratio outside the clip range with A > 0 / with A < 0; dppo: outside the trust
+        region / r > ratio_cap inside it; vespo: phi / 0; sapo, gpg, dro: 0 / 0 (veRL's
+        pg_clipfrac / pg_clipfrac_lower where veRL reports them). No valid token: all 0.
     """
     name = "ppo_policy_loss"
     _data(name, "logprobs", logprobs)
@@ -96,16 +142,29 @@ def ppo_policy_loss(
     mask = bool_mask(_checks.mask(name, "mask", mask, logprobs))
     if is_weights is not None:
         _checks.row_or_token(name, "is_weights", is_weights, logprobs)
+    mode_opts = dict(tau_pos=tau_pos, tau_neg=tau_neg, ratio_cap=ratio_cap,
+                     seq_logratio_max=seq_logratio_max, dro_beta=dro_beta, vespo_k=vespo_k,
+                     vespo_lambda=vespo_lambda)  # fmt: skip
+    _checks.choice(name, "ratio_level", ratio_level, RATIO_LEVELS)
+    if ratio_level == "sequence":  # the former spelling of loss_mode="gspo"
+        if loss_mode not in ("vanilla", "gspo"):
+            raise ValueError(f"{name}: ratio_level='sequence' is loss_mode='gspo'")
+        loss_mode = "gspo"
     scalars = _policy_scalars(
         name, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        logratio_clamp=logratio_clamp, ratio_level=ratio_level, agg=agg, num_tokens=num_tokens,
-        num_seqs=num_seqs, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
-        entropy_coef=entropy_coef, has_ref=ref_logprobs is not None, has_ent=entropy is not None,
+        logratio_clamp=logratio_clamp, loss_mode=loss_mode, mode_opts=mode_opts, agg=agg,
+        num_tokens=num_tokens, num_seqs=num_seqs, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp, entropy_coef=entropy_coef, has_ref=ref_logprobs is not None,
+        has_ent=entropy is not None,
     )  # fmt: skip
     b = _backend.choose(name, logprobs.device, backend)
     opt = dict(ref_logprobs=ref_logprobs, entropy=entropy, is_weights=is_weights)
     if b == "reference":
-        return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, **opt, **scalars)
+        ref_kw = {k: v for k, v in scalars.items() if k != "ratio_level"}
+        return reference.ppo_policy_loss(
+            logprobs, old_logprobs, advantages, mask, loss_mode=loss_mode, **opt, **ref_kw,
+            **mode_opts,
+        )  # fmt: skip
     for arg, x in (("old_logprobs", old_logprobs), ("advantages", advantages),
                    ("is_weights", is_weights)):  # fmt: skip
         _checks.constant(name, arg, x)
@@ -196,8 +255,8 @@ def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
     """Checks and normalises the scalar options of ppo_policy_loss; returns them in the op's
     argument order (clip_low ... entropy_coef)."""
     clip_low = _checks.number(name, "clip_low", kw["clip_low"])
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"{name}: clip_low must be in [0, 1), got {clip_low}")
+    if not 0.0 <= clip_low:
+        raise ValueError(f"{name}: clip_low must be in [0, 1] (any >= 0: dppo), got {clip_low}")
     clip_high = kw["clip_high"]
     clip_high = clip_low if clip_high is None else _checks.number(name, "clip_high", clip_high)
     if clip_high < 0.0:
@@ -205,7 +264,10 @@ def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
     dual = kw["dual_clip"]
     if dual is not None and not _checks.number(name, "dual_clip", dual) > 1.0:
         raise ValueError(f"{name}: dual_clip must be > 1, got {dual}")
-    _checks.choice(name, "ratio_level", kw["ratio_level"], RATIO_LEVELS)
+    spec = mode_spec(
+        name, kw["loss_mode"], clip_low=clip_low, clip_high=clip_high, dual_clip=dual,
+        opts=kw["mode_opts"],
+    )  # fmt: skip
     num_tokens, num_seqs = _agg(name, kw["agg"], kw["num_tokens"], kw["num_seqs"])
     kl_coef = _checks.number(name, "kl_coef", kw["kl_coef"])
     entropy_coef = _checks.number(name, "entropy_coef", kw["entropy_coef"])
@@ -226,7 +288,7 @@ def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
         logratio_clamp=_checks.positive(
             name, "logratio_clamp", kw["logratio_clamp"], allow_none=True
         ),
-        ratio_level=kw["ratio_level"],
+        ratio_level=spec,
         agg=kw["agg"],
         num_tokens=num_tokens,
         num_seqs=num_seqs,
@@ -243,7 +305,7 @@ def _policy_fake(lp, old, adv, mask, ref, ent, w, *args):
     return (
         lp.new_empty((), dtype=acc),
         lp.new_empty((5,), dtype=acc),
-        lp.new_empty((lp.shape[0], 2), dtype=acc),
+        lp.new_empty((lp.shape[0], 4), dtype=acc),
     )
 
 

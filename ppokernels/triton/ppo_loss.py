@@ -23,11 +23,16 @@ from ppokernels.triton.kl import _value as _kl_value
 from ppokernels.triton.ppo_loss_math import (
     AGG,
     FINALIZE_CONFIG,
+    LOG_1E8,
+    MODES,
     ROW_CONFIG,
     K,
     _agg_scale,
     _kl_grad,
-    _surrogate,
+    _mode_backward,
+    _mode_forward,
+    _row_terms,
+    parse_spec,
 )
 
 
@@ -39,20 +44,22 @@ def _ppo_loss_policy_row_kernel(
     mask_ptr,  # bool
     # outputs
     part_ptr,  # [B, K] fp32/fp64 per-row partial sums
-    seq_lr_ptr,  # [B] sequence log-ratio (GSPO)
+    rowv_ptr,  # [B, 2] the row values ra, rb (ppo_loss_modes.h policy_row_values)
     # shapes and scalars
-    T, clip_low, clip_high, dual, lr_clamp, kl_clamp,
+    T, clip_low, clip_high, dual, lr_clamp, kl_clamp, mp0, mp1, mp2, mp3,  # mp*: mode params
     # meta
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, ADV_ROW: tl.constexpr,
-    W_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
+    W_ROW: tl.constexpr, MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
     KL_EST: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     acc = part_ptr.dtype.element_ty
     base = b * T
-    s = tl.zeros([BLOCK], acc)
-    if SEQ:  # first pass: masked mean of the clamped log-ratio
-        n = tl.zeros([BLOCK], acc)
+    ra = tl.zeros([BLOCK], acc)
+    rb = tl.zeros([BLOCK], acc)
+    row_loss = 0.0
+    if MODE == 1 or MODE == 5 or MODE == 9:  # first pass: the row's sequence-level values
+        a0, a1, a2, an = ra, ra, ra, ra
         for t0 in range(0, T, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
             m = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
@@ -60,33 +67,45 @@ def _ppo_loss_policy_row_kernel(
                   - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc))  # fmt: skip
             if HAS_LR_CLAMP:
                 lr = tl.minimum(tl.maximum(lr, -lr_clamp), lr_clamp)
-            s += tl.where(m, lr, 0.0)
-            n += m.to(acc)
-        s = s * 0.0 + tl.sum(s) / tl.maximum(tl.sum(n), 1.0)
-    tl.store(seq_lr_ptr + b, tl.max(s, 0))
+            adv = _load_row_or_token(adv_ptr, b, base, offs, m, ADV_ROW, 0.0)
+            w = _load_w(w_ptr, b, base, offs, m, lr, HAS_W, W_ROW)
+            s0, s1, s2 = _row_terms(lr, adv, w, clip_low, clip_high, MODE, HAS_W)
+            a0 += tl.where(m, s0, 0.0)
+            a1 += tl.where(m, s1, 0.0)
+            a2 += tl.where(m, s2, 0.0)
+            an += m.to(acc)
+        s0 = tl.sum(a0)
+        s1 = tl.sum(a1)
+        n = tl.sum(an)
+        if MODE == 1:
+            ra += s0 / tl.maximum(n, 1.0)
+        elif MODE == 9:
+            ra += tl.minimum(tl.maximum(s0 + s1, LOG_1E8), 20.0)
+        else:
+            d = n + 1e-8
+            lrho = s0 / d
+            sw = 1.0
+            if HAS_W:
+                sw = tl.exp(tl.sum(a2) / d)
+            row_loss = -(s1 / d) * tl.exp(lrho) * sw
+            ra += lrho
+            rb += row_loss / d
+    tl.store(rowv_ptr + b * 2, tl.max(ra, 0))
+    tl.store(rowv_ptr + b * 2 + 1, tl.max(rb, 0))
     zero = tl.zeros([BLOCK], acc)
     a_n, a_loss, a_kl, a_ent, a_clip, a_nlr, a_dual = zero, zero, zero, zero, zero, zero, zero
     for t0 in range(0, T, BLOCK):
         offs = t0 + tl.arange(0, BLOCK)
         m = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
         lp = tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc)
-        lr = lp - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc)
+        old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc)
+        lr = lp - old
         if HAS_LR_CLAMP:
             lr = tl.minimum(tl.maximum(lr, -lr_clamp), lr_clamp)
-        if SEQ:
-            ratio = tl.exp(s)
-        else:
-            ratio = tl.exp(lr)
-        if ADV_ROW:
-            adv = tl.load(adv_ptr + b + offs * 0)
-        else:
-            adv = tl.load(adv_ptr + base + offs, mask=m, other=0.0)
-        loss, d, clipped, active = _surrogate(ratio, adv, clip_low, clip_high, dual, HAS_DUAL)
-        if HAS_W:
-            if W_ROW:
-                loss = loss * tl.load(w_ptr + b + offs * 0)
-            else:
-                loss = loss * tl.load(w_ptr + base + offs, mask=m, other=0.0)
+        adv = _load_row_or_token(adv_ptr, b, base, offs, m, ADV_ROW, 0.0)
+        w = _load_w(w_ptr, b, base, offs, m, lr, HAS_W, W_ROW)
+        loss, c0, c1 = _mode_forward(lp, old, lr, adv, w, ra, clip_low, clip_high, dual, mp0, mp1,
+                                     mp2, mp3, MODE, HAS_DUAL)  # fmt: skip
         if HAS_REF:
             ref = tl.load(ref_ptr + base + offs, mask=m, other=0.0).to(acc)
             kl = _kl_value(lp - ref, KL_EST)
@@ -97,12 +116,12 @@ def _ppo_loss_policy_row_kernel(
             a_ent += tl.where(m, tl.load(ent_ptr + base + offs, mask=m, other=0.0).to(acc), 0.0)
         a_n += m.to(acc)
         a_loss += tl.where(m, loss, 0.0)
-        a_clip += (m & clipped).to(acc)
+        a_clip += tl.where(m, c0, 0.0)
         a_nlr += tl.where(m, -lr, 0.0)
-        a_dual += (m & active).to(acc)
+        a_dual += tl.where(m, c1, 0.0)
     p = part_ptr + b * 8
     tl.store(p + 0, tl.sum(a_n))
-    tl.store(p + 1, tl.sum(a_loss))
+    tl.store(p + 1, tl.sum(a_loss) + row_loss)  # + geo_mean's per-row loss
     tl.store(p + 2, tl.sum(a_kl))
     tl.store(p + 3, tl.sum(a_ent))
     tl.store(p + 4, tl.sum(a_clip))
@@ -111,18 +130,36 @@ def _ppo_loss_policy_row_kernel(
 
 
 @triton.jit
+def _load_w(w_ptr, b, base, offs, m, like, HAS_W: tl.constexpr, W_ROW: tl.constexpr):
+    """The importance weights of row b at offs, 1 without weights."""
+    if HAS_W:
+        w = _load_row_or_token(w_ptr, b, base, offs, m, W_ROW, 1.0)
+    else:
+        w = like * 0.0 + 1.0
+    return w
+
+
+@triton.jit
+def _load_row_or_token(ptr, b, base, offs, m, ROW: tl.constexpr, other):
+    """[B] (ROW) or [B, T] fp32/fp64 values of row b at offs (other where not m)."""
+    if ROW:
+        return tl.load(ptr + b + offs * 0)
+    return tl.load(ptr + base + offs, mask=m, other=other)
+
+
+@triton.jit
 def _ppo_loss_policy_finalize_kernel(
     # inputs
     part_ptr,  # [B, K] per-row partial sums
-    seq_lr_ptr,  # [B]
+    rowv_ptr,  # [B, 2] ra, rb
     # outputs
     loss_ptr,  # [] loss
     metrics_ptr,  # [5] clipfrac, approx_kl, dual_clipfrac, kl, entropy
-    row_stats_ptr,  # [B, 2] aggregation weight, sequence log-ratio
+    row_stats_ptr,  # [B, 4] aggregation weight, ra, surrogate weight, rb
     # shapes and scalars
     B, T, num_tokens, num_seqs, kl_coef, entropy_coef,  # num_*: <= 0 means local counts
     # meta
-    AGG: tl.constexpr, BLOCK_B: tl.constexpr,
+    AGG: tl.constexpr, GEO: tl.constexpr, BLOCK_B: tl.constexpr,  # GEO: geo_mean's row weights
 ):  # fmt: skip
     acc = part_ptr.dtype.element_ty
     z = tl.zeros([BLOCK_B], acc)
@@ -145,13 +182,20 @@ def _ppo_loss_policy_finalize_kernel(
         pg = tl.load(part_ptr + rows * 8 + 1, mask=ok, other=0.0)
         kl = tl.load(part_ptr + rows * 8 + 2, mask=ok, other=0.0)
         ent = tl.load(part_ptr + rows * 8 + 3, mask=ok, other=0.0)
-        loss_acc += w * (pg + kl_coef * kl - entropy_coef * ent)
+        if GEO:  # the per-row surrogate is averaged over sequences (ppo_loss.h)
+            seqs = tl.where(num_seqs > 0, num_seqs, B * 1.0)
+            inv = tl.where(seqs > 0, 1.0 / tl.maximum(seqs, 1e-30), 0.0)
+            wp = tl.where(ok, inv + w * 0.0, 0.0)
+        else:
+            wp = w
+        loss_acc += wp * pg + w * (kl_coef * kl - entropy_coef * ent)
         kl_acc += w * kl
         ent_acc += w * ent
-        tl.store(row_stats_ptr + rows * 2, w, mask=ok)
-        tl.store(
-            row_stats_ptr + rows * 2 + 1, tl.load(seq_lr_ptr + rows, mask=ok, other=0.0), mask=ok
-        )
+        rs = row_stats_ptr + rows * 4
+        tl.store(rs, w, mask=ok)
+        tl.store(rs + 1, tl.load(rowv_ptr + rows * 2, mask=ok, other=0.0), mask=ok)
+        tl.store(rs + 2, wp, mask=ok)
+        tl.store(rs + 3, tl.load(rowv_ptr + rows * 2 + 1, mask=ok, other=0.0), mask=ok)
     inv = tl.where(n_total > 0, 1.0 / tl.maximum(n_total, 1.0), 0.0)
     tl.store(loss_ptr, tl.sum(loss_acc))
     tl.store(metrics_ptr + 0, tl.sum(clip_acc) * inv)
@@ -166,14 +210,14 @@ def _ppo_loss_policy_bwd_kernel(
     # inputs, [B, T] unless noted
     grad_ptr,  # [] upstream gradient of the loss, fp32/fp64
     lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, mask_ptr,  # as in _ppo_loss_policy_row_kernel
-    row_stats_ptr,  # [B, 2] aggregation weight, sequence log-ratio
+    row_stats_ptr,  # [B, 4] aggregation weight, ra, surrogate weight, rb
     # outputs
     g_lp_ptr, g_ref_ptr, g_ent_ptr,  # dtype of logprobs (ref/ent: if HAS_REF/HAS_ENT)
     # shapes and scalars
-    T, clip_low, clip_high, dual, lr_clamp, kl_coef, kl_clamp, entropy_coef,
+    T, clip_low, clip_high, dual, lr_clamp, kl_coef, kl_clamp, entropy_coef, mp0, mp1, mp2, mp3,
     # meta
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, ADV_ROW: tl.constexpr,
-    W_ROW: tl.constexpr, SEQ: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
+    W_ROW: tl.constexpr, MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
     KL_EST: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, KL_ST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
@@ -182,54 +226,50 @@ def _ppo_loss_policy_bwd_kernel(
     base = b * T
     acc = row_stats_ptr.dtype.element_ty
     m = tl.load(mask_ptr + base + offs, mask=inb, other=0) != 0
-    scale = tl.load(grad_ptr).to(acc) * tl.load(row_stats_ptr + b * 2)
-    m = m & ((offs * 0 + scale) != 0)  # empty rows: zeros without work
+    g_up = tl.load(grad_ptr).to(acc)
+    scale = g_up * tl.load(row_stats_ptr + b * 4)
+    scale_pg = g_up * tl.load(row_stats_ptr + b * 4 + 2)
+    m = m & (((offs * 0 + scale) != 0) | ((offs * 0 + scale_pg) != 0))  # empty rows: no work
+    ra = tl.load(row_stats_ptr + b * 4 + 1)
+    rb = tl.load(row_stats_ptr + b * 4 + 3)
     lp = tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc)
-    raw = lp - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc)
-    if SEQ:
-        ratio = tl.exp(tl.load(row_stats_ptr + b * 2 + 1) + raw * 0.0)
-        dratio = ratio
-    else:
-        lr = raw
-        if HAS_LR_CLAMP:
-            lr = tl.minimum(tl.maximum(raw, -lr_clamp), lr_clamp)
-        ratio = tl.exp(lr)
-        dratio = ratio
-        if HAS_LR_CLAMP:
-            dratio = tl.where((raw < -lr_clamp) | (raw > lr_clamp), 0.0, ratio)
-    if ADV_ROW:
-        adv = tl.load(adv_ptr + b + offs * 0)
-    else:
-        adv = tl.load(adv_ptr + base + offs, mask=m, other=0.0)
-    loss, d, clipped, active = _surrogate(ratio, adv, clip_low, clip_high, dual, HAS_DUAL)
-    g = d * dratio
-    if HAS_W:
-        if W_ROW:
-            g = g * tl.load(w_ptr + b + offs * 0)
-        else:
-            g = g * tl.load(w_ptr + base + offs, mask=m, other=0.0)
+    old = tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc)
+    raw = lp - old
+    lr = raw
+    cg = raw * 0.0 + 1.0
+    if HAS_LR_CLAMP:
+        lr = tl.minimum(tl.maximum(raw, -lr_clamp), lr_clamp)
+        cg = tl.where((raw < -lr_clamp) | (raw > lr_clamp), 0.0, 1.0)
+    adv = _load_row_or_token(adv_ptr, b, base, offs, m, ADV_ROW, 0.0)
+    w = _load_w(w_ptr, b, base, offs, m, lr, HAS_W, W_ROW)
+    g = scale_pg * _mode_backward(lp, old, lr, cg, adv, w, ra, rb, clip_low, clip_high, dual, mp0,
+                                  mp1, mp2, mp3, MODE, HAS_DUAL)  # fmt: skip
     if HAS_REF:
         ref = tl.load(ref_ptr + base + offs, mask=m, other=0.0).to(acc)
         dkl = kl_coef * _kl_grad(lp - ref, kl_clamp, KL_EST, HAS_KL_CLAMP, KL_ST)
-        g += dkl
+        g += scale * dkl
         gr = tl.where(m, -scale * dkl, 0.0)
         tl.store(g_ref_ptr + base + offs, gr.to(g_ref_ptr.dtype.element_ty), mask=inb)
     if HAS_ENT:
         ge = tl.where(m, -entropy_coef * scale + raw * 0.0, 0.0)
         tl.store(g_ent_ptr + base + offs, ge.to(g_ent_ptr.dtype.element_ty), mask=inb)
-    g = tl.where(m, scale * g, 0.0)
+    g = tl.where(m, g, 0.0)
     tl.store(g_lp_ptr + base + offs, g.to(g_lp_ptr.dtype.element_ty), mask=inb)
 
 
 def _flags(lp, adv, ref, ent, w, dual, lr_clamp, ratio_level, kl_estimator, kl_clamp):
+    """The constexpr switches and the mode parameters (mp0 ... mp3) of one call."""
     est = kl_estimator.rstrip("+")
-    return dict(
+    mode, params = parse_spec(ratio_level)
+    mp = (tuple(params) + (0.0, 0.0, 0.0, 0.0))[:4]
+    flags = dict(
         HAS_REF=ref is not None, HAS_ENT=ent is not None, HAS_W=w is not None,
         ADV_ROW=adv.dim() == 1, W_ROW=w is not None and w.dim() == 1,
-        SEQ=ratio_level == "sequence", HAS_DUAL=dual is not None,
+        MODE=MODES[mode], HAS_DUAL=dual is not None,
         HAS_LR_CLAMP=lr_clamp is not None, KL_EST=ESTIMATORS[est],
         HAS_KL_CLAMP=kl_clamp is not None,
     )  # fmt: skip
+    return flags, dict(zip(("mp0", "mp1", "mp2", "mp3"), mp, strict=True))
 
 
 def _prep(lp, old, adv, mask, ref, ent, w):
@@ -255,21 +295,23 @@ def ppo_policy_loss_triton(
     )
     B, T = lp.shape
     part = torch.empty((B, K), dtype=acc, device=lp.device)
-    seq_lr = torch.empty((B,), dtype=acc, device=lp.device)
+    rowv = torch.empty((B, 2), dtype=acc, device=lp.device)
     loss = torch.empty((), dtype=acc, device=lp.device)
     metrics = torch.empty((5,), dtype=acc, device=lp.device)
-    row_stats = torch.empty((B, 2), dtype=acc, device=lp.device)
-    flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
-                   kl_clamp)  # fmt: skip
+    row_stats = torch.empty((B, 4), dtype=acc, device=lp.device)
+    flags, mp = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
+                       kl_clamp)  # fmt: skip
     if B > 0:
         launch(_ppo_loss_policy_row_kernel)[(B,)](
             lp, old, ref if ref is not None else lp, ent if ent is not None else lp, adv,
-            w if w is not None else adv, mask, part, seq_lr, T, clip_low, clip_high,
-            dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **flags, **ROW_CONFIG,
+            w if w is not None else adv, mask, part, rowv, T, clip_low, clip_high,
+            dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **mp, **flags,
+            **ROW_CONFIG,
         )  # fmt: skip
     launch(_ppo_loss_policy_finalize_kernel)[(1,)](
-        part, seq_lr, loss, metrics, row_stats, B, T, num_tokens or 0.0, num_seqs or 0.0,
-        kl_coef, entropy_coef, AGG=AGG[agg], **FINALIZE_CONFIG,
+        part, rowv, loss, metrics, row_stats, B, T, num_tokens or 0.0, num_seqs or 0.0,
+        kl_coef, entropy_coef, AGG=AGG[agg], GEO=flags["MODE"] == MODES["geo_mean"],
+        **FINALIZE_CONFIG,
     )  # fmt: skip
     return loss, metrics, row_stats
 
@@ -290,45 +332,46 @@ def ppo_policy_loss_backward_triton(
     g_lp = torch.empty_like(lp)
     g_ref = torch.empty_like(ref) if ref is not None else lp.new_empty((0,))
     g_ent = torch.empty_like(ent) if ent is not None else lp.new_empty((0,))
-    flags = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
-                   kl_clamp)  # fmt: skip
+    flags, mp = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
+                       kl_clamp)  # fmt: skip
     if B > 0 and T > 0:
         launch(_ppo_loss_policy_bwd_kernel)[(B, triton.cdiv(T, ROW_CONFIG["BLOCK"]))](
             grad.to(acc), lp, old, ref if ref is not None else lp, adv,
             w if w is not None else adv, mask, row_stats.to(acc).contiguous(), g_lp,
             g_ref if ref is not None else g_lp, g_ent if ent is not None else g_lp, T, clip_low,
             clip_high, dual_clip or 0.0, logratio_clamp or 0.0, kl_coef, kl_clamp or 0.0,
-            entropy_coef, **flags, KL_ST=kl_estimator.endswith("+"), **ROW_CONFIG,
+            entropy_coef, **mp, **flags, KL_ST=kl_estimator.endswith("+"), **ROW_CONFIG,
         )  # fmt: skip
     return g_lp, g_ref, g_ent
 
 
 # ------------------------------------------------------------ ahead-of-time compile table
 _ALL = dict(HAS_REF=True, HAS_ENT=True, HAS_W=True, ADV_ROW=False, W_ROW=False, HAS_DUAL=True,
-            HAS_LR_CLAMP=True, KL_EST=2, HAS_KL_CLAMP=True)  # fmt: skip
+            HAS_LR_CLAMP=True, KL_EST=2, HAS_KL_CLAMP=True, MODE=0)  # fmt: skip
 _NONE = dict(HAS_REF=False, HAS_ENT=False, HAS_W=False, ADV_ROW=True, W_ROW=True, HAS_DUAL=False,
-             HAS_LR_CLAMP=False, KL_EST=0, HAS_KL_CLAMP=False)  # fmt: skip
+             HAS_LR_CLAMP=False, KL_EST=0, HAS_KL_CLAMP=False, MODE=0)  # fmt: skip
+# every loss mode once, with every input (dual clip only where it applies)
+_MODES = [dict(_ALL, MODE=i, HAS_DUAL=i in (0, 1)) for i in MODES.values()] + [_NONE]
 _DATA = {"lp_ptr": "*T", "old_ptr": "*T", "ref_ptr": "*T", "adv_ptr": "*A", "w_ptr": "*A",
          "mask_ptr": "*i1"}  # fmt: skip
 _CLIP = {"T": "i64", "clip_low": "fp32", "clip_high": "fp32", "dual": "fp32", "lr_clamp": "fp32"}
+_MP = {"mp0": "fp32", "mp1": "fp32", "mp2": "fp32", "mp3": "fp32"}
 AOT = (
     aot_table(_ppo_loss_policy_row_kernel,
-              {**_DATA, "ent_ptr": "*T", "part_ptr": "*A", "seq_lr_ptr": "*A", **_CLIP,
-               "kl_clamp": "fp32"},
-              lambda dt: ROW_CONFIG,
-              variants=[dict(_ALL, SEQ=False), dict(_ALL, SEQ=True), dict(_NONE, SEQ=False)])
+              {**_DATA, "ent_ptr": "*T", "part_ptr": "*A", "rowv_ptr": "*A", **_CLIP,
+               "kl_clamp": "fp32", **_MP},
+              lambda dt: ROW_CONFIG, variants=_MODES)
     + aot_table(_ppo_loss_policy_bwd_kernel,
                 {"grad_ptr": "*A", **_DATA, "row_stats_ptr": "*A", "g_lp_ptr": "*T",
                  "g_ref_ptr": "*T", "g_ent_ptr": "*T", **_CLIP, "kl_coef": "fp32",
-                 "kl_clamp": "fp32", "entropy_coef": "fp32"},
+                 "kl_clamp": "fp32", "entropy_coef": "fp32", **_MP},
                 lambda dt: ROW_CONFIG,
-                variants=[dict(_ALL, SEQ=False, KL_ST=False), dict(_ALL, SEQ=True, KL_ST=True),
-                          dict(_NONE, SEQ=False, KL_ST=False)])
+                variants=[dict(v, KL_ST=v["MODE"] == 1) for v in _MODES])
     # the finalize kernel sees only accumulator-dtype partials
     + aot_table(_ppo_loss_policy_finalize_kernel,
-                {"part_ptr": "*A", "seq_lr_ptr": "*A", "loss_ptr": "*A", "metrics_ptr": "*A",
+                {"part_ptr": "*A", "rowv_ptr": "*A", "loss_ptr": "*A", "metrics_ptr": "*A",
                  "row_stats_ptr": "*A", "B": "i64", "T": "i64", "num_tokens": "fp32",
                  "num_seqs": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32"},
                 lambda dt: FINALIZE_CONFIG, dtypes=("fp32", "fp64"),
-                variants=[dict(AGG=a) for a in AGG.values()])
+                variants=[dict(AGG=a, GEO=False) for a in AGG.values()] + [dict(AGG=2, GEO=True)])
 )  # fmt: skip

@@ -21,6 +21,7 @@
 
 #include "ppokernels/common.h"
 #include "ppokernels/kl.h"
+#include "ppokernels/ppo_loss_modes.h"
 
 namespace ppokernels {
 
@@ -46,6 +47,9 @@ enum PolicyPartial : int {
 };
 // Metrics vector of the policy forward: clipfrac, approx_kl, dual_clipfrac, kl, entropy.
 constexpr int kPolicyMetrics = 5;
+// Per-row values the forward saves for the backward (row_stats[b * 4 + k]): the aggregation
+// weight, ra, the surrogate's weight (policy_surrogate_scale), rb (policy_row_values).
+constexpr int kPolicyRowStats = 4;
 
 // 1 where c holds, else 0 (c a bool, or a SIMD comparison mask).
 template <typename T, typename C>
@@ -92,56 +96,122 @@ PPK_HOST_DEVICE T policy_surrogate(T ratio, T adv, S clip_low, S clip_high, S du
 }
 
 // Scalars of the policy loss, in the kernel's math type S (double on the CPU, the accumulation type
-// on CUDA). Non-positive dual / logratio_clamp / kl_clamp mean "off".
+// on CUDA). Non-positive dual / logratio_clamp / kl_clamp mean "off". mode and mp: the loss mode
+// and its parameters (ppo_loss_modes.h).
 template <typename S>
 struct PolicyParams {
   S clip_low, clip_high, dual, logratio_clamp, kl_coef, kl_clamp, entropy_coef;
+  S mp[4];
   KLEstimator est;
-  bool kl_straight_through, seq_ratio, has_ref;
+  PolicyMode mode;
+  bool kl_straight_through, has_ref, has_w;
 };
 
-// Forward of one valid token: the weighted surrogate, the (unscaled) KL term and veRL's metrics.
-// seq_lr is the row's sequence log-ratio (used when p.seq_ratio, GSPO).
+// Forward of one valid token: the token's (weighted) surrogate loss (0 for geo_mean, whose loss
+// is per row), the (unscaled) KL term and the metric flags. ra / rb: the row's values
+// (policy_row_values).
 template <typename T, typename S>
 PPK_HOST_DEVICE T policy_token_forward(const PolicyParams<S>& p, T lp, T old, T ref, T adv, T w,
-                                       T seq_lr, T* kl, T* clipped, T* dual, T* neg_logratio) {
+                                       T ra, T rb, T* kl, T* clipped, T* dual, T* neg_logratio) {
   const T lr = clamp_logratio(lp - old, p.logratio_clamp);
-  const T ratio = vexp(p.seq_ratio ? seq_lr : lr);
-  T d;
-  const T loss = w * policy_surrogate(ratio, adv, p.clip_low, p.clip_high, p.dual, &d, clipped,
-                                      dual);
   *kl = p.has_ref ? kl_value(lp - ref, p.est, p.kl_clamp) : T(0);
   *neg_logratio = T(0) - lr;
-  return loss;
+  *clipped = T(0);
+  *dual = T(0);
+  const T r = vexp(lr);
+  T d;
+  switch (p.mode) {
+    case PolicyMode::kVanilla:
+      return w * policy_surrogate(r, adv, p.clip_low, p.clip_high, p.dual, &d, clipped, dual);
+    case PolicyMode::kGspo:
+      return w * policy_surrogate(vexp(vmin(ra, T(p.mp[0]))), adv, p.clip_low, p.clip_high, p.dual,
+                                  &d, clipped, dual);
+    case PolicyMode::kSapo: {
+      const T tau = vselect(adv > T(0), T(p.mp[0]), T(p.mp[1]));
+      const T sig = T(1) / (T(1) + vexp(T(0) - tau * (r - T(1))));
+      return T(0) - w * (sig * T(4) / tau) * adv;
+    }
+    case PolicyMode::kCispo: {
+      const T c = vmin(vmax(r, T(p.mp[0])), T(p.mp[1]));
+      *clipped = vselect(r != c, T(1), T(0));
+      *dual = vselect((r > T(p.mp[1])) & (adv > T(0)), T(1), T(0));
+      return T(0) - w * c * adv * lp;
+    }
+    case PolicyMode::kGpg: return T(0) - w * adv * lp;
+    case PolicyMode::kGeoMean: {
+      const auto out = (lr > T(p.clip_high)) | (lr < T(-p.clip_low));
+      *clipped = vselect(out & (adv > T(0)), T(1), T(0));
+      *dual = vselect(out & (adv < T(0)), T(1), T(0));
+      return T(0);
+    }
+    case PolicyMode::kDppoTv:
+    case PolicyMode::kDppoKl: {
+      const T valid = dppo_valid(p.mode == PolicyMode::kDppoKl, lp, old, adv, p.clip_low,
+                                 p.clip_high);
+      *clipped = T(1) - valid;
+      *dual = vselect(r > T(p.mp[0]), valid, T(0));
+      return T(0) - w * adv * vmin(r, T(p.mp[0])) * lp * valid;
+    }
+    case PolicyMode::kDro: return T(0) - w * (lp * adv - T(0.5) * T(p.mp[0]) * lr * lr);
+    default: {  // vespo: w enters log_w, not the token loss
+      const T phi = vespo_phi(adv, ra, p.mp);
+      *clipped = phi;
+      return T(0) - phi * adv * lp;
+    }
+  }
 }
 
-// Backward of one valid token: d(token loss)/d logprobs, surrogate plus kl_coef * KL term, before
-// the row's aggregation weight. *dkl = kl_coef * d KL / d logprobs (= -d/d ref_logprobs).
-// Token level: d ratio / d lp = ratio where the log-ratio is inside the clamp, else 0.
-// Sequence level (GSPO, veRL's gspo): ratio_t = exp(lp_t - sg(lp_t) + sg(seq_lr)), so the value is
-// the sequence ratio and d ratio_t / d lp_t = ratio_t.
+// Backward of one valid token: d(token surrogate)/d logprobs before the row's weight (for
+// geo_mean: d(row loss)/d logprobs, rb = d row_loss / d s0). *dkl = kl_coef * d KL / d logprobs
+// (= -d/d ref_logprobs). Token-level ratios: d r / d lp = r cg. gspo (veRL's gspo):
+// r_t = exp(lp_t - sg(lp_t) + sg(s)), so d r_t / d lp_t = r_t (0 where s passed its clamp).
 template <typename T, typename S>
 PPK_HOST_DEVICE T policy_token_backward(const PolicyParams<S>& p, T lp, T old, T ref, T adv, T w,
-                                        T seq_lr, T* dkl) {
+                                        T ra, T rb, T* dkl) {
   const T raw = lp - old;
-  T ratio, dratio;
-  if (p.seq_ratio) {
-    ratio = vexp(seq_lr);
-    dratio = ratio;
-  } else {
-    ratio = vexp(clamp_logratio(raw, p.logratio_clamp));
-    dratio = ratio * clamp_logratio_grad(raw, p.logratio_clamp);
-  }
+  const T lr = clamp_logratio(raw, p.logratio_clamp);
+  const T cg = clamp_logratio_grad(raw, p.logratio_clamp);
+  *dkl = p.has_ref ? T(p.kl_coef) * kl_grad(lp - ref, p.est, p.kl_clamp, p.kl_straight_through)
+                   : T(0);
+  const T r = vexp(lr);
   T d, c, du;
-  policy_surrogate(ratio, adv, p.clip_low, p.clip_high, p.dual, &d, &c, &du);
-  T g = w * d * dratio;
-  if (p.has_ref) {
-    *dkl = T(p.kl_coef) * kl_grad(lp - ref, p.est, p.kl_clamp, p.kl_straight_through);
-    g = g + *dkl;
-  } else {
-    *dkl = T(0);
+  switch (p.mode) {
+    case PolicyMode::kVanilla:
+      policy_surrogate(r, adv, p.clip_low, p.clip_high, p.dual, &d, &c, &du);
+      return w * d * r * cg;
+    case PolicyMode::kGspo: {
+      const T rs = vexp(vmin(ra, T(p.mp[0])));
+      policy_surrogate(rs, adv, p.clip_low, p.clip_high, p.dual, &d, &c, &du);
+      return vselect(ra > T(p.mp[0]), T(0), w * d * rs);
+    }
+    case PolicyMode::kSapo: {
+      const T tau = vselect(adv > T(0), T(p.mp[0]), T(p.mp[1]));
+      const T sig = T(1) / (T(1) + vexp(T(0) - tau * (r - T(1))));
+      return T(0) - w * adv * T(4) * sig * (T(1) - sig) * r * cg;
+    }
+    case PolicyMode::kCispo: return T(0) - w * vmin(vmax(r, T(p.mp[0])), T(p.mp[1])) * adv;
+    case PolicyMode::kGpg: return T(0) - w * adv;
+    case PolicyMode::kGeoMean:
+      geo_logratio(lr, adv, p.clip_low, p.clip_high, &d);
+      return rb * d * cg;
+    case PolicyMode::kDppoTv:
+    case PolicyMode::kDppoKl: {
+      const T valid = dppo_valid(p.mode == PolicyMode::kDppoKl, lp, old, adv, p.clip_low,
+                                 p.clip_high);
+      return T(0) - w * adv * vmin(r, T(p.mp[0])) * valid;
+    }
+    case PolicyMode::kDro: return T(0) - w * (adv - T(p.mp[0]) * lr * cg);
+    default: return T(0) - vespo_phi(adv, ra, p.mp) * adv;
   }
-  return g;
+}
+
+// Weight of a row's surrogate in the loss: the aggregation weight, except for geo_mean, whose
+// per-row loss is averaged over sequences (num_seqs or B; veRL: torch.mean over rows).
+PPK_HOST_DEVICE double policy_surrogate_scale(PolicyMode mode, double agg_scale, double num_seqs,
+                                              int64_t rows) {
+  if (mode != PolicyMode::kGeoMean) return agg_scale;
+  const double seqs = num_seqs > 0 ? num_seqs : static_cast<double>(rows);
+  return seqs > 0 ? 1.0 / seqs : 0.0;
 }
 
 // Clipped value loss of one token. clip <= 0 means none. Writes dL/dv and the clip flag.
@@ -193,12 +263,6 @@ inline bool parse_agg_mode(const char* name, AggMode* mode) {
     }
   }
   return false;
-}
-
-// "token" -> false, "sequence" (GSPO) -> true.
-inline bool parse_ratio_level(const char* name, bool* sequence) {
-  *sequence = std::strcmp(name, "sequence") == 0;
-  return *sequence || std::strcmp(name, "token") == 0;
 }
 
 }  // namespace ppokernels

@@ -84,19 +84,32 @@ inline PolicyArgs policy_args(const char* op, const at::Tensor& logprobs,
   if (is_weights) {
     c.w = ppo_token_or_row(op, "is_weights", *is_weights, c.B, c.T, acc, &c.w_row);
   }
-  TORCH_CHECK(clip_low >= 0 && clip_low < 1 && clip_high >= 0, op,
-              ": clip_low must be in [0, 1) and clip_high >= 0");
+  TORCH_CHECK(clip_low >= 0 && clip_high >= 0, op, ": clip_low and clip_high must be >= 0");
   TORCH_CHECK(!dual_clip || *dual_clip > 1, op, ": dual_clip must be > 1");
-  bool seq;
-  TORCH_CHECK(parse_ratio_level(ratio_level.c_str(), &seq), op,
-              ": ratio_level must be 'token' or 'sequence'");
+  // ratio_level carries the loss mode and its parameters (ppo_loss_modes.h parse_policy_mode)
+  PolicyMode mode;
+  double mp[4];
+  TORCH_CHECK(parse_policy_mode(ratio_level.c_str(), &mode, mp), op, ": bad loss mode '",
+              ratio_level, "' (expected 'token', 'sequence' or '<mode>:<params>')");
+  TORCH_CHECK(!dual_clip || mode == PolicyMode::kVanilla || mode == PolicyMode::kGspo, op,
+              ": dual_clip applies to the vanilla and gspo modes only");
   KLEstimator est;
   bool st;
   TORCH_CHECK(parse_kl_estimator(kl_estimator.c_str(), &est, &st), op,
               ": unknown kl_estimator '", kl_estimator, "'");
-  c.p = PolicyParams<double>{clip_low, clip_high, dual_clip.value_or(0.0),
-                             logratio_clamp.value_or(0.0), kl_coef, kl_clamp.value_or(0.0),
-                             entropy_coef, est, st, seq, c.ref.defined()};
+  c.p = PolicyParams<double>{clip_low,
+                             clip_high,
+                             dual_clip.value_or(0.0),
+                             logratio_clamp.value_or(0.0),
+                             kl_coef,
+                             kl_clamp.value_or(0.0),
+                             entropy_coef,
+                             {mp[0], mp[1], mp[2], mp[3]},
+                             est,
+                             mode,
+                             st,
+                             c.ref.defined(),
+                             c.w.defined()};
   return c;
 }
 
@@ -108,8 +121,9 @@ struct PolicyGrads {
 
 inline PolicyGrads policy_grad_outputs(const char* op, const PolicyArgs& c, const at::Tensor& grad,
                                        const at::Tensor& row_stats) {
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == c.B && row_stats.size(1) == 2, op,
-              ": row_stats must be [B, 2]");
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == c.B &&
+                  row_stats.size(1) == kPolicyRowStats,
+              op, ": row_stats must be [B, 4]");
   TORCH_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
   PolicyGrads o;
   o.lp = at::empty_like(c.lp);

@@ -17,14 +17,16 @@ struct PolicyPtrs {
 
 // Second step of both forwards: one block reduces the rows' K partial sums (part [rows, K]) in a
 // fixed order, in double, and applies the aggregation weights. K = kPolicyK: the policy loss
-// (loss of row b = part[kPLoss] + kl_coef part[kPKL] - entropy_coef part[kPEntropy]; seq_lr [rows];
-// metrics [kPolicyMetrics]; row_stats [rows, 2] = (weight, seq_lr)). K = 3: the value loss
-// (part = (n, loss, clipped); metrics [1] = clipfrac; row_stats [rows] = weight; seq_lr null).
+// (loss of row b = wp part[kPLoss] + w (kl_coef part[kPKL] - entropy_coef part[kPEntropy]), w the
+// aggregation weight, wp policy_surrogate_scale(pmode, w); rowv [rows, 3] = (ra, rb, unused);
+// metrics [kPolicyMetrics]; row_stats [rows, kPolicyRowStats] = (w, ra, wp, rb)). K = 3: the
+// value loss (part = (n, loss, clipped); metrics [1] = clipfrac; row_stats [rows] = weight; rowv
+// null, pmode ignored).
 template <typename A, int K>
-cudaError_t ppo_loss_finalize(const A* part, const A* seq_lr, int64_t rows, int64_t width,
-                              AggMode mode, double num_tokens, double num_seqs, double kl_coef,
-                              double entropy_coef, A* loss, A* metrics, A* row_stats,
-                              cudaStream_t stream);
+cudaError_t ppo_loss_finalize(const A* part, const A* rowv, int64_t rows, int64_t width,
+                              AggMode mode, PolicyMode pmode, double num_tokens, double num_seqs,
+                              double kl_coef, double entropy_coef, A* loss, A* metrics,
+                              A* row_stats, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ppokernels

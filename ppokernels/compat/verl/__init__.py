@@ -25,6 +25,17 @@ from __future__ import annotations
 
 import ppokernels as ppk  # noqa: F401  (tests check ppk.<op> through this module)
 from ppokernels.compat import Patcher
+from ppokernels.compat.verl.advantages import (  # noqa: F401
+    ESTIMATORS,
+    compute_gdpo_outcome_advantage,
+    compute_gpg_outcome_advantage,
+    compute_grpo_passk_outcome_advantage,
+    compute_grpo_vectorized_outcome_advantage,
+    compute_opo_outcome_advantage,
+    compute_reinforce_plus_plus_baseline_outcome_advantage,
+    compute_remax_outcome_advantage,
+    compute_rloo_vectorized_outcome_advantage,
+)
 from ppokernels.compat.verl.core_algos import (  # noqa: F401
     agg_loss,
     compute_entropy_loss,
@@ -38,6 +49,19 @@ from ppokernels.compat.verl.core_algos import (  # noqa: F401
     kl_penalty,
 )
 from ppokernels.compat.verl.kernel import FusedLinearForPPO, linear_cross_entropy  # noqa: F401
+from ppokernels.compat.verl.policy_losses import (  # noqa: F401
+    POLICY_LOSSES,
+    compute_policy_loss_cispo,
+    compute_policy_loss_clip_cov,
+    compute_policy_loss_dppo_kl,
+    compute_policy_loss_dppo_tv,
+    compute_policy_loss_dro,
+    compute_policy_loss_geo_mean,
+    compute_policy_loss_gpg,
+    compute_policy_loss_gspo,
+    compute_policy_loss_kl_cov,
+    compute_policy_loss_sapo,
+)
 from ppokernels.compat.verl.torch_functional import (  # noqa: F401
     entropy_from_logits,
     entropy_from_logits_with_chunking,
@@ -62,6 +86,8 @@ _CORE = (
     "compute_value_loss",
     "kl_penalty",
     "compute_entropy_loss",
+    *(fn.__name__ for fn in POLICY_LOSSES.values()),
+    *(fn.__name__ for fn in ESTIMATORS.values()),
 )
 _ADV = {
     "gae": "compute_gae_advantage_return",
@@ -82,9 +108,11 @@ _TF = (
 
 def patch() -> None:
     """Install the replacements in veRL (idempotent): ``core_algos`` attributes (the trainer
-    calls GAE/GRPO by attribute), the advantage-estimator and policy-loss registries ("gae",
-    "grpo", "rloo", "reinforce_plus_plus", "vanilla"), the ``torch_functional`` helpers and the
-    fused linear log-prob; every veRL module that imported one of them by name is updated too."""
+    calls GAE/GRPO by attribute), the advantage-estimator registry (``_ADV`` and every estimator
+    of ``ESTIMATORS``; not the optimal-token-baseline ones) and the policy-loss
+    registry ("vanilla" and every mode of ``POLICY_LOSSES``; not bypass_mode),
+    the ``torch_functional`` helpers and the fused linear log-prob; every veRL module that
+    imported one of them by name is updated too."""
     if _PATCHER.active:
         return
     from verl.trainer.ppo import core_algos
@@ -94,7 +122,11 @@ def patch() -> None:
         _PATCHER.everywhere("verl", core_algos.__name__, name, g[name])
     for key, name in _ADV.items():
         _PATCHER.set(core_algos.ADV_ESTIMATOR_REGISTRY, key, g[name])
+    for key, fn in ESTIMATORS.items():
+        _PATCHER.set(core_algos.ADV_ESTIMATOR_REGISTRY, key, fn)
     _PATCHER.set(core_algos.POLICY_LOSS_REGISTRY, "vanilla", compute_policy_loss_vanilla)
+    for key, fn in POLICY_LOSSES.items():
+        _PATCHER.set(core_algos.POLICY_LOSS_REGISTRY, key, fn)
     for name in _TF:
         _PATCHER.everywhere("verl", "verl.utils.torch_functional", name, g[name])
     _PATCHER.everywhere(

@@ -1,0 +1,216 @@
+"""veRL 0.9.1's outcome-reward advantage estimators that depend only on rewards, masks and group
+ids (``verl.trainer.ppo.core_algos`` ``ADV_ESTIMATOR_REGISTRY``: grpo_vectorized, gdpo,
+grpo_passk, reinforce_plus_plus_baseline, rloo_vectorized, opo, remax, gpg), vectorised over the
+batch (veRL loops over samples in Python for most of them) on ppokernels' group baselines,
+discounted returns and masked whitening. Same signatures, values and dtypes as veRL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import ppokernels as ppk
+from ppokernels.compat.verl.core_algos import _group_ids, _outcome
+from ppokernels.compat.verl.torch_functional import masked_whiten
+
+__all__ = [
+    "compute_gdpo_outcome_advantage",
+    "compute_gpg_outcome_advantage",
+    "compute_grpo_passk_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage",
+    "compute_opo_outcome_advantage",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "compute_remax_outcome_advantage",
+    "compute_rloo_vectorized_outcome_advantage",
+]
+
+
+def _groups(index, device):
+    """Dense group ids [B] and each sample's group size [B]."""
+    g = _group_ids(index, device)
+    return g, torch.bincount(g)[g]
+
+
+def _baseline(token_level_rewards, index):
+    """``s - mean_g`` (singleton groups: mean 0), as float scores [B]."""
+    scores = token_level_rewards.sum(dim=-1)
+    g = _group_ids(index, scores.device)
+    adv = ppk.group_advantages(scores, g, estimator="grpo", norm_by_std=False)
+    return adv.to(scores.dtype), scores, g
+
+
+def compute_grpo_vectorized_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True,
+    config=None,
+):  # fmt: skip
+    """GRPO with veRL's vectorised group statistics: the same numbers as the loop version
+    (singleton groups: mean 0, std 1; unbiased std without a floor)."""
+    return _outcome(token_level_rewards, response_mask, index, estimator="grpo", eps=epsilon,
+                    norm_by_std=norm_adv_by_std_in_grpo)  # fmt: skip
+
+
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs
+):
+    """RLOO, vectorised form: ``s`` minus the mean of the other members; singleton groups get
+    0 (the loop version keeps their raw score)."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        g, count = _groups(index, scores.device)
+        adv = ppk.group_advantages(scores, g, estimator="rloo").to(scores.dtype)
+        adv = torch.where(count > 1, adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs
+):
+    """REINFORCE++-baseline: ``s - mean_g`` over the response, whitened over the batch, times
+    the mask."""
+    with torch.no_grad():
+        adv, _, _ = _baseline(token_level_rewards, index)
+        scores = adv.unsqueeze(-1) * response_mask
+        scores = masked_whiten(scores, response_mask) * response_mask
+    return scores, scores
+
+
+def compute_opo_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, config=None, **kwargs
+):
+    """OPO: baseline ``sum_j L_j s_j / sum_j L_j`` over the group (``L`` = response length);
+    singleton groups: baseline 0."""
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        length = response_mask.sum(dim=-1).to(scores.dtype)
+        g, count = _groups(index, scores.device)
+        num = torch.zeros(int(g.max()) + 1 if g.numel() else 0, dtype=scores.dtype,
+                          device=scores.device)  # fmt: skip
+        den = torch.zeros_like(num).index_add_(0, g, length)
+        num = num.index_add_(0, g, length * scores)
+        base = torch.where(count > 1, num[g] / den[g], torch.zeros_like(scores))
+        adv = (scores - base).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards, reward_baselines, response_mask, config=None, **kwargs
+):
+    """ReMax: returns = reverse cumulative sum of the masked rewards, advantages = returns minus
+    the greedy baseline on valid tokens. No whitening."""
+    with torch.no_grad():
+        ones = torch.ones_like(response_mask, dtype=torch.bool)
+        returns = ppk.discounted_returns(
+            token_level_rewards * response_mask, ones, gamma=1.0, mode="zero"
+        ).to(token_level_rewards.dtype)
+        advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+    return advantages, returns
+
+
+def compute_gpg_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, f_norm=1.0, alpha=1.0, config=None,
+    **kwargs,
+):  # fmt: skip
+    """GPG: ``alpha (s - mean_g) / f_norm`` with ``alpha = B / max(#{s != 0}, 1)`` (veRL
+    recomputes alpha, whatever is passed); singleton groups: mean 0."""
+    with torch.no_grad():
+        adv, scores, _ = _baseline(token_level_rewards, index)
+        alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+        adv = (alpha * adv / f_norm).to(scores.dtype).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_grpo_passk_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True,
+    config=None, **kwargs,
+):  # fmt: skip
+    """Pass@k: only each group's best sample gets ``r_max - r_second`` (divided by the group's
+    unbiased std + epsilon when ``config.norm_adv_by_std_in_grpo``, which veRL reads from the
+    config, not the argument); groups need at least 2 samples."""
+    assert config is not None
+    norm = config.get("norm_adv_by_std_in_grpo", True)
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        g, count = _groups(index, scores.device)
+        if (count < 2).any():
+            i = int(torch.nonzero(count < 2)[0])
+            raise ValueError(
+                f"Pass@k requires at least 2 samples per group. Got 1 for group {index[i]}."
+            )
+        n_g = int(g.max()) + 1
+        best = torch.full((n_g,), -torch.inf, dtype=scores.dtype, device=scores.device)
+        best = best.scatter_reduce(0, g, scores, "amax")
+        pos = torch.arange(scores.shape[0], device=scores.device)
+        is_best = scores == best[g]
+        first = torch.full((n_g,), scores.shape[0], dtype=torch.long, device=scores.device)
+        first = first.scatter_reduce(0, g, torch.where(is_best, pos, scores.shape[0]), "amin")
+        winner = first[g] == pos
+        second = torch.full_like(best, -torch.inf).scatter_reduce(
+            0, g, torch.where(winner, -torch.inf, scores), "amax"
+        )
+        adv = best - second
+        if norm:
+            ones = torch.ones_like(scores)
+            n = torch.zeros_like(best).index_add_(0, g, ones)
+            mean = torch.zeros_like(best).index_add_(0, g, scores) / n
+            var = torch.zeros_like(best).index_add_(0, g, (scores - mean[g]).square()) / (n - 1)
+            adv = adv / (var.sqrt() + epsilon)
+        adv = torch.where(winner, adv[g], torch.zeros_like(scores))
+        adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+def compute_gdpo_outcome_advantage(
+    token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True,
+    config=None, non_tensor_batch=None, batch=None, **kwargs,
+):  # fmt: skip
+    """GDPO: GRPO-normalise each reward component (``config.gdpo_reward_keys`` in
+    ``non_tensor_batch``; the summed token rewards without them) within its group, take the
+    weighted sum (``config.gdpo_reward_weights``), whiten over the batch, times the mask."""
+    device = token_level_rewards.device
+    scores = [token_level_rewards.sum(dim=-1)]
+    weights = None
+    if config is not None and non_tensor_batch is not None and batch is not None:
+        keys = config.get("gdpo_reward_keys", None)
+        assert keys, (
+            "GDPO requires 'algorithm.gdpo_reward_keys' listing the individual reward "
+            "component keys returned by compute_score (e.g. ['format_reward', 'accuracy_reward'])."
+        )
+        for key in keys:
+            assert key in non_tensor_batch, (
+                f"GDPO reward key '{key}' not found in non_tensor_batch. "
+                f"Available keys: {list(non_tensor_batch.keys())}. "
+                f"Make sure your compute_score returns a dict containing '{key}'."
+            )
+        # veRL places each score on the last valid token and sums over the response: the score
+        scores = [
+            torch.tensor(np.asarray(non_tensor_batch[k], dtype=np.float32), device=device)
+            for k in keys
+        ]
+        if config.get("gdpo_reward_weights", None) is not None:
+            weights = list(config.get("gdpo_reward_weights"))
+    w = torch.tensor(weights if weights is not None else [1.0] * len(scores),
+                     dtype=torch.float32, device=device)  # fmt: skip
+    g = _group_ids(index, device)
+    total = None
+    for k, s in enumerate(scores):
+        a = ppk.group_advantages(s, g, estimator="grpo", eps=epsilon,
+                                 norm_by_std=norm_adv_by_std_in_grpo)  # fmt: skip
+        a = w[k] * (a.to(s.dtype).unsqueeze(-1) * response_mask)
+        total = a if total is None else total + a
+    advantages = masked_whiten(total, response_mask) * response_mask
+    return advantages, advantages
+
+
+# registry name -> function, for patch()
+ESTIMATORS = {
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "gdpo": compute_gdpo_outcome_advantage,
+    "grpo_passk": compute_grpo_passk_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "opo": compute_opo_outcome_advantage,
+    "remax": compute_remax_outcome_advantage,
+    "gpg": compute_gpg_outcome_advantage,
+}
