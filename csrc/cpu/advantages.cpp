@@ -14,10 +14,11 @@
 #include <array>
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/advantages_args.h"
 #include "ppokernels/cpu_vec.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kChunk = 8192;  // entries per reduction partial (fixed: determinism)
@@ -233,11 +234,12 @@ at::Tensor masked_whiten_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return a.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_advantages(torch::Library& m) {
   m.impl("masked_moments", &masked_moments_cpu);
   m.impl("masked_moments_backward", &masked_moments_backward_cpu);
   m.impl("masked_whiten", &masked_whiten_cpu);
   m.impl("masked_whiten_backward", &masked_whiten_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

@@ -6,9 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/gae_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
@@ -133,11 +134,12 @@ at::Tensor discounted_returns_backward_cpu(const at::Tensor& grad_returns, const
   return a.grad_r;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_gae(torch::Library& m) {
   m.impl("gae", &gae_cpu);
   m.impl("gae_backward", &gae_backward_cpu);
   m.impl("discounted_returns", &discounted_returns_cpu);
   m.impl("discounted_returns_backward", &discounted_returns_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

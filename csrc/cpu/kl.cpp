@@ -5,10 +5,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/kl_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kGrain = 16384;
@@ -68,9 +69,10 @@ at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& log
   return k.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_kl(torch::Library& m) {
   m.impl("kl_penalty", &kl_penalty_cpu);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

@@ -12,10 +12,11 @@
 #include <cstring>
 #include <limits>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/logprobs_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 constexpr int kBlock = 8;  // SIMD vectors per block of the online statistics (one rescale each)
@@ -182,10 +183,11 @@ void backward_cpu(const LogprobsBackwardArgs& a, double inv_temperature, int64_t
 }
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_logprobs(torch::Library& m) {
   m.impl("token_logprobs", &token_logprobs_cpu);
   m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_cpu>);
   m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_op<backward_cpu>);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

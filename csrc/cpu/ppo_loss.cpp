@@ -14,10 +14,11 @@
 
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/ppo_loss_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // Per-row token pointers of the policy inputs, typed.
@@ -203,9 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
   return {grad_lp, grad_ref, grad_ent};
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_ppo_loss(torch::Library& m) {
   m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
   m.impl("ppo_policy_loss_backward", &ppo_policy_loss_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

@@ -9,10 +9,11 @@
 
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/ppo_loss_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // Per-row token pointers of the value inputs, typed; token() is the loss of tokens
@@ -121,9 +122,10 @@ at::Tensor value_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& val
   return grad_v;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_ppo_loss_value(torch::Library& m) {
   m.impl("value_loss", &value_loss_cpu);
   m.impl("value_loss_backward", &value_loss_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

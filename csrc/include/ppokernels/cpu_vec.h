@@ -1,8 +1,12 @@
 // SIMD specialisation of the generic math (VecOps in common.h) for ATen's Vectorized<float>, so
 // the per-element functions of csrc/include/ppokernels/<stem>.h run unchanged on SIMD registers
-// in the CPU kernels. setup.py builds with AVX2 + FMA where the build machine has them, which
-// selects ATen's AVX2 Vectorized and SLEEF's vector exp/log from libtorch.
+// in the CPU kernels. Compiled once per ISA level (ppokernels/cpu_isa.h): CPU_CAPABILITY selects
+// ATen's DEFAULT, AVX2 or AVX512 Vectorized (8, 8 or 16 lanes) and SLEEF's vector exp/log from
+// libtorch. Everything here but the VecOps specialisation (whose argument type already differs
+// per level) is in the per-level namespace ppokernels::CPU_CAPABILITY: its meaning depends on
+// the lane count, so the levels' copies must not be merged by the linker.
 #pragma once
+#include "ppokernels/cpu_isa.h"  // first: defines CPU_CAPABILITY before ATen's vec headers read it
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -16,10 +20,9 @@
 
 namespace ppokernels {
 
-using VecF = at::vec::Vectorized<float>;
-
 template <>
-struct VecOps<VecF> {
+struct VecOps<at::vec::Vectorized<float>> {
+  using VecF = at::vec::Vectorized<float>;
   static VecF abs(VecF x) { return x.abs(); }
   // ATen's polynomial exp (max error ~2 ulp in float), several times faster than SLEEF's u10.
   static VecF exp(VecF x) { return x.exp_u20(); }
@@ -30,6 +33,9 @@ struct VecOps<VecF> {
   static VecF max(VecF a, VecF b) { return at::vec::maximum(a, b); }
 };
 
+namespace CPU_CAPABILITY {
+
+using VecF = at::vec::Vectorized<float>;
 
 // ---------------------------------------------------------------- loads, stores, lane sums
 // Written once for every CPU kernel. V is VecF (SIMD) or a scalar acc type (float / double, for
@@ -74,7 +80,10 @@ inline V vload_mask(const bool* p) {
   if constexpr (!std::is_same_v<V, VecF>) {
     return V(*p ? 1 : 0);
   } else {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return VecF(_mm512_cvtepi32_ps(b));
+#elif defined(CPU_CAPABILITY_AVX2)
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return VecF(_mm256_cvtepi32_ps(b));
 #else
@@ -169,4 +178,5 @@ void row_map(int64_t width, const bool* m, bool active, F f, Z z) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace ppokernels
