@@ -61,6 +61,7 @@ def cpu_isa() -> str | None:
     """ISA level of the CPU C++ kernels in use ("scalar", "avx2", "avx512"); None if not built."""
     return _C.cpu_isa() if _C is not None else None
 
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Which GPU kernel `auto` takes when both the Triton and the CUDA C++ kernels of an op are built:
