@@ -92,7 +92,7 @@ def _build_ext_class(base):
                 objects = compile_once(
                     others, output_dir=output_dir, extra_postargs=extra_postargs, **kw
                 )
-                for level in _cpu_levels():
+                for level in _cpu_levels() if kernels else []:
                     objects += compile_once(
                         kernels,
                         output_dir=os.path.join(output_dir, "cpu_" + level),

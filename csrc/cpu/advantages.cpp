@@ -22,9 +22,6 @@ namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kChunk = 8192;  // entries per reduction partial (fixed: determinism)
-// Work per thread: below ~2^18 entries one thread is faster than waking a second one.
-constexpr int64_t kChunkGrain = 32;      // chunks
-constexpr int64_t kGrain = int64_t(1) << 18;  // entries of the elementwise passes
 
 // Statistics of one chunk [b, e): count n_c, sum S_c, sum g G_c, then, centred at the chunk mean
 // mu_c, sum m d^2, sum m d (the rounding residue of mu_c) and sum g d, d = x - mu_c. g may be
@@ -106,7 +103,7 @@ void masked_stats(const scalar_t* x, const bool* m, const at::Tensor& g, int64_t
   const double* gd = g.defined() && g.scalar_type() == at::kDouble ? g.data_ptr<double>() : nullptr;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<ChunkStats> part(chunks);
-  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t cb, int64_t ce) {
+  parallel_for_work(chunks, kChunk, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       part[c] = chunk_stats(x, m, gf, gd, c * kChunk, std::min(n, (c + 1) * kChunk));
     }
@@ -135,7 +132,7 @@ template <typename scalar_t, typename out_t, typename F>
 void map_masked(const scalar_t* x, const bool* m, const float* gf, const double* gd, out_t* y,
                 int64_t n, F f) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  parallel_for_work(n, 1, [&](int64_t b, int64_t e) {
     int64_t i = b;
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<out_t, float>) {
       for (; i + kVecF <= e; i += kVecF) {

@@ -7,12 +7,11 @@
 #include <torch/library.h>
 
 #include "ppokernels/cpu_isa.h"
+#include "ppokernels/cpu_vec.h"
 #include "ppokernels/gae_args.h"
 
 namespace ppokernels::CPU_CAPABILITY {
 namespace {
-
-int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
 // Reverse scan of R rows [b, b + R) at once: the recursion of one row is a chain of dependent
 // multiply-adds, so interleaving independent rows keeps the FMA units busy (about 3x faster
@@ -39,8 +38,8 @@ template <typename scalar_t, typename A>
 void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
                   A* returns, GaeRows rows, A gamma, A lam, MaskMode mode) {
   constexpr int64_t kRows = 4;
-  const int64_t grain = std::max<int64_t>(1, row_grain(rows.len) / kRows);
-  at::parallel_for(0, (rows.n + kRows - 1) / kRows, grain, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (rows.n + kRows - 1) / kRows;
+  parallel_for_work(blocks, kRows * rows.len, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       int64_t b = blk * kRows;
       const int64_t stop = std::min(rows.n, b + kRows);
@@ -58,7 +57,7 @@ void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* m
 template <typename scalar_t, typename A>
 void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* grad_rewards,
                    scalar_t* grad_values, GaeRows rows, A gamma, A lam, MaskMode mode) {
-  at::parallel_for(0, rows.n, row_grain(rows.len), [&](int64_t begin, int64_t end) {
+  parallel_for_work(rows.n, rows.len, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       A la = 0, lnv = 0, m_prev = 0;
       for (int64_t t = 0; t < rows.len; ++t) {

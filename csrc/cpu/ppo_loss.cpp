@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   std::vector<double> part(static_cast<size_t>(B) * kPolicyK, 0.0);
   std::vector<double> seq_lr(static_cast<size_t>(B), 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cpu", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         const double s = c.p.seq_ratio ? seq_logratio(row, T, c.p.logratio_clamp) : 0.0;
@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
     scalar_t* glp = grad_lp.data_ptr<scalar_t>();
     scalar_t* gref = c.ref.defined() ? grad_ref.data_ptr<scalar_t>() : nullptr;
     scalar_t* gent = c.ent.defined() ? grad_ent.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         const int64_t o = b * T;

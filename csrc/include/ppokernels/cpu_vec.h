@@ -8,6 +8,7 @@
 #pragma once
 #include "ppokernels/cpu_isa.h"  // first: defines CPU_CAPABILITY before ATen's vec headers read it
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -36,6 +37,23 @@ struct VecOps<at::vec::Vectorized<float>> {
 namespace CPU_CAPABILITY {
 
 using VecF = at::vec::Vectorized<float>;
+
+// ---------------------------------------------------------------- thread count from the work
+// Every CPU kernel splits its work across threads through parallel_for_work, which gives each
+// thread at least kMinWorkPerThread element-operations (for these memory-bound kernels about
+// 0.1-0.3 ms on one core). Below it waking a second thread costs more than it saves, and when
+// the other cores are busy (another process) the woken thread can wait for a scheduler time
+// slice: a 0.2 ms kernel split over 2 threads was measured at 16 ms. Small inputs therefore run
+// on the calling thread alone.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+
+// at::parallel_for over items [0, n) of `work_per_item` element-operations each (a row of T
+// tokens: T; one element: 1): at most n * work_per_item / kMinWorkPerThread threads.
+template <typename F>
+void parallel_for_work(int64_t n, int64_t work_per_item, const F& f) {
+  const int64_t grain = kMinWorkPerThread / std::max<int64_t>(work_per_item, 1);
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
+}
 
 // ---------------------------------------------------------------- loads, stores, lane sums
 // Written once for every CPU kernel. V is VecF (SIMD) or a scalar acc type (float / double, for
