@@ -30,12 +30,20 @@ build:
 	flock /tmp/ppokernels-build.lock env MAX_JOBS=$${MAX_JOBS:-2} \
 		$(PIP) install --no-build-isolation --no-deps -e . -q
 
-# Compile-check one C++ source quickly: make syntax FILE=csrc/cpu/gae.cpp
+# Compile-check one C++ source quickly: make syntax FILE=csrc/cpu/gae.cpp. A CPU kernel source
+# (csrc/cpu) is checked at each ISA level, with setup.py's flags for it (setup.py CPU_LEVELS).
+TORCH_INC = $$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; \
+	import sysconfig; print(' '.join('-I'+p for p in include_paths()), \
+	'-I'+sysconfig.get_paths()['include'])")
 syntax:
-	g++ -fsyntax-only -std=c++20 -mavx2 -mfma -mf16c -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 \
-		-I csrc/include $$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; \
-		import sysconfig; print(' '.join('-I'+p for p in include_paths()), \
-		'-I'+sysconfig.get_paths()['include'])") $(FILE)
+	@case "$(FILE)" in csrc/cpu/*) \
+	  levels="DEFAULT: AVX2:-mavx2,-mfma,-mf16c AVX512:-mavx2,-mfma,-mf16c,-mavx512f,-mavx512bw,-mavx512dq,-mavx512vl";; \
+	  *) levels="none:";; esac; \
+	for lv in $$levels; do cap=$${lv%%:*}; flags=$$(echo $${lv#*:} | tr , ' '); \
+	  defs=$$([ $$cap = none ] || echo "-DCPU_CAPABILITY=$$cap -DCPU_CAPABILITY_$$cap"); \
+	  echo "$(FILE) [$$cap]"; \
+	  g++ -fsyntax-only -std=c++20 $$flags $$defs -DPPK_CPU_HAVE_AVX2 -DPPK_CPU_HAVE_AVX512 \
+	    -I csrc/include $(TORCH_INC) $(FILE) || exit 1; done
 
 # The competition's wheels for the GPU check (pure Python; the GPU machine has Python 3.12 and no
 # network): benchmarks/gpu_check.sh installs wheels/*.whl there with pip --no-index --no-deps into

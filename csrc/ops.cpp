@@ -6,11 +6,29 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "ppokernels/cpu_isa.h"
+
 // `import ppokernels._C` must find a Python module; the ops themselves register through the
-// static TORCH_LIBRARY initialisers below when the shared object is loaded.
+// static TORCH_LIBRARY initialisers below when the shared object is loaded. The module's two
+// functions say which ISA level of the CPU kernels was chosen at load (csrc/cpu_isa.cpp).
+namespace {
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(ppokernels::cpu_isa_name(ppokernels::cpu_isa()));
+}
+PyObject* py_cpu_isa_supported(PyObject*, PyObject*) {
+  return PyUnicode_FromString(ppokernels::cpu_isa_name(ppokernels::cpu_isa_supported()));
+}
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS,
+     "ISA level of the CPU kernels in use: 'scalar', 'avx2' or 'avx512'."},
+    {"cpu_isa_supported", py_cpu_isa_supported, METH_NOARGS,
+     "Best ISA level of the CPU kernels that this CPU supports and this build has."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -21,12 +21,46 @@ import torch
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
+# ISA levels of the CPU C++ kernels, lowest first (csrc/include/ppokernels/cpu_isa.h).
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
 try:  # the compiled extension registers the C++ kernels when loaded
-    from ppokernels import _C  # noqa: F401
+    from ppokernels import _C
 
     CPP_ERROR: str | None = None
 except ImportError as e:  # pure-Python install (PPOKERNELS_BUILD_EXT=0) or a failed build
+    _C = None
     CPP_ERROR = str(e)
+
+
+def _check_cpu_isa() -> None:
+    """PPOKERNELS_CPU_ISA, read by the extension when it was loaded: an unknown value is an
+    error, a level above what this CPU supports a warning (the extension took the supported one).
+    """
+    asked = os.environ.get("PPOKERNELS_CPU_ISA", "")
+    if asked and asked not in CPU_ISAS:
+        raise ValueError(
+            f"PPOKERNELS_CPU_ISA={asked!r} is not an ISA level of the CPU kernels; "
+            f"use one of {', '.join(CPU_ISAS)} (or leave it unset for the best this CPU supports)"
+        )
+    if asked and _C is not None and _C.cpu_isa() != asked:
+        import warnings
+
+        warnings.warn(
+            f"PPOKERNELS_CPU_ISA={asked} asks for more than this CPU (or build) supports; "
+            f"the CPU kernels use {_C.cpu_isa()}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_check_cpu_isa()
+
+
+def cpu_isa() -> str | None:
+    """ISA level of the CPU C++ kernels in use ("scalar", "avx2", "avx512"); None if not built."""
+    return _C.cpu_isa() if _C is not None else None
+
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -134,6 +168,7 @@ def info() -> dict[str, object]:
         "triton": triton_version,
         "cpp_cpu_kernels": has_cpp("cpu"),
         "cpp_cuda_kernels": has_cpp("cuda"),
+        "cpu_isa": cpu_isa(),
         "cpp_error": CPP_ERROR,
         "cuda_available": torch.cuda.is_available(),
         "triton_interpreter": interpreting(),

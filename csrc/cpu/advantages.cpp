@@ -14,16 +14,14 @@
 #include <array>
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/advantages_args.h"
 #include "ppokernels/cpu_vec.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kChunk = 8192;  // entries per reduction partial (fixed: determinism)
-// Work per thread: below ~2^18 entries one thread is faster than waking a second one.
-constexpr int64_t kChunkGrain = 32;      // chunks
-constexpr int64_t kGrain = int64_t(1) << 18;  // entries of the elementwise passes
 
 // Statistics of one chunk [b, e): count n_c, sum S_c, sum g G_c, then, centred at the chunk mean
 // mu_c, sum m d^2, sum m d (the rounding residue of mu_c) and sum g d, d = x - mu_c. g may be
@@ -105,7 +103,7 @@ void masked_stats(const scalar_t* x, const bool* m, const at::Tensor& g, int64_t
   const double* gd = g.defined() && g.scalar_type() == at::kDouble ? g.data_ptr<double>() : nullptr;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<ChunkStats> part(chunks);
-  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t cb, int64_t ce) {
+  parallel_for_work(chunks, kChunk, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       part[c] = chunk_stats(x, m, gf, gd, c * kChunk, std::min(n, (c + 1) * kChunk));
     }
@@ -134,7 +132,7 @@ template <typename scalar_t, typename out_t, typename F>
 void map_masked(const scalar_t* x, const bool* m, const float* gf, const double* gd, out_t* y,
                 int64_t n, F f) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  parallel_for_work(n, 1, [&](int64_t b, int64_t e) {
     int64_t i = b;
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<out_t, float>) {
       for (; i + kVecF <= e; i += kVecF) {
@@ -233,11 +231,12 @@ at::Tensor masked_whiten_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return a.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_advantages(torch::Library& m) {
   m.impl("masked_moments", &masked_moments_cpu);
   m.impl("masked_moments_backward", &masked_moments_backward_cpu);
   m.impl("masked_whiten", &masked_whiten_cpu);
   m.impl("masked_whiten_backward", &masked_whiten_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

@@ -8,9 +8,10 @@
 
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/advantages_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // Per-group count, sum and centred sum of squares (and of g when given), sequentially in index
@@ -102,9 +103,10 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tenso
   return a.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_advantages_group(torch::Library& m) {
   m.impl("group_advantages", &group_advantages_cpu);
   m.impl("group_advantages_backward", &group_advantages_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

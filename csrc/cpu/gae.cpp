@@ -6,12 +6,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ppokernels/cpu_isa.h"
+#include "ppokernels/cpu_vec.h"
 #include "ppokernels/gae_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
-
-int64_t row_grain(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
 // Reverse scan of R rows [b, b + R) at once: the recursion of one row is a chain of dependent
 // multiply-adds, so interleaving independent rows keeps the FMA units busy (about 3x faster
@@ -38,8 +38,8 @@ template <typename scalar_t, typename A>
 void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
                   A* returns, GaeRows rows, A gamma, A lam, MaskMode mode) {
   constexpr int64_t kRows = 4;
-  const int64_t grain = std::max<int64_t>(1, row_grain(rows.len) / kRows);
-  at::parallel_for(0, (rows.n + kRows - 1) / kRows, grain, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (rows.n + kRows - 1) / kRows;
+  parallel_for_work(blocks, kRows * rows.len, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       int64_t b = blk * kRows;
       const int64_t stop = std::min(rows.n, b + kRows);
@@ -57,7 +57,7 @@ void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* m
 template <typename scalar_t, typename A>
 void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* grad_rewards,
                    scalar_t* grad_values, GaeRows rows, A gamma, A lam, MaskMode mode) {
-  at::parallel_for(0, rows.n, row_grain(rows.len), [&](int64_t begin, int64_t end) {
+  parallel_for_work(rows.n, rows.len, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       A la = 0, lnv = 0, m_prev = 0;
       for (int64_t t = 0; t < rows.len; ++t) {
@@ -133,11 +133,12 @@ at::Tensor discounted_returns_backward_cpu(const at::Tensor& grad_returns, const
   return a.grad_r;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_gae(torch::Library& m) {
   m.impl("gae", &gae_cpu);
   m.impl("gae_backward", &gae_backward_cpu);
   m.impl("discounted_returns", &discounted_returns_cpu);
   m.impl("discounted_returns_backward", &discounted_returns_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

@@ -5,13 +5,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/kl_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
-
-constexpr int64_t kGrain = 16384;
 
 // y[i] = f(a[i], b[i], c[i]) over [begin, end), c may be null (read as 0): SIMD for float
 // inputs, scalar otherwise. `f` is generic over the element type (float, double or VecF).
@@ -40,7 +39,7 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
     const scalar_t* a = k.lp.data_ptr<scalar_t>();
     const scalar_t* b = k.ref.data_ptr<scalar_t>();
     acc_t* y = k.out.data_ptr<acc_t>();
-    at::parallel_for(0, k.lp.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    parallel_for_work(k.lp.numel(), 1, [&](int64_t begin, int64_t end) {
       map3<scalar_t, acc_t>(a, b, static_cast<const acc_t*>(nullptr), y, begin, end,
                             [&](auto x1, auto x2, auto) { return kl_value(x1 - x2, k.est, k.clamp); });
     });
@@ -59,7 +58,7 @@ at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& log
     const scalar_t* b = k.ref.data_ptr<scalar_t>();
     const acc_t* gy = k.g.data_ptr<acc_t>();
     scalar_t* gx = k.out.data_ptr<scalar_t>();
-    at::parallel_for(0, k.lp.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    parallel_for_work(k.lp.numel(), 1, [&](int64_t begin, int64_t end) {
       map3<scalar_t, acc_t>(a, b, gy, gx, begin, end, [&](auto x1, auto x2, auto gv) {
         return gv * kl_grad(x1 - x2, k.est, k.clamp, k.straight_through);
       });
@@ -68,9 +67,10 @@ at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& log
   return k.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_kl(torch::Library& m) {
   m.impl("kl_penalty", &kl_penalty_cpu);
   m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

@@ -10,10 +10,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/linear_logprobs_chunks.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // Softmax statistics of z_j = (x_j + b_j) * inv_t over one row of a vocabulary block (two passes
@@ -197,9 +198,10 @@ struct CpuDev {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_linear_logprobs(torch::Library& m) {
   m.impl("linear_logprobs", &linear_logprobs_op<CpuDev>);
   m.impl("linear_logprobs_backward", &linear_logprobs_backward_op<CpuDev>);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

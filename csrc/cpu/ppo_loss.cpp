@@ -14,10 +14,11 @@
 
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/ppo_loss_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // Per-row token pointers of the policy inputs, typed.
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   std::vector<double> part(static_cast<size_t>(B) * kPolicyK, 0.0);
   std::vector<double> rowv(static_cast<size_t>(B) * 3, 0.0);  // ra, rb, row loss
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cpu", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         double* rv = rowv.data() + 3 * b;
@@ -182,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
     scalar_t* glp = grad_lp.data_ptr<scalar_t>();
     scalar_t* gref = c.ref.defined() ? grad_ref.data_ptr<scalar_t>() : nullptr;
     scalar_t* gent = c.ent.defined() ? grad_ent.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         const int64_t o = b * T;
@@ -218,9 +219,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
   return {grad_lp, grad_ref, grad_ent};
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_ppo_loss(torch::Library& m) {
   m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
   m.impl("ppo_policy_loss_backward", &ppo_policy_loss_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

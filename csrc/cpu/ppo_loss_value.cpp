@@ -9,10 +9,11 @@
 
 #include <vector>
 
+#include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/ppo_loss_args.h"
 
-namespace ppokernels {
+namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // Per-row token pointers of the value inputs, typed; token() is the loss of tokens
@@ -49,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   const auto acc = acc_dtype(values);
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_loss_cpu", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const ValueRow<scalar_t> row(c, b);
         row_accumulate<3, scalar_t>(
@@ -98,7 +99,7 @@ at::Tensor value_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& val
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* gv = grad_v.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * T;
         const ValueRow<scalar_t> row(c, b);
@@ -121,9 +122,10 @@ at::Tensor value_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& val
   return grad_v;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+// This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
+void register_ppo_loss_value(torch::Library& m) {
   m.impl("value_loss", &value_loss_cpu);
   m.impl("value_loss_backward", &value_loss_backward_cpu);
 }
 
-}  // namespace ppokernels
+}  // namespace ppokernels::CPU_CAPABILITY

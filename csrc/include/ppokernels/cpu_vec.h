@@ -1,9 +1,14 @@
 // SIMD specialisation of the generic math (VecOps in common.h) for ATen's Vectorized<float>, so
 // the per-element functions of csrc/include/ppokernels/<stem>.h run unchanged on SIMD registers
-// in the CPU kernels. setup.py builds with AVX2 + FMA where the build machine has them, which
-// selects ATen's AVX2 Vectorized and SLEEF's vector exp/log from libtorch.
+// in the CPU kernels. Compiled once per ISA level (ppokernels/cpu_isa.h): CPU_CAPABILITY selects
+// ATen's DEFAULT, AVX2 or AVX512 Vectorized (8, 8 or 16 lanes) and SLEEF's vector exp/log from
+// libtorch. Everything here but the VecOps specialisation (whose argument type already differs
+// per level) is in the per-level namespace ppokernels::CPU_CAPABILITY: its meaning depends on
+// the lane count, so the levels' copies must not be merged by the linker.
 #pragma once
+#include "ppokernels/cpu_isa.h"  // first: defines CPU_CAPABILITY before ATen's vec headers read it
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -16,10 +21,9 @@
 
 namespace ppokernels {
 
-using VecF = at::vec::Vectorized<float>;
-
 template <>
-struct VecOps<VecF> {
+struct VecOps<at::vec::Vectorized<float>> {
+  using VecF = at::vec::Vectorized<float>;
   static VecF abs(VecF x) { return x.abs(); }
   // ATen's polynomial exp (max error ~2 ulp in float), several times faster than SLEEF's u10.
   static VecF exp(VecF x) { return x.exp_u20(); }
@@ -30,6 +34,26 @@ struct VecOps<VecF> {
   static VecF max(VecF a, VecF b) { return at::vec::maximum(a, b); }
 };
 
+namespace CPU_CAPABILITY {
+
+using VecF = at::vec::Vectorized<float>;
+
+// ---------------------------------------------------------------- thread count from the work
+// Every CPU kernel splits its work across threads through parallel_for_work, which gives each
+// thread at least kMinWorkPerThread element-operations (for these memory-bound kernels about
+// 0.1-0.3 ms on one core). Below it waking a second thread costs more than it saves, and when
+// the other cores are busy (another process) the woken thread can wait for a scheduler time
+// slice: a 0.2 ms kernel split over 2 threads was measured at 16 ms. Small inputs therefore run
+// on the calling thread alone.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+
+// at::parallel_for over items [0, n) of `work_per_item` element-operations each (a row of T
+// tokens: T; one element: 1): at most n * work_per_item / kMinWorkPerThread threads.
+template <typename F>
+void parallel_for_work(int64_t n, int64_t work_per_item, const F& f) {
+  const int64_t grain = kMinWorkPerThread / std::max<int64_t>(work_per_item, 1);
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
+}
 
 // ---------------------------------------------------------------- loads, stores, lane sums
 // Written once for every CPU kernel. V is VecF (SIMD) or a scalar acc type (float / double, for
@@ -74,7 +98,10 @@ inline V vload_mask(const bool* p) {
   if constexpr (!std::is_same_v<V, VecF>) {
     return V(*p ? 1 : 0);
   } else {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return VecF(_mm512_cvtepi32_ps(b));
+#elif defined(CPU_CAPABILITY_AVX2)
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return VecF(_mm256_cvtepi32_ps(b));
 #else
@@ -169,4 +196,5 @@ void row_map(int64_t width, const bool* m, bool active, F f, Z z) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace ppokernels
