@@ -92,25 +92,25 @@ class HeldOut:
             source=self.source,
         )["reward_mean"]
 
+    def _due_splits(self, step: int, final: bool) -> list:
+        """(split, metrics key) pairs evaluated at ``step``: validation every ``eval_every``
+        steps and at the end, test at the end (nothing when ``eval_every`` is 0)."""
+        every, out = self.cfg.eval_every, []
+        if every and self.prompts["validation"] and (step % every == 0 or final):
+            out.append(("validation", "eval_reward"))
+        if every and final and self.prompts["test"]:
+            out.append(("test", "test_reward"))
+        return out
+
     def is_due(self, step: int, *, final: bool) -> bool:
         """Whether :meth:`due` evaluates anything at ``step`` (every process can ask)."""
-        every = self.cfg.eval_every
-        return bool(every) and (
-            bool(self.prompts["validation"])
-            and (step % every == 0 or final)
-            or (final and bool(self.prompts["test"]))
-        )
+        return bool(self._due_splits(step, final))
 
     def due(self, model, tokenizer, step: int, *, final: bool) -> dict:
         """``eval_reward`` when due, ``test_reward`` at the final step (rank 0 only calls)."""
-        out = {}
-        if not self.cfg.eval_every:
-            return out
-        if self.prompts["validation"] and (step % self.cfg.eval_every == 0 or final):
-            out["eval_reward"] = self.run(model, tokenizer, "validation")
-        if final and self.prompts["test"]:
-            out["test_reward"] = self.run(model, tokenizer, "test")
-        return out
+        return {
+            key: self.run(model, tokenizer, split) for split, key in self._due_splits(step, final)
+        }
 
     def before_rl(self, model, tokenizer) -> dict:
         """Both splits before the first RL step (``*_initial`` in the first metrics row)."""

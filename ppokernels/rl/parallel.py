@@ -162,11 +162,11 @@ class Parallel:
             for m in groups:
                 m.reshard()
 
-    def full_state_dict(self, root: nn.Module) -> dict:
-        """The full (unsharded) state dict of ``root`` on CPU, on rank 0 (empty elsewhere);
-        every process must call it under FSDP2."""
+    def full_state_dict(self, root: nn.Module) -> dict | None:
+        """Under FSDP2, the full (unsharded) state dict of ``root`` on CPU, on rank 0 (empty
+        elsewhere; every process must call it); None otherwise (``root`` is whole already)."""
         if not self.fsdp:
-            return root.state_dict()
+            return None
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,

@@ -388,7 +388,7 @@ class Trainer:
             sharded=self.par.fsdp,
         )
         if export:  # a full Hugging Face folder, gathered from the shards under FSDP2
-            full = self.par.full_state_dict(self.policy) if self.par.fsdp else None
+            full = self.par.full_state_dict(self.policy)
             if self.rank == 0:
                 checkpoint.export_model(self.cfg.out, self.policy, self.tokenizer, full)
         return path
