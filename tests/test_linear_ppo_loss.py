@@ -107,7 +107,8 @@ def test_kl_entropy_dual_clip_is_weights_and_row_advantages():
         if adv_rows:
             b["adv"] = b["adv"][:, 0].contiguous()
         kw = dict(ref_logprobs=b["ref"], kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01,
-                  dual_clip=3.0, clip_high=0.28, is_weights=isw, agg="seq-mean-token-mean")  # fmt: skip
+                  dual_clip=3.0, clip_high=0.28, is_weights=isw,
+                  agg="seq-mean-token-mean")  # fmt: skip
         _assert_same(_fused(b, 0.7, True, "cpp", 16, **kw), _naive(b, 0.7, True, **kw), TOL64)
 
 

@@ -166,7 +166,7 @@ class _Head:
     def _unfused_row(self, r, idx):
         """A sequence-mode row longer than a chunk: linear_logprobs (which recomputes the logits
         in its backward) and ppo_policy_loss on the whole row, gradients by autograd."""
-        plan, T = self.plan, self.plan.T
+        plan = self.plan
         with torch.enable_grad():
             hs = self.h[idx].detach().requires_grad_(self.need[0])
             w = self.weight.detach().requires_grad_(self.need[1])
@@ -174,7 +174,7 @@ class _Head:
             lp, ent = linear_logprobs(hs, w, self.y[idx], bias=b, temperature=plan.temperature,
                                       with_entropy=plan.ent_on, backend=plan.backend)  # fmt: skip
             out, scale = self._score(r, r + 1, None, idx, lp, ent)
-            wrt = [t for t, n in zip((hs, w, b), self.need) if n]
+            wrt = [t for t, n in zip((hs, w, b), self.need, strict=True) if n]
             grads = list(torch.autograd.grad(out.loss, wrt)) if wrt else []
         self._add(out, out.loss, scale, idx.numel())
         if self.need[0]:

@@ -106,16 +106,20 @@ def linear_ppo_policy_loss(
             raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size}")
     B, T, H = hidden.shape
     rows = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    rows.update({k: loss_options.pop(k) for k in ("ref_logprobs", "is_weights") if k in loss_options})
+    for k in ("ref_logprobs", "is_weights"):
+        if k in loss_options:
+            rows[k] = loss_options.pop(k)
     ent_on = with_entropy or loss_options.get("entropy_coef", 0.0) != 0.0
     _probe(rows, hidden, loss_options, ent_on, backend)  # every option checked before any GEMM
     valid = bool_mask(rows["mask"]) & (labels != ignore_index)
     y = torch.where(valid, labels.long(), torch.full_like(labels, ignore_index, dtype=torch.long))
-    if bool(((y < 0) | (y >= weight.shape[0]))[valid].any()):
-        bad = int(y[valid & ((y < 0) | (y >= weight.shape[0]))][0])
-        raise ValueError(f"{NAME}: labels must be in [0, {weight.shape[0]}) or ignore_index, got {bad}")
+    V = weight.shape[0]
+    out_of_range = valid & ((y < 0) | (y >= V))
+    if bool(out_of_range.any()):
+        bad = int(y[out_of_range][0])
+        raise ValueError(f"{NAME}: labels must be in [0, {V}) or ignore_index, got {bad}")
     rows["mask"] = valid
-    R = default_chunk_size(weight.shape[0]) if chunk_size is None else chunk_size
+    R = default_chunk_size(V) if chunk_size is None else chunk_size
     R = -(-R // ROW_ALIGN) * ROW_ALIGN
     plan = _Plan(y, rows, loss_options, temperature, ent_on, R, backend, B, T)
     loss, m = _FusedHead.apply(hidden, weight, bias, plan)
@@ -142,10 +146,12 @@ def _check(hidden, weight, labels, bias, loss_options) -> None:
     if bias is not None:
         _checks.tensor(NAME, "bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{NAME}: bias has {bias.shape[0]} entries, weight V = {weight.shape[0]}")
+            raise ValueError(
+                f"{NAME}: bias has {bias.shape[0]} entries, weight has V = {weight.shape[0]}"
+            )
     unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
     if unknown:
-        raise TypeError(f"{NAME}: unknown option(s) {unknown}; ppo_policy_loss's are {LOSS_OPTIONS}")
+        raise TypeError(f"{NAME}: unknown option(s) {unknown}; the options are {LOSS_OPTIONS}")
     if hidden.shape[-1] == 0:
         raise ValueError(f"{NAME}: hidden has H = 0 features")
 
@@ -214,4 +220,3 @@ class _Plan:
     def row_slice(self, r0: int, r1: int) -> dict:
         """The per-row tensors of rows [r0, r1) (advantages / is_weights may be [B])."""
         return {k: (None if v is None else v[r0:r1]) for k, v in self.rows.items()}
-
