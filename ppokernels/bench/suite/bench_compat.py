@@ -4,6 +4,8 @@ Providers: "trainer" (verl 0.9.1 / trl 1.16.0 as installed from requirements-com
 "compat" (ppokernels.compat.*). Skipped when the trainer is not installed. Cases:
 
 - verl GAE (compute_gae_advantage_return, incl. whitening), verl GRPO advantages (index array),
+  verl optimal-token-baseline advantages (compute_optimal_token_baseline_advantage: veRL loops
+  over the groups of 2 samples),
   verl policy loss (compute_policy_loss, forward + backward), on [B, T] with holes in the mask;
 - verl logprobs_from_logits and TRL selective_log_softmax + entropy_from_logits, forward +
   backward on [B, T, V] logits.
@@ -24,7 +26,14 @@ SHAPES = {
 # seconds per call on a CPU; on the GPU 8192 rows (the published shapes' N) keep the logits, their
 # gradient and the trainers' temporaries (fp32: 8192 x 151936 x 4 B = 5 GB each) far below 139 GiB.
 MAX_ROWS = {"cpu": 1024, "cuda": 8192}
-CASES = ["verl_gae", "verl_grpo", "verl_policy_loss", "verl_logprobs", "trl_logprobs_entropy"]
+CASES = [
+    "verl_gae",
+    "verl_grpo",
+    "verl_otb",
+    "verl_policy_loss",
+    "verl_logprobs",
+    "trl_logprobs_entropy",
+]
 
 
 def providers(device):
@@ -66,6 +75,13 @@ def test_compat(benchmark, shape, provider, device, case):
         r, index = x(), np.repeat(np.arange(B // 2 + 1), 2)[:B]
         step = lambda: impl[0].compute_grpo_outcome_advantage(r, mask, index)  # noqa: E731
         nbytes = B * T * 4 * 3
+    elif case == "verl_otb":
+        r, index = x(), np.repeat(np.arange(B // 2 + 1), 2)[:B]
+        old = -(torch.rand(B, T, generator=g, device=device) * 2 + 0.01)
+        sum_pi_sq = old.exp().square() + 0.1  # any value >= pi^2 works for the timing
+        fn = impl[0].compute_optimal_token_baseline_advantage
+        step = lambda: fn(r, mask, index, old, sum_pi_sq)  # noqa: E731
+        nbytes = B * T * 4 * 6  # reads rewards, mask, log-probs, sum pi^2; writes A and G
     elif case == "verl_policy_loss":
         old, adv = x(), x()
         lp = (old + 0.3 * x()).requires_grad_(True)

@@ -26,6 +26,7 @@ VERL_MODES = [
     "dro",
     "clip_cov",
     "kl_cov",
+    "bypass_mode",  # the default rollout_correction: sequence-level IS, ppo_clip
 ]
 TRL_TYPES = ["cispo", "sapo", "vespo"]
 CASES = [f"verl_{m}" for m in VERL_MODES] + [f"trl_{t}" for t in TRL_TYPES]

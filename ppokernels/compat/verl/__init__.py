@@ -31,7 +31,9 @@ from ppokernels.compat.verl.advantages import (  # noqa: F401
     compute_gpg_outcome_advantage,
     compute_grpo_passk_outcome_advantage,
     compute_grpo_vectorized_outcome_advantage,
+    compute_multi_turn_optimal_token_baseline_advantage,
     compute_opo_outcome_advantage,
+    compute_optimal_token_baseline_advantage,
     compute_reinforce_plus_plus_baseline_outcome_advantage,
     compute_remax_outcome_advantage,
     compute_rloo_vectorized_outcome_advantage,
@@ -51,6 +53,7 @@ from ppokernels.compat.verl.core_algos import (  # noqa: F401
 from ppokernels.compat.verl.kernel import FusedLinearForPPO, linear_cross_entropy  # noqa: F401
 from ppokernels.compat.verl.policy_losses import (  # noqa: F401
     POLICY_LOSSES,
+    compute_policy_loss_bypass_mode,
     compute_policy_loss_cispo,
     compute_policy_loss_clip_cov,
     compute_policy_loss_dppo_kl,
@@ -109,8 +112,8 @@ _TF = (
 def patch() -> None:
     """Install the replacements in veRL (idempotent): ``core_algos`` attributes (the trainer
     calls GAE/GRPO by attribute), the advantage-estimator registry (``_ADV`` and every estimator
-    of ``ESTIMATORS``; not the optimal-token-baseline ones) and the policy-loss
-    registry ("vanilla" and every mode of ``POLICY_LOSSES``; not bypass_mode),
+    of ``ESTIMATORS``, the optimal-token-baseline ones included) and the policy-loss
+    registry ("vanilla" and every mode of ``POLICY_LOSSES``, bypass_mode included),
     the ``torch_functional`` helpers and the fused linear log-prob; every veRL module that
     imported one of them by name is updated too."""
     if _PATCHER.active:

@@ -1,8 +1,10 @@
-"""veRL 0.9.1's outcome-reward advantage estimators that depend only on rewards, masks and group
-ids (``verl.trainer.ppo.core_algos`` ``ADV_ESTIMATOR_REGISTRY``: grpo_vectorized, gdpo,
-grpo_passk, reinforce_plus_plus_baseline, rloo_vectorized, opo, remax, gpg), vectorised over the
-batch (veRL loops over samples in Python for most of them) on ppokernels' group baselines,
-discounted returns and masked whitening. Same signatures, values and dtypes as veRL.
+"""veRL 0.9.1's outcome-reward advantage estimators on rewards, masks and group ids
+(``verl.trainer.ppo.core_algos`` ``ADV_ESTIMATOR_REGISTRY``: grpo_vectorized, gdpo, grpo_passk,
+reinforce_plus_plus_baseline, rloo_vectorized, opo, remax, gpg) and the optimal-token-baseline
+ones, which also read the rollout log-probs and ``sum pi^2`` (optimal_token_baseline,
+tir_optimal_token_baseline), vectorised over the batch (veRL loops over samples or groups in
+Python for most of them) on ppokernels' group baselines, discounted returns and masked whitening.
+Same signatures, values and dtypes as veRL.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 import ppokernels as ppk
+from ppokernels.compat import float_dtype
 from ppokernels.compat.verl.core_algos import _group_ids, _outcome
 from ppokernels.compat.verl.torch_functional import masked_whiten
 
@@ -19,7 +22,9 @@ __all__ = [
     "compute_gpg_outcome_advantage",
     "compute_grpo_passk_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage",
+    "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_opo_outcome_advantage",
+    "compute_optimal_token_baseline_advantage",
     "compute_reinforce_plus_plus_baseline_outcome_advantage",
     "compute_remax_outcome_advantage",
     "compute_rloo_vectorized_outcome_advantage",
@@ -203,6 +208,112 @@ def compute_gdpo_outcome_advantage(
     return advantages, advantages
 
 
+# ------------------------------------------------------------- optimal token baseline (OTB)
+# B_t = sum_g G_t W_t / (sum_g W_t + eps) per group and time step, with the path-variance proxy
+# W_t = sum_{j <= t} m_j (1 - 2 pi_j + sum_v pi_v^2) rho_j^2. No ppokernels op reduces per group
+# *and* per time step with weights (group_advantages reduces one score per sample), so the group
+# sums are one torch index_add_ each (veRL loops over groups); the returns are ppokernels'.
+
+
+def _returns(token_level_rewards, response_mask):
+    """Undiscounted return-to-go of the masked rewards, on every position (masked ones carry
+    the return of the next valid token), in veRL's dtype."""
+    ones = torch.ones_like(response_mask, dtype=torch.bool)
+    valid = response_mask.bool()
+    rewards = torch.where(valid, token_level_rewards, 0.0) * response_mask
+    returns = ppk.discounted_returns(rewards, ones, gamma=1.0, mode="zero")
+    return returns.to(float_dtype(token_level_rewards, response_mask))
+
+
+def _path_variance(old_log_probs, sum_pi_squared, rollout_is_weights, response_mask):
+    """``W_t`` [B, T]: the cumulative sum over valid tokens of ``1 - 2 pi + sum pi^2`` (times
+    ``rho^2`` with IS weights rho)."""
+    w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared
+    if rollout_is_weights is not None:
+        w = w * rollout_is_weights**2
+    return (torch.where(response_mask.bool(), w, 0.0) * response_mask).cumsum(dim=-1)
+
+
+def _group_sum(x, g, n_groups):
+    return x.new_zeros((n_groups, *x.shape[1:])).index_add_(0, g, x)
+
+
+def _zero_tail(lengths, g, n_groups, count, width):
+    """[B, width] bool: in each group of >= 2 with a unique longest sample, that sample's
+    positions from the second-longest length on (veRL's ``handle_zero_tail``)."""
+    neg = torch.full((n_groups,), -1, dtype=lengths.dtype, device=lengths.device)
+    longest = neg.scatter_reduce(0, g, lengths, "amax")
+    is_longest = lengths == longest[g]
+    n_longest = _group_sum(is_longest.long(), g, n_groups)[g]
+    second = neg.scatter_reduce(0, g, torch.where(is_longest, -1, lengths), "amax")[g]
+    row = is_longest & (n_longest == 1) & (count > 1)
+    return row[:, None] & (torch.arange(width, device=lengths.device) >= second[:, None])
+
+
+def _otb(returns, weights, g, count, lengths, handle_zero_tail, epsilon):
+    """``returns - B``, ``B`` the ``weights``-weighted mean of ``returns`` over each group per
+    column ([B, width] each; 0 in singleton groups and on the zeroed tail)."""
+    n_groups = int(g.max()) + 1 if g.numel() else 0
+    num = _group_sum(returns * weights, g, n_groups)
+    den = _group_sum(weights, g, n_groups) + epsilon
+    keep = (count > 1)[:, None]
+    if handle_zero_tail:
+        keep = keep & ~_zero_tail(lengths, g, n_groups, count, returns.shape[-1])
+    base = torch.where(keep, (num / den)[g].to(returns.dtype), 0.0)
+    return returns - base
+
+
+def compute_optimal_token_baseline_advantage(
+    token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+    rollout_is_weights=None, handle_zero_tail=True, epsilon=1e-8, **kwargs,
+):  # fmt: skip
+    """OTB: ``A_t = (G_t - B_t) m_t`` with the per-time-step group baseline
+    ``B_t = sum_g G_t W_t m_t / (sum_g W_t m_t + epsilon)`` (``W`` = path-variance proxy, see
+    above; time steps are columns of the padded [B, T] layout), ``B = 0`` in singleton groups
+    and, with ``handle_zero_tail``, on a unique longest sample's columns from the group's
+    second-longest length on. Returns ``(A, G)``, [B, T] each."""
+    with torch.no_grad():
+        returns = _returns(token_level_rewards, response_mask)
+        w = _path_variance(old_log_probs, sum_pi_squared, rollout_is_weights, response_mask)
+        g = _group_ids(index, returns.device)
+        count = torch.bincount(g)[g]
+        lengths = response_mask.sum(dim=-1).long()
+        adv = _otb(returns, w * response_mask, g, count, lengths, handle_zero_tail, epsilon)
+        adv = adv * response_mask
+    return adv, returns
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(
+    token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+    rollout_is_weights=None, handle_zero_tail=True, epsilon=1e-8, **kwargs,
+):  # fmt: skip
+    """TIR-OTB (multi-turn): OTB with time steps counted over each sample's valid tokens only
+    (the k-th valid token of every group member shares a baseline, whatever the observation
+    spans before it); samples without a valid token get ``A = 0`` and are left out of their
+    group. Returns ``(A, G)``, [B, T] each, ``G`` on every position as OTB's."""
+    with torch.no_grad():
+        returns = _returns(token_level_rewards, response_mask)
+        w = _path_variance(old_log_probs, sum_pi_squared, rollout_is_weights, response_mask)
+        valid = response_mask.bool()
+        lengths = response_mask.sum(dim=-1).long()
+        rows, cols = torch.nonzero(valid, as_tuple=True)
+        pos = (valid.cumsum(dim=-1) - 1)[rows, cols]  # the rank of each valid token in its row
+        width = int(lengths.max()) if lengths.numel() else 0
+        packed_g = returns.new_zeros((returns.shape[0], width))
+        packed_w = w.new_zeros((returns.shape[0], width))
+        packed_g[rows, pos] = returns[rows, cols]
+        packed_w[rows, pos] = w[rows, cols]
+        g = _group_ids(index, returns.device)
+        # empty samples are all zeros in the packed layout: they add nothing to the sums but
+        # must not count as group members
+        count = _group_sum((lengths > 0).long(), g, int(g.max()) + 1 if g.numel() else 0)[g]
+        packed = _otb(packed_g, packed_w, g, count, lengths, handle_zero_tail, epsilon)
+        adv = torch.zeros_like(returns)
+        adv[rows, cols] = packed[rows, pos]
+        adv = adv * response_mask
+    return adv, returns
+
+
 # registry name -> function, for patch()
 ESTIMATORS = {
     "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
@@ -213,4 +324,6 @@ ESTIMATORS = {
     "opo": compute_opo_outcome_advantage,
     "remax": compute_remax_outcome_advantage,
     "gpg": compute_gpg_outcome_advantage,
+    "optimal_token_baseline": compute_optimal_token_baseline_advantage,
+    "tir_optimal_token_baseline": compute_multi_turn_optimal_token_baseline_advantage,
 }

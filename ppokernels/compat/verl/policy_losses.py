@@ -1,6 +1,6 @@
 """veRL 0.9.1's registered policy losses other than ``vanilla`` (``verl.trainer.ppo.core_algos``
 ``POLICY_LOSS_REGISTRY``: gspo, sapo, gpg, geo_mean, cispo, dppo_tv, dppo_kl, dro, clip_cov,
-kl_cov; not bypass_mode) on the fused
+kl_cov, bypass_mode) on the fused
 ``ppokernels.ppo_policy_loss``: veRL's signature ``(old_log_prob, log_prob, advantages,
 response_mask, loss_agg_mode, config, rollout_is_weights) -> (pg_loss, metrics)``, the
 ``ActorConfig`` fields each mode reads, its clamps and aggregation, the same metrics dict.
@@ -12,7 +12,12 @@ import torch
 
 import ppokernels as ppk
 from ppokernels.compat import float_dtype
-from ppokernels.compat.verl.core_algos import _agg_args, _cfg, agg_loss
+from ppokernels.compat.verl.core_algos import (
+    _agg_args,
+    _cfg,
+    agg_loss,
+    compute_policy_loss_vanilla,
+)
 
 __all__ = [
     "compute_policy_loss_cispo",
@@ -25,6 +30,7 @@ __all__ = [
     "compute_policy_loss_gpg",
     "compute_policy_loss_gspo",
     "compute_policy_loss_sapo",
+    "compute_policy_loss_bypass_mode",
 ]
 
 
@@ -262,6 +268,63 @@ def compute_policy_loss_kl_cov(
     return loss, {"actor/ppo_kl": ppo_kl.item()}
 
 
+def compute_policy_loss_bypass_mode(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    rollout_is_weights=None,
+):  # fmt: skip
+    """Bypass mode (``old_log_prob`` is the rollout policy's): rollout correction, then a loss by
+    ``config.policy_loss.rollout_correction.loss_type``:
+
+    - "ppo_clip": :func:`compute_policy_loss_vanilla` on the rejection-sampled mask, without IS
+      weights (the PPO ratio ``pi / pi_rollout`` is the IS ratio already);
+    - "reinforce": ``agg(-A lp w)`` (fused ``ppo_policy_loss`` "gpg" with is_weights ``w``) and
+      ``actor/ppo_kl`` = masked mean of ``old - lp`` on the rejection-sampled mask.
+
+    ``w`` (truncated or IcePop IS weights of ``pi / pi_rollout``, per token or per sequence,
+    batch-normalised or not) and the rejection mask come from veRL's
+    ``rollout_corr_helper.compute_rollout_correction_and_rejection_mask``, called as veRL calls
+    it: the weights, the mask and its ``rollout_corr/*`` diagnostics (some forty scalars, each
+    defined by that helper and read with a host sync) are one computation there, so it stays
+    veRL's (after :func:`patch` its masked means and sums run on ppokernels). The metrics are
+    the loss's updated with those; ``rollout_is_weights`` is ignored (recomputed), as in veRL.
+    """
+    assert config is not None, "config is required for bypass_mode loss"
+    policy_loss = _cfg(config, "policy_loss", None)
+    rc = None if policy_loss is None else _cfg(policy_loss, "rollout_correction", None)
+    if rc is None:
+        raise ValueError(
+            "rollout_correction config not found in policy_loss. "
+            "When using loss_mode='bypass_mode', ensure rollout_correction config is passed."
+        )
+    loss_type = _cfg(rc, "loss_type", "ppo_clip")
+    if loss_type not in ("reinforce", "ppo_clip"):  # veRL raises after the correction; same error
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    with torch.no_grad():
+        weights, mask, rollout_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob,  # the current policy: IS ratio pi / pi_rollout
+            rollout_log_prob=old_log_prob,
+            response_mask=response_mask,
+            rollout_is=_cfg(rc, "rollout_is", None),
+            rollout_is_threshold=_cfg(rc, "rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=_cfg(rc, "rollout_is_batch_normalize", False),
+            rollout_rs=_cfg(rc, "rollout_rs", None),
+            rollout_rs_threshold=_cfg(rc, "rollout_rs_threshold", None),
+        )
+    if loss_type == "ppo_clip":
+        loss, metrics = compute_policy_loss_vanilla(
+            old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, None
+        )
+    else:
+        w = weights.batch["rollout_is_weights"] if weights is not None else None
+        loss, out = _run("gpg", old_log_prob, log_prob, advantages, mask, loss_agg_mode, config,
+                         w, logratio_clamp=None)  # fmt: skip
+        metrics = {"actor/ppo_kl": out.approx_kl.item()}
+    metrics.update(rollout_metrics)
+    return loss, metrics
+
+
 # registry name -> function, for patch()
 POLICY_LOSSES = {
     "gspo": compute_policy_loss_gspo,
@@ -274,4 +337,5 @@ POLICY_LOSSES = {
     "dro": compute_policy_loss_dro,
     "clip_cov": compute_policy_loss_clip_cov,
     "kl_cov": compute_policy_loss_kl_cov,
+    "bypass_mode": compute_policy_loss_bypass_mode,
 }
