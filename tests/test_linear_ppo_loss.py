@@ -134,10 +134,12 @@ def test_backward_scales_the_stored_gradients():
     h = b["hidden"].detach().requires_grad_()
     out = ppokernels.linear_ppo_policy_loss(h, b["weight"], b["labels"], b["old"], b["adv"],
                                             b["mask"], chunk_size=16)  # fmt: skip
-    (g1,) = torch.autograd.grad(out.loss, h, retain_graph=True)
-    (g3,) = torch.autograd.grad(-3.0 * out.loss, h)
+    (g3,) = torch.autograd.grad(-3.0 * out.loss, h, retain_graph=True)
+    (g1,) = torch.autograd.grad(out.loss, h, retain_graph=True)  # hands the stored ones over
     torch.testing.assert_close(g3, -3.0 * g1, rtol=1e-12, atol=0)
     assert (g1[~(b["mask"] & (b["labels"] != -100))] == 0).all()  # no gradient off the tokens
+    with pytest.raises(RuntimeError, match="linear_ppo_policy_loss: the gradients"):
+        torch.autograd.grad(out.loss, h)
 
 
 def test_no_grad_and_frozen_weight():

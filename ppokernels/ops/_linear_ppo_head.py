@@ -30,19 +30,32 @@ class _FusedHead(torch.autograd.Function):
         for seg in plan.segments():
             head.run(*seg)
         loss, metrics, grads = head.result()
-        ctx.save_for_backward(*grads)
+        # kept as attributes, not saved tensors, so that backward can hand them over without
+        # keeping a reference (autograd then stores them as .grad without a copy)
+        ctx.grads = grads
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, g_loss, g_metrics):
-        gh, gw, gb = ctx.saved_tensors
-        return (
-            gh * g_loss.to(gh.dtype) if ctx.needs_input_grad[0] else None,
-            gw * g_loss.to(gw.dtype) if ctx.needs_input_grad[1] else None,
-            gb * g_loss.to(gb.dtype) if ctx.needs_input_grad[2] else None,
-            None,
-        )
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_ppo_policy_loss: the gradients made in the forward were handed to an "
+                "earlier backward (upstream gradient 1); run the op again to backward again"
+            )
+        gh, gw, gb = ctx.grads
+        # loss.backward() sends 1: hand out the stored gradients themselves, no [V, H] copy (the
+        # check costs one host sync on CUDA, as Liger's); any other upstream value scales a copy
+        one = bool(torch.equal(g_loss, torch.ones_like(g_loss)))
+        if one:
+            ctx.grads = None
+
+        def scaled(g, i):
+            if not ctx.needs_input_grad[i]:
+                return None
+            return g if one else g * g_loss.to(g.dtype)
+
+        return scaled(gh, 0), scaled(gw, 1), scaled(gb, 2), None
 
 
 class _Head:
@@ -101,7 +114,7 @@ class _Head:
         if self.need[0]:
             self.gh.index_copy_(0, idx, self._mm(dz, self.w)[:cnt])
         if self.need[1]:
-            self.gw.add_(self._mm(dz.t(), hc))
+            self._add_mm(self.gw, dz.t(), hc)
         if self.need[2]:
             self.gb.add_(dz.sum(0))
 
@@ -118,6 +131,13 @@ class _Head:
         if self.b is not None:
             z.add_(self.b)
         return z.detach()
+
+    def _add_mm(self, out, a, b):
+        """``out += a @ b`` (addmm_: no [V, H] temporary, one pass over out)."""
+        if self.half_gemm:
+            out.add_(self._mm(a, b))
+        else:
+            out.addmm_(a, b)
 
     def _mm(self, a, b):
         if self.half_gemm:  # dlogits rounded to the input dtype for cuBLAS, fp32 accumulation
