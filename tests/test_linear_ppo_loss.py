@@ -28,9 +28,9 @@ def _batch(B=4, T=37, H=12, V=53, dtype=torch.float64, device="cpu", seed=0):
     mask[0, 5:9] = False  # a hole (multi-turn: tool output)
     mask[1, 20:] = False  # right padding
     mask[2] = False  # an empty row
-    mask[3, :3] = False
+    mask[-1, :3] = False
     labels[~mask] = -100
-    labels[3, 10 % T] = -100  # ignore_index inside the mask: not a token either
+    labels[-1, 10 % T] = -100  # ignore_index inside the mask: not a token either
     old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 - 3.0
     adv = torch.randn(B, T, generator=g, dtype=torch.float64)
     ref = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 - 3.0
@@ -189,3 +189,64 @@ def test_bad_input_names_the_op_and_argument(change, match):
         ppokernels.linear_ppo_policy_loss(args["hidden"], args["weight"], args["labels"],
                                           args["old"], b["adv"], b["mask"], **kw)  # fmt: skip
     assert "linear_ppo_policy_loss" in str(e.value)
+
+
+def _small(seed=9, V=7):
+    b = _batch(B=3, T=12, H=3, V=V, seed=seed)
+    b["mask"][2, 4:] = True  # _batch empties row 2; keep tokens in every row here
+    b["labels"] = torch.where(b["mask"], b["labels"].clamp(min=0), -100)
+    return b
+
+
+def test_gradcheck_float64():
+    b = _small()
+    leaves = [b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")]
+
+    def f(h, w, bias):  # x 0.5: the scaled-copy backward (upstream 1 hands the stored ones over)
+        out = ppokernels.linear_ppo_policy_loss(
+            h, w, b["labels"], b["old"], b["adv"], b["mask"], bias=bias, temperature=0.9,
+            chunk_size=2, entropy_coef=0.01, ref_logprobs=b["ref"], kl_coef=0.1,
+        )  # fmt: skip
+        return 0.5 * out.loss
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_opcheck():
+    b = _small(seed=10)
+    h, w, bias = (b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias"))
+    args = (h, w, b["labels"], b["old"], b["adv"], b["mask"], bias, b["ref"], None, 0.8, True,
+            16, "cpp,cpp,cpp", 0.2, 0.2, None, 20.0, "vanilla", "token-mean", None, None, 0.1,
+            "k3", None, 0.01, [True, True, True])  # fmt: skip
+    torch.library.opcheck(torch.ops.ppokernels.linear_ppo_policy_loss.default, args)
+
+
+def test_torch_compile_fullgraph():
+    b = _small(seed=11, V=1271)
+
+    def f(h, w):
+        out = ppokernels.linear_ppo_policy_loss(h, w, b["labels"], b["old"], b["adv"],
+                                                b["mask"], chunk_size=16)  # fmt: skip
+        return out.loss, out.clipfrac
+
+    h = b["hidden"].detach().requires_grad_()
+    w = b["weight"].detach().requires_grad_()
+    got = torch.compile(f, fullgraph=True)(h, w)
+    want = f(h, w)
+    torch.testing.assert_close(got, want, **TOL64)
+    g_got = torch.autograd.grad(got[0], (h, w))
+    g_want = _naive(b, 1.0, False)[1]
+    for a, x in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, x, **TOL64)
+
+
+def test_reference_backend_and_empty_batch():
+    b = _small(seed=12)
+    kw = dict(loss_mode="sapo", agg="seq-mean-token-sum")
+    _assert_same(_fused(b, 0.8, True, "reference", None, **kw), _naive(b, 0.8, True, **kw), TOL64)
+    h = torch.zeros(0, 4, 3, dtype=torch.float64, requires_grad=True)
+    e = torch.zeros(0, 4, dtype=torch.float64)
+    out = ppokernels.linear_ppo_policy_loss(h, b["weight"], torch.zeros(0, 4, dtype=torch.long),
+                                            e, e, e.bool())  # fmt: skip
+    (gh,) = torch.autograd.grad(out.loss, h)
+    assert out.loss.item() == 0.0 and gh.shape == h.shape

@@ -1,77 +1,102 @@
-"""The chunk loop of linear_ppo_policy_loss (see ppokernels/ops/linear_ppo_loss.py for the
-algorithm and the exactness argument): an autograd Function whose forward makes the loss, the
-metrics and the gradients of hidden, weight and bias, and whose backward scales them."""
+"""The chunk loop of linear_ppo_policy_loss (the algorithm and why a chunk's share of the loss is
+exact: ppokernels/ops/linear_ppo_loss.py). It is the implementation of the registered op
+``ppokernels::linear_ppo_policy_loss`` and runs below autograd, so every step calls the forward
+and backward kernel ops of token_logprobs, ppo_policy_loss and linear_logprobs explicitly:
+
+    z = h_c W^T + b                 GEMM 1 (fp32 [R, V] buffer, reused)
+    lp, ent, lse = token_logprobs   fused row pass
+    loss_c = ppo_policy_loss        the chunk's share; its backward gives g_lp, g_ent
+    token_logprobs_backward_        dz written over z
+    grad_h[c] = dz W                GEMM 2
+    grad_W += dz^T h_c              GEMM 3 (addmm_, one pass over grad_W per chunk)
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ppokernels._dtypes import acc_dtype
-from ppokernels.ops.linear_logprobs import linear_logprobs
-from ppokernels.ops.logprobs import token_logprobs
-from ppokernels.ops.ppo_loss import ppo_policy_loss
+from ppokernels.ops._register import kernel, op
 
-PAD_LABEL = -1  # label of the zero rows that pad a chunk to a multiple of 16 (no work, no grad)
+PAD_LABEL = -1  # label of the zero rows that pad a chunk (no work, no gradient)
 ROW_ALIGN = 16  # chunks are zero-padded to a multiple: MKL gives a row the same bits for any M
+SEQUENCE_MODES = ("gspo", "geo_mean", "vespo")  # a token's gradient depends on its whole row
 
 
-class _FusedHead(torch.autograd.Function):
-    """``(hidden, weight, bias, plan) -> (loss, metrics[5])``; metrics = (clipfrac, approx_kl,
-    dual_clipfrac, kl, entropy) of the whole batch (not differentiable)."""
+class Plan:
+    """The chunks of one call. ``segments()`` yields ``(row0, row1, tok0, tok1)``: rows
+    [row0, row1) whole when ``tok0 is None``; tokens [tok0, tok1) of row row0's valid tokens (a
+    row longer than a chunk, token modes); ``tok1 is None``: row row0 by the unfused path (a long
+    row of a sequence mode)."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, plan):
-        need = (
-            ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2],
-        )
-        head = _Head(hidden, weight, bias, plan, need)
-        for seg in plan.segments():
-            head.run(*seg)
-        loss, metrics, grads = head.result()
-        # kept as attributes, not saved tensors, so that backward can hand them over without
-        # keeping a reference (autograd then stores them as .grad without a copy)
-        ctx.grads = grads
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+    def __init__(self, valid, R, agg, num_tokens, num_seqs, level):
+        B, T = valid.shape
+        self.B, self.T, self.R, self.agg = B, T, R, agg
+        self.counts = valid.sum(1).tolist()
+        self.total = sum(self.counts)
+        self.num_tokens = num_tokens if num_tokens is not None else float(max(self.total, 1))
+        self.num_seqs = num_seqs if num_seqs is not None else float(max(B, 1))
+        mode = level.split(":")[0]
+        self.sequence_mode = mode in SEQUENCE_MODES or level == "sequence"
 
-    @staticmethod
-    def backward(ctx, g_loss, g_metrics):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_ppo_policy_loss: the gradients made in the forward were handed to an "
-                "earlier backward (upstream gradient 1); run the op again to backward again"
-            )
-        gh, gw, gb = ctx.grads
-        # loss.backward() sends 1: hand out the stored gradients themselves, no [V, H] copy (the
-        # check costs one host sync on CUDA, as Liger's); any other upstream value scales a copy
-        one = bool(torch.equal(g_loss, torch.ones_like(g_loss)))
-        if one:
-            ctx.grads = None
+    def row_weight(self, r: int) -> float:
+        """The aggregation weight of every token of row r (the segment path's scale)."""
+        if self.agg == "token-mean":
+            return 1.0 / self.num_tokens
+        if self.agg == "token-sum":
+            return 1.0
+        if self.agg == "seq-mean-token-mean":
+            return 1.0 / (self.counts[r] * self.num_seqs)
+        if self.agg == "seq-mean-token-sum":
+            return 1.0 / self.num_seqs
+        return 1.0 / (self.num_seqs * max(self.T, 1))  # seq-mean-token-sum-norm
 
-        def scaled(g, i):
-            if not ctx.needs_input_grad[i]:
-                return None
-            return g if one else g * g_loss.to(g.dtype)
+    def segments(self):
+        r, R = 0, self.R
+        while r < self.B:
+            if self.counts[r] > R:  # a long row: segments, or the unfused path
+                if self.sequence_mode:
+                    yield r, r + 1, 0, None
+                else:
+                    for t0 in range(0, self.counts[r], R):
+                        yield r, r + 1, t0, min(t0 + R, self.counts[r])
+                r += 1
+                continue
+            r1, n = r, 0
+            while r1 < self.B and self.counts[r1] <= R and n + self.counts[r1] <= R:
+                n += self.counts[r1]
+                r1 += 1
+            yield r, r1, None, None
+            r = r1
 
-        return scaled(gh, 0), scaled(gw, 1), scaled(gb, 2), None
 
+class Head:
+    """One call's state: the loss, metric sums and gradients accumulated chunk by chunk.
 
-class _Head:
-    """State of one call: accumulated loss, metric sums and gradients."""
+    ``rows``: the [B, T] (or [B]) per-row tensors old_logprobs, advantages, mask (the valid
+    tokens), ref_logprobs, is_weights. ``scalars``: ppo_policy_loss's op scalars (clip_low,
+    clip_high, dual_clip, logratio_clamp, ratio_level, agg, num_tokens, num_seqs, kl_coef,
+    kl_estimator, kl_clamp, entropy_coef). ``backends``: "token,loss,linear" backend names."""
 
-    def __init__(self, hidden, weight, bias, plan, need):
-        self.plan, self.need = plan, need
-        self.hidden, self.weight, self.bias = hidden, weight, bias
+    def __init__(self, hidden, weight, labels, bias, rows, temperature, ent_on, R, backends,
+                 scalars, need):  # fmt: skip
         B, T, H = hidden.shape
         V = weight.shape[0]
+        self.need, self.rows, self.temperature, self.ent_on = need, rows, temperature, ent_on
+        self.scalars = list(scalars)
+        b_tok, b_loss, b_lin = backends.split(",")
+        self.tok_fwd = kernel("token_logprobs", b_tok)
+        # the in-place backward: the forward op's backward name + "_" (ppokernels/ops/logprobs.py)
+        self.tok_bwd_ = op("ppokernels::" + kernel("token_logprobs_backward", b_tok).__name__ + "_")
+        self.loss_fwd = kernel("ppo_policy_loss", b_loss)
+        self.loss_bwd = kernel("ppo_policy_loss_backward", b_loss)
+        self.b_lin = b_lin
+        self.hidden, self.weight, self.bias = hidden, weight, bias
         self.acc = acc = acc_dtype(hidden)
-        self.h = hidden.reshape(B * T, H)
-        self.y = plan.y.reshape(-1)
-        self.valid = plan.rows["mask"].reshape(-1)
-        # CPU: the GEMMs in the accumulation dtype (a bf16 weight is cast once per call). CUDA:
-        # cuBLAS in the input dtype with fp32 outputs (torch.mm out_dtype).
+        self.h, self.y = hidden.reshape(B * T, H), labels.reshape(-1)
+        self.valid = rows["mask"].reshape(-1)
+        # CPU: GEMMs in the accumulation dtype (a bf16 weight is cast once per call). CUDA half:
+        # cuBLAS in the input dtype with fp32 outputs (mm out_dtype).
         self.half_gemm = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
         self.w = weight if self.half_gemm else weight.to(acc)
         self.b = None if bias is None else bias.to(acc)
@@ -81,11 +106,18 @@ class _Head:
         self.gb = torch.zeros(V, **opts) if need[2] else None
         self.loss = torch.zeros((), **opts)
         self.sums = torch.zeros(5, **opts)  # clipfrac, approx_kl, dual_clipfrac (x count), kl, ent
+        s = self.scalars
+        self.plan = Plan(rows["mask"], R, agg=s[5], num_tokens=s[6], num_seqs=s[7], level=s[4])
         self.zbuf = None
 
+    def run(self):
+        for seg in self.plan.segments():
+            self._chunk(*seg)
+        return self._result()
+
     # ------------------------------------------------------------------------ one chunk
-    def run(self, r0, r1, t0, t1):
-        plan, T = self.plan, self.plan.T
+    def _chunk(self, r0, r1, t0, t1):
+        T = self.plan.T
         idx = self.valid[r0 * T : r1 * T].nonzero().squeeze(1) + r0 * T
         if t0 is not None and t1 is not None:
             idx = idx[t0:t1]
@@ -100,26 +132,26 @@ class _Head:
         yc = self.y.new_full((rp,), PAD_LABEL)
         yc[:cnt] = self.y[idx]
         z = self._logits(hc, rp)
-        with torch.enable_grad():
-            z.requires_grad_(any(self.need))
-            lp, ent = token_logprobs(z, yc, temperature=plan.temperature,
-                                     with_entropy=plan.ent_on, ignore_index=PAD_LABEL,
-                                     inplace_backward=True, backend=plan.backend)  # fmt: skip
-            out, scale = self._score(r0, r1, t0, idx, lp[:cnt], None if ent is None else ent[:cnt])
-            loss = out.loss * scale
-            dz = torch.autograd.grad(loss, z)[0] if any(self.need) else None
-        self._add(out, loss, scale, cnt)
-        if dz is None:
+        lp, ent, lse = self.tok_fwd(z, yc, self.temperature, self.ent_on, PAD_LABEL, True)
+        g = self._score(r0, r1, t0, idx, lp[:cnt], ent[:cnt] if self.ent_on else None)
+        if g is None:
             return
+        g_lp, g_ent = (torch.cat([x, x.new_zeros(rp - cnt)]) if x is not None else None for x in g)
+        self.tok_bwd_(
+            g_lp, g_ent, z, yc, lse, ent if self.ent_on else None, self.temperature, PAD_LABEL
+        )  # fmt: skip  (z now holds dz)
         if self.need[0]:
-            self.gh.index_copy_(0, idx, self._mm(dz, self.w)[:cnt])
+            self.gh.index_copy_(0, idx, self._mm(z, self.w)[:cnt])
         if self.need[1]:
-            self._add_mm(self.gw, dz.t(), hc)
+            if self.half_gemm:
+                self.gw.add_(self._mm(z.t(), hc))
+            else:
+                self.gw.addmm_(z.t(), hc)
         if self.need[2]:
-            self.gb.add_(dz.sum(0))
+            self.gb.add_(z.sum(0))
 
     def _logits(self, hc, rp):
-        """``hc @ W^T + b`` into a reused fp32 buffer (no page faults per chunk)."""
+        """``hc @ W^T + b`` into the reused fp32 buffer (no page faults per chunk)."""
         V = self.w.shape[0]
         if self.zbuf is None or self.zbuf.numel() < rp * V:
             self.zbuf = torch.empty(rp * V, dtype=self.acc, device=hc.device)
@@ -130,98 +162,98 @@ class _Head:
             torch.mm(hc, self.w.t(), out=z)
         if self.b is not None:
             z.add_(self.b)
-        return z.detach()
-
-    def _add_mm(self, out, a, b):
-        """``out += a @ b`` (addmm_: no [V, H] temporary, one pass over out)."""
-        if self.half_gemm:
-            out.add_(self._mm(a, b))
-        else:
-            out.addmm_(a, b)
+        return z
 
     def _mm(self, a, b):
         if self.half_gemm:  # dlogits rounded to the input dtype for cuBLAS, fp32 accumulation
-            return torch.mm(a.to(b.dtype), b.to(a.dtype) if b.dtype == self.acc else b,
-                            out_dtype=self.acc)  # fmt: skip
+            return torch.mm(a.to(self.weight.dtype), b.to(self.weight.dtype), out_dtype=self.acc)
         return torch.mm(a, b)
 
     def _score(self, r0, r1, t0, idx, lp, ent):
-        """The chunk's share of the loss: ``(ppo_policy_loss output, scale)``."""
+        """Adds the chunk's share of the loss and metrics; returns the gradients (g_lp, g_ent) of
+        that share at the chunk's tokens, or None when no gradient is needed."""
         plan, T = self.plan, self.plan.T
-        rows = plan.row_slice(r0, r1)
+        local = idx - r0 * T
+        rows = {k: (None if v is None else v[r0:r1]) for k, v in self.rows.items()}
+        s = list(self.scalars)
         if t0 is None:  # whole rows: the real aggregation with the global normalisers
             k = r1 - r0
-            local = idx - r0 * T
 
             def place(v):
                 return v.new_zeros(k * T).index_copy(0, local, v).view(k, T)
 
-            kw = dict(agg=plan.agg, num_tokens=plan.num_tokens, num_seqs=plan.num_seqs)
+            def take(v):
+                return v.reshape(-1)[local]
+
+            s[5:8] = [plan.agg, plan.num_tokens, plan.num_seqs]
             scale = 1.0
         else:  # a segment of one long row: a token sum times the row's aggregation weight
-            local = idx - r0 * T
 
             def place(v):
                 return v.view(1, -1)
 
-            rows = {k: _take(v, local) for k, v in rows.items()}
-            kw = dict(agg="token-sum")
-            scale = plan.row_weight(r0)
-        options = {k: v for k, v in plan.options.items() if k != "agg"}
-        out = ppo_policy_loss(place(lp), **rows, entropy=None if ent is None else place(ent),
-                              **options, **kw, backend=plan.backend)  # fmt: skip
-        return out, scale
+            def take(v):
+                return v.reshape(-1)
 
-    def _add(self, out, loss, scale, cnt):
-        self.loss += loss.detach()
-        s = self.sums
-        s[0] += out.clipfrac * cnt
-        s[1] += out.approx_kl * cnt
-        s[2] += out.dual_clipfrac * cnt
-        if out.kl is not None:
-            s[3] += out.kl * scale
-        if out.entropy is not None:
-            s[4] += out.entropy * scale
+            rows = {k: _segment(v, local) for k, v in rows.items()}
+            s[5:8] = ["token-sum", None, None]
+            scale = plan.row_weight(r0)
+        ent = None if ent is None else place(ent)
+        tensors = [place(lp), rows["old_logprobs"], rows["advantages"], rows["mask"],
+                   rows["ref_logprobs"], ent, rows["is_weights"]]  # fmt: skip
+        loss, metrics, row_stats = self.loss_fwd(*tensors, *s)
+        self.loss += loss * scale
+        w = metrics.new_tensor([idx.numel()] * 3 + [scale] * 2)
+        self.sums += metrics * w
+        if not any(self.need):
+            return None
+        bwd_scalars = s[:5] + s[8:]
+        grad = loss.new_tensor(scale)
+        g_lp, _, g_ent = self.loss_bwd(grad, *tensors, row_stats, *bwd_scalars)
+        return take(g_lp), (take(g_ent) if ent is not None else None)
 
     def _unfused_row(self, r, idx):
-        """A sequence-mode row longer than a chunk: linear_logprobs (which recomputes the logits
-        in its backward) and ppo_policy_loss on the whole row, gradients by autograd."""
-        plan = self.plan
-        with torch.enable_grad():
-            hs = self.h[idx].detach().requires_grad_(self.need[0])
-            w = self.weight.detach().requires_grad_(self.need[1])
-            b = None if self.bias is None else self.bias.detach().requires_grad_(self.need[2])
-            lp, ent = linear_logprobs(hs, w, self.y[idx], bias=b, temperature=plan.temperature,
-                                      with_entropy=plan.ent_on, backend=plan.backend)  # fmt: skip
-            out, scale = self._score(r, r + 1, None, idx, lp, ent)
-            wrt = [t for t, n in zip((hs, w, b), self.need, strict=True) if n]
-            grads = list(torch.autograd.grad(out.loss, wrt)) if wrt else []
-        self._add(out, out.loss, scale, idx.numel())
+        """A sequence-mode row longer than a chunk: linear_logprobs forward (one GEMM) and, with
+        the loss's gradients, its backward (which recomputes the logits): four GEMMs."""
+        from ppokernels.ops.linear_logprobs import default_chunk_size
+
+        fwd = kernel("linear_logprobs", self.b_lin)
+        bwd = kernel("linear_logprobs_backward", self.b_lin)
+        hs, y = self.h[idx], self.y[idx]
+        chunk = default_chunk_size(hs.shape[0], self.weight.shape[0], hs.device)
+        args = (self.temperature, -100, 0, chunk)
+        zy, lse, ent = fwd(hs, self.weight, y, self.bias, *args)
+        g = self._score(r, r + 1, None, idx, zy - lse, ent if self.ent_on else None)
+        if g is None:
+            return
+        g_lp, g_ent = g
+        g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
+        mask = list(self.need)
+        gh, gw, gb = bwd(g_lp, -g_lp, g_ent, hs, self.weight, y, self.bias, lse, ent, *args, mask)
         if self.need[0]:
-            self.gh.index_copy_(0, idx, grads.pop(0).to(self.acc))
+            self.gh.index_copy_(0, idx, gh.to(self.acc))
         if self.need[1]:
-            self.gw.add_(grads.pop(0).to(self.acc))
+            self.gw.add_(gw.to(self.acc))
         if self.need[2]:
-            self.gb.add_(grads.pop(0).to(self.acc))
+            self.gb.add_(gb.to(self.acc))
 
     # ------------------------------------------------------------------------ the result
-    def result(self):
-        n = self.plan.total
+    def _result(self):
         s = self.sums
-        if n > 0:
-            s[:3] /= n
-        opts = self.options_dtype()
-        gh = self.gh.view_as(self.hidden).to(self.hidden.dtype) if self.need[0] else opts
-        gw = self.gw.to(self.weight.dtype) if self.need[1] else opts
-        gb = self.gb.to(self.bias.dtype) if self.need[2] else opts
-        return self.loss, s, (gh, gw, gb)
+        if self.plan.total > 0:
+            s[:3] /= self.plan.total
 
-    def options_dtype(self):
-        return torch.empty(0, dtype=self.acc, device=self.h.device)
+        def empty():  # one per slot: a custom op's outputs may not alias each other
+            return self.h.new_empty(0, dtype=self.acc)
+
+        gh = self.gh.view_as(self.hidden).to(self.hidden.dtype) if self.need[0] else empty()
+        gw = self.gw.to(self.weight.dtype) if self.need[1] else empty()
+        gb = self.gb.to(self.bias.dtype) if self.need[2] else empty()
+        return self.loss, s, gh, gw, gb
 
 
-def _take(v, local):
-    """A row tensor's entries at the segment's positions, as [1, n] (a [1] per-row value as is)."""
+def _segment(v, local):
+    """A row tensor's entries at a segment's positions, as [1, n] (a [1] per-row value as is)."""
     if v is None or v.dim() == 1:
         return v
     return v.reshape(-1)[local].view(1, -1)

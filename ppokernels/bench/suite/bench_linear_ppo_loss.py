@@ -1,0 +1,103 @@
+"""The policy-loss head, forward + backward: hidden states and the lm_head weight in, the PPO loss
+and the gradients of hidden and weight out.
+
+Providers:
+
+- ``naive``: ``hidden @ weight.T`` into full ``[N, V]`` logits, ``log_softmax``, gather, then the
+  fused ``ppokernels.ppo_policy_loss`` (so the head, not the loss, is what differs): 3 GEMMs.
+- ``linear_logprobs``: ``ppokernels.linear_logprobs`` then ``ppo_policy_loss``: blockwise, no
+  ``[N, V]``, but its backward recomputes the logits: 4 GEMMs.
+- ``ppokernels-<backend>``: ``ppokernels.linear_ppo_policy_loss``, the gradients made during the
+  forward: 3 GEMMs and an fp32 ``[chunk, V]`` buffer.
+- ``liger-grpo`` when importable: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (the released class;
+  beta = 0, its ``grpo`` loss type = the vanilla clip with a sequence-mean aggregation, torch
+  chunks, compiled on the GPU), given the same inputs (one advantage per sequence).
+
+The loss is the vanilla clip with ``agg="seq-mean-token-mean"`` (Liger's ``grpo``), temperature 0.7,
+sequences of 512 tokens, one advantage per sequence. FLOPs counted: 6NHV for every provider (the
+three GEMMs the loss needs), so ``tflops`` is comparable. Peak memory is what one call allocates
+above the live inputs (the gradients included: [V, H] fp32 for the weight).
+"""
+
+import functools
+
+import torch
+
+import ppokernels
+from ppokernels.bench import peers
+from ppokernels.bench._common import matmul_tflops, ppokernels_providers, run
+
+SHAPES = {
+    "tiny": [(32, 16, 331)],
+    "cpu": [(1024, 512, 151936)],
+    "llm": [(8192, 4096, 151936)],
+}
+TEMPERATURE = 0.7
+SEQ_LEN = 512
+
+
+def providers(device):
+    liger = peers.provider("liger-grpo", "liger-grpo")
+    return ["naive", "linear_logprobs", *ppokernels_providers(device), liger]
+
+
+@functools.cache
+def _liger(device):
+    cls = peers.peer("liger-grpo")
+    return cls(beta=0.0, use_ref_model=False, temperature=TEMPERATURE, loss_type="grpo",
+               epsilon_low=0.2, epsilon_high=0.2, compiled=device == "cuda")  # fmt: skip
+
+
+def _fn(provider, device):
+    """(hidden [B, T, H], weight, labels, old, adv [B], mask) -> the loss."""
+    loss_kw = dict(agg="seq-mean-token-mean", clip_low=0.2, clip_high=0.2)
+    if provider == "naive":
+
+        def naive(h, w, y, old, adv, m):
+            z = (h @ w.T).float() / TEMPERATURE
+            lp = torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            return ppokernels.ppo_policy_loss(lp, old, adv, m, **loss_kw).loss
+
+        return naive
+    if provider == "linear_logprobs":
+
+        def two_step(h, w, y, old, adv, m):
+            lp, _ = ppokernels.linear_logprobs(h, w, y, temperature=TEMPERATURE)
+            return ppokernels.ppo_policy_loss(lp, old, adv, m, **loss_kw).loss
+
+        return two_step
+    if provider == "liger-grpo":
+        loss = _liger(device)
+        return lambda h, w, y, old, adv, m: loss(h, w, y, m, adv, old_per_token_logps=old)[0]
+    backend = provider.removeprefix("ppokernels-")
+    return lambda h, w, y, old, adv, m: (
+        ppokernels.linear_ppo_policy_loss(
+            h, w, y, old, adv, m, temperature=TEMPERATURE, backend=backend, **loss_kw
+        ).loss
+    )
+
+
+def test_linear_ppo_policy_loss(benchmark, shape, provider, device):
+    n, H, V = shape
+    B = max(1, n // SEQ_LEN)
+    T = n // B
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hidden = (torch.randn(B, T, H, device=device) * 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, device=device) / H**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), device=device)
+    old = torch.randn(B, T, device=device) * 0.1 - 11.0
+    adv = torch.linspace(-1, 1, B, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask[-1, T - T // 8 :] = False  # right padding
+    fn = _fn(provider, device)
+    if provider == "liger-grpo":
+        benchmark.extra_info["peer_import"] = peers.how("liger-grpo")
+
+    def step():
+        return torch.autograd.grad(fn(hidden, weight, labels, old, adv, mask), (hidden, weight))
+
+    benchmark.group = f"linear_ppo_policy_loss forward+backward {shape} {str(dtype)[6:]}"
+    run(benchmark, step, device=device, provider=provider, flops=6 * B * T * H * V)
+    tf = benchmark.extra_info.get("tflops")
+    if tf is not None:
+        benchmark.extra_info["pct_matmul"] = round(100 * tf / matmul_tflops(device, dtype), 1)
