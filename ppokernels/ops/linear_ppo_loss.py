@@ -247,9 +247,13 @@ def _setup_context(ctx, inputs, output):
     ctx.need = inputs[-1]
     ctx.grads = list(output[2:])
     ctx.mark_non_differentiable(*output[1:])
+    # no zero upstream gradients for the non-differentiable outputs: one of them is [V, H]
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, *_):
+    if g_loss is None:  # the loss itself was not differentiated
+        return (None,) * 26
     if ctx.grads is None:
         raise RuntimeError(
             f"{NAME}: the gradients made in the forward were handed to an earlier backward "
