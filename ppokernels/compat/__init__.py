@@ -15,7 +15,9 @@ module                        targets     what ``patch()`` replaces
                                           ``compute_reward``, log-prob/entropy helpers, the
                                           experience maker's GAE and returns
 :mod:`ppokernels.compat.trl`       1.16.0      ``selective_log_softmax``, ``entropy_from_logits``,
-                                          the fused LM head GRPO scores with
+                                          the fused LM head GRPO scores with; Liger-Kernel
+                                          0.8.5's ``LigerFusedLinearGRPOLoss``
+                                          (:mod:`ppokernels.compat.trl_liger`)
 ============================  ==========  ====================================================
 
 ppokernels never imports a trainer at import time: each ``patch()`` imports the trainer's modules
@@ -56,8 +58,9 @@ class Patcher:
             setattr(obj, name, value)
         self._undo.append((obj, name, old, had))
 
-    def everywhere(self, prefix: str, module: str, name: str, value: Any) -> None:
-        """Replace ``module.name`` and every alias of the original under modules ``prefix*``."""
+    def everywhere(self, prefix: str | tuple[str, ...], module: str, name: str, value: Any) -> None:
+        """Replace ``module.name`` and every alias of the original under modules ``prefix*`` (a
+        tuple: any of them)."""
         mod = importlib.import_module(module)
         original = getattr(mod, name)
         self.set(mod, name, value)

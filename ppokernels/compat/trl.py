@@ -17,9 +17,14 @@ Switch on (one process per GPU, no Ray)::
     import ppokernels.compat.trl as ppk_trl
     ppk_trl.patch()           # before building the GRPOTrainer
 
+- ``LigerFusedLinearGRPOLoss`` (:mod:`ppokernels.compat.trl_liger`): Liger-Kernel 0.8.5's fused
+  lm_head + GRPO loss, same interface, on :func:`ppokernels.linear_ppo_policy_loss`.
+
 TRL 1.16.0 no longer ships a PPO trainer (``trl.experimental.ppo`` is gone) and its GRPO trainer
 no longer calls Liger's ``LigerFusedLinearGRPOLoss`` (``use_liger_kernel`` only swaps layer
 kernels); its fused-LM-head slot is ``_ChunkedLogProbFunction``, which :func:`patch` replaces.
+:func:`patch` still installs the Liger drop-in in ``liger_kernel.chunked_loss`` (and every trl
+module that bound the name), for code that builds that loss itself.
 """
 
 from __future__ import annotations
@@ -28,6 +33,18 @@ import torch
 
 import ppokernels as ppk
 from ppokernels.compat import Patcher
+from ppokernels.compat.trl_liger import LigerFusedLinearGRPOLoss
+
+__all__ = [
+    "ChunkedLogProbFunction",
+    "LigerFusedLinearGRPOLoss",
+    "entropy_from_logits",
+    "grpo_loss",
+    "patch",
+    "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
+    "unpatch",
+]
 
 TARGET_VERSION = "1.16.0"
 
@@ -286,7 +303,9 @@ _PATCHER = Patcher()
 def patch(*, round_logits: bool = False) -> None:
     """Install the replacements in ``trl.trainer.utils`` (and every trl module that imported
     them by name): the three log-prob/entropy helpers and the fused LM head's
-    ``_ChunkedLogProbFunction``.
+    ``_ChunkedLogProbFunction``; and, when liger-kernel is installed, ``LigerFusedLinearGRPOLoss``
+    in ``liger_kernel.chunked_loss(.grpo_loss)`` and every liger_kernel / trl module that bound
+    it by name (TRL 1.16's trainers look it up nowhere; earlier ones imported it from there).
 
     ``round_logits=True``: on bf16/fp16 weights the fused head rounds the logits to that dtype
     before the fp32 log-softmax, as TRL's own ``ChunkedLogProbFunction`` does, so a patched run
@@ -308,6 +327,12 @@ def patch(*, round_logits: bool = False) -> None:
 
     # only the trainer's slot: trl.kernels keeps its class (our fallback calls it)
     _PATCHER.set(utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401  (binds the class in its namespace)
+    except ImportError:  # liger-kernel is optional: nothing to replace
+        return
+    _PATCHER.everywhere(("trl", "liger_kernel"), "liger_kernel.chunked_loss.grpo_loss",
+                        "LigerFusedLinearGRPOLoss", LigerFusedLinearGRPOLoss)  # fmt: skip
 
 
 def unpatch() -> None:
