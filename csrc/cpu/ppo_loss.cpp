@@ -55,8 +55,8 @@ struct PolicyRow {
 // First pass over one row (gspo, geo_mean, vespo): the row sums of policy_row_terms, then the
 // row values ra, rb and the row's surrogate loss (policy_row_values). out = {ra, rb, row_loss}.
 template <typename scalar_t>
-void row_pass(const PolicyRow<scalar_t>& row, int64_t width, const PolicyParams<double>& p,
-                     double* out) {
+void row_pass(const PolicyRow<scalar_t>& row, int64_t width,
+              const PolicyParams<at::opmath_type<scalar_t>>& p, double* out) {
   double s[4];
   row_accumulate<4, scalar_t>(
       width, row.m,
@@ -100,10 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   std::vector<double> rowv(static_cast<size_t>(B) * 3, 0.0);  // ra, rb, row loss
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cpu", [&] {
     parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
+      const auto prm = policy_params_as<at::opmath_type<scalar_t>>(c.p);
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         double* rv = rowv.data() + 3 * b;
-        if (policy_row_pass(c.p.mode)) row_pass(row, T, c.p, rv);
+        if (policy_row_pass(prm.mode)) row_pass(row, T, prm, rv);
         row_accumulate<kPolicyK, scalar_t>(
             T, row.m,
             [&](auto tag, int64_t t, auto* acc_k) {
@@ -111,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
               const auto valid = vload_mask<V>(row.m + t) > V(0);
               const V ref = row.ref ? vload<V>(row.ref + t) : V(0);
               V kl, clipped, dual, neg_lr;
-              const V loss = policy_token_forward(c.p, vload<V>(row.lp + t), vload<V>(row.old + t),
+              const V loss = policy_token_forward(prm, vload<V>(row.lp + t), vload<V>(row.old + t),
                                                   ref, row.template advantage<V>(t),
                                                   row.template weight<V>(t), V(rv[0]), V(rv[1]),
                                                   &kl, &clipped, &dual, &neg_lr);
@@ -184,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
     scalar_t* gref = c.ref.defined() ? grad_ref.data_ptr<scalar_t>() : nullptr;
     scalar_t* gent = c.ent.defined() ? grad_ent.data_ptr<scalar_t>() : nullptr;
     parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
+      const auto prm = policy_params_as<acc_t>(c.p);
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         const int64_t o = b * T;
@@ -202,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
               const auto valid = vload_mask<V>(row.m + t) > V(0);
               const V ref = row.ref ? vload<V>(row.ref + t) : V(0);
               V dkl;
-              const V d = policy_token_backward(c.p, vload<V>(row.lp + t), vload<V>(row.old + t), ref,
+              const V d = policy_token_backward(prm, vload<V>(row.lp + t), vload<V>(row.old + t), ref,
                                                 row.template advantage<V>(t),
                                                 row.template weight<V>(t), V(r[1]), V(r[3]), &dkl);
               const V sc(static_cast<acc_t>(scale)), sp(static_cast<acc_t>(scale_pg));

@@ -171,22 +171,6 @@ __global__ void policy_bwd_kernel(const acc_t<T>* __restrict__ grad, PolicyPtrs<
   }
 }
 
-template <typename A>
-PolicyParams<A> to_acc(const PolicyParams<double>& p) {
-  return PolicyParams<A>{A(p.clip_low),
-                         A(p.clip_high),
-                         A(p.dual),
-                         A(p.logratio_clamp),
-                         A(p.kl_coef),
-                         A(p.kl_clamp),
-                         A(p.entropy_coef),
-                         {A(p.mp[0]), A(p.mp[1]), A(p.mp[2]), A(p.mp[3])},
-                         p.est,
-                         p.mode,
-                         p.kl_straight_through,
-                         p.has_ref,
-                         p.has_w};
-}
 
 }  // namespace
 
@@ -211,7 +195,7 @@ cudaError_t ppo_policy_fwd(PolicyPtrs<T> p, int64_t rows, int64_t width,
   using A = acc_t<T>;
   if (rows > 0) {
     policy_row_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        p, width, to_acc<A>(prm), part, rowv);
+        p, width, policy_params_as<A>(prm), part, rowv);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
@@ -227,7 +211,7 @@ cudaError_t ppo_policy_bwd(const acc_t<T>* grad, PolicyPtrs<T> p, const acc_t<T>
   const int64_t n = rows * width;
   if (n == 0) return cudaSuccess;
   policy_bwd_kernel<T><<<elementwise_blocks(n, kThreads), kThreads, 0, stream>>>(
-      grad, p, row_stats, rows, width, to_acc<acc_t<T>>(prm), g_lp, g_ref, g_ent);
+      grad, p, row_stats, rows, width, policy_params_as<acc_t<T>>(prm), g_lp, g_ref, g_ent);
   return cudaGetLastError();
 }
 

@@ -4,7 +4,10 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PPK_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define PPK_HOST_DEVICE inline
+// Forced inline on the host too: the per-token functions take several outputs by pointer, and an
+// out-of-line call per SIMD vector spills them to memory (measured: ppo_policy_loss's surrogate
+// and exp were separate calls, a large part of its forward).
+#define PPK_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 #include <cmath>

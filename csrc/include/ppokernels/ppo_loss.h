@@ -107,6 +107,18 @@ struct PolicyParams {
   bool kl_straight_through, has_ref, has_w;
 };
 
+// The parameters in the accumulation type A, for the kernels' inner loops: a local copy of
+// scalars the compiler can keep in registers (no double -> float conversion per vector, no reload
+// because a store through another pointer might alias them).
+template <typename A>
+inline PolicyParams<A> policy_params_as(const PolicyParams<double>& p) {
+  return PolicyParams<A>{A(p.clip_low),  A(p.clip_high), A(p.dual),
+                         A(p.logratio_clamp), A(p.kl_coef), A(p.kl_clamp),
+                         A(p.entropy_coef),
+                         {A(p.mp[0]), A(p.mp[1]), A(p.mp[2]), A(p.mp[3])},
+                         p.est, p.mode, p.kl_straight_through, p.has_ref, p.has_w};
+}
+
 // Forward of one valid token: the token's (weighted) surrogate loss (0 for geo_mean, whose loss
 // is per row), the (unscaled) KL term and the metric flags. ra / rb: the row's values
 // (policy_row_values).
