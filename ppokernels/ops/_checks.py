@@ -171,3 +171,16 @@ def flag(op: str, name: str, v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
     return v
+
+
+def head_options(op: str, temperature, ignore_index, with_entropy, chunk_size) -> float:
+    """The scalar options of the linear heads (linear_logprobs, linear_ppo_policy_loss); returns
+    the temperature as a float."""
+    temperature = positive(op, "temperature", temperature)
+    integer(op, "ignore_index", ignore_index)
+    flag(op, "with_entropy", with_entropy)
+    if chunk_size is not None:
+        integer(op, "chunk_size", chunk_size)
+        if chunk_size <= 0:
+            raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size}")
+    return temperature

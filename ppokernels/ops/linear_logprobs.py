@@ -107,13 +107,7 @@ def linear_logprobs(
                 f"{NAME}: bias has {bias.shape[0]} entries but weight has "
                 f"V = {weight.shape[0]} rows"
             )
-    temperature = _checks.positive(NAME, "temperature", temperature)
-    _checks.integer(NAME, "ignore_index", ignore_index)
-    _checks.flag(NAME, "with_entropy", with_entropy)
-    if chunk_size is not None:
-        _checks.integer(NAME, "chunk_size", chunk_size)
-        if chunk_size <= 0:
-            raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size}")
+    temperature = _checks.head_options(NAME, temperature, ignore_index, with_entropy, chunk_size)
     if hidden.shape[-1] == 0:
         raise ValueError(f"{NAME}: hidden has H = 0 features (shape {tuple(hidden.shape)})")
     b = _backend.choose(NAME, hidden.device, backend, dtype=hidden.dtype)

@@ -110,13 +110,7 @@ def linear_ppo_policy_loss(
         themselves; a second backward through the same call is then an error.
     """
     _check(hidden, weight, labels, bias, loss_options)
-    temperature = _checks.positive(NAME, "temperature", temperature)
-    _checks.integer(NAME, "ignore_index", ignore_index)
-    _checks.flag(NAME, "with_entropy", with_entropy)
-    if chunk_size is not None:
-        _checks.integer(NAME, "chunk_size", chunk_size)
-        if chunk_size <= 0:
-            raise ValueError(f"{NAME}: chunk_size must be a positive int or None, got {chunk_size}")
+    temperature = _checks.head_options(NAME, temperature, ignore_index, with_entropy, chunk_size)
     opts = {k: _PPO_SIGNATURE[k].default for k in LOSS_OPTIONS} | loss_options
     ref, isw = opts.pop("ref_logprobs"), opts.pop("is_weights")
     ent_on = with_entropy or opts["entropy_coef"] != 0.0
