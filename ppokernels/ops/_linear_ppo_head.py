@@ -17,6 +17,7 @@ import torch
 
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops._register import kernel, op
+from ppokernels.ops.linear_logprobs import default_chunk_size
 
 PAD_LABEL = -1  # label of the zero rows that pad a chunk (no work, no gradient)
 ROW_ALIGN = 16  # chunks are zero-padded to a multiple: MKL gives a row the same bits for any M
@@ -215,8 +216,6 @@ class Head:
     def _unfused_row(self, r, idx):
         """A sequence-mode row longer than a chunk: linear_logprobs forward (one GEMM) and, with
         the loss's gradients, its backward (which recomputes the logits): four GEMMs."""
-        from ppokernels.ops.linear_logprobs import default_chunk_size
-
         fwd = kernel("linear_logprobs", self.b_lin)
         bwd = kernel("linear_logprobs_backward", self.b_lin)
         hs, y = self.h[idx], self.y[idx]
