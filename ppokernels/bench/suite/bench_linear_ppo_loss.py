@@ -9,6 +9,8 @@ Providers:
   ``[N, V]``, but its backward recomputes the logits: 4 GEMMs.
 - ``ppokernels-<backend>``: ``ppokernels.linear_ppo_policy_loss``, the gradients made during the
   forward: 3 GEMMs and an fp32 ``[chunk, V]`` buffer.
+- ``ppokernels-cpp-chunk<R>`` (CPU): the same with ``chunk_size=R``: the time / memory trade-off of
+  the buffer (smaller chunks hold less, but the GEMMs run slower at small M).
 - ``liger-grpo`` when importable: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (the released class;
   beta = 0, its ``grpo`` loss type = the vanilla clip with a sequence-mean aggregation, torch
   chunks, compiled on the GPU), given the same inputs (one advantage per sequence).
@@ -34,11 +36,13 @@ SHAPES = {
 }
 TEMPERATURE = 0.7
 SEQ_LEN = 512
+CHUNK_SWEEP = (32, 64, 128)  # rows; the default is 128 MiB of fp32 logits (208 rows at V=151936)
 
 
 def providers(device):
     liger = peers.provider("liger-grpo", "liger-grpo")
-    return ["naive", "linear_logprobs", *ppokernels_providers(device), liger]
+    sweep = [f"ppokernels-cpp-chunk{r}" for r in CHUNK_SWEEP] if device == "cpu" else []
+    return ["naive", "linear_logprobs", *ppokernels_providers(device), *sweep, liger]
 
 
 @functools.cache
@@ -69,7 +73,8 @@ def _fn(provider, device):
     if provider == "liger-grpo":
         loss = _liger(device)
         return lambda h, w, y, old, adv, m: loss(h, w, y, m, adv, old_per_token_logps=old)[0]
-    backend = provider.removeprefix("ppokernels-")
+    backend, _, chunk = provider.removeprefix("ppokernels-").partition("-chunk")
+    loss_kw["chunk_size"] = int(chunk) if chunk else None
     return lambda h, w, y, old, adv, m: (
         ppokernels.linear_ppo_policy_loss(
             h, w, y, old, adv, m, temperature=TEMPERATURE, backend=backend, **loss_kw
