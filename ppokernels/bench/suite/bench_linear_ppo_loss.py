@@ -41,8 +41,10 @@ CHUNK_SWEEP = (32, 64, 128)  # rows; the default is 128 MiB of fp32 logits (208 
 
 def providers(device):
     liger = peers.provider("liger-grpo", "liger-grpo")
-    sweep = [f"ppokernels-cpp-chunk{r}" for r in CHUNK_SWEEP] if device == "cpu" else []
-    return ["naive", "linear_logprobs", *ppokernels_providers(device), *sweep, liger]
+    ours = ppokernels_providers(device)
+    cpu_cpp = device == "cpu" and "ppokernels-cpp" in ours
+    sweep = [f"ppokernels-cpp-chunk{r}" for r in CHUNK_SWEEP] if cpu_cpp else []
+    return ["naive", "linear_logprobs", *ours, *sweep, liger]
 
 
 @functools.cache
