@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cfloat>
 #include <cstring>
 #include <limits>
 
@@ -71,12 +72,74 @@ template <> struct Lanes<double> {
   static W load_partial(const double*, int64_t) { return -INFINITY; }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// ---------------------------------------------------------------- AVX-512: two passes per row
+// 2^t for t <= 0, -inf and NaN: t = floor(t) + f with f in [0, 1) by vreduceps, 2^f by a degree-6
+// polynomial (fitted to the relative error on [0, 1); truncation 2e-9, inside fp32
+// rounding), times 2^floor(t) by vscalefps (which floors its exponent and rounds underflow to 0).
+// vreduceps(-inf) = 0 and vscalefps(1, -inf) = 0, so -inf needs no clamp; NaN stays NaN.
+inline __m512 exp2_nonpositive(__m512 t) {
+  static constexpr float kC[7] = {1.000000000e+00f, 6.931470633e-01f, 2.402293086e-01f,
+                                  5.548528209e-02f, 9.675451554e-03f, 1.246784464e-03f,
+                                  2.161291923e-04f};
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(kC[6]);
+  for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kC[k]));
+  return _mm512_scalef_ps(p, t);
+}
+
+// The row's statistics in two passes: its max m (one vmaxps per vector), then
+// e_j = 2^((x_j - m) inv_t log2 e) summed over the row, which is in L2 by then (a 152k-column
+// fp32 row is 0.6 MiB). No per-block rescale and no clamp: about 10 vector operations per 16
+// columns against the online form's 17. Returned in the online form's units: m * inv_t,
+// s = sum e_j, u = sum e_j (z_j - max z) = ln 2 sum e_j t_j.
+template <bool kEntropy, typename scalar_t>
+SoftmaxStats<float> row_stats_two_pass(const scalar_t* x, int64_t V, float inv_t) {
+  using Ld = Lanes<scalar_t>;
+  constexpr int64_t L = kVecF;
+  const int64_t V4 = V / (4 * L) * (4 * L), V1 = V / L * L;
+  __m512 mx[4];
+  for (auto& v : mx) v = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j < V4; j += 4 * L)
+    for (int k = 0; k < 4; ++k) mx[k] = _mm512_max_ps(mx[k], __m512(Ld::load(x + j + k * L)));
+  for (; j < V1; j += L) mx[0] = _mm512_max_ps(mx[0], __m512(Ld::load(x + j)));
+  if (j < V) mx[1] = _mm512_max_ps(mx[1], __m512(Ld::load_partial(x + j, V - j)));
+  const float m = _mm512_reduce_max_ps(
+      _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
+  if (m == -INFINITY) return {-INFINITY, 0.f, 0.f};  // every column masked: p undefined, s = 0
+  const __m512 vm = _mm512_set1_ps(m);
+  const __m512 vc = _mm512_set1_ps(static_cast<float>(inv_t * 1.4426950408889634));
+  const __m512 lo = _mm512_set1_ps(-FLT_MAX);  // e * t of a -inf column: 0 * -FLT_MAX, not NaN
+  __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 u[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  auto add = [&](int a, __m512 xv) {
+    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(xv, vm), vc);  // exact shift, then one rounding
+    const __m512 e = exp2_nonpositive(t);
+    s[a] = _mm512_add_ps(s[a], e);
+    if constexpr (kEntropy) u[a] = _mm512_fmadd_ps(e, _mm512_max_ps(t, lo), u[a]);
+  };
+  for (j = 0; j + 2 * L <= V; j += 2 * L) {
+    add(0, __m512(Ld::load(x + j)));
+    add(1, __m512(Ld::load(x + j + L)));
+  }
+  for (; j < V1; j += L) add(0, __m512(Ld::load(x + j)));
+  if (j < V) add(1, __m512(Ld::load_partial(x + j, V - j)));  // -inf lanes add 0
+  const float su = _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1]));
+  const float uu = kEntropy ? _mm512_reduce_add_ps(_mm512_add_ps(u[0], u[1])) : 0.f;
+  return {m * inv_t, su, uu * 0.6931471805599453f};
+}
+#endif
+
 // Softmax statistics of one row of V columns, z = x * inv_t: per-lane online stats over blocks
 // of kBlock vectors, then the lanes merged in a fixed order.
 template <bool kEntropy, typename scalar_t, typename acc_t>
 SoftmaxStats<acc_t> row_stats(const scalar_t* x, int64_t V, acc_t inv_t) {
   using Ld = Lanes<scalar_t>;
   using W = typename Ld::W;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<W, VecF>) return row_stats_two_pass<kEntropy>(x, V, inv_t);
+#endif
   constexpr int64_t L = Ld::L;
   constexpr int64_t B = kBlock * L;
   SoftmaxStats<W> st{W(-INFINITY), W(0), W(0)};
