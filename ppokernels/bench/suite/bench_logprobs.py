@@ -1,9 +1,11 @@
 """token_logprobs (log-prob of the label + entropy from [N, V] logits): ppokernels vs plain PyTorch
 and the trainers' own functions.
 
-Providers: ``reference`` (log_softmax + gather, ppokernels.reference), ``reference-compiled``
-(the same under torch.compile), each built ppokernels backend (and its in-place backward), and,
-when importable (``ppokernels.bench.peers``), the trainers' released functions: ``trl``
+Providers: ``read-pass`` (forward modes only: ``logits.sum(-1)``, one read of the logits, the
+bound of any forward), ``reference`` (log_softmax + gather, ppokernels.reference),
+``reference-compiled`` (the same under torch.compile), each built ppokernels backend (and its
+in-place backward), and, when importable (``ppokernels.bench.peers``), the trainers' released
+functions: ``trl``
 (``trl.trainer.utils.selective_log_softmax`` + ``entropy_from_logits``), ``verl``
 (``verl.utils.torch_functional.logprobs_from_logits`` + ``entropy_from_logits``) and ``openrlhf``
 (``openrlhf.models.utils.log_probs_from_logits``; OpenRLHF has no entropy function of its own
@@ -29,7 +31,7 @@ SHAPES = {
     "cpu": [(1024, 151936), (4096, 151936)],
     "llm": [(8192, 128256), (8192, 151936)],
 }
-MODES = ["forward", "forward+backward", "forward+backward+entropy"]
+MODES = ["forward", "forward+entropy", "forward+backward", "forward+backward+entropy"]
 
 
 # provider -> (log-prob peer, entropy peer or None)
@@ -44,10 +46,12 @@ def providers(device):
     kernels = ppokernels_providers(device)
     inplace = [f"{k}-inplace" for k in kernels]  # the backward overwrites the logits
     peer_params = [peers.provider(name, *filter(None, fns)) for name, fns in PEER_FNS.items()]
-    return ["reference", "reference-compiled", *peer_params, *kernels, *inplace]
+    return ["read-pass", "reference", "reference-compiled", *peer_params, *kernels, *inplace]
 
 
 def _fn(provider, with_entropy):
+    if provider == "read-pass":
+        return lambda x, y: (x.sum(-1), None)
     if provider == "reference":
         return lambda x, y: reference.token_logprobs(x, y, with_entropy=with_entropy)
     if provider == "reference-compiled":
@@ -69,7 +73,9 @@ def _fn(provider, with_entropy):
 @pytest.mark.parametrize("mode", MODES)
 def test_token_logprobs(benchmark, shape, provider, device, mode):
     n, V = shape
-    backward = mode != "forward"
+    backward = "backward" in mode
+    if provider == "read-pass" and backward:
+        pytest.skip("read-pass: the bound of a forward only")
     if provider.endswith("-inplace") and not backward:
         pytest.skip("in-place changes only the backward")
     if device == "cpu" and backward and n * V > 2**28 and not benchmark.disabled:
