@@ -1,5 +1,6 @@
 // CPU kernels of the logprobs family: per-token log-probs (and entropy) from logits, and the
-// gradient with respect to the logits. One pass over each row in both directions; rows are
+// gradient with respect to the logits. One pass over each row in both directions (the forward on
+// AVX-512 in two: the max, then the sums, the row still in L2; see row_stats_two_pass); rows are
 // spread over threads with at::parallel_for, columns over SIMD lanes (fp32 math for fp32, bf16
 // and fp16 logits; fp64 for fp64). Each row is computed the same way wherever it sits in the
 // batch, so its results are bitwise independent of the batch size.
