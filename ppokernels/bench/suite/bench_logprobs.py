@@ -5,8 +5,7 @@ Providers: ``read-pass`` (forward modes only: ``logits.sum(-1)``, one read of th
 bound of any forward), ``reference`` (log_softmax + gather, ppokernels.reference),
 ``reference-compiled`` (the same under torch.compile), each built ppokernels backend (and its
 in-place backward), and, when importable (``ppokernels.bench.peers``), the trainers' released
-functions: ``trl``
-(``trl.trainer.utils.selective_log_softmax`` + ``entropy_from_logits``), ``verl``
+functions: ``trl`` (``trl.trainer.utils.selective_log_softmax`` + ``entropy_from_logits``), ``verl``
 (``verl.utils.torch_functional.logprobs_from_logits`` + ``entropy_from_logits``) and ``openrlhf``
 (``openrlhf.models.utils.log_probs_from_logits``; OpenRLHF has no entropy function of its own
 beside a compiled formula, so its entropy modes are skipped). Logits are fp32 on the CPU, bf16 on
