@@ -70,7 +70,8 @@ using VecF = at::vec::Vectorized<float>;
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
 
 // at::parallel_for over items [0, n) of `work_per_item` element-operations each (a row of T
-// tokens: T; one element: 1): at most n * work_per_item / kMinWorkPerThread threads.
+// tokens: T; one element: 1; a costlier step counts as several, e.g. gae's scan step or a KL
+// estimator's exp: 4): at most n * work_per_item / kMinWorkPerThread threads.
 template <typename F>
 void parallel_for_work(int64_t n, int64_t work_per_item, const F& f) {
   const int64_t grain = kMinWorkPerThread / std::max<int64_t>(work_per_item, 1);
