@@ -13,15 +13,15 @@ namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
 // y[i] = f(a[i], b[i], c[i]) over [begin, end), c may be null (read as 0): SIMD for float
-// inputs, scalar otherwise. `f` is generic over the element type (float, double or VecF).
+// inputs, scalar otherwise. `f` is generic over the element type (float, double or SimdF).
 template <typename scalar_t, typename acc_t, typename out_t, typename F>
 void map3(const scalar_t* a, const scalar_t* b, const acc_t* c, out_t* y, int64_t begin,
           int64_t end, F f) {
   int64_t i = begin;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<out_t, float>) {
     for (; i + kVecF <= end; i += kVecF) {
-      const VecF cv = c ? vload<VecF>(c + i) : VecF(0.f);
-      vstore(y + i, f(vload<VecF>(a + i), vload<VecF>(b + i), cv));
+      const SimdF cv = c ? vload<SimdF>(c + i) : SimdF(0.f);
+      vstore(y + i, f(vload<SimdF>(a + i), vload<SimdF>(b + i), cv));
     }
   }
   for (; i < end; ++i) {

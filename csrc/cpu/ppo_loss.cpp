@@ -68,9 +68,9 @@ void row_pass(const PolicyRow<scalar_t>& row, int64_t width,
         policy_row_terms(p.mode, p.has_w, lr, row.template advantage<V>(t),
                          row.template weight<V>(t), p.clip_low, p.clip_high, &s0, &s1, &s2);
         const auto on = valid > V(0);
-        acc[0] = acc[0] + vselect(on, s0, V(0));
-        acc[1] = acc[1] + vselect(on, s1, V(0));
-        acc[2] = acc[2] + vselect(on, s2, V(0));
+        acc[0] = vadd_where(on, acc[0], s0);
+        acc[1] = vadd_where(on, acc[1], s1);
+        acc[2] = vadd_where(on, acc[2], s2);
         acc[3] = acc[3] + valid;
       },
       s);
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
                                                   &kl, &clipped, &dual, &neg_lr);
               const V ent = row.ent ? vload<V>(row.ent + t) : V(0);
               const V vals[kPolicyK] = {V(1), loss, kl, ent, clipped, neg_lr, dual};
-              for (int k = 0; k < kPolicyK; ++k) acc_k[k] = acc_k[k] + vselect(valid, vals[k], V(0));
+              for (int k = 0; k < kPolicyK; ++k) acc_k[k] = vadd_where(valid, acc_k[k], vals[k]);
             },
             part.data() + b * kPolicyK);
         part[b * kPolicyK + kPLoss] += rv[2];  // geo_mean's per-row loss (0 otherwise)

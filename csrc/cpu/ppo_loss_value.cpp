@@ -60,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
               const auto valid = vload_mask<V>(row.m + t) > V(0);
               V d, clipped;
               const V loss = row.token(t, eps, &d, &clipped);
-              acc_k[0] = acc_k[0] + vselect(valid, V(1), V(0));
-              acc_k[1] = acc_k[1] + vselect(valid, loss, V(0));
-              acc_k[2] = acc_k[2] + vselect(valid, clipped, V(0));
+              acc_k[0] = vadd_where(valid, acc_k[0], V(1));
+              acc_k[1] = vadd_where(valid, acc_k[1], loss);
+              acc_k[2] = vadd_where(valid, acc_k[2], clipped);
             },
             part.data() + 3 * b);
       }

@@ -170,10 +170,17 @@ def run_mode(benchmark, fn, args, mode: str, *, group: str, grad=None, **kw):
     """Times ``fn(*args)`` and, unless ``mode == "forward"``, its backward (with upstream ``grad``;
     None for a scalar loss), as pytest-benchmark group ``group``; ``kw`` go to :func:`run`."""
 
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
     def step():
         out = fn(*args)
         if mode != "forward":
             out.backward(grad)
+            # the gradient is handed on, as to the layer below in training (bench_logprobs does
+            # the same); summing it into a kept .grad would add a read-modify-write pass over the
+            # input, the same for every provider, that a training step does not have
+            for a in leaves:
+                a.grad = None
         return out
 
     benchmark.group = group

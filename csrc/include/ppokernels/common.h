@@ -44,6 +44,12 @@ struct VecOps {
   // NaN-propagating, as torch.minimum / torch.maximum / torch.clamp.
   static PPK_HOST_DEVICE T min(T a, T b) { return (a < b || a != a) ? a : b; }
   static PPK_HOST_DEVICE T max(T a, T b) { return (a > b || a != a) ? a : b; }
+  // min(max(x, lo), hi) for bounds that are not NaN: NaN in x propagates and lo > hi gives hi,
+  // as torch.clamp.
+  static PPK_HOST_DEVICE T clamp(T x, T lo, T hi) {
+    const T m = x < lo ? lo : x;
+    return m > hi ? hi : m;
+  }
 };
 
 template <typename T> PPK_HOST_DEVICE T vabs(T x) { return VecOps<T>::abs(x); }
@@ -55,6 +61,7 @@ template <typename C, typename T> PPK_HOST_DEVICE T vselect(C c, T a, T b) {
 }
 template <typename T> PPK_HOST_DEVICE T vmin(T a, T b) { return VecOps<T>::min(a, b); }
 template <typename T> PPK_HOST_DEVICE T vmax(T a, T b) { return VecOps<T>::max(a, b); }
+template <typename T> PPK_HOST_DEVICE T vclamp(T x, T lo, T hi) { return VecOps<T>::clamp(x, lo, hi); }
 
 // ---------------------------------------------------------------- the exp(y) - 1 series
 // exp(y) - 1 cancels near y = 0 (and exp(-x) - 1 + x, the k3 KL estimator, cancels twice), so

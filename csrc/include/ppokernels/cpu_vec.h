@@ -18,6 +18,9 @@
 #include <type_traits>
 
 #include "ppokernels/common.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "ppokernels/cpu_vec512.h"  // Vec16, exp16
+#endif
 
 namespace ppokernels {
 
@@ -25,26 +28,12 @@ template <>
 struct VecOps<at::vec::Vectorized<float>> {
   using VecF = at::vec::Vectorized<float>;
   static VecF abs(VecF x) { return x.abs(); }
-  // AVX-512: exp(x) = 2^n e^r with n = round(x log2 e) and r = x - n ln 2 (Cody-Waite: ln 2 in
-  // two parts, fused multiply-adds, so r is exact to ~1 ulp for any n), |r| <= ln(2)/2, e^r by
-  // its degree-7 Taylor polynomial (truncation below 5.6e-9), scaled by 2^n with vscalefps, which
-  // gives inf on overflow and 0 or a subnormal on underflow without range checks. x is clamped to
-  // [-160, 160] first, so +-inf give inf / 0 and NaN stays NaN (max/min return their second
-  // operand for NaN). Inline and about half the instructions of ATen's exp_u20, an out-of-line
-  // call. Other levels: ATen's exp_u20 (max error ~2 ulp, several times faster than SLEEF's u10).
+  // AVX-512: exp16 (cpu_vec512.h), inline and about half the instructions of ATen's exp_u20, an
+  // out-of-line call. Other levels: ATen's exp_u20 (max error ~2 ulp, several times faster than
+  // SLEEF's u10).
   static inline __attribute__((always_inline)) VecF exp(VecF x) {
 #if defined(CPU_CAPABILITY_AVX512)
-    static constexpr float kC[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720,
-                                    1.f / 5040};  // 1 / k!
-    __m512 xc = _mm512_max_ps(_mm512_set1_ps(-160.f), __m512(x));
-    xc = _mm512_min_ps(_mm512_set1_ps(160.f), xc);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.442695041f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);  // ln 2, high bits
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094172e-06f), r);      // and the rest
-    __m512 p = _mm512_set1_ps(kC[7]);
-    for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kC[k]));
-    return VecF(_mm512_scalef_ps(p, n));
+    return VecF(CPU_CAPABILITY::exp16(__m512(x)));
 #else
     return x.exp_u20();
 #endif
@@ -54,6 +43,9 @@ struct VecOps<at::vec::Vectorized<float>> {
   static VecF select(VecF mask, VecF a, VecF b) { return VecF::blendv(b, a, mask); }
   static VecF min(VecF a, VecF b) { return at::vec::minimum(a, b); }
   static VecF max(VecF a, VecF b) { return at::vec::maximum(a, b); }
+  // Two operations (max, then min, x last so that its NaN passes through): maximum / minimum
+  // check both operands for NaN, four operations each.
+  static VecF clamp(VecF x, VecF lo, VecF hi) { return at::vec::clamp(x, lo, hi); }
 };
 
 namespace CPU_CAPABILITY {
@@ -83,11 +75,23 @@ void parallel_for_work(int64_t n, int64_t work_per_item, const F& f) {
 // the tails and the fp64 path), so one loop body serves both.
 constexpr int64_t kVecF = VecF::size();
 
+// The vector type of the masked token loops (row_accumulate, row_map), which run the generic
+// per-token math of <stem>.h: Vec16 at the AVX512 level (comparisons in mask registers,
+// cpu_vec512.h), ATen's Vectorized<float> elsewhere. Same lane count as VecF.
+#if defined(CPU_CAPABILITY_AVX512)
+using SimdF = Vec16;
+#else
+using SimdF = VecF;
+#endif
+static_assert(SimdF::size() == kVecF, "the loops' vector type has VecF's lanes");
+
 // v = p[0 .. width(V)), converted to float lanes (fp32, bf16, fp16) or to the scalar V.
 template <typename V, typename scalar_t>
 inline V vload(const scalar_t* p) {
-  if constexpr (!std::is_same_v<V, VecF>) {
+  if constexpr (!std::is_same_v<V, VecF> && !std::is_same_v<V, SimdF>) {
     return V(*p);
+  } else if constexpr (!std::is_same_v<V, VecF>) {  // SimdF, a distinct type (AVX512)
+    return SimdF(__m512(vload<VecF>(p)));
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     return VecF::loadu(p);
   } else {
@@ -110,6 +114,9 @@ template <typename V, typename scalar_t>
 inline void vstore(scalar_t* p, V v) {
   if constexpr (std::is_same_v<V, VecF>) {
     v.store(p);
+  } else if constexpr (std::is_same_v<V, SimdF>) {  // distinct from VecF (AVX512); fp32 data
+    static_assert(std::is_same_v<scalar_t, float>, "the SIMD token loops run on fp32 only");
+    VecF(v.v).store(p);
   } else {
     *p = static_cast<scalar_t>(v);
   }
@@ -118,8 +125,10 @@ inline void vstore(scalar_t* p, V v) {
 // A bool mask as 1 (set) or 0 values of V: kVecF bytes for VecF (bool bytes are 0 or 1).
 template <typename V = VecF>
 inline V vload_mask(const bool* p) {
-  if constexpr (!std::is_same_v<V, VecF>) {
+  if constexpr (!std::is_same_v<V, VecF> && !std::is_same_v<V, SimdF>) {
     return V(*p ? 1 : 0);
+  } else if constexpr (!std::is_same_v<V, VecF>) {  // SimdF, a distinct type (AVX512)
+    return SimdF(__m512(vload_mask<VecF>(p)));
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -134,6 +143,18 @@ inline V vload_mask(const bool* p) {
 #endif
   }
 }
+
+// acc + (c ? x : 0) lane-wise, the accumulation of the masked token loops: one masked add with
+// Vec16 (the blend with zero and the add are two operations otherwise).
+template <typename C, typename V>
+inline V vadd_where(C c, V acc, V x) {
+  return acc + vselect(c, x, V(0));
+}
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec16 vadd_where(Mask16 c, Vec16 acc, Vec16 x) {
+  return Vec16(_mm512_mask_add_ps(acc.v, c.k, acc.v, x.v));
+}
+#endif
 
 // True when the kVecF mask bytes at p are all 0 (a chunk of padding: skipped outright).
 inline bool mask_chunk_empty(const bool* p) {
@@ -154,6 +175,9 @@ inline float hsum(const VecF& v) {
   for (int64_t k = 0; k < kVecF; ++k) s += lanes[k];
   return s;
 }
+#if defined(CPU_CAPABILITY_AVX512)
+inline float hsum(const Vec16& v) { return hsum(VecF(v.v)); }
+#endif
 inline float hmax(const VecF& v, float init) {
   alignas(64) float lanes[kVecF];
   v.store(lanes);
@@ -177,10 +201,10 @@ void row_accumulate(int64_t width, const bool* m, F f, double* out) {
   int64_t t = 0;
   for (int k = 0; k < K; ++k) out[k] = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    VecF acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = VecF(0.f);
+    SimdF acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = SimdF(0.f);
     for (; t + kVecF <= width; t += kVecF) {
-      if (!mask_chunk_empty(m + t)) f(VecF(0.f), t, acc);
+      if (!mask_chunk_empty(m + t)) f(SimdF(0.f), t, acc);
     }
     for (int k = 0; k < K; ++k) out[k] = hsum(acc[k]);
   }
@@ -206,7 +230,7 @@ void row_map(int64_t width, const bool* m, bool active, F f, Z z) {
       if (mask_chunk_empty(m + t)) {
         z(t, kVecF);
       } else {
-        f(VecF(0.f), t);
+        f(SimdF(0.f), t);
       }
     }
   }

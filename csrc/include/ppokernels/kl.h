@@ -34,7 +34,7 @@ PPK_HOST_DEVICE T kl_value(T x, KLEstimator est) {
 template <typename T, typename S>
 PPK_HOST_DEVICE T kl_value(T x, KLEstimator est, S clamp) {
   T k = kl_value(x, est);
-  if (clamp > S(0)) k = vmin(vmax(k, T(-clamp)), T(clamp));
+  if (clamp > S(0)) k = vclamp(k, T(-clamp), T(clamp));
   return k;
 }
 

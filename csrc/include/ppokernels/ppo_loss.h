@@ -60,7 +60,7 @@ PPK_HOST_DEVICE T as_flag(C c) {
 // clamp(x, -c, c); c <= 0 means no clamp.
 template <typename T, typename S>
 PPK_HOST_DEVICE T clamp_logratio(T x, S c) {
-  return c > S(0) ? vmin(vmax(x, T(-c)), T(c)) : x;
+  return c > S(0) ? vclamp(x, T(-c), T(c)) : x;
 }
 
 // d clamp_logratio / dx: 1 inside [-c, c] (the boundary passes, as torch.clamp), else 0.
@@ -77,7 +77,7 @@ PPK_HOST_DEVICE T policy_surrogate(T ratio, T adv, S clip_low, S clip_high, S du
                                    T* clipped, T* dual_active) {
   const T neg_adv = T(0) - adv;
   const T l1 = neg_adv * ratio;
-  const T l2 = neg_adv * vmin(vmax(ratio, T(S(1) - clip_low)), T(S(1) + clip_high));
+  const T l2 = neg_adv * vclamp(ratio, T(S(1) - clip_low), T(S(1) + clip_high));
   const auto is_clipped = l2 > l1;
   T loss = vmax(l1, l2);
   T d = vselect(is_clipped, T(0), neg_adv);
@@ -144,7 +144,7 @@ PPK_HOST_DEVICE T policy_token_forward(const PolicyParams<S>& p, T lp, T old, T 
       return T(0) - w * (sig * T(4) / tau) * adv;
     }
     case PolicyMode::kCispo: {
-      const T c = vmin(vmax(r, T(p.mp[0])), T(p.mp[1]));
+      const T c = vclamp(r, T(p.mp[0]), T(p.mp[1]));
       *clipped = vselect(r != c, T(1), T(0));
       *dual = vselect((r > T(p.mp[1])) & (adv > T(0)), T(1), T(0));
       return T(0) - w * c * adv * lp;
@@ -201,7 +201,7 @@ PPK_HOST_DEVICE T policy_token_backward(const PolicyParams<S>& p, T lp, T old, T
       const T sig = T(1) / (T(1) + vexp(T(0) - tau * (r - T(1))));
       return T(0) - w * adv * T(4) * sig * (T(1) - sig) * r * cg;
     }
-    case PolicyMode::kCispo: return T(0) - w * vmin(vmax(r, T(p.mp[0])), T(p.mp[1])) * adv;
+    case PolicyMode::kCispo: return T(0) - w * vclamp(r, T(p.mp[0]), T(p.mp[1])) * adv;
     case PolicyMode::kGpg: return T(0) - w * adv;
     case PolicyMode::kGeoMean:
       geo_logratio(lr, adv, p.clip_low, p.clip_high, &d);

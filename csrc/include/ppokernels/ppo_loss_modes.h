@@ -109,7 +109,7 @@ PPK_HOST_DEVICE void policy_row_terms(PolicyMode mode, bool has_w, T lr, T adv, 
     return;
   }
   *s0 = lr;
-  if (mode == PolicyMode::kVespo && has_w) *s1 = vmin(vmax(vlog(w), T(kLog1em8)), T(20));
+  if (mode == PolicyMode::kVespo && has_w) *s1 = vclamp(vlog(w), T(kLog1em8), T(20));
 }
 
 // Row values from the first pass's sums (s0, s1, s2) over n valid tokens: ra, rb (saved for the

@@ -9,7 +9,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.bench._common import ppokernels_providers, run
+from ppokernels.bench._common import ppokernels_providers, run_mode
 
 SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048), (256, 4096)], "llm": [(256, 4096), (1024, 8192)]}
 
@@ -32,20 +32,7 @@ def test_kl_penalty(benchmark, shape, provider, device, mode):
     lp = torch.randn(shape, device=device, requires_grad=mode != "forward")
     ref = torch.randn(shape, device=device)
     grad = torch.randn(shape, device=device)
-    fn = _fn(provider)
-
-    def step():
-        out = fn(lp, ref)
-        if mode != "forward":
-            out.backward(grad)
-        return out
-
-    benchmark.group = f"kl_penalty {mode} {shape}"
     n = lp.numel()
-    run(
-        benchmark,
-        step,
-        device=device,
-        provider=provider,
-        bytes_moved=n * 4 * (3 if mode == "forward" else 7),
-    )
+    run_mode(benchmark, _fn(provider), (lp, ref), mode, grad=grad,
+             group=f"kl_penalty {mode} {shape}", device=device, provider=provider,
+             bytes_moved=n * 4 * (3 if mode == "forward" else 7))  # fmt: skip
