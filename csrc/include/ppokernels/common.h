@@ -61,7 +61,9 @@ template <typename C, typename T> PPK_HOST_DEVICE T vselect(C c, T a, T b) {
 }
 template <typename T> PPK_HOST_DEVICE T vmin(T a, T b) { return VecOps<T>::min(a, b); }
 template <typename T> PPK_HOST_DEVICE T vmax(T a, T b) { return VecOps<T>::max(a, b); }
-template <typename T> PPK_HOST_DEVICE T vclamp(T x, T lo, T hi) { return VecOps<T>::clamp(x, lo, hi); }
+template <typename T> PPK_HOST_DEVICE T vclamp(T x, T lo, T hi) {
+  return VecOps<T>::clamp(x, lo, hi);
+}
 
 // ---------------------------------------------------------------- the exp(y) - 1 series
 // exp(y) - 1 cancels near y = 0 (and exp(-x) - 1 + x, the k3 KL estimator, cancels twice), so
