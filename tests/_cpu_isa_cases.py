@@ -48,6 +48,11 @@ def inputs() -> dict[str, torch.Tensor]:
         "labels": labels,
         "hidden": randn(B * 8, H),
         "weight": randn(V, H, scale=0.3),
+        # gae's SIMD scan takes 8 or 16 rows per step and skews its tiles when a row is a
+        # multiple of 1 KiB: 19 rows of 256 steps run a full group, a partial one and the skew
+        "rewards_256": randn(19, 256),
+        "values_256": randn(19, 256),
+        "mask_256": torch.rand(19, 256, generator=g) < 0.8,
     }
 
 
@@ -77,6 +82,12 @@ CASES = {
         ["rewards", "values"],
         lambda x, b: ppokernels.gae(
             x["rewards"], x["values"], x["mask"], gamma=0.9, lam=0.8, mode="zero", backend=b
+        ),
+    ),
+    "gae_skewed_tiles": (
+        ["rewards_256", "values_256"],
+        lambda x, b: ppokernels.gae(
+            x["rewards_256"], x["values_256"], x["mask_256"], gamma=0.99, lam=0.95, backend=b
         ),
     ),
     "returns": (

@@ -74,7 +74,9 @@ def test_matches_trainer_loops(device, backend, mode, kind):
     torch.testing.assert_close(ret.cpu(), e_ret, **TOL[torch.float64])
 
 
-SHAPES = [(1, 1), (3, 7), (4, 130), (2, 1500)]
+# (37, 512): two full groups of 16 SIMD rows and a partial one on the CPU, rows a multiple of
+# 1 KiB (the skewed tiles of cpu_tile.h); (20, 300): unskewed, a partial last tile
+SHAPES = [(1, 1), (3, 7), (4, 130), (2, 1500), (37, 512), (20, 300)]
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -105,8 +107,9 @@ def test_forward_backward(device, backend, mode, shape, dtype):
 
 @pytest.mark.parametrize("device, backend", PARAMS)
 @pytest.mark.parametrize("mode", MODES)
-def test_discounted_returns(device, backend, mode):
-    r, _, m = _inputs(4, 300, torch.float64, device)
+@pytest.mark.parametrize("shape", [(4, 300), (18, 256)], ids=str)
+def test_discounted_returns(device, backend, mode, shape):
+    r, _, m = _inputs(*shape, torch.float64, device)
     r.requires_grad_(True)
     out = ppokernels.discounted_returns(r, m, gamma=0.9, mode=mode, backend=backend)
     r64 = r.detach().clone().requires_grad_()
@@ -159,12 +162,21 @@ def test_long_rows(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
-def test_low_precision_inputs(device, backend):
-    r, v, m = _inputs(3, 50, torch.bfloat16, device)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 50), (17, 256)], ids=str)
+def test_low_precision_inputs(device, backend, dtype, shape):
+    r, v, m = _inputs(*shape, dtype, device)
+    r.requires_grad_(True)
     adv, ret = ppokernels.gae(r, v, m, gamma=0.99, lam=0.95, backend=backend)
-    e_adv, _ = reference.gae(r.double(), v.double(), m, gamma=0.99, lam=0.95)
+    r64 = r.detach().double().requires_grad_()
+    e_adv, e_ret = reference.gae(r64, v.double(), m, gamma=0.99, lam=0.95)
     assert adv.dtype == torch.float32  # fp32 scan whatever the input dtype
     torch.testing.assert_close(adv.double(), e_adv, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(e_adv)
+    (dr,) = torch.autograd.grad((adv, ret), (r,), (g.float(), g.float()))
+    (e_dr,) = torch.autograd.grad((e_adv, e_ret), (r64,), (g, g))
+    assert dr.dtype == dtype  # the gradient in the input's dtype, rounded once
+    torch.testing.assert_close(dr.double(), e_dr.to(dtype).double(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)

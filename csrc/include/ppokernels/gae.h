@@ -9,6 +9,9 @@
 // with m = 0 "skip" leaves (nv, a) unchanged while "zero" runs through a zero-reward zero-value step.
 // advantages_t = a after position t. Discounted returns are the same scan with V = 0, lam = 1.
 //
+// Written over A = float, double or a SIMD vector of floats (one row per lane on the CPU), with
+// vselect for the choices (common.h).
+//
 // Maps compose associatively, which gives a parallel (chunked) scan on GPUs, and the backward is the
 // transposed scan forward in time: with lambda = dL/dx,
 //     lambda_t = M_{t-1}^T lambda_{t-1} + (0, g_t),   g_t = upstream gradient of advantages_t,
@@ -65,8 +68,8 @@ template <typename A>
 PPK_HOST_DEVICE Affine<A> gae_step(A m, A r, A v, A gamma, A lam, MaskMode mode) {
   A p, q, d;
   gae_coeffs(m, gamma, lam, mode, p, q, d);
-  const bool valid = m != A(0);
-  return {p, q, d, valid ? v : A(0), valid ? r - v : A(0)};
+  const auto valid = m != A(0);
+  return {p, q, d, vselect(valid, v, A(0)), vselect(valid, r - v, A(0))};
 }
 
 // Adjoint map into position t (forward-time scan), built from position t-1's mask (m_prev) and the
@@ -82,7 +85,7 @@ PPK_HOST_DEVICE Affine<A> gae_adjoint_step(A m_prev, A g, A gamma, A lam, MaskMo
 // returns_t = advantages_t + (V_t in skip mode, m_t V_t in zero mode).
 template <typename A>
 PPK_HOST_DEVICE A gae_return(A adv, A m, A v, MaskMode mode) {
-  return adv + ((mode == MaskMode::kSkip || m != A(0)) ? v : A(0));
+  return adv + (mode == MaskMode::kSkip ? v : vselect(m != A(0), v, A(0)));
 }
 
 // Gradients at position t from the adjoint state (la = lambda_a, lnv = lambda_nv) and the upstream
