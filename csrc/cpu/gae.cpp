@@ -104,7 +104,12 @@ void for_each_group(GaeRows rows, const F& f) {
   });
 }
 
-// ---------------------------------------------------------------- fp64: scalar
+// The SIMD groups need one full group: with fewer rows the lanes would mostly idle on one thread,
+// while the scalar scan below splits the rows across threads (8 x 32768 forward + backward on the
+// Zen 5: 1.4 ms scalar on 2 threads, 2.3 ms in one half-empty group).
+inline bool use_simd_groups(GaeRows rows) { return rows.n >= kVecF; }
+
+// ---------------------------------------------------------------- fp64 and few rows: scalar
 // Reverse scan of R rows [b, b + R) at once: the recursion of one row is a chain of dependent
 // multiply-adds, so interleaving independent rows keeps the FMA units busy (about 3x faster
 // than one row at a time).
@@ -130,13 +135,15 @@ template <typename scalar_t, typename A>
 void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
                   A* returns, GaeRows rows, A gamma, A lam, MaskMode mode) {
   if constexpr (std::is_same_v<A, float>) {
-    for_each_group(rows, [&](auto kMode, int64_t b, int64_t n) {
-      const int64_t o = b * rows.len;
-      scan_group<kMode.value>(rewards + o, values ? values + o : nullptr, mask + o,
-                              advantages + o, returns ? returns + o : nullptr, n, rows.len,
-                              gamma, lam);
-    });
-    return;
+    if (use_simd_groups(rows)) {
+      for_each_group(rows, [&](auto kMode, int64_t b, int64_t n) {
+        const int64_t o = b * rows.len;
+        scan_group<kMode.value>(rewards + o, values ? values + o : nullptr, mask + o,
+                                advantages + o, returns ? returns + o : nullptr, n, rows.len,
+                                gamma, lam);
+      });
+      return;
+    }
   }
   constexpr int64_t kRows = 4;
   const int64_t blocks = (rows.n + kRows - 1) / kRows;
@@ -159,13 +166,15 @@ template <typename scalar_t, typename A>
 void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* grad_rewards,
                    scalar_t* grad_values, GaeRows rows, A gamma, A lam, MaskMode mode) {
   if constexpr (std::is_same_v<A, float>) {
-    for_each_group(rows, [&](auto kMode, int64_t b, int64_t n) {
-      const int64_t o = b * rows.len;
-      adjoint_group<kMode.value>(g_adv ? g_adv + o : nullptr, g_ret + o, mask + o,
-                                 grad_rewards + o, grad_values ? grad_values + o : nullptr, n,
-                                 rows.len, gamma, lam);
-    });
-    return;
+    if (use_simd_groups(rows)) {
+      for_each_group(rows, [&](auto kMode, int64_t b, int64_t n) {
+        const int64_t o = b * rows.len;
+        adjoint_group<kMode.value>(g_adv ? g_adv + o : nullptr, g_ret + o, mask + o,
+                                   grad_rewards + o, grad_values ? grad_values + o : nullptr, n,
+                                   rows.len, gamma, lam);
+      });
+      return;
+    }
   }
   parallel_for_work(rows.n, kScanCost * rows.len, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
