@@ -27,6 +27,9 @@ constexpr int64_t kScanCost = 4;
 // the arithmetic of each row is that of the scalar scan below, step for step, so a row's result
 // does not depend on its neighbours or the thread count. Lanes past `rows` run on zeros.
 
+// How many tiles ahead the scans ask for their input lines (cpu_tile.h prefetch_tile).
+constexpr int64_t kPrefetchTiles = 4;
+
 // Reverse scan (forward pass). `values` null: discounted returns; `returns` may be null. Tile
 // i ends kVecF i steps before the end of row 0 (rows further down lag by `skew`); a lane before
 // its row's end runs on zeros with m = 0, which leave its zero state unchanged, and one past its
@@ -41,6 +44,10 @@ void scan_group(const scalar_t* rewards, const scalar_t* values, const bool* mas
   const int64_t tiles = (len + kVecF - 1) / kVecF + (skew ? rows - 1 : 0);
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t t0 = len - kVecF * (i + 1);
+    const int64_t ahead = t0 - kPrefetchTiles * kVecF;
+    prefetch_tile(rewards, len, rows, ahead, skew, len);
+    prefetch_tile(values, len, rows, ahead, skew, len);
+    prefetch_tile(mask, len, rows, ahead, skew, len);
     SimdF r[kVecF], v[kVecF], m[kVecF];
     load_tile(rewards, len, rows, t0, skew, len, r);
     if (values) load_tile(values, len, rows, t0, skew, len, v);
@@ -69,6 +76,10 @@ void adjoint_group(const float* g_adv, const float* g_ret, const bool* mask,
   const int64_t tiles = (len + kVecF - 1) / kVecF + (skew ? rows - 1 : 0);
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t t0 = kVecF * i;
+    const int64_t ahead = t0 + kPrefetchTiles * kVecF;
+    prefetch_tile(g_ret, len, rows, ahead, -skew, len);
+    prefetch_tile(g_adv, len, rows, ahead, -skew, len);
+    prefetch_tile(mask, len, rows, ahead, -skew, len);
     SimdF ga[kVecF], gr[kVecF], m[kVecF];
     load_tile(g_ret, len, rows, t0, -skew, len, gr);
     if (g_adv) load_tile(g_adv, len, rows, t0, -skew, len, ga);

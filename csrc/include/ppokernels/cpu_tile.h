@@ -72,8 +72,8 @@ PPK_TILE_INLINE void transpose_tile(SimdF* x) {
 // row, clipped to [0, len). A skew dk = +-kVecF puts each row one tile behind the previous one:
 // when a row is a multiple of 1 KiB long, the same column of kVecF rows falls in one L1 set (and
 // aliases modulo 4 KiB), so an unskewed tile's 2 x kVecF output lines thrash that set (gae's
-// scan at T = 1024 and 2048: 1.3 ns per token, 0.8 with the skew). f(k, tk, lo, hi) gets the
-// row's first column tk and its valid tile columns [lo, hi) (empty for rows >= rows).
+// scan took markedly longer per token at T = 1024 and 2048 than at T = 1040). f(k, tk, lo, hi)
+// gets the row's first column tk and its valid tile columns [lo, hi) (empty for rows >= rows).
 template <typename F>
 PPK_TILE_INLINE void for_tile_rows(int64_t rows, int64_t t0, int64_t dk, int64_t len, const F& f) {
   for (int64_t k = 0; k < kVecF; ++k) {
@@ -132,6 +132,20 @@ PPK_TILE_INLINE void store_tile(SimdF* x, scalar_t* p, int64_t stride, int64_t r
     vstore(buf, x[k]);
     for (int64_t c = lo; c < hi; ++c) row[c] = static_cast<scalar_t>(buf[c]);
   });
+}
+
+// Asks for the first line of each row's tile (for_tile_rows' columns; none outside [0, len)):
+// called for a tile a few ahead of the one loaded. The scans read kVecF rows of 2 to 3 arrays at
+// once, more streams than the hardware prefetchers follow: rows out of cache (gae at 256 x 4096)
+// waited on their loads without it; rows in cache run the same with or without.
+template <typename scalar_t>
+PPK_TILE_INLINE void prefetch_tile(const scalar_t* p, int64_t stride, int64_t rows, int64_t t0,
+                                   int64_t dk, int64_t len) {
+  if (p == nullptr) return;
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t tk = t0 + dk * k;
+    if (tk >= 0 && tk < len) __builtin_prefetch(p + k * stride + tk);
+  }
 }
 
 // The skew of the scans' tiles for rows of len steps (for_tile_rows): one tile when a row is a
