@@ -28,7 +28,7 @@ def gae(
     """Generalised advantage estimation (Schulman et al., 2016) over the last dimension.
 
     ``delta_t = r_t + gamma * V_next - V_t``, ``A_t = delta_t + gamma * lam * A_next``, computed
-    as a scan (parallel on GPUs; rows in parallel on CPUs). Advantages are not whitened.
+    as a scan (parallel on GPUs; on CPUs one row per SIMD lane, groups of rows in parallel).
 
     Args:
         rewards: (..., T) per-token rewards (the score typically on the last valid token).
