@@ -51,7 +51,7 @@ void scan_group(const scalar_t* rewards, const scalar_t* values, const bool* mas
     SimdF r[kVecF], v[kVecF], m[kVecF];
     load_tile(rewards, len, rows, t0, skew, len, r);
     if (values) load_tile(values, len, rows, t0, skew, len, v);
-    load_mask_tile(mask, len, rows, t0, skew, len, m);
+    load_tile(mask, len, rows, t0, skew, len, m);
     for (int64_t c = kVecF - 1; c >= 0; --c) {
       const SimdF mc = m[c], vc = values ? v[c] : SimdF(0.f);
       affine_apply(gae_step(mc, r[c], vc, g, l, kMode), nv, a);
@@ -83,7 +83,7 @@ void adjoint_group(const float* g_adv, const float* g_ret, const bool* mask,
     SimdF ga[kVecF], gr[kVecF], m[kVecF];
     load_tile(g_ret, len, rows, t0, -skew, len, gr);
     if (g_adv) load_tile(g_adv, len, rows, t0, -skew, len, ga);
-    load_mask_tile(mask, len, rows, t0, -skew, len, m);
+    load_tile(mask, len, rows, t0, -skew, len, m);
     for (int64_t c = 0; c < kVecF; ++c) {
       const SimdF mc = m[c], grc = gr[c];
       const SimdF gc = g_adv ? ga[c] + grc : grc;

@@ -83,36 +83,31 @@ PPK_TILE_INLINE void for_tile_rows(int64_t rows, int64_t t0, int64_t dk, int64_t
   }
 }
 
+// One row of a tile: kVecF values as float lanes, a bool mask as 1 / 0.
+template <typename scalar_t>
+PPK_TILE_INLINE SimdF load_tile_row(const scalar_t* row) {
+  if constexpr (std::is_same_v<scalar_t, bool>) {
+    return vload_mask<SimdF>(row);
+  } else {
+    return vload<SimdF>(row);
+  }
+}
+
 // Loads a tile from rows `stride` apart at p, transposed: x[c] holds, in lane k, column tk + c of
 // row k (for_tile_rows); columns outside [0, len) and rows >= rows are 0.
 template <typename scalar_t>
 PPK_TILE_INLINE void load_tile(const scalar_t* p, int64_t stride, int64_t rows, int64_t t0,
                                int64_t dk, int64_t len, SimdF* x) {
+  using buf_t = std::conditional_t<std::is_same_v<scalar_t, bool>, bool, float>;
   for_tile_rows(rows, t0, dk, len, [&](int64_t k, int64_t tk, int64_t lo, int64_t hi) {
     const scalar_t* row = p + k * stride + tk;
     if (lo == 0 && hi == kVecF) {
-      x[k] = vload<SimdF>(row);
+      x[k] = load_tile_row(row);
       return;
     }
-    alignas(64) float buf[kVecF] = {};
-    for (int64_t c = lo; c < hi; ++c) buf[c] = static_cast<float>(row[c]);
-    x[k] = vload<SimdF>(buf);
-  });
-  transpose_tile(x);
-}
-
-// The same for a bool mask, as 1 / 0 floats.
-PPK_TILE_INLINE void load_mask_tile(const bool* p, int64_t stride, int64_t rows, int64_t t0,
-                                    int64_t dk, int64_t len, SimdF* x) {
-  for_tile_rows(rows, t0, dk, len, [&](int64_t k, int64_t tk, int64_t lo, int64_t hi) {
-    const bool* row = p + k * stride + tk;
-    if (lo == 0 && hi == kVecF) {
-      x[k] = vload_mask<SimdF>(row);
-      return;
-    }
-    bool buf[kVecF] = {};
-    for (int64_t c = lo; c < hi; ++c) buf[c] = row[c];
-    x[k] = vload_mask<SimdF>(buf);
+    alignas(64) buf_t buf[kVecF] = {};
+    for (int64_t c = lo; c < hi; ++c) buf[c] = static_cast<buf_t>(row[c]);
+    x[k] = load_tile_row(buf);
   });
   transpose_tile(x);
 }
