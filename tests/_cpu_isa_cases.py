@@ -53,6 +53,10 @@ def inputs() -> dict[str, torch.Tensor]:
         "rewards_256": randn(19, 256),
         "values_256": randn(19, 256),
         "mask_256": torch.rand(19, 256, generator=g) < 0.8,
+        # and splits few long rows into chunks, one per lane (3 rows of 16384: 24 or 48 chunks)
+        "rewards_long": randn(3, 16384),
+        "values_long": randn(3, 16384),
+        "mask_long": torch.rand(3, 16384, generator=g) < 0.8,
     }
 
 
@@ -88,6 +92,24 @@ CASES = {
         ["rewards_256", "values_256"],
         lambda x, b: ppokernels.gae(
             x["rewards_256"], x["values_256"], x["mask_256"], gamma=0.99, lam=0.95, backend=b
+        ),
+    ),
+    "gae_chunked_rows": (
+        ["rewards_long", "values_long"],
+        lambda x, b: ppokernels.gae(
+            x["rewards_long"],
+            x["values_long"],
+            x["mask_long"],
+            gamma=0.99,
+            lam=0.95,
+            mode="zero",
+            backend=b,
+        ),
+    ),
+    "returns_chunked_rows": (
+        ["rewards_long"],
+        lambda x, b: ppokernels.discounted_returns(
+            x["rewards_long"], x["mask_long"], gamma=0.97, backend=b
         ),
     ),
     "returns": (

@@ -150,15 +150,24 @@ def test_gradcheck(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", [p for p in PARAMS if p[1] != "reference"])
-def test_long_rows(device, backend):
-    """T >= 32768 on the C++ kernels (several tiles on GPUs); Triton under the interpreter runs
-    a shorter multi-tile row."""
+@pytest.mark.parametrize("mode", MODES)
+def test_long_rows(device, backend, mode):
+    """T >= 32768 on the C++ kernels (several tiles on GPUs; on CPUs the few rows are split into
+    chunks, one per SIMD lane); Triton under the interpreter runs a shorter multi-tile row."""
     T = 32768 if backend == "cpp" or device == "cuda" else 3000
     r, v, m = _inputs(2, T, torch.float32, device, "holes")
-    adv, ret = ppokernels.gae(r, v, m, gamma=1.0, lam=0.95, mode="skip", backend=backend)
-    e_adv, e_ret = reference.gae(r.double(), v.double(), m, gamma=1.0, lam=0.95, mode="skip")
+    r.requires_grad_(True)
+    v.requires_grad_(True)
+    adv, ret = ppokernels.gae(r, v, m, gamma=1.0, lam=0.95, mode=mode, backend=backend)
+    r64, v64 = r.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    e_adv, e_ret = reference.gae(r64, v64, m, gamma=1.0, lam=0.95, mode=mode)
     torch.testing.assert_close(adv.double(), e_adv, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ret.double(), e_ret, rtol=1e-4, atol=1e-3)
+    g_adv, g_ret = torch.randn_like(e_adv), torch.randn_like(e_ret)
+    grads = torch.autograd.grad((adv, ret), (r, v), (g_adv.float(), g_ret.float()))
+    expect = torch.autograd.grad((e_adv, e_ret), (r64, v64), (g_adv, g_ret))
+    for got, want in zip(grads, expect, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)

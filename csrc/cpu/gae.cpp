@@ -1,103 +1,29 @@
 // CPU kernels of the gae family: GAE and discounted returns (reverse scans over each row, kVecF
-// rows per SIMD step, groups of rows in parallel), and their backward passes (the transposed
-// scans, forward in time). Setup in ppokernels/gae_args.h, the math of one step in
-// ppokernels/gae.h.
+// rows or chunks of rows per SIMD step in ppokernels/gae_cpu_simd.h, groups of them in parallel),
+// and their backward passes (the transposed scans, forward in time). Setup in
+// ppokernels/gae_args.h, the math of one step in ppokernels/gae.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "ppokernels/cpu_isa.h"
-#include "ppokernels/cpu_tile.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/gae_args.h"
+#include "ppokernels/gae_cpu_simd.h"
 
 namespace ppokernels::CPU_CAPABILITY {
 namespace {
 
+using namespace gae_simd;
+
 // A scan step costs more than one streamed element: the scalar scan is a chain of dependent
 // multiply-adds (about 4 cycles of latency each), the SIMD one moves its tiles through transposes
-// (about 0.8 ns per token on one Zen 5 core against 0.1-0.2 for an elementwise kernel). Counted
-// as kScanCost element-operations when choosing the thread count, so a 64 x 2048 scan is split
-// across threads.
+// (several times an elementwise kernel's time per token). Counted as kScanCost
+// element-operations when choosing the thread count, so a 64 x 2048 scan is split across threads.
 constexpr int64_t kScanCost = 4;
-
-// ---------------------------------------------------------------- fp32 / fp16 / bf16: SIMD
-// kVecF rows [b, b + rows) advance together, one per lane, kVecF steps per tile (cpu_tile.h):
-// the arithmetic of each row is that of the scalar scan below, step for step, so a row's result
-// does not depend on its neighbours or the thread count. Lanes past `rows` run on zeros.
-
-// How many tiles ahead the scans ask for their input lines (cpu_tile.h prefetch_tile).
-constexpr int64_t kPrefetchTiles = 4;
-
-// Reverse scan (forward pass). `values` null: discounted returns; `returns` may be null. Tile
-// i ends kVecF i steps before the end of row 0 (rows further down lag by `skew`); a lane before
-// its row's end runs on zeros with m = 0, which leave its zero state unchanged, and one past its
-// row's start is never stored.
-template <MaskMode kMode, typename scalar_t>
-void scan_group(const scalar_t* rewards, const scalar_t* values, const bool* mask,
-                float* advantages, float* returns, int64_t rows, int64_t len, float gamma,
-                float lam) {
-  SimdF nv(0.f), a(0.f);
-  const SimdF g(gamma), l(lam);
-  const int64_t skew = tile_skew(len);
-  const int64_t tiles = (len + kVecF - 1) / kVecF + (skew ? rows - 1 : 0);
-  for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t t0 = len - kVecF * (i + 1);
-    const int64_t ahead = t0 - kPrefetchTiles * kVecF;
-    prefetch_tile(rewards, len, rows, ahead, skew, len);
-    prefetch_tile(values, len, rows, ahead, skew, len);
-    prefetch_tile(mask, len, rows, ahead, skew, len);
-    SimdF r[kVecF], v[kVecF], m[kVecF];
-    load_tile(rewards, len, rows, t0, skew, len, r);
-    if (values) load_tile(values, len, rows, t0, skew, len, v);
-    load_tile(mask, len, rows, t0, skew, len, m);
-    for (int64_t c = kVecF - 1; c >= 0; --c) {
-      const SimdF mc = m[c], vc = values ? v[c] : SimdF(0.f);
-      affine_apply(gae_step(mc, r[c], vc, g, l, kMode), nv, a);
-      r[c] = a;  // the tiles are reused for the outputs
-      if (returns) v[c] = gae_return(a, mc, vc, kMode);
-    }
-    store_tile(r, advantages, len, rows, t0, skew, len);
-    if (returns) store_tile(v, returns, len, rows, t0, skew, len);
-  }
-}
-
-// Forward-time adjoint scan (backward pass). g_adv null: discounted returns; grad_values may be
-// null. Tile i starts kVecF i steps into row 0; a lane before its row's start runs on zeros with
-// m = 0, which leave its zero state (and m_prev = 0) unchanged.
-template <MaskMode kMode, typename scalar_t>
-void adjoint_group(const float* g_adv, const float* g_ret, const bool* mask,
-                   scalar_t* grad_rewards, scalar_t* grad_values, int64_t rows, int64_t len,
-                   float gamma, float lam) {
-  SimdF la(0.f), lnv(0.f), m_prev(0.f);
-  const SimdF g(gamma), l(lam);
-  const int64_t skew = tile_skew(len);
-  const int64_t tiles = (len + kVecF - 1) / kVecF + (skew ? rows - 1 : 0);
-  for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t t0 = kVecF * i;
-    const int64_t ahead = t0 + kPrefetchTiles * kVecF;
-    prefetch_tile(g_ret, len, rows, ahead, -skew, len);
-    prefetch_tile(g_adv, len, rows, ahead, -skew, len);
-    prefetch_tile(mask, len, rows, ahead, -skew, len);
-    SimdF ga[kVecF], gr[kVecF], m[kVecF];
-    load_tile(g_ret, len, rows, t0, -skew, len, gr);
-    if (g_adv) load_tile(g_adv, len, rows, t0, -skew, len, ga);
-    load_tile(mask, len, rows, t0, -skew, len, m);
-    for (int64_t c = 0; c < kVecF; ++c) {
-      const SimdF mc = m[c], grc = gr[c];
-      const SimdF gc = g_adv ? ga[c] + grc : grc;
-      affine_apply(gae_adjoint_step(m_prev, gc, g, l, kMode), la, lnv);
-      SimdF dr, dv;
-      gae_grads(la, lnv, mc, grc, kMode, dr, dv);
-      ga[c] = dr;
-      gr[c] = dv;
-      m_prev = mc;
-    }
-    store_tile(ga, grad_rewards, len, rows, t0, -skew, len);
-    if (grad_values) store_tile(gr, grad_values, len, rows, t0, -skew, len);
-  }
-}
 
 // f(b, rows) on the groups of kVecF rows, in parallel; the mode as a compile-time constant.
 template <typename F>
@@ -115,11 +41,104 @@ void for_each_group(GaeRows rows, const F& f) {
   });
 }
 
-// The SIMD groups need one full group: with fewer rows the lanes would mostly idle on one thread,
-// while the scalar scan below splits the rows across threads (8 x 32768 forward + backward on the
-// Zen 5, `ppokernels bench --preset cpu --ops gae`: 1.1 ms scalar on 2 threads, 2.3 ms in one
-// half-empty group).
-inline bool use_simd_groups(GaeRows rows) { return rows.n >= kVecF; }
+// How the SIMD groups take the rows: 1, a row per lane, with at least one full group of rows;
+// with fewer, the lanes would mostly idle on one thread, so long rows are split into `cpr` > 1
+// chunks of len / cpr steps, i.e. the [n, len] rows run as [n cpr, len / cpr] chunk rows
+// (LaneChunks): the fewest chunks (a power of 2) that fill two groups, each a multiple of kVecF
+// and at least 1024 steps. 0: neither (the scalar scan, rows split across threads). Fixed by the
+// shape, so the results do not depend on the thread count; chunks re-associate the sums, so they
+// differ from an unchunked scan by rounding.
+inline int64_t simd_chunks(GaeRows rows) {
+  if (rows.n >= kVecF) return 1;
+  for (int64_t cpr = 2; cpr <= 2 * kVecF; cpr *= 2) {
+    const int64_t s = rows.len / cpr;
+    if (rows.len % cpr != 0 || s % kVecF != 0 || s < 1024) return 0;
+    if (rows.n * cpr >= 2 * kVecF) return cpr;
+  }
+  return 0;
+}
+
+// Per-chunk buffers, padded to whole groups (a lane reads kVecF values from its group's start).
+struct ChunkBuffers {
+  GaeRows chunks;
+  std::vector<Affine<float>> maps;
+  std::vector<float> init[3];
+  ChunkBuffers(GaeRows rows, int64_t cpr) : chunks{rows.n * cpr, rows.len / cpr, rows.mode} {
+    const size_t padded = (chunks.n + kVecF - 1) / kVecF * kVecF;
+    maps.resize(padded);
+    for (auto& v : init) v.assign(padded, 0.f);
+  }
+  LaneChunks lanes(int64_t b) {
+    LaneChunks c;
+    for (int k = 0; k < 3; ++k) c.init[k] = init[k].data() + b;
+    c.maps = maps.data() + b;
+    return c;
+  }
+};
+
+// The reverse scans in the SIMD groups (cpr: simd_chunks); with chunks, a compose pass first,
+// then the chunks' starting states from their maps, then the scan.
+template <typename scalar_t>
+void simd_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask,
+                  float* advantages, float* returns, GaeRows rows, int64_t cpr, float gamma,
+                  float lam) {
+  ChunkBuffers buf(rows, cpr);
+  const int64_t len = buf.chunks.len;
+  const auto pass = [&](auto kCompose) {
+    for_each_group(buf.chunks, [&](auto kMode, int64_t b, int64_t n) {
+      const LaneChunks lanes = buf.lanes(b);
+      const int64_t o = b * len;
+      scan_group<kMode.value, kCompose.value>(
+          rewards + o, values ? values + o : nullptr, mask + o,
+          kCompose.value ? nullptr : advantages + o,
+          kCompose.value || !returns ? nullptr : returns + o, n, len, gamma, lam,
+          cpr > 1 ? &lanes : nullptr);
+    });
+  };
+  if (cpr == 1) return pass(std::false_type());
+  pass(std::true_type());
+  for (int64_t r = 0; r < rows.n; ++r) {  // each chunk starts where the chunks after it leave
+    float x0 = 0.f, x1 = 0.f;
+    for (int64_t q = (r + 1) * cpr - 1; q >= r * cpr; --q) {
+      buf.init[0][q] = x0, buf.init[1][q] = x1;
+      affine_apply(buf.maps[q], x0, x1);
+    }
+  }
+  pass(std::false_type());
+}
+
+// The same for the adjoint scans, forward in time.
+template <typename scalar_t>
+void simd_backward(const float* g_adv, const float* g_ret, const bool* mask,
+                   scalar_t* grad_rewards, scalar_t* grad_values, GaeRows rows, int64_t cpr,
+                   float gamma, float lam) {
+  ChunkBuffers buf(rows, cpr);
+  const int64_t len = buf.chunks.len;
+  for (int64_t q = 0; q < buf.chunks.n; ++q) {  // the mask before each chunk (0 before a row)
+    buf.init[2][q] = q % cpr == 0 ? 0.f : float(mask[q * len - 1]);
+  }
+  const auto pass = [&](auto kCompose) {
+    for_each_group(buf.chunks, [&](auto kMode, int64_t b, int64_t n) {
+      const LaneChunks lanes = buf.lanes(b);
+      const int64_t o = b * len;
+      adjoint_group<kMode.value, kCompose.value>(
+          g_adv ? g_adv + o : nullptr, g_ret + o, mask + o,
+          kCompose.value ? nullptr : grad_rewards + o,
+          kCompose.value || !grad_values ? nullptr : grad_values + o, n, len, gamma, lam,
+          cpr > 1 ? &lanes : nullptr);
+    });
+  };
+  if (cpr == 1) return pass(std::false_type());
+  pass(std::true_type());
+  for (int64_t r = 0; r < rows.n; ++r) {  // each chunk starts where the chunks before it leave
+    float x0 = 0.f, x1 = 0.f;
+    for (int64_t q = r * cpr; q < (r + 1) * cpr; ++q) {
+      buf.init[0][q] = x0, buf.init[1][q] = x1;
+      affine_apply(buf.maps[q], x0, x1);
+    }
+  }
+  pass(std::false_type());
+}
 
 // ---------------------------------------------------------------- fp64 and few rows: scalar
 // Reverse scan of R rows [b, b + R) at once: the recursion of one row is a chain of dependent
@@ -147,13 +166,8 @@ template <typename scalar_t, typename A>
 void scan_forward(const scalar_t* rewards, const scalar_t* values, const bool* mask, A* advantages,
                   A* returns, GaeRows rows, A gamma, A lam, MaskMode mode) {
   if constexpr (std::is_same_v<A, float>) {
-    if (use_simd_groups(rows)) {
-      for_each_group(rows, [&](auto kMode, int64_t b, int64_t n) {
-        const int64_t o = b * rows.len;
-        scan_group<kMode.value>(rewards + o, values ? values + o : nullptr, mask + o,
-                                advantages + o, returns ? returns + o : nullptr, n, rows.len,
-                                gamma, lam);
-      });
+    if (const int64_t cpr = simd_chunks(rows)) {
+      simd_forward(rewards, values, mask, advantages, returns, rows, cpr, gamma, lam);
       return;
     }
   }
@@ -178,13 +192,8 @@ template <typename scalar_t, typename A>
 void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* grad_rewards,
                    scalar_t* grad_values, GaeRows rows, A gamma, A lam, MaskMode mode) {
   if constexpr (std::is_same_v<A, float>) {
-    if (use_simd_groups(rows)) {
-      for_each_group(rows, [&](auto kMode, int64_t b, int64_t n) {
-        const int64_t o = b * rows.len;
-        adjoint_group<kMode.value>(g_adv ? g_adv + o : nullptr, g_ret + o, mask + o,
-                                   grad_rewards + o, grad_values ? grad_values + o : nullptr, n,
-                                   rows.len, gamma, lam);
-      });
+    if (const int64_t cpr = simd_chunks(rows)) {
+      simd_backward(g_adv, g_ret, mask, grad_rewards, grad_values, rows, cpr, gamma, lam);
       return;
     }
   }
