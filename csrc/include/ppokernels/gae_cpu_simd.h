@@ -11,18 +11,18 @@ namespace gae_simd {
 
 // ---------------------------------------------------------------- fp32 / fp16 / bf16: SIMD
 // kVecF rows [b, b + rows) advance together, one per lane, kVecF steps per tile (cpu_tile.h):
-// the arithmetic of each row is that of the scalar scan below, step for step, so a row's result
-// does not depend on its neighbours or the thread count. Lanes past `rows` run on zeros.
+// the arithmetic of each row is that of the scalar scan (gae.cpp), step for step, so a row's
+// result does not depend on its neighbours or the thread count. Lanes past `rows` run on zeros.
 
 // How many tiles ahead the scans ask for their input lines (cpu_tile.h prefetch_tile).
 constexpr int64_t kPrefetchTiles = 4;
 
-// Few long rows (chunked_scan below) run with one chunk of a row per lane, in two passes: first
-// each lane composes its chunk's maps (kCompose: nothing stored), then each lane scans its chunk
-// from the state that the chunks after it (before it, for the adjoint) leave. Lanes start at tile
-// `skew ? k : 0` and end kVecF-step tiles later; the state is set at the start (in the compose
-// pass to the identity) and, composing, taken at the end, since the zero steps outside a lane's
-// chunk are not the identity in zero mode.
+// Few long rows (simd_chunks in gae.cpp) run with one chunk of a row per lane, in two passes:
+// first each lane composes its chunk's maps (kCompose: nothing stored), then each lane scans its
+// chunk from the state that the chunks after it (before it, for the adjoint) leave. Lane k starts
+// at tile `skew ? k : 0` and ends len / kVecF tiles later; its state is set at the start (in the
+// compose pass to the identity) and, composing, taken at the end, since the zero steps outside a
+// lane's chunk are not the identity in zero mode.
 struct LaneChunks {
   const float* init[3] = {};       // kVecF per lane: the starting state (x0, x1, m_prev)
   Affine<float>* maps = nullptr;   // kCompose: the composed map of each lane's chunk
