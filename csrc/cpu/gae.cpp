@@ -58,12 +58,14 @@ inline int64_t simd_chunks(GaeRows rows) {
   return 0;
 }
 
-// Per-chunk buffers, padded to whole groups (a lane reads kVecF values from its group's start).
+// Per-chunk buffers, padded to whole groups (a lane reads kVecF values from its group's start);
+// none without chunks (cpr = 1).
 struct ChunkBuffers {
   GaeRows chunks;
   std::vector<Affine<float>> maps;
   std::vector<float> init[3];
   ChunkBuffers(GaeRows rows, int64_t cpr) : chunks{rows.n * cpr, rows.len / cpr, rows.mode} {
+    if (cpr == 1) return;
     const size_t padded = (chunks.n + kVecF - 1) / kVecF * kVecF;
     maps.resize(padded);
     for (auto& v : init) v.assign(padded, 0.f);
@@ -86,7 +88,7 @@ void simd_forward(const scalar_t* rewards, const scalar_t* values, const bool* m
   const int64_t len = buf.chunks.len;
   const auto pass = [&](auto kCompose) {
     for_each_group(buf.chunks, [&](auto kMode, int64_t b, int64_t n) {
-      const LaneChunks lanes = buf.lanes(b);
+      const LaneChunks lanes = cpr > 1 ? buf.lanes(b) : LaneChunks{};
       const int64_t o = b * len;
       scan_group<kMode.value, kCompose.value>(
           rewards + o, values ? values + o : nullptr, mask + o,
@@ -114,12 +116,9 @@ void simd_backward(const float* g_adv, const float* g_ret, const bool* mask,
                    float gamma, float lam) {
   ChunkBuffers buf(rows, cpr);
   const int64_t len = buf.chunks.len;
-  for (int64_t q = 0; q < buf.chunks.n; ++q) {  // the mask before each chunk (0 before a row)
-    buf.init[2][q] = q % cpr == 0 ? 0.f : float(mask[q * len - 1]);
-  }
   const auto pass = [&](auto kCompose) {
     for_each_group(buf.chunks, [&](auto kMode, int64_t b, int64_t n) {
-      const LaneChunks lanes = buf.lanes(b);
+      const LaneChunks lanes = cpr > 1 ? buf.lanes(b) : LaneChunks{};
       const int64_t o = b * len;
       adjoint_group<kMode.value, kCompose.value>(
           g_adv ? g_adv + o : nullptr, g_ret + o, mask + o,
@@ -129,6 +128,9 @@ void simd_backward(const float* g_adv, const float* g_ret, const bool* mask,
     });
   };
   if (cpr == 1) return pass(std::false_type());
+  for (int64_t q = 0; q < buf.chunks.n; ++q) {  // the mask before each chunk (0 before a row)
+    buf.init[2][q] = q % cpr == 0 ? 0.f : float(mask[q * len - 1]);
+  }
   pass(std::true_type());
   for (int64_t r = 0; r < rows.n; ++r) {  // each chunk starts where the chunks before it leave
     float x0 = 0.f, x1 = 0.f;
