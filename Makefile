@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 # The CPU machines carry a local torch 2.13.0 CPU wheel; GPU machines come with their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint build syntax
+.PHONY: install demo test lint build syntax wheel
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -23,6 +23,19 @@ test: install
 
 lint:
 	ruff check ppokernels tests benchmarks setup.py
+
+# The two wheels, in dist/: the binary one (cp311-abi3: _C with the CPU kernels at every ISA level
+# and, where torch is a CUDA build and nvcc is found, _C_cuda; one wheel for every torch >= 2.11 and
+# CPython >= 3.11), and the pure-Python one (py3-none-any: Triton on GPUs, the reference on CPUs).
+# Builds against the torch of this environment (CI uses the oldest supported, 2.11).
+wheel:
+	$(PIP) install -q ninja setuptools wheel
+	rm -rf build dist/ppokernels-*.whl
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) wheel --no-build-isolation --no-deps -w dist .
+	rm -rf build
+	PPOKERNELS_BUILD_EXT=0 $(PIP) wheel --no-build-isolation --no-deps -w dist .
+	rm -rf build
+	@ls -l dist/ppokernels-*.whl
 
 # Developer helpers. `build` rebuilds the extension in place, serialised by a lock so that several
 # people (or agents) working in one tree do not build at once.
@@ -43,6 +56,7 @@ syntax:
 	  defs=$$([ $$cap = none ] || echo "-DCPU_CAPABILITY=$$cap -DCPU_CAPABILITY_$$cap"); \
 	  echo "$(FILE) [$$cap]"; \
 	  g++ -fsyntax-only -std=c++20 $$flags $$defs -DPPK_CPU_HAVE_AVX2 -DPPK_CPU_HAVE_AVX512 \
+	    -DTORCH_TARGET_VERSION=0x020b000000000000 -DPy_LIMITED_API=0x030B0000 \
 	    -I csrc/include $(TORCH_INC) $(FILE) || exit 1; done
 
 # The competition's wheels for the GPU check (pure Python; the GPU machine has Python 3.12 and no

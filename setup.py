@@ -1,10 +1,16 @@
-"""Build of the ``ppokernels._C`` extension.
+"""Build of the binary modules ``ppokernels._C`` (schemas and CPU kernels) and
+``ppokernels._C_cuda`` (CUDA kernels), both on the LibTorch stable ABI.
+
+Both are compiled with -DTORCH_TARGET_VERSION = 2.11 and the Python limited API (abi3, cp311), so
+one binary wheel loads on every torch from 2.11 on and every CPython from 3.11 on: the binaries
+use only torch/csrc/stable, torch/headeronly and the C shim (tests/test_wheel.py checks that no
+at::, c10:: or torch:: C++ symbol is undefined in them).
 
 Environment knobs:
   PPOKERNELS_BUILD_EXT=0       pure-Python install (reference and Triton backends only)
-  PPOKERNELS_BUILD_CUDA=auto   auto: build csrc/cuda when torch is a CUDA build and nvcc is found;
+  PPOKERNELS_BUILD_CUDA=auto   auto: build _C_cuda when torch is a CUDA build and nvcc is found;
                                1: require it (error if impossible); 0: CPU kernels only
-  PPOKERNELS_CUDA_ARCHS="8.0;9.0"  compute capabilities for the CUDA kernels (replaces any
+  PPOKERNELS_CUDA_ARCHS="8.0;9.0;10.0;12.0+PTX"  compute capabilities of _C_cuda (replaces any
                                TORCH_CUDA_ARCH_LIST in the environment)
   MAX_JOBS                     parallel compile jobs (honoured by torch's ninja build)
   DEBUG=1                      -O0 -g
@@ -22,6 +28,16 @@ import platform
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# The oldest torch the binaries load on: the stable ABI's target version (0xMMmm000000000000).
+TORCH_TARGET = (2, 11)
+TORCH_TARGET_FLAG = (
+    f"-DTORCH_TARGET_VERSION=0x{TORCH_TARGET[0]:02x}{TORCH_TARGET[1]:02x}000000000000"
+)
+# The oldest CPython of the abi3 binaries (Py_LIMITED_API and the wheel's cp311-abi3 tag).
+PY_LIMITED = "cp311"
+PY_LIMITED_FLAG = "-DPy_LIMITED_API=0x030B0000"
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 
 
 def _want_cuda(torch, cuda_home):
@@ -110,45 +126,80 @@ def _build_ext_class(base):
     return IsaBuildExt
 
 
+def _cudart_dir(cuda_home: str) -> str:
+    """The folder of the toolkit's libcudart.so: torch adds CUDA_HOME/lib64, but toolkits lay it out
+    as lib64, lib or targets/<arch>-linux/lib. At run time the process already has torch's own
+    libcudart.so.<major> loaded (the soname is what the loader matches)."""
+    for sub in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib")):
+        if glob.glob(os.path.join(cuda_home, sub, "libcudart.so*")):
+            return os.path.join(cuda_home, sub)
+    raise RuntimeError(f"PPOKERNELS_BUILD_CUDA: no libcudart.so under {cuda_home}")
+
+
+def _write_build_info(cuda_major: int | None) -> None:
+    """ppokernels/_build_info.py: what the binaries were built for, read by ppokernels/_backend.py
+    before it imports them (a _C_cuda for another CUDA major is never imported)."""
+    text = (
+        '"""Written by setup.py: what the binary modules were built for."""\n\n'
+        f'TORCH_TARGET = "{TORCH_TARGET[0]}.{TORCH_TARGET[1]}"\n'
+        f"CUDA_MAJOR = {cuda_major!r}\n"
+    )
+    with open(os.path.join(ROOT, "ppokernels", "_build_info.py"), "w") as f:
+        f.write(text)
+
+
 def extensions():
     if os.environ.get("PPOKERNELS_BUILD_EXT", "1") == "0":
+        _write_build_info(None)
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    stable = [TORCH_TARGET_FLAG, PY_LIMITED_FLAG]
     # the levels compiled in, for csrc/cpu_isa.cpp
     have = [f"-DPPK_CPU_HAVE_{CPU_LEVELS[lv][0]}" for lv in _cpu_levels() if lv != "scalar"]
-    cxx = opt + ["-fopenmp", "-DPy_LIMITED_API=0x030A0000", *have]
-    sources = [
+    include = [os.path.join(ROOT, "csrc", "include")]
+    cpu_sources = [
         "csrc/ops.cpp",
         "csrc/cpu_isa.cpp",
         *sorted(glob.glob(os.path.join(CPU_KERNELS, "*.cpp"), root_dir=ROOT)),
     ]
-    include = [os.path.join(ROOT, "csrc", "include")]
-    kwargs = dict(include_dirs=include, py_limited_api=True, extra_link_args=["-fopenmp"])
+    exts = [
+        CppExtension(
+            "ppokernels._C",
+            cpu_sources,
+            include_dirs=include,
+            py_limited_api=True,
+            extra_compile_args={"cxx": opt + stable + have},
+        )
+    ]
+    cuda_major = None
     if _want_cuda(torch, CUDA_HOME):
-        archs = os.environ.get("PPOKERNELS_CUDA_ARCHS", "8.0;9.0")
+        archs = os.environ.get("PPOKERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
         # set, not setdefault: an image's own TORCH_CUDA_ARCH_LIST would otherwise win (more
         # architectures, a longer build, or ones this nvcc rejects)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        sources += sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
-        nvcc = opt + ["-lineinfo", "-DPPK_WITH_CUDA"]
-        ext = CUDAExtension(
-            "ppokernels._C",
-            sources,
-            extra_compile_args={"cxx": cxx + ["-DPPK_WITH_CUDA"], "nvcc": nvcc},
-            **kwargs,
+        cuda_major = int(torch.version.cuda.split(".")[0])
+        defs = [*stable, "-DUSE_CUDA", f"-DPPK_CUDA_MAJOR={cuda_major}"]
+        exts.append(
+            CUDAExtension(
+                "ppokernels._C_cuda",
+                ["csrc/cuda_module.cpp", *sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))],
+                include_dirs=include,
+                library_dirs=[_cudart_dir(CUDA_HOME)],
+                py_limited_api=True,
+                extra_compile_args={"cxx": opt + defs, "nvcc": opt + ["-lineinfo", *defs]},
+            )
         )
-    else:
-        ext = CppExtension("ppokernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
-    return [ext], {"build_ext": _build_ext_class(BuildExtension)}
+    _write_build_info(cuda_major)
+    return exts, {"build_ext": _build_ext_class(BuildExtension)}
 
 
 ext_modules, cmdclass = extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+    options={"bdist_wheel": {"py_limited_api": PY_LIMITED}} if ext_modules else {},
 )

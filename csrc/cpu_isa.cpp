@@ -88,7 +88,7 @@ const char* cpu_isa_name(CpuIsa isa) {
 #define PPK_REGISTER_AVX2(stem) AVX2::register_##stem(m);
 #define PPK_REGISTER_AVX512(stem) AVX512::register_##stem(m);
 
-TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CPU, m) {
   switch (cpu_isa()) {
 #if defined(PPK_CPU_HAVE_AVX512)
     case CpuIsa::kAvx512:

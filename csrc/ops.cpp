@@ -1,15 +1,16 @@
-// Every schema of the ppokernels namespace, on one screen.
+// Every schema of the ppokernels namespace, on one screen, registered through the LibTorch stable
+// ABI (so this binary loads on every torch from the oldest supported, 2.11, on).
 //
 // Kernels register themselves per device in csrc/cpu/<stem>.cpp and csrc/cuda/<stem>.cu;
 // fake (meta) kernels and autograd formulas are registered in Python (ppokernels/ops/<stem>.py).
 // Triton variants are separate ops (ppokernels::<op>_triton) defined by torch.library.triton_op.
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include "ppokernels/cpu_isa.h"
 
 // `import ppokernels._C` must find a Python module; the ops themselves register through the
-// static TORCH_LIBRARY initialisers below when the shared object is loaded. The module's two
+// static STABLE_TORCH_LIBRARY initialisers below when the shared object is loaded. The module's two
 // functions say which ISA level of the CPU kernels was chosen at load (csrc/cpu_isa.cpp).
 namespace {
 PyObject* py_cpu_isa(PyObject*, PyObject*) {
@@ -33,7 +34,7 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(ppokernels, m) {
+STABLE_TORCH_LIBRARY(ppokernels, m) {
   // --- kl: per-token KL estimators (k1, k2, k3, abs; "+" = straight-through k2 gradient)
   m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str estimator, float? clamp) -> Tensor");
   m.def(

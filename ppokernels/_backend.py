@@ -1,8 +1,9 @@
 """The one place that knows which backends are built and picks one for an op call.
 
 Backends:
-  ``cpp``        the compiled extension ``ppokernels._C``: the CPU C++ kernel for CPU tensors, the
-                 CUDA C++ kernel for CUDA tensors (torch dispatches on the device).
+  ``cpp``        the compiled kernels, two stable-ABI (abi3) binaries: ``ppokernels._C`` defines
+                 the op schemas and the CPU C++ kernels, ``ppokernels._C_cuda`` (in CUDA builds)
+                 adds the CUDA C++ kernels; torch dispatches on the device.
   ``triton``     Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
   ``reference``  plain PyTorch from :mod:`ppokernels.reference`, differentiable by autograd.
 
@@ -10,27 +11,151 @@ Backends:
 benchmarks), for CPU tensors the C++ kernel, and the reference when nothing is built.
 ``PPOKERNELS_BACKEND`` replaces ``auto`` when set. Asking for a backend that is not built is an
 error that says how to build it; there is no silent fallback.
+
+A binary that is present but cannot load (a torch older than the stable-ABI target, a missing
+CUDA runtime, an undefined symbol) never breaks ``import ppokernels``: the import warns once,
+``info()`` says why, and the Triton and reference backends serve. ``PPOKERNELS_NO_EXT=1`` skips
+both binaries on purpose.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
+from torch.torch_version import TorchVersion
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
 
 # ISA levels of the CPU C++ kernels, lowest first (csrc/include/ppokernels/cpu_isa.h).
 CPU_ISAS = ("scalar", "avx2", "avx512")
 
-try:  # the compiled extension registers the C++ kernels when loaded
-    from ppokernels import _C
+try:  # written by setup.py next to the binaries; absent in a tree setup.py never built
+    from ppokernels._build_info import CUDA_MAJOR, TORCH_TARGET
+except ImportError:
+    CUDA_MAJOR, TORCH_TARGET = None, "2.11"
 
-    CPP_ERROR: str | None = None
-except ImportError as e:  # pure-Python install (PPOKERNELS_BUILD_EXT=0) or a failed build
-    _C = None
-    CPP_ERROR = str(e)
+BINARY_NAME = {
+    "cpu": f"ppokernels._C (stable ABI, torch >= {TORCH_TARGET})",
+    "cuda": f"ppokernels._C_cuda (stable ABI, torch >= {TORCH_TARGET}"
+    + (f", CUDA {CUDA_MAJOR})" if CUDA_MAJOR is not None else ")"),
+}
+
+_GET_CPU = (
+    "install the binary wheel: pip install ppokernels-*-abi3-*.whl, or build from source: "
+    "pip install --no-build-isolation . (without PPOKERNELS_BUILD_EXT=0)"
+)
+_GET_CUDA = (
+    "install the binary wheel built for this torch's CUDA, or build from source with a CUDA "
+    "build of torch and nvcc on PATH: PPOKERNELS_BUILD_CUDA=1 pip install --no-build-isolation ."
+)
+
+
+@dataclass(frozen=True)
+class Binary:
+    """One compiled binary: the module when loaded, else why not and how to get it."""
+
+    module: ModuleType | None
+    reason: str | None = None
+    how: str = ""
+
+
+def _binary_supports(torch_version: str) -> str | None:
+    """Why the binaries cannot load into torch ``torch_version``, None when they can.
+
+    Checked before the import: a binary built for the stable ABI of TORCH_TARGET needs symbols an
+    older libtorch lacks, and the loader's "undefined symbol" would not say that torch is the cause.
+    """
+    if TorchVersion(torch_version) < TORCH_TARGET:
+        return (
+            f"torch {torch_version} is older than {TORCH_TARGET}, "
+            "the oldest torch this binary supports"
+        )
+    return None
+
+
+def _import(name: str) -> tuple[ModuleType | None, str | None]:
+    """``ppokernels.<name>``, or None and the error that stopped it."""
+    try:
+        return importlib.import_module(f"ppokernels.{name}"), None
+    # ImportError and OSError from the loader, and whatever a static initialiser raises (torch's
+    # op registration raises RuntimeError): none of them may break `import ppokernels`.
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _load_cuda() -> tuple[Binary, str | None]:
+    """``_C_cuda`` (after ``_C``, which defines the schemas its kernels register for), and the
+    warning to give when a built one cannot load."""
+    if torch.version.cuda is None:
+        return Binary(None, f"torch {torch.__version__} is a CPU build", _GET_CUDA), None
+    if importlib.util.find_spec("ppokernels._C_cuda") is None:
+        return Binary(None, "not built (a CPU-only build)", _GET_CUDA), None
+    major = int(torch.version.cuda.split(".")[0])
+    # Compared before the import: a module built for another CUDA major would load a second CUDA
+    # runtime next to torch's, or fail with a loader error that does not name the mismatch.
+    if CUDA_MAJOR is not None and CUDA_MAJOR != major:
+        reason = f"built for CUDA {CUDA_MAJOR}, torch {torch.__version__} uses CUDA {major}"
+        how = (
+            f"install a torch built for CUDA {CUDA_MAJOR}, or the ppokernels binary wheel built "
+            f"for CUDA {major}, or build from source: "
+            "PPOKERNELS_BUILD_CUDA=1 pip install --no-build-isolation ."
+        )
+    else:
+        module, reason = _import("_C_cuda")
+        if module is not None:
+            return Binary(module), None
+        how = _GET_CUDA
+    warning = (
+        f"the CUDA C++ kernels are not loaded: {reason}; CUDA tensors run on the Triton and "
+        f"reference backends. To get them: {how}"
+    )
+    return Binary(None, reason, how), warning
+
+
+def _load() -> tuple[Binary, Binary, str | None]:
+    """``_C`` then ``_C_cuda``, and the one warning to give when something built is lost (None
+    for a pure-Python install: no binary there is intended)."""
+    no_ext = os.environ.get("PPOKERNELS_NO_EXT", "")
+    if no_ext not in ("", "0"):
+        skipped = Binary(
+            None, f"skipped on purpose by PPOKERNELS_NO_EXT={no_ext}", "unset PPOKERNELS_NO_EXT"
+        )
+        warning = (
+            f"the C++ kernels (CPU, and CUDA if built) are {skipped.reason}; ops run on the "
+            "Triton and reference backends. To get them: unset PPOKERNELS_NO_EXT"
+        )
+        return skipped, skipped, warning
+    if importlib.util.find_spec("ppokernels._C") is None:
+        absent = Binary(None, "not built (pure-Python install)", _GET_CPU)
+        return absent, absent, None
+    reason = _binary_supports(torch.__version__)
+    if reason is not None:
+        how = f"upgrade torch: pip install 'torch>={TORCH_TARGET}'"
+    else:
+        module, reason = _import("_C")
+        if module is not None:
+            cuda, warning = _load_cuda()
+            return Binary(module), cuda, warning
+        how = _GET_CPU
+    lost = Binary(None, reason, how)
+    warning = (
+        f"the C++ kernels (CPU, and CUDA if built) are not loaded: {reason}; ops run on the "
+        f"Triton and reference backends. To get them: {how}"
+    )
+    return lost, lost, warning
+
+
+_cpu_binary, _cuda_binary, _warning = _load()
+BINARIES = {"cpu": _cpu_binary, "cuda": _cuda_binary}  # keyed like device types
+if _warning is not None:
+    warnings.warn(_warning, RuntimeWarning, stacklevel=2)
+_C = _cpu_binary.module  # the schemas and the CPU kernels; None when not loaded
 
 
 def _check_cpu_isa() -> None:
@@ -44,8 +169,6 @@ def _check_cpu_isa() -> None:
             f"use one of {', '.join(CPU_ISAS)} (or leave it unset for the best this CPU supports)"
         )
     if asked and _C is not None and _C.cpu_isa() != asked:
-        import warnings
-
         warnings.warn(
             f"PPOKERNELS_CPU_ISA={asked} asks for more than this CPU (or build) supports; "
             f"the CPU kernels use {_C.cpu_isa()}",
@@ -74,14 +197,10 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # `backend="cpp"` runs it.
 FASTEST_GPU: dict[str, str] = {}
 
-BUILD_HINT = {
-    "cpp": "build the extension: pip install --no-build-isolation -e . "
-    "(without PPOKERNELS_BUILD_EXT=0)",
-    "cuda": "build the CUDA kernels: PPOKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e . "
-    "with a CUDA build of torch and nvcc on PATH",
-    "triton": "install triton (pip install triton); on CPU tensors Triton runs only with "
-    "TRITON_INTERPRET=1 set before ppokernels is imported",
-}
+TRITON_HINT = (
+    "install triton (pip install triton); on CPU tensors Triton runs only with "
+    "TRITON_INTERPRET=1 set before ppokernels is imported"
+)
 
 
 class BackendUnavailable(RuntimeError):
@@ -99,7 +218,12 @@ def _registered(key: str) -> frozenset[str]:
 
 
 # Ops with a C++ kernel per device type, read once at import (not while torch.compile traces).
-CPP_KERNELS = {"cpu": _registered("CPU"), "cuda": _registered("CUDA")} if CPP_ERROR is None else {}
+# Only from a loaded binary: one whose static initialiser failed may have registered some kernels.
+CPP_KERNELS = {
+    side: _registered(key)
+    for side, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if BINARIES[side].module is not None
+}
 
 
 def has_cpp(device_type: str = "cpu", op: str = "kl_penalty") -> bool:
@@ -143,14 +267,16 @@ def choose(
                 return b
         return "reference"
     if backend == "cpp" and not has_cpp(dev, op):
-        hint = BUILD_HINT["cuda" if dev == "cuda" else "cpp"]
-        why = f" ({CPP_ERROR})" if CPP_ERROR else ""
+        binary = BINARIES["cuda" if dev == "cuda" else "cpu"]
+        if binary.module is not None:
+            raise BackendUnavailable(f"{op}: ppokernels has no C++ kernel for {dev} tensors")
         raise BackendUnavailable(
-            f"{op}: the C++ kernel for {dev} tensors is not built{why}; {hint}"
+            f"{op}: the C++ kernel for {dev} tensors is not loaded ({binary.reason}); "
+            f"to get it: {binary.how}"
         )
     if backend == "triton" and not has_triton(dev):
         raise BackendUnavailable(
-            f"{op}: the Triton backend cannot run on {dev} tensors; {BUILD_HINT['triton']}"
+            f"{op}: the Triton backend cannot run on {dev} tensors; {TRITON_HINT}"
         )
     return backend
 
@@ -166,10 +292,14 @@ def info() -> dict[str, object]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
+        "binary_cpu": BINARY_NAME["cpu"] if _C is not None else None,
+        "binary_cpu_reason": BINARIES["cpu"].reason,
+        "binary_cuda": BINARY_NAME["cuda"] if BINARIES["cuda"].module is not None else None,
+        "binary_cuda_reason": BINARIES["cuda"].reason,
+        "binary_torch_range": f">= {TORCH_TARGET}",
         "cpp_cpu_kernels": has_cpp("cpu"),
         "cpp_cuda_kernels": has_cpp("cuda"),
         "cpu_isa": cpu_isa(),
-        "cpp_error": CPP_ERROR,
         "cuda_available": torch.cuda.is_available(),
         "triton_interpreter": interpreting(),
         "backend_override": os.environ.get("PPOKERNELS_BACKEND"),

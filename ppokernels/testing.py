@@ -18,6 +18,18 @@ def available_backends(device_type: str) -> list[str]:
     return out
 
 
+# The reason of every skip for a missing binary module: the pure-Python wheel's CI job
+# (PPOKERNELS_PURE=1, tests/conftest.py) allows exactly these skips, every other job fails on them.
+NO_BINARY = "needs the binary module ppokernels._C"
+
+
+def binary_skip_reason() -> str | None:
+    """Why the binary module's tests cannot run here (NO_BINARY and the load reason), or None."""
+    if _backend.has_cpp("cpu"):
+        return None
+    return f"{NO_BINARY} ({_backend.info()['binary_cpu_reason']})"
+
+
 def devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 

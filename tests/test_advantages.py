@@ -6,7 +6,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import TOL, assert_close_to_reference, backend_params
+from ppokernels.testing import TOL, assert_close_to_reference, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
@@ -139,8 +139,8 @@ def test_empty_and_undefined(device, backend):
 
 @pytest.mark.parametrize("device", ["cpu"])
 def test_cpp_large_and_deterministic(device):
-    if not ppokernels.info()["cpp_cpu_kernels"]:
-        pytest.skip("C++ extension not built")
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     x, mask = _data((64, 40_000), torch.float32, device, scale=100.0)  # many chunks of partials
     expect = reference.masked_whiten(x.double(), mask)
     threads = torch.get_num_threads()
@@ -315,8 +315,8 @@ def test_trainer_parity(device, backend):
 
 # ------------------------------------------------------------------------ opcheck, compile
 def test_opcheck_and_compile():
-    if not ppokernels.info()["cpp_cpu_kernels"]:
-        pytest.skip("C++ extension not built")
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     ops = torch.ops.ppokernels
     x, mask = _data((4, 9), torch.float32, "cpu")
     x.requires_grad_(True)

@@ -16,13 +16,15 @@ import pytest
 import torch
 
 from ppokernels import _backend
-from ppokernels.testing import TOL
+from ppokernels.testing import TOL, binary_skip_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cpu_isa_cases as cases  # noqa: E402
 
 X86 = platform.machine() in ("x86_64", "AMD64")
+if binary_skip_reason():
+    pytest.skip(binary_skip_reason(), allow_module_level=True)
 
 
 def _cpu_flags() -> set[str]:

@@ -3,7 +3,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import TOL, backend_params
+from ppokernels.testing import TOL, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 MODES = ["skip", "zero"]
@@ -207,8 +207,8 @@ def test_nan_handling_and_empty(device, backend):
 
 
 def test_opcheck_and_compile():
-    if not ppokernels.info()["cpp_cpu_kernels"]:
-        pytest.skip("C++ extension not built")
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     r, v, m = _inputs(3, 11, torch.float32, "cpu")
     for mode in MODES:
         torch.library.opcheck(

@@ -8,11 +8,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import assert_close_to_reference, backend_params
+from ppokernels.testing import assert_close_to_reference, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
-CPP = pytest.mark.skipif(not ppokernels.info()["cpp_cpu_kernels"], reason="C++ not built")
+CPP = pytest.mark.skipif(bool(binary_skip_reason()), reason=str(binary_skip_reason()))
 TOL32 = dict(rtol=1e-4, atol=1e-5)  # fp32 kernels vs fp64: sums over V and H in other orders
 
 
@@ -246,8 +246,8 @@ def _tp_worker(rank, world, init_file, backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_tensor_parallel_gloo(backend):
-    if backend == "cpp" and not ppokernels.info()["cpp_cpu_kernels"]:
-        pytest.skip("C++ not built")
+    if backend == "cpp" and binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_tp_worker, args=(2, os.path.join(d, "init"), backend), nprocs=2)
 

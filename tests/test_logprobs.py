@@ -3,11 +3,11 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import TOL, assert_close_to_reference, backend_params
+from ppokernels.testing import TOL, assert_close_to_reference, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
-CPP = pytest.mark.skipif(not ppokernels.info()["cpp_cpu_kernels"], reason="C++ extension not built")
+CPP = pytest.mark.skipif(bool(binary_skip_reason()), reason=str(binary_skip_reason()))
 
 
 def _vocab(backend, V):

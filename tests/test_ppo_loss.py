@@ -5,7 +5,7 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import TOL, assert_close_to_reference, backend_params
+from ppokernels.testing import TOL, assert_close_to_reference, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
@@ -259,8 +259,8 @@ def test_mixed_dtypes(device, backend):
 
 
 def test_deterministic_and_batch_invariant():
-    if "cpp" not in [b for _, b in PARAMS]:
-        pytest.skip("C++ extension not built")
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     lp, old, adv, mask = _policy_inputs(6, 333, torch.float32, "cpu", garbage=False)
     outs = [ppokernels.ppo_policy_loss(lp, old, adv, mask, agg="token-sum") for _ in range(2)]
     assert outs[0].loss.item() == outs[1].loss.item()
@@ -276,8 +276,8 @@ def test_deterministic_and_batch_invariant():
 
 
 def test_opcheck_and_compile():
-    if not ppokernels.info()["cpp_cpu_kernels"]:
-        pytest.skip("C++ extension not built")
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     lp, old, adv, mask = _policy_inputs(4, 19, torch.float32, "cpu", garbage=False)
     ref, ent, w = _extras(lp)
     for args in [

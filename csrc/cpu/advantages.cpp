@@ -6,11 +6,6 @@
 // (SIMD lanes for float) in two sweeps while it is in cache: its count, sum and mean mu_c, then
 // its sums centred at mu_c. The chunk statistics are merged in double, in chunk order (Chan et
 // al.'s pairwise update), so the result is the two-pass one and the same bits on every call.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <array>
 #include <vector>
 
@@ -32,8 +27,8 @@ struct ChunkStats {
 
 template <typename scalar_t, bool kCentred>
 void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double* gd, int64_t b,
-                 int64_t e, at::opmath_type<scalar_t> mean, double* out) {
-  using acc_t = at::opmath_type<scalar_t>;
+                 int64_t e, acc_type<scalar_t> mean, double* out) {
+  using acc_t = acc_type<scalar_t>;
   acc_t s0 = 0, s1 = 0, s2 = 0;
   int64_t i = b;
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -87,7 +82,7 @@ void chunk_sweep(const scalar_t* x, const bool* m, const float* gf, const double
 template <typename scalar_t>
 ChunkStats chunk_stats(const scalar_t* x, const bool* m, const float* gf, const double* gd,
                        int64_t b, int64_t e) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   double a[3], c[3];
   chunk_sweep<scalar_t, false>(x, m, gf, gd, b, e, acc_t(0), a);
   const acc_t mu = a[0] > 0 ? acc_t(a[1] / a[0]) : acc_t(0);  // an empty chunk centres at 0
@@ -97,10 +92,11 @@ ChunkStats chunk_stats(const scalar_t* x, const bool* m, const float* gf, const 
 
 // Statistics of x over the mask (and of g when given): fills stats (kNumStats doubles).
 template <typename scalar_t>
-void masked_stats(const scalar_t* x, const bool* m, const at::Tensor& g, int64_t n, bool unbiased,
+void masked_stats(const scalar_t* x, const bool* m, const Tensor& g, int64_t n, bool unbiased,
                   bool shift_mean, double eps, double* stats) {
-  const float* gf = g.defined() && g.scalar_type() == at::kFloat ? g.data_ptr<float>() : nullptr;
-  const double* gd = g.defined() && g.scalar_type() == at::kDouble ? g.data_ptr<double>() : nullptr;
+  const float* gf = g.defined() && g.scalar_type() == kFloat ? g.const_data_ptr<float>() : nullptr;
+  const double* gd =
+      g.defined() && g.scalar_type() == kDouble ? g.const_data_ptr<double>() : nullptr;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<ChunkStats> part(chunks);
   parallel_for_work(chunks, kChunk, [&](int64_t cb, int64_t ce) {
@@ -131,7 +127,7 @@ void masked_stats(const scalar_t* x, const bool* m, const at::Tensor& g, int64_t
 template <typename scalar_t, typename out_t, typename F>
 void map_masked(const scalar_t* x, const bool* m, const float* gf, const double* gd, out_t* y,
                 int64_t n, F f) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   parallel_for_work(n, 1, [&](int64_t b, int64_t e) {
     int64_t i = b;
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<out_t, float>) {
@@ -150,38 +146,37 @@ void map_masked(const scalar_t* x, const bool* m, const float* gf, const double*
 }  // namespace
 
 // [mean, var, count] of the masked entries, in fp32 (fp64 for fp64 x).
-at::Tensor masked_moments_cpu(const at::Tensor& x, const at::Tensor& mask, bool unbiased) {
+Tensor masked_moments_cpu(const Tensor& x, const Tensor& mask, bool unbiased) {
   const MaskedArgs a = masked_args("masked_moments", x, mask, nullptr);
   double stats[kNumStats];
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments", [&] {
-    masked_stats(a.x.data_ptr<scalar_t>(), a.m.data_ptr<bool>(), at::Tensor(), a.x.numel(),
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_moments", [&] {
+    masked_stats(a.x.const_data_ptr<scalar_t>(), a.m.const_data_ptr<bool>(), Tensor(), a.x.numel(),
                  unbiased, true, 0.0, stats);
   });
-  auto out = at::empty({3}, x.options().dtype(at::kDouble));
-  auto* o = out.data_ptr<double>();
+  auto out = empty({3}, kDouble, x);
+  auto* o = out.mutable_data_ptr<double>();
   o[0] = stats[kStatMean];
   o[1] = stats[kStatVar];
   o[2] = stats[kStatCount];
-  return out.to(acc_dtype(x));
+  return to_dtype(out, acc_dtype(x));
 }
 
-at::Tensor masked_moments_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                       const at::Tensor& mask, const at::Tensor& moments,
-                                       bool unbiased) {
+Tensor masked_moments_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& mask,
+                                   const Tensor& moments, bool unbiased) {
   const MaskedArgs a = moments_backward_args(grad, x, mask, moments);
   // the coefficients in double, from the entries as given
-  const auto g = grad.to(at::kDouble).contiguous();
-  const auto mo = moments.to(at::kDouble).contiguous();
-  const double mean = mo.data_ptr<double>()[0];
-  const MomentsCoefs c =
-      moments_coefs(g.data_ptr<double>()[0], g.data_ptr<double>()[1], mo.data_ptr<double>()[2],
-                    unbiased);
+  const auto g = contiguous(to_dtype(grad, kDouble));
+  const auto mo = contiguous(to_dtype(moments, kDouble));
+  const double* gp = g.const_data_ptr<double>();
+  const double* mp = mo.const_data_ptr<double>();
+  const double mean = mp[0];
+  const MomentsCoefs c = moments_coefs(gp[0], gp[1], mp[2], unbiased);
   const double c_mean = c.mean, c_var = c.var;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_moments_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
     const acc_t mu = acc_t(mean), cm = acc_t(c_mean), cv = acc_t(c_var);
-    map_masked(a.x.data_ptr<scalar_t>(), a.m.data_ptr<bool>(), nullptr, nullptr,
-               a.out.data_ptr<scalar_t>(), a.x.numel(), [&](auto xv, auto mv, auto) {
+    map_masked(a.x.const_data_ptr<scalar_t>(), a.m.const_data_ptr<bool>(), nullptr, nullptr,
+               a.out.mutable_data_ptr<scalar_t>(), a.x.numel(), [&](auto xv, auto mv, auto) {
                  using V = decltype(xv);
                  return moments_grad(xv, mv, V(mu), V(cm), V(cv));
                });
@@ -189,19 +184,19 @@ at::Tensor masked_moments_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return a.out;
 }
 
-at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
-                             bool unbiased, double eps) {
+Tensor masked_whiten_cpu(const Tensor& x, const Tensor& mask, bool shift_mean, bool unbiased,
+                         double eps) {
   const MaskedArgs a = whiten_args(x, mask);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_whiten", [&] {
+    using acc_t = acc_type<scalar_t>;
     double stats[kNumStats];
-    const scalar_t* xp = a.x.data_ptr<scalar_t>();
-    masked_stats(xp, a.m.data_ptr<bool>(), at::Tensor(), a.x.numel(), unbiased, shift_mean, eps,
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    masked_stats(xp, a.m.const_data_ptr<bool>(), Tensor(), a.x.numel(), unbiased, shift_mean, eps,
                  stats);
     const acc_t mu = acc_t(stats[kStatMean]), r = acc_t(stats[kStatRstd]);
     const acc_t back = shift_mean ? acc_t(0) : mu;
-    map_masked(xp, a.m.data_ptr<bool>(), nullptr, nullptr, a.out.data_ptr<acc_t>(), a.x.numel(),
-               [&](auto xv, auto, auto) {
+    map_masked(xp, a.m.const_data_ptr<bool>(), nullptr, nullptr, a.out.mutable_data_ptr<acc_t>(),
+               a.x.numel(), [&](auto xv, auto, auto) {
                  using V = decltype(xv);
                  return whiten_value(xv, V(mu), V(r), V(back));
                });
@@ -209,21 +204,21 @@ at::Tensor masked_whiten_cpu(const at::Tensor& x, const at::Tensor& mask, bool s
   return a.out;
 }
 
-at::Tensor masked_whiten_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                      const at::Tensor& mask, bool shift_mean, bool unbiased,
-                                      double eps) {
+Tensor masked_whiten_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& mask,
+                                  bool shift_mean, bool unbiased, double eps) {
   const MaskedArgs a = whiten_backward_args(grad, x, mask);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_whiten_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
     double stats[kNumStats];
-    const scalar_t* xp = a.x.data_ptr<scalar_t>();
-    masked_stats(xp, a.m.data_ptr<bool>(), a.g, a.x.numel(), unbiased, shift_mean, eps, stats);
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    masked_stats(xp, a.m.const_data_ptr<bool>(), a.g, a.x.numel(), unbiased, shift_mean, eps,
+                 stats);
     const acc_t mu = acc_t(stats[kStatMean]), r = acc_t(stats[kStatRstd]);
     const acc_t cg = acc_t(stats[kStatCoefG]), ch = acc_t(stats[kStatCoefH]);
-    const float* gf = a.g.scalar_type() == at::kFloat ? a.g.data_ptr<float>() : nullptr;
-    const double* gd = a.g.scalar_type() == at::kDouble ? a.g.data_ptr<double>() : nullptr;
-    map_masked(xp, a.m.data_ptr<bool>(), gf, gd, a.out.data_ptr<scalar_t>(), a.x.numel(),
-               [&](auto xv, auto mv, auto gv) {
+    const float* gf = a.g.scalar_type() == kFloat ? a.g.const_data_ptr<float>() : nullptr;
+    const double* gd = a.g.scalar_type() == kDouble ? a.g.const_data_ptr<double>() : nullptr;
+    map_masked(xp, a.m.const_data_ptr<bool>(), gf, gd, a.out.mutable_data_ptr<scalar_t>(),
+               a.x.numel(), [&](auto xv, auto mv, auto gv) {
                  using V = decltype(xv);
                  return whiten_grad(gv, xv, mv, V(mu), V(r), V(cg), V(ch));
                });
@@ -232,11 +227,11 @@ at::Tensor masked_whiten_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_advantages(torch::Library& m) {
-  m.impl("masked_moments", &masked_moments_cpu);
-  m.impl("masked_moments_backward", &masked_moments_backward_cpu);
-  m.impl("masked_whiten", &masked_whiten_cpu);
-  m.impl("masked_whiten_backward", &masked_whiten_backward_cpu);
+void register_advantages(Library& m) {
+  m.impl("masked_moments", TORCH_BOX(&masked_moments_cpu));
+  m.impl("masked_moments_backward", TORCH_BOX(&masked_moments_backward_cpu));
+  m.impl("masked_whiten", TORCH_BOX(&masked_whiten_cpu));
+  m.impl("masked_whiten_backward", TORCH_BOX(&masked_whiten_backward_cpu));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

@@ -2,10 +2,6 @@
 // (forward, backward), per group statistics accumulated sequentially in index order
 // (deterministic; a few microseconds at RL batch sizes). Setup in ppokernels/advantages_args.h,
 // math in ppokernels/advantages.h.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
 #include <vector>
 
 #include "ppokernels/cpu_isa.h"
@@ -20,12 +16,12 @@ template <typename scalar_t>
 std::vector<GroupCoefs> group_pass(const scalar_t* s, const int64_t* ids, int64_t b,
                                    int64_t num_groups, GroupEstimator est, double eps,
                                    bool norm_by_std, std::vector<double>* count) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   std::vector<acc_t> sum(num_groups, 0), sq(num_groups, 0);
   count->assign(num_groups, 0.0);
   for (int64_t i = 0; i < b; ++i) {
     const int64_t k = ids[i];
-    TORCH_CHECK(k >= 0 && k < num_groups, "group_advantages: group id ", k, " out of range");
+    PPK_CHECK(k >= 0 && k < num_groups, "group_advantages: group id ", k, " out of range");
     (*count)[k] += 1.0;
     sum[k] += acc_t(s[i]);
   }
@@ -44,20 +40,19 @@ std::vector<GroupCoefs> group_pass(const scalar_t* s, const int64_t* ids, int64_
 
 }  // namespace
 
-at::Tensor group_advantages_cpu(const at::Tensor& scores, const at::Tensor& group_ids,
-                                int64_t num_groups, const std::string& estimator, double eps,
-                                bool norm_by_std) {
+Tensor group_advantages_cpu(const Tensor& scores, const Tensor& group_ids, int64_t num_groups,
+                            const std::string& estimator, double eps, bool norm_by_std) {
   const GroupArgs a = group_args("group_advantages", scores, group_ids, num_groups, estimator,
                                  nullptr);
   const auto &s = a.s, &ids = a.ids, &out = a.out;
   const GroupEstimator est = a.est;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const int64_t* ip = ids.data_ptr<int64_t>();
+  PPK_DISPATCH_FLOATING(s.scalar_type(), "group_adv", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const int64_t* ip = ids.const_data_ptr<int64_t>();
     std::vector<double> count;
     const auto c = group_pass(sp, ip, s.numel(), num_groups, est, eps, norm_by_std, &count);
-    acc_t* o = out.data_ptr<acc_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
     for (int64_t i = 0; i < s.numel(); ++i) {
       const GroupCoefs& k = c[ip[i]];
       o[i] = (acc_t(sp[i]) - acc_t(k.center)) * acc_t(k.scale);
@@ -66,19 +61,18 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores, const at::Tensor& grou
   return a.out;
 }
 
-at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tensor& scores,
-                                         const at::Tensor& group_ids, int64_t num_groups,
-                                         const std::string& estimator, double eps,
-                                         bool norm_by_std) {
+Tensor group_advantages_backward_cpu(const Tensor& grad, const Tensor& scores,
+                                     const Tensor& group_ids, int64_t num_groups,
+                                     const std::string& estimator, double eps, bool norm_by_std) {
   const GroupArgs a = group_args("group_advantages_backward", scores, group_ids, num_groups,
                                  estimator, &grad);
   const auto &s = a.s, &ids = a.ids, &g = a.g, &ds = a.out;
   const GroupEstimator est = a.est;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "group_adv_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const int64_t* ip = ids.data_ptr<int64_t>();
-    const acc_t* gp = g.data_ptr<acc_t>();
+  PPK_DISPATCH_FLOATING(s.scalar_type(), "group_adv_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const int64_t* ip = ids.const_data_ptr<int64_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
     std::vector<double> count;
     const auto c = group_pass(sp, ip, s.numel(), num_groups, est, eps, norm_by_std, &count);
     std::vector<acc_t> sg(num_groups, 0), sgd(num_groups, 0);
@@ -93,7 +87,7 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tenso
       cg[k] = acc_t(a);
       ch[k] = acc_t(b);
     }
-    scalar_t* o = ds.data_ptr<scalar_t>();
+    scalar_t* o = ds.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < s.numel(); ++i) {
       const int64_t k = ip[i];
       const acc_t d = acc_t(sp[i]) - acc_t(c[k].mean);
@@ -104,9 +98,9 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad, const at::Tenso
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_advantages_group(torch::Library& m) {
-  m.impl("group_advantages", &group_advantages_cpu);
-  m.impl("group_advantages_backward", &group_advantages_backward_cpu);
+void register_advantages_group(Library& m) {
+  m.impl("group_advantages", TORCH_BOX(&group_advantages_cpu));
+  m.impl("group_advantages_backward", TORCH_BOX(&group_advantages_backward_cpu));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

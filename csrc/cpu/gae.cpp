@@ -2,11 +2,6 @@
 // rows or chunks of rows per SIMD step in ppokernels/gae_cpu_simd.h, groups of them in parallel),
 // and their backward passes (the transposed scans, forward in time). Setup in
 // ppokernels/gae_args.h, the math of one step in ppokernels/gae.h.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <vector>
 
 #include "ppokernels/cpu_isa.h"
@@ -220,67 +215,68 @@ void scan_backward(const A* g_adv, const A* g_ret, const bool* mask, scalar_t* g
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
-                                           const at::Tensor& mask, double gamma, double lam,
-                                           const std::string& mode_name) {
+std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values,
+                                   const Tensor& mask, double gamma, double lam,
+                                   const std::string& mode_name) {
   const auto a = gae_forward_args("gae", rewards, &values, mask, gamma, lam, mode_name);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "gae_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    scan_forward<scalar_t, A>(a.r.data_ptr<scalar_t>(), a.v.data_ptr<scalar_t>(),
-                              a.m.data_ptr<bool>(), a.adv.data_ptr<A>(), a.ret.data_ptr<A>(),
-                              a.rows, A(gamma), A(lam), a.rows.mode);
+  PPK_DISPATCH_FLOATING(a.r.scalar_type(), "gae_cpu", [&] {
+    using A = acc_type<scalar_t>;
+    scan_forward<scalar_t, A>(a.r.const_data_ptr<scalar_t>(), a.v.const_data_ptr<scalar_t>(),
+                              a.m.const_data_ptr<bool>(), a.adv.mutable_data_ptr<A>(),
+                              a.ret.mutable_data_ptr<A>(), a.rows, A(gamma), A(lam), a.rows.mode);
   });
   return {a.adv, a.ret};
 }
 
-std::tuple<at::Tensor, at::Tensor> gae_backward_cpu(const at::Tensor& grad_advantages,
-                                                    const at::Tensor& grad_returns,
-                                                    const at::Tensor& mask, double gamma,
-                                                    double lam, const std::string& mode_name,
-                                                    at::ScalarType dtype) {
+std::tuple<Tensor, Tensor> gae_backward_cpu(const Tensor& grad_advantages,
+                                            const Tensor& grad_returns, const Tensor& mask,
+                                            double gamma, double lam,
+                                            const std::string& mode_name, ScalarType dtype) {
   const auto a = gae_backward_args("gae_backward", &grad_advantages, grad_returns, mask, gamma,
                                    lam, mode_name, dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    scan_backward<scalar_t, A>(a.ga.data_ptr<A>(), a.gr.data_ptr<A>(), a.m.data_ptr<bool>(),
-                               a.grad_r.data_ptr<scalar_t>(), a.grad_v.data_ptr<scalar_t>(),
-                               a.rows, A(gamma), A(lam), a.rows.mode);
+  PPK_DISPATCH_FLOATING(dtype, "gae_backward_cpu", [&] {
+    using A = acc_type<scalar_t>;
+    scan_backward<scalar_t, A>(a.ga.const_data_ptr<A>(), a.gr.const_data_ptr<A>(),
+                               a.m.const_data_ptr<bool>(), a.grad_r.mutable_data_ptr<scalar_t>(),
+                               a.grad_v.mutable_data_ptr<scalar_t>(), a.rows, A(gamma), A(lam),
+                               a.rows.mode);
   });
   return {a.grad_r, a.grad_v};
 }
 
-at::Tensor discounted_returns_cpu(const at::Tensor& rewards, const at::Tensor& mask, double gamma,
-                                  const std::string& mode_name) {
+Tensor discounted_returns_cpu(const Tensor& rewards, const Tensor& mask, double gamma,
+                              const std::string& mode_name) {
   const auto a = gae_forward_args("discounted_returns", rewards, nullptr, mask, gamma, 1.0,
                                   mode_name);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "returns_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    scan_forward<scalar_t, A>(a.r.data_ptr<scalar_t>(), nullptr, a.m.data_ptr<bool>(),
-                              a.adv.data_ptr<A>(), nullptr, a.rows, A(gamma), A(1), a.rows.mode);
+  PPK_DISPATCH_FLOATING(a.r.scalar_type(), "returns_cpu", [&] {
+    using A = acc_type<scalar_t>;
+    scan_forward<scalar_t, A>(a.r.const_data_ptr<scalar_t>(), nullptr, a.m.const_data_ptr<bool>(),
+                              a.adv.mutable_data_ptr<A>(), nullptr, a.rows, A(gamma), A(1),
+                              a.rows.mode);
   });
   return a.adv;
 }
 
-at::Tensor discounted_returns_backward_cpu(const at::Tensor& grad_returns, const at::Tensor& mask,
-                                           double gamma, const std::string& mode_name,
-                                           at::ScalarType dtype) {
+Tensor discounted_returns_backward_cpu(const Tensor& grad_returns, const Tensor& mask,
+                                       double gamma, const std::string& mode_name,
+                                       ScalarType dtype) {
   const auto a = gae_backward_args("discounted_returns_backward", nullptr, grad_returns, mask,
                                    gamma, 1.0, mode_name, dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
-    scan_backward<scalar_t, A>(nullptr, a.gr.data_ptr<A>(), a.m.data_ptr<bool>(),
-                               a.grad_r.data_ptr<scalar_t>(), nullptr, a.rows, A(gamma), A(1),
-                               a.rows.mode);
+  PPK_DISPATCH_FLOATING(dtype, "returns_backward_cpu", [&] {
+    using A = acc_type<scalar_t>;
+    scan_backward<scalar_t, A>(nullptr, a.gr.const_data_ptr<A>(), a.m.const_data_ptr<bool>(),
+                               a.grad_r.mutable_data_ptr<scalar_t>(), nullptr, a.rows, A(gamma),
+                               A(1), a.rows.mode);
   });
   return a.grad_r;
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_gae(torch::Library& m) {
-  m.impl("gae", &gae_cpu);
-  m.impl("gae_backward", &gae_backward_cpu);
-  m.impl("discounted_returns", &discounted_returns_cpu);
-  m.impl("discounted_returns_backward", &discounted_returns_backward_cpu);
+void register_gae(Library& m) {
+  m.impl("gae", TORCH_BOX(&gae_cpu));
+  m.impl("gae_backward", TORCH_BOX(&gae_backward_cpu));
+  m.impl("discounted_returns", TORCH_BOX(&discounted_returns_cpu));
+  m.impl("discounted_returns_backward", TORCH_BOX(&discounted_returns_backward_cpu));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

@@ -1,10 +1,5 @@
 // CPU kernels of the kl family: per-token KL estimators, forward and backward. Setup (checks,
 // parsing, allocation) in ppokernels/kl_args.h, the math of one token in ppokernels/kl.h.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include "ppokernels/cpu_isa.h"
 #include "ppokernels/cpu_vec.h"
 #include "ppokernels/kl_args.h"
@@ -36,14 +31,14 @@ constexpr int64_t kTokenCost = 4;
 
 }  // namespace
 
-at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+Tensor kl_penalty_cpu(const Tensor& logprobs, const Tensor& ref_logprobs,
                           const std::string& estimator, std::optional<double> clamp) {
   const KLArgs k = kl_args("kl_penalty", logprobs, ref_logprobs, estimator, clamp, nullptr);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* a = k.lp.data_ptr<scalar_t>();
-    const scalar_t* b = k.ref.data_ptr<scalar_t>();
-    acc_t* y = k.out.data_ptr<acc_t>();
+  PPK_DISPATCH_FLOATING(k.lp.scalar_type(), "kl_penalty_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* a = k.lp.const_data_ptr<scalar_t>();
+    const scalar_t* b = k.ref.const_data_ptr<scalar_t>();
+    acc_t* y = k.out.mutable_data_ptr<acc_t>();
     parallel_for_work(k.lp.numel(), kTokenCost, [&](int64_t begin, int64_t end) {
       map3<scalar_t, acc_t>(a, b, static_cast<const acc_t*>(nullptr), y, begin, end,
                             [&](auto x1, auto x2, auto) { return kl_value(x1 - x2, k.est, k.clamp); });
@@ -53,16 +48,16 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logp
 }
 
 // Gradient with respect to logprobs; the gradient with respect to ref_logprobs is its negative.
-at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& logprobs,
-                                   const at::Tensor& ref_logprobs, const std::string& estimator,
+Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logprobs,
+                                   const Tensor& ref_logprobs, const std::string& estimator,
                                    std::optional<double> clamp) {
   const KLArgs k = kl_args("kl_penalty_backward", logprobs, ref_logprobs, estimator, clamp, &grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* a = k.lp.data_ptr<scalar_t>();
-    const scalar_t* b = k.ref.data_ptr<scalar_t>();
-    const acc_t* gy = k.g.data_ptr<acc_t>();
-    scalar_t* gx = k.out.data_ptr<scalar_t>();
+  PPK_DISPATCH_FLOATING(k.lp.scalar_type(), "kl_penalty_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* a = k.lp.const_data_ptr<scalar_t>();
+    const scalar_t* b = k.ref.const_data_ptr<scalar_t>();
+    const acc_t* gy = k.g.const_data_ptr<acc_t>();
+    scalar_t* gx = k.out.mutable_data_ptr<scalar_t>();
     parallel_for_work(k.lp.numel(), kTokenCost, [&](int64_t begin, int64_t end) {
       map3<scalar_t, acc_t>(a, b, gy, gx, begin, end, [&](auto x1, auto x2, auto gv) {
         return gv * kl_grad(x1 - x2, k.est, k.clamp, k.straight_through);
@@ -73,9 +68,9 @@ at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& log
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_kl(torch::Library& m) {
-  m.impl("kl_penalty", &kl_penalty_cpu);
-  m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
+void register_kl(Library& m) {
+  m.impl("kl_penalty", TORCH_BOX(&kl_penalty_cpu));
+  m.impl("kl_penalty_backward", TORCH_BOX(&kl_penalty_backward_cpu));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

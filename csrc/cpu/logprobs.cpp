@@ -1,14 +1,9 @@
 // CPU kernels of the logprobs family: per-token log-probs (and entropy) from logits, and the
 // gradient with respect to the logits. One pass over each row in both directions (the forward on
 // AVX-512 in two: the max, then the sums, the row still in L2; see row_stats_two_pass); rows are
-// spread over threads with at::parallel_for, columns over SIMD lanes (fp32 math for fp32, bf16
-// and fp16 logits; fp64 for fp64). Each row is computed the same way wherever it sits in the
-// batch, so its results are bitwise independent of the batch size.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// spread over threads with torch::stable::parallel_for, columns over SIMD lanes (fp32 math for
+// fp32, bf16 and fp16 logits; fp64 for fp64). Each row is computed the same way wherever it sits
+// in the batch, so its results are bitwise independent of the batch size.
 #include <atomic>
 #include <cfloat>
 #include <cstring>
@@ -33,7 +28,7 @@ int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int6
 //   2^f = sum_k (f ln 2)^k / k!  for k <= 7 (truncation below 5.2e-9, inside fp32 rounding),
 // scaled by 2^n with vscalefps, which rounds underflow to 0 (no range checks). x is clamped to
 // >= -160 first, so -inf gives exactly 0 (2^-231) and NaN stays NaN (max returns its second
-// operand when either is NaN). About half the instructions of ATen's exp_u20, which handles any
+// operand when either is NaN). Fewer instructions than VecF::exp (cpu_vecf.h), which handles any
 // x. Other levels and scalar types: vexp.
 struct ExpNonPositive {
   template <typename T>
@@ -57,8 +52,8 @@ struct ExpNonPositive {
 };
 
 // ---------------------------------------------------------------- loads and stores
-// Vector type W and its lane count for a storage type: Vectorized<float> for float, bf16 and
-// fp16 (converted on load), plain double for double (scalar loop, used by gradcheck).
+// Vector type W and its lane count for a storage type: VecF for float, bf16 and fp16 (converted
+// on load), plain double for double (scalar loop, used by gradcheck).
 template <typename scalar_t> struct Lanes {
   using W = VecF;
   static constexpr int64_t L = kVecF;
@@ -184,14 +179,10 @@ void row_grad(const scalar_t* in, scalar_t* out, int64_t V, int64_t y, acc_t lse
     for (; j + VecF::size() <= V; j += VecF::size()) {
       logprobs_grad(VecF::loadu(in + j) * s, l, mz, a, b).store(out + j);
     }
-  } else if constexpr (!std::is_same_v<scalar_t, double>) {  // bf16 / fp16: 2 float vectors
-    using VecS = at::vec::Vectorized<scalar_t>;
+  } else if constexpr (!std::is_same_v<scalar_t, double>) {  // bf16 / fp16: as fp32 lanes
     const VecF s(inv_t), l(lse), mz(mean_z), a(c0), b(c1);
-    for (; j + VecS::size() <= V; j += VecS::size()) {
-      auto [x0, x1] = at::vec::convert_to_float<scalar_t>(VecS::loadu(in + j));
-      at::vec::convert_from_float<scalar_t>(logprobs_grad(x0 * s, l, mz, a, b),
-                                            logprobs_grad(x1 * s, l, mz, a, b))
-          .store(out + j);
+    for (; j + kVecF <= V; j += kVecF) {
+      store_float(out + j, logprobs_grad(load_float(in + j) * s, l, mz, a, b));
     }
   }
   for (; j < V; ++j) {
@@ -203,21 +194,21 @@ void row_grad(const scalar_t* in, scalar_t* out, int64_t V, int64_t y, acc_t lse
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
+std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(
+    const Tensor& logits, const Tensor& labels, double temperature, bool with_entropy,
     int64_t ignore_index, bool /*inplace_backward: autograd only*/) {
   const LogprobsForwardArgs a = logprobs_forward_args(logits, labels, temperature, with_entropy);
   const int64_t V = a.V;
   std::atomic<int64_t> bad_row{-1};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "token_logprobs_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* base = a.x.const_data_ptr<scalar_t>();
     const int64_t* y = a.lab.const_data_ptr<int64_t>();
     acc_t* lp = a.lp.mutable_data_ptr<acc_t>();
     acc_t* ent = with_entropy ? a.ent.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* ls = a.lse.mutable_data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, a.n, row_grain(V), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, a.n, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t label = y[r];
         const bool ignored = label == ignore_index;
@@ -239,9 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(
     });
   });
   const int64_t r = bad_row.load();
-  TORCH_CHECK_INDEX(r < 0, "token_logprobs: labels contains ", a.lab.view(-1)[r].item<int64_t>(),
-                    " (flat index ", r, "), outside [0, V) for V = ", V,
-                    " and not ignore_index = ", ignore_index);
+  // a RuntimeError (the stable ABI carries no IndexError); a.lab is contiguous: r is its index
+  PPK_CHECK(r < 0, "token_logprobs: labels contains ", a.lab.const_data_ptr<int64_t>()[r],
+            " (flat index ", r, "), outside [0, V) for V = ", V,
+            " and not ignore_index = ", ignore_index);
   return {a.lp, a.ent, a.lse};
 }
 
@@ -249,8 +241,8 @@ namespace {
 // dz of every row into a.dst (token_logprobs_backward and its in-place form, logprobs_args.h).
 void backward_cpu(const LogprobsBackwardArgs& a, double inv_temperature, int64_t ignore_index) {
   const int64_t V = a.V;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "token_logprobs_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
     const scalar_t* in = a.x.const_data_ptr<scalar_t>();
     scalar_t* o = a.dst.mutable_data_ptr<scalar_t>();
     const int64_t* y = a.lab.const_data_ptr<int64_t>();
@@ -259,7 +251,7 @@ void backward_cpu(const LogprobsBackwardArgs& a, double inv_temperature, int64_t
     const acc_t* h = a.has_ent ? a.ent.const_data_ptr<acc_t>() : nullptr;
     const acc_t* l = a.lse.const_data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    at::parallel_for(0, a.n, row_grain(V), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, a.n, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t label = y[r];
         const acc_t gl = glp[r], ge = gent ? gent[r] : acc_t(0);
@@ -278,10 +270,10 @@ void backward_cpu(const LogprobsBackwardArgs& a, double inv_temperature, int64_t
 }  // namespace
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_logprobs(torch::Library& m) {
-  m.impl("token_logprobs", &token_logprobs_cpu);
-  m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_cpu>);
-  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_op<backward_cpu>);
+void register_logprobs(Library& m) {
+  m.impl("token_logprobs", TORCH_BOX(&token_logprobs_cpu));
+  m.impl("token_logprobs_backward", TORCH_BOX(&token_logprobs_backward_op<backward_cpu>));
+  m.impl("token_logprobs_backward_", TORCH_BOX(&token_logprobs_backward_inplace_op<backward_cpu>));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

@@ -3,15 +3,10 @@
 // backward. The value loss is in ppo_loss_value.cpp; setup in ppokernels/ppo_loss_args.h, the
 // math of one token in ppokernels/ppo_loss.h.
 //
-// Forward: at::parallel_for over rows; each row is reduced on its own (SIMD lanes, then the lanes
-// in order) into per-row partial sums; a sequential pass over rows in double then applies the
-// aggregation weights. The same row gives the same bits whatever the batch or thread count.
-// Chunks of masked tokens are skipped outright (padding costs no work).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
+// Forward: torch::stable::parallel_for over rows; each row is reduced on its own (SIMD lanes,
+// then the lanes in order) into per-row partial sums; a sequential pass over rows in double then
+// applies the aggregation weights. The same row gives the same bits whatever the batch or thread
+// count. Chunks of masked tokens are skipped outright (padding costs no work).
 #include <vector>
 
 #include "ppokernels/cpu_isa.h"
@@ -24,7 +19,7 @@ namespace {
 // Per-row token pointers of the policy inputs, typed.
 template <typename scalar_t>
 struct PolicyRow {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const scalar_t *lp, *old, *ref, *ent;
   const acc_t *adv, *w;
   const bool* m;
@@ -32,13 +27,13 @@ struct PolicyRow {
 
   PolicyRow(const PolicyArgs& c, int64_t b) {
     const int64_t o = b * c.T;
-    lp = c.lp.data_ptr<scalar_t>() + o;
-    old = c.old.data_ptr<scalar_t>() + o;
-    ref = c.ref.defined() ? c.ref.data_ptr<scalar_t>() + o : nullptr;
-    ent = c.ent.defined() ? c.ent.data_ptr<scalar_t>() + o : nullptr;
-    adv = c.adv.data_ptr<acc_t>() + (c.adv_row ? b : o);
-    w = c.w.defined() ? c.w.data_ptr<acc_t>() + (c.w_row ? b : o) : nullptr;
-    m = c.mask.data_ptr<bool>() + o;
+    lp = c.lp.const_data_ptr<scalar_t>() + o;
+    old = c.old.const_data_ptr<scalar_t>() + o;
+    ref = c.ref.defined() ? c.ref.const_data_ptr<scalar_t>() + o : nullptr;
+    ent = c.ent.defined() ? c.ent.const_data_ptr<scalar_t>() + o : nullptr;
+    adv = c.adv.const_data_ptr<acc_t>() + (c.adv_row ? b : o);
+    w = c.w.defined() ? c.w.const_data_ptr<acc_t>() + (c.w_row ? b : o) : nullptr;
+    m = c.mask.const_data_ptr<bool>() + o;
     adv_row = c.adv_row;
     w_row = c.w_row;
   }
@@ -56,7 +51,7 @@ struct PolicyRow {
 // row values ra, rb and the row's surrogate loss (policy_row_values). out = {ra, rb, row_loss}.
 template <typename scalar_t>
 void row_pass(const PolicyRow<scalar_t>& row, int64_t width,
-              const PolicyParams<at::opmath_type<scalar_t>>& p, double* out) {
+              const PolicyParams<acc_type<scalar_t>>& p, double* out) {
   double s[4];
   row_accumulate<4, scalar_t>(
       width, row.m,
@@ -79,10 +74,10 @@ void row_pass(const PolicyRow<scalar_t>& row, int64_t width,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
-    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
-    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
+std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
+    const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+    const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+    const std::optional<Tensor>& entropy, const std::optional<Tensor>& is_weights,
     double clip_low, double clip_high, std::optional<double> dual_clip,
     std::optional<double> logratio_clamp, const std::string& ratio_level, const std::string& agg,
     std::optional<double> num_tokens, std::optional<double> num_seqs, double kl_coef,
@@ -95,12 +90,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
                                    entropy_coef);
   const int64_t B = c.B, T = c.T;
   const auto acc = acc_dtype(logprobs);
-  const auto opts = logprobs.options().dtype(acc);
   std::vector<double> part(static_cast<size_t>(B) * kPolicyK, 0.0);
   std::vector<double> rowv(static_cast<size_t>(B) * 3, 0.0);  // ra, rb, row loss
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cpu", [&] {
+  PPK_DISPATCH_FLOATING(c.lp.scalar_type(), "ppo_policy_cpu", [&] {
     parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
-      const auto prm = policy_params_as<at::opmath_type<scalar_t>>(c.p);
+      const auto prm = policy_params_as<acc_type<scalar_t>>(c.p);
       for (int64_t b = b0; b < b1; ++b) {
         const PolicyRow<scalar_t> row(c, b);
         double* rv = rowv.data() + 3 * b;
@@ -129,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   double n_total = 0;
   for (int64_t b = 0; b < B; ++b) n_total += part[b * kPolicyK + kPN];
   double loss = 0, kl = 0, ent = 0, clip = 0, neg_lr = 0, dual = 0;
-  auto row_stats = at::empty({B, kPolicyRowStats}, opts.dtype(at::kDouble));
-  double* rs = row_stats.data_ptr<double>();
+  auto row_stats = empty({B, kPolicyRowStats}, kDouble, logprobs);
+  double* rs = row_stats.mutable_data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
     const double* p = part.data() + b * kPolicyK;
     const double w = agg_row_scale(mode, p[kPN], n_total, num_tokens.value_or(0.0),
@@ -155,16 +149,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
     dual += p[kPDual];
   }
   const double inv_n = n_total > 0 ? 1.0 / n_total : 0.0;
-  auto metrics = at::tensor({clip * inv_n, neg_lr * inv_n, dual * inv_n, kl, ent},
-                            at::TensorOptions().dtype(at::kDouble));
-  return {at::scalar_tensor(loss, opts), metrics.to(acc), row_stats.to(acc)};
+  const double mv[kPolicyMetrics] = {clip * inv_n, neg_lr * inv_n, dual * inv_n, kl, ent};
+  auto metrics = empty({kPolicyMetrics}, kDouble, logprobs);
+  std::copy(mv, mv + kPolicyMetrics, metrics.mutable_data_ptr<double>());
+  return {scalar_tensor(loss, acc, logprobs), to_dtype(metrics, acc), to_dtype(row_stats, acc)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-    const at::Tensor& advantages, const at::Tensor& mask,
-    const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& entropy,
-    const std::optional<at::Tensor>& is_weights, const at::Tensor& row_stats, double clip_low,
+std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cpu(
+    const Tensor& grad, const Tensor& logprobs, const Tensor& old_logprobs,
+    const Tensor& advantages, const Tensor& mask,
+    const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& entropy,
+    const std::optional<Tensor>& is_weights, const Tensor& row_stats, double clip_low,
     double clip_high, std::optional<double> dual_clip, std::optional<double> logratio_clamp,
     const std::string& ratio_level, double kl_coef, const std::string& kl_estimator,
     std::optional<double> kl_clamp, double entropy_coef) {
@@ -175,15 +170,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
                                    entropy_coef);
   const int64_t B = c.B, T = c.T;
   const PolicyGrads out = policy_grad_outputs(op, c, grad, row_stats);
-  const at::Tensor &grad_lp = out.lp, &grad_ref = out.ref, &grad_ent = out.ent;
-  const auto rs = row_stats.to(at::kDouble).contiguous();
-  const double* rsp = rs.data_ptr<double>();
-  const double g = grad.to(at::kDouble).item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* glp = grad_lp.data_ptr<scalar_t>();
-    scalar_t* gref = c.ref.defined() ? grad_ref.data_ptr<scalar_t>() : nullptr;
-    scalar_t* gent = c.ent.defined() ? grad_ent.data_ptr<scalar_t>() : nullptr;
+  const Tensor &grad_lp = out.lp, &grad_ref = out.ref, &grad_ent = out.ent;
+  const auto rs = contiguous(to_dtype(row_stats, kDouble));
+  const double* rsp = rs.const_data_ptr<double>();
+  const double g = item_double(grad);
+  PPK_DISPATCH_FLOATING(c.lp.scalar_type(), "ppo_policy_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scalar_t* glp = grad_lp.mutable_data_ptr<scalar_t>();
+    scalar_t* gref = c.ref.defined() ? grad_ref.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gent = c.ent.defined() ? grad_ent.mutable_data_ptr<scalar_t>() : nullptr;
     parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       const auto prm = policy_params_as<acc_t>(c.p);
       for (int64_t b = b0; b < b1; ++b) {
@@ -222,9 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cpu(
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_ppo_loss(torch::Library& m) {
-  m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
-  m.impl("ppo_policy_loss_backward", &ppo_policy_loss_backward_cpu);
+void register_ppo_loss(Library& m) {
+  m.impl("ppo_policy_loss", TORCH_BOX(&ppo_policy_loss_cpu));
+  m.impl("ppo_policy_loss_backward", TORCH_BOX(&ppo_policy_loss_backward_cpu));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

@@ -2,11 +2,6 @@
 // and clip fraction in one pass over [B, T]) and its backward. Same structure as the policy loss
 // (ppo_loss.cpp); setup in ppokernels/ppo_loss_args.h, the math of one token in
 // ppokernels/ppo_loss.h.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <vector>
 
 #include "ppokernels/cpu_isa.h"
@@ -20,16 +15,16 @@ namespace {
 // [t, t + width(V)) and its gradient.
 template <typename scalar_t>
 struct ValueRow {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const scalar_t *v, *vo;
   const acc_t* ret;
   const bool* m;
 
   ValueRow(const ValueArgs& c, int64_t b)
-      : v(c.v.data_ptr<scalar_t>() + b * c.T),
-        vo(c.vo.data_ptr<scalar_t>() + b * c.T),
-        ret(c.ret.data_ptr<acc_t>() + b * c.T),
-        m(c.mask.data_ptr<bool>() + b * c.T) {}
+      : v(c.v.const_data_ptr<scalar_t>() + b * c.T),
+        vo(c.vo.const_data_ptr<scalar_t>() + b * c.T),
+        ret(c.ret.const_data_ptr<acc_t>() + b * c.T),
+        m(c.mask.const_data_ptr<bool>() + b * c.T) {}
   template <typename V>
   V token(int64_t t, double clip, V* d, V* clipped) const {
     return value_token(vload<V>(v + t), vload<V>(vo + t), vload<V>(ret + t), clip, d, clipped);
@@ -38,9 +33,9 @@ struct ValueRow {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
-    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const at::Tensor& mask, std::optional<double> clip, const std::string& agg,
+std::tuple<Tensor, Tensor, Tensor> value_loss_cpu(
+    const Tensor& values, const Tensor& old_values, const Tensor& returns,
+    const Tensor& mask, std::optional<double> clip, const std::string& agg,
     std::optional<double> num_tokens, std::optional<double> num_seqs) {
   const char* op = "value_loss";
   const AggMode mode = ppo_agg_mode(op, agg);
@@ -49,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   const double eps = c.clip;
   const auto acc = acc_dtype(values);
   std::vector<double> part(static_cast<size_t>(B) * 3, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_loss_cpu", [&] {
+  PPK_DISPATCH_FLOATING(c.v.scalar_type(), "value_loss_cpu", [&] {
     parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const ValueRow<scalar_t> row(c, b);
@@ -70,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   });
   double n_total = 0, loss = 0, clipped = 0;
   for (int64_t b = 0; b < B; ++b) n_total += part[3 * b];
-  auto row_scale = at::empty({B}, at::TensorOptions().dtype(at::kDouble));
-  double* rs = row_scale.data_ptr<double>();
+  auto row_scale = empty({B}, kDouble, values);
+  double* rs = row_scale.mutable_data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
     const double w = agg_row_scale(mode, part[3 * b], n_total, num_tokens.value_or(0.0),
                                    num_seqs.value_or(0.0), B, T);
@@ -79,26 +74,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
     if (w != 0) loss += w * part[3 * b + 1];
     clipped += part[3 * b + 2];
   }
-  const auto opts = values.options().dtype(acc);
-  return {at::scalar_tensor(loss, opts),
-          at::scalar_tensor(n_total > 0 ? clipped / n_total : 0.0, opts), row_scale.to(acc)};
+  return {scalar_tensor(loss, acc, values),
+          scalar_tensor(n_total > 0 ? clipped / n_total : 0.0, acc, values),
+          to_dtype(row_scale, acc)};
 }
 
-at::Tensor value_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& values,
-                                   const at::Tensor& old_values, const at::Tensor& returns,
-                                   const at::Tensor& mask, const at::Tensor& row_scale,
-                                   std::optional<double> clip) {
+Tensor value_loss_backward_cpu(const Tensor& grad, const Tensor& values,
+                               const Tensor& old_values, const Tensor& returns,
+                               const Tensor& mask, const Tensor& row_scale,
+                               std::optional<double> clip) {
   const char* op = "value_loss_backward";
   const ValueArgs c = value_args(op, values, old_values, returns, mask, clip);
   const int64_t B = c.B, T = c.T;
   auto grad_v = value_grad_output(op, c, grad, row_scale);
-  const auto rs = row_scale.to(at::kDouble).contiguous();
-  const double* rsp = rs.data_ptr<double>();
-  const double g = grad.to(at::kDouble).item<double>();
+  const auto rs = contiguous(to_dtype(row_scale, kDouble));
+  const double* rsp = rs.const_data_ptr<double>();
+  const double g = item_double(grad);
   const double eps = c.clip;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.v.scalar_type(), "value_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* gv = grad_v.data_ptr<scalar_t>();
+  PPK_DISPATCH_FLOATING(c.v.scalar_type(), "value_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
     parallel_for_work(B, T, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * T;
@@ -123,9 +118,9 @@ at::Tensor value_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& val
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_ppo_loss_value(torch::Library& m) {
-  m.impl("value_loss", &value_loss_cpu);
-  m.impl("value_loss_backward", &value_loss_backward_cpu);
+void register_ppo_loss_value(Library& m) {
+  m.impl("value_loss", TORCH_BOX(&value_loss_cpu));
+  m.impl("value_loss_backward", TORCH_BOX(&value_loss_backward_cpu));
 }
 
 }  // namespace ppokernels::CPU_CAPABILITY

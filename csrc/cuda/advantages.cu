@@ -155,84 +155,91 @@ namespace {
 
 // fp64 [kNumStats] statistics of x over the mask (and of g when defined), on x's device.
 template <typename scalar_t>
-at::Tensor stats_of(const MaskedArgs& a, bool unbiased, bool shift_mean, double eps) {
+Tensor stats_of(const MaskedArgs& a, bool unbiased, bool shift_mean, double eps) {
   using T = typename cuda::CudaType<scalar_t>::type;
-  const auto opts = a.x.options().dtype(at::kDouble);
-  auto stats = at::empty({kNumStats}, opts);
-  auto part = at::empty({std::max<int64_t>(1, cuda::masked_stats_parts(a.x.numel())) * 3}, opts);
-  const auto* gp = a.g.defined() ? a.g.data_ptr<cuda::acc_t<T>>() : nullptr;
-  C10_CUDA_CHECK(cuda::masked_stats<T>(cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), gp,
+  auto stats = empty({kNumStats}, kDouble, a.x);
+  auto part =
+      empty({std::max<int64_t>(1, cuda::masked_stats_parts(a.x.numel())) * 3}, kDouble, a.x);
+  const auto* gp = a.g.defined() ? a.g.const_data_ptr<cuda::acc_t<T>>() : nullptr;
+  PPK_CUDA_CHECK(cuda::masked_stats<T>(cuda::ptr<scalar_t>(a.x), a.m.const_data_ptr<bool>(), gp,
                                        a.x.numel(), unbiased, shift_mean, eps,
-                                       part.data_ptr<double>(), stats.data_ptr<double>(),
-                                       cuda::stream()));
+                                       part.mutable_data_ptr<double>(),
+                                       stats.mutable_data_ptr<double>(), cuda::stream()));
   return stats;
 }
 
 }  // namespace
 
-at::Tensor masked_moments_cuda(const at::Tensor& x, const at::Tensor& mask, bool unbiased) {
-  const c10::cuda::CUDAGuard guard(x.device());
+Tensor masked_moments_cuda(const Tensor& x, const Tensor& mask, bool unbiased) {
+  const cuda::Guard guard(x);
   const MaskedArgs a = masked_args("masked_moments", x, mask, nullptr);
-  at::Tensor stats;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments", [&] {
+  Tensor stats;
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_moments", [&] {
     stats = stats_of<scalar_t>(a, unbiased, true, 0.0);
   });
-  const auto idx = at::tensor({kStatMean, kStatVar, kStatCount}, x.options().dtype(at::kLong));
-  return stats.index_select(0, idx).to(acc_dtype(x));
+  // stats[[kStatMean, kStatVar, kStatCount]], by three device copies
+  auto out = empty({3}, kDouble, stats);
+  const int64_t idx[3] = {kStatMean, kStatVar, kStatCount};
+  for (int64_t k = 0; k < 3; ++k) {
+    auto dst = torch::stable::narrow(out, 0, k, 1);
+    torch::stable::copy_(dst, torch::stable::narrow(stats, 0, idx[k], 1));
+  }
+  return to_dtype(out, acc_dtype(x));
 }
 
-at::Tensor masked_moments_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                        const at::Tensor& mask, const at::Tensor& moments,
-                                        bool unbiased) {
-  const c10::cuda::CUDAGuard guard(x.device());
+Tensor masked_moments_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& mask,
+                                    const Tensor& moments, bool unbiased) {
+  const cuda::Guard guard(x);
   const MaskedArgs a = moments_backward_args(grad, x, mask, moments);
-  const auto mo = moments.to(acc_dtype(x)).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_moments_bwd", [&] {
+  const auto mo = contiguous(to_dtype(moments, acc_dtype(x)));
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_moments_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::masked_elementwise<T, T, 2>(
-        cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), a.g.data_ptr<A>(), nullptr,
-        mo.data_ptr<A>(), cuda::ptr<scalar_t>(a.out), a.x.numel(), unbiased, cuda::stream())));
+    PPK_CUDA_CHECK((cuda::masked_elementwise<T, T, 2>(
+        cuda::ptr<scalar_t>(a.x), a.m.const_data_ptr<bool>(), a.g.const_data_ptr<A>(), nullptr,
+        mo.const_data_ptr<A>(), cuda::ptr<scalar_t>(a.out), a.x.numel(), unbiased,
+        cuda::stream())));
   });
   return a.out;
 }
 
-at::Tensor masked_whiten_cuda(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
-                              bool unbiased, double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
+Tensor masked_whiten_cuda(const Tensor& x, const Tensor& mask, bool shift_mean, bool unbiased,
+                          double eps) {
+  const cuda::Guard guard(x);
   const MaskedArgs a = whiten_args(x, mask);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten", [&] {
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_whiten", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     const auto stats = stats_of<scalar_t>(a, unbiased, shift_mean, eps);
-    C10_CUDA_CHECK((cuda::masked_elementwise<T, A, 0>(
-        cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), nullptr, stats.data_ptr<double>(), nullptr,
-        a.out.data_ptr<A>(), a.x.numel(), shift_mean, cuda::stream())));
+    PPK_CUDA_CHECK((cuda::masked_elementwise<T, A, 0>(
+        cuda::ptr<scalar_t>(a.x), a.m.const_data_ptr<bool>(), nullptr,
+        stats.const_data_ptr<double>(), nullptr, a.out.mutable_data_ptr<A>(), a.x.numel(),
+        shift_mean, cuda::stream())));
   });
   return a.out;
 }
 
-at::Tensor masked_whiten_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                       const at::Tensor& mask, bool shift_mean, bool unbiased,
-                                       double eps) {
-  const c10::cuda::CUDAGuard guard(x.device());
+Tensor masked_whiten_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& mask,
+                                   bool shift_mean, bool unbiased, double eps) {
+  const cuda::Guard guard(x);
   const MaskedArgs a = whiten_backward_args(grad, x, mask);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "masked_whiten_bwd", [&] {
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_whiten_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
     const auto stats = stats_of<scalar_t>(a, unbiased, shift_mean, eps);
-    C10_CUDA_CHECK((cuda::masked_elementwise<T, T, 1>(
-        cuda::ptr<scalar_t>(a.x), a.m.data_ptr<bool>(), a.g.data_ptr<A>(), stats.data_ptr<double>(),
-        nullptr, cuda::ptr<scalar_t>(a.out), a.x.numel(), shift_mean, cuda::stream())));
+    PPK_CUDA_CHECK((cuda::masked_elementwise<T, T, 1>(
+        cuda::ptr<scalar_t>(a.x), a.m.const_data_ptr<bool>(), a.g.const_data_ptr<A>(),
+        stats.const_data_ptr<double>(), nullptr, cuda::ptr<scalar_t>(a.out), a.x.numel(),
+        shift_mean, cuda::stream())));
   });
   return a.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("masked_moments", &masked_moments_cuda);
-  m.impl("masked_moments_backward", &masked_moments_backward_cuda);
-  m.impl("masked_whiten", &masked_whiten_cuda);
-  m.impl("masked_whiten_backward", &masked_whiten_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("masked_moments", TORCH_BOX(&masked_moments_cuda));
+  m.impl("masked_moments_backward", TORCH_BOX(&masked_moments_backward_cuda));
+  m.impl("masked_whiten", TORCH_BOX(&masked_whiten_cuda));
+  m.impl("masked_whiten_backward", TORCH_BOX(&masked_whiten_backward_cuda));
 }
 
 }  // namespace ppokernels

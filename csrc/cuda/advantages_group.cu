@@ -84,43 +84,42 @@ PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 
 namespace ppokernels {
 
-at::Tensor group_advantages_cuda(const at::Tensor& scores, const at::Tensor& group_ids,
-                                 int64_t num_groups, const std::string& estimator, double eps,
-                                 bool norm_by_std) {
-  const c10::cuda::CUDAGuard guard(scores.device());
+Tensor group_advantages_cuda(const Tensor& scores, const Tensor& group_ids, int64_t num_groups,
+                             const std::string& estimator, double eps, bool norm_by_std) {
+  const cuda::Guard guard(scores);
   const GroupArgs a =
       group_args("group_advantages", scores, group_ids, num_groups, estimator, nullptr);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.s.scalar_type(), "group_adv", [&] {
+  PPK_DISPATCH_FLOATING(a.s.scalar_type(), "group_adv", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::group_advantages<T, A, false>(
-        cuda::ptr<scalar_t>(a.s), a.ids.data_ptr<int64_t>(), nullptr, a.out.data_ptr<A>(),
-        a.s.numel(), num_groups, a.est, eps, norm_by_std, cuda::stream())));
+    PPK_CUDA_CHECK((cuda::group_advantages<T, A, false>(
+        cuda::ptr<scalar_t>(a.s), a.ids.const_data_ptr<int64_t>(), nullptr,
+        a.out.mutable_data_ptr<A>(), a.s.numel(), num_groups, a.est, eps, norm_by_std,
+        cuda::stream())));
   });
   return a.out;
 }
 
-at::Tensor group_advantages_backward_cuda(const at::Tensor& grad, const at::Tensor& scores,
-                                          const at::Tensor& group_ids, int64_t num_groups,
-                                          const std::string& estimator, double eps,
-                                          bool norm_by_std) {
-  const c10::cuda::CUDAGuard guard(scores.device());
+Tensor group_advantages_backward_cuda(const Tensor& grad, const Tensor& scores,
+                                      const Tensor& group_ids, int64_t num_groups,
+                                      const std::string& estimator, double eps, bool norm_by_std) {
+  const cuda::Guard guard(scores);
   const GroupArgs a =
       group_args("group_advantages_backward", scores, group_ids, num_groups, estimator, &grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.s.scalar_type(), "group_adv_bwd", [&] {
+  PPK_DISPATCH_FLOATING(a.s.scalar_type(), "group_adv_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::group_advantages<T, T, true>(
-        cuda::ptr<scalar_t>(a.s), a.ids.data_ptr<int64_t>(), a.g.data_ptr<A>(),
+    PPK_CUDA_CHECK((cuda::group_advantages<T, T, true>(
+        cuda::ptr<scalar_t>(a.s), a.ids.const_data_ptr<int64_t>(), a.g.const_data_ptr<A>(),
         cuda::ptr<scalar_t>(a.out), a.s.numel(), num_groups, a.est, eps, norm_by_std,
         cuda::stream())));
   });
   return a.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("group_advantages", &group_advantages_cuda);
-  m.impl("group_advantages_backward", &group_advantages_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("group_advantages", TORCH_BOX(&group_advantages_cuda));
+  m.impl("group_advantages_backward", TORCH_BOX(&group_advantages_backward_cuda));
 }
 
 }  // namespace ppokernels

@@ -152,82 +152,81 @@ PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 
 namespace ppokernels {
 
-std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
-                                            const at::Tensor& mask, double gamma, double lam,
-                                            const std::string& mode_name) {
-  const c10::cuda::CUDAGuard guard(rewards.device());
+std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values,
+                                    const Tensor& mask, double gamma, double lam,
+                                    const std::string& mode_name) {
+  const cuda::Guard guard(rewards);
   const auto a = gae_forward_args("gae", rewards, &values, mask, gamma, lam, mode_name);
   cuda::check_grid_rows("gae", a.rows.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "gae_cuda", [&] {
+  PPK_DISPATCH_FLOATING(a.r.scalar_type(), "gae_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_forward<T, A>(
-        cuda::ptr<scalar_t>(a.r), cuda::ptr<scalar_t>(a.v), a.m.data_ptr<bool>(),
-        a.adv.data_ptr<A>(), a.ret.data_ptr<A>(), a.rows.n, a.rows.len, gamma, lam, a.rows.mode,
-        cuda::stream())));
+    PPK_CUDA_CHECK((cuda::gae_forward<T, A>(
+        cuda::ptr<scalar_t>(a.r), cuda::ptr<scalar_t>(a.v), a.m.const_data_ptr<bool>(),
+        a.adv.mutable_data_ptr<A>(), a.ret.mutable_data_ptr<A>(), a.rows.n, a.rows.len, gamma,
+        lam, a.rows.mode, cuda::stream())));
   });
   return {a.adv, a.ret};
 }
 
-std::tuple<at::Tensor, at::Tensor> gae_backward_cuda(const at::Tensor& grad_advantages,
-                                                     const at::Tensor& grad_returns,
-                                                     const at::Tensor& mask, double gamma,
-                                                     double lam, const std::string& mode_name,
-                                                     at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(grad_returns.device());
+std::tuple<Tensor, Tensor> gae_backward_cuda(const Tensor& grad_advantages,
+                                             const Tensor& grad_returns, const Tensor& mask,
+                                             double gamma, double lam,
+                                             const std::string& mode_name, ScalarType dtype) {
+  const cuda::Guard guard(grad_returns);
   const auto a = gae_backward_args("gae_backward", &grad_advantages, grad_returns, mask, gamma,
                                    lam, mode_name, dtype);
   cuda::check_grid_rows("gae_backward", a.rows.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "gae_backward_cuda", [&] {
+  PPK_DISPATCH_FLOATING(dtype, "gae_backward_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_backward<T, A>(
-        a.gr.data_ptr<A>(), a.ga.data_ptr<A>(), a.m.data_ptr<bool>(), cuda::ptr<scalar_t>(a.grad_r),
-        cuda::ptr<scalar_t>(a.grad_v), a.rows.n, a.rows.len, gamma, lam, a.rows.mode,
-        cuda::stream())));
+    PPK_CUDA_CHECK((cuda::gae_backward<T, A>(
+        a.gr.const_data_ptr<A>(), a.ga.const_data_ptr<A>(), a.m.const_data_ptr<bool>(),
+        cuda::ptr<scalar_t>(a.grad_r), cuda::ptr<scalar_t>(a.grad_v), a.rows.n, a.rows.len, gamma,
+        lam, a.rows.mode, cuda::stream())));
   });
   return {a.grad_r, a.grad_v};
 }
 
-at::Tensor discounted_returns_cuda(const at::Tensor& rewards, const at::Tensor& mask, double gamma,
-                                   const std::string& mode_name) {
-  const c10::cuda::CUDAGuard guard(rewards.device());
+Tensor discounted_returns_cuda(const Tensor& rewards, const Tensor& mask, double gamma,
+                               const std::string& mode_name) {
+  const cuda::Guard guard(rewards);
   const auto a = gae_forward_args("discounted_returns", rewards, nullptr, mask, gamma, 1.0,
                                   mode_name);
   cuda::check_grid_rows("discounted_returns", a.rows.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.r.scalar_type(), "returns_cuda", [&] {
+  PPK_DISPATCH_FLOATING(a.r.scalar_type(), "returns_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_forward<T, A>(cuda::ptr<scalar_t>(a.r), nullptr, a.m.data_ptr<bool>(),
-                                           a.adv.data_ptr<A>(), nullptr, a.rows.n, a.rows.len,
-                                           gamma, 1.0, a.rows.mode, cuda::stream())));
+    PPK_CUDA_CHECK((cuda::gae_forward<T, A>(
+        cuda::ptr<scalar_t>(a.r), nullptr, a.m.const_data_ptr<bool>(), a.adv.mutable_data_ptr<A>(),
+        nullptr, a.rows.n, a.rows.len, gamma, 1.0, a.rows.mode, cuda::stream())));
   });
   return a.adv;
 }
 
-at::Tensor discounted_returns_backward_cuda(const at::Tensor& grad_returns, const at::Tensor& mask,
-                                            double gamma, const std::string& mode_name,
-                                            at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(grad_returns.device());
+Tensor discounted_returns_backward_cuda(const Tensor& grad_returns, const Tensor& mask,
+                                        double gamma, const std::string& mode_name,
+                                        ScalarType dtype) {
+  const cuda::Guard guard(grad_returns);
   const auto a = gae_backward_args("discounted_returns_backward", nullptr, grad_returns, mask,
                                    gamma, 1.0, mode_name, dtype);
   cuda::check_grid_rows("discounted_returns_backward", a.rows.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "returns_bwd_cuda", [&] {
+  PPK_DISPATCH_FLOATING(dtype, "returns_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK((cuda::gae_backward<T, A>(a.gr.data_ptr<A>(), nullptr, a.m.data_ptr<bool>(),
-                                            cuda::ptr<scalar_t>(a.grad_r), nullptr, a.rows.n,
-                                            a.rows.len, gamma, 1.0, a.rows.mode,
-                                            cuda::stream())));
+    PPK_CUDA_CHECK((cuda::gae_backward<T, A>(
+        a.gr.const_data_ptr<A>(), nullptr, a.m.const_data_ptr<bool>(),
+        cuda::ptr<scalar_t>(a.grad_r), nullptr, a.rows.n, a.rows.len, gamma, 1.0, a.rows.mode,
+        cuda::stream())));
   });
   return a.grad_r;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("gae", &gae_cuda);
-  m.impl("gae_backward", &gae_backward_cuda);
-  m.impl("discounted_returns", &discounted_returns_cuda);
-  m.impl("discounted_returns_backward", &discounted_returns_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("gae", TORCH_BOX(&gae_cuda));
+  m.impl("gae_backward", TORCH_BOX(&gae_backward_cuda));
+  m.impl("discounted_returns", TORCH_BOX(&discounted_returns_cuda));
+  m.impl("discounted_returns_backward", TORCH_BOX(&discounted_returns_backward_cuda));
 }
 
 }  // namespace ppokernels

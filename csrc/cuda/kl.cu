@@ -68,27 +68,27 @@ PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 
 namespace ppokernels {
 
-at::Tensor kl_penalty_cuda(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+Tensor kl_penalty_cuda(const Tensor& logprobs, const Tensor& ref_logprobs,
                            const std::string& estimator, std::optional<double> clamp) {
-  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const cuda::Guard guard(logprobs);
   const KLArgs k = kl_args("kl_penalty", logprobs, ref_logprobs, estimator, clamp, nullptr);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_cuda", [&] {
+  PPK_DISPATCH_FLOATING(k.lp.scalar_type(), "kl_penalty_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
-    C10_CUDA_CHECK(cuda::kl_penalty_fwd<T>(cuda::ptr<scalar_t>(k.lp), cuda::ptr<scalar_t>(k.ref),
-                                           k.out.data_ptr<cuda::acc_t<T>>(), k.lp.numel(), k.est,
+    PPK_CUDA_CHECK(cuda::kl_penalty_fwd<T>(cuda::ptr<scalar_t>(k.lp), cuda::ptr<scalar_t>(k.ref),
+                                           k.out.mutable_data_ptr<cuda::acc_t<T>>(), k.lp.numel(), k.est,
                                            k.clamp, cuda::stream()));
   });
   return k.out;
 }
 
-at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& logprobs,
-                                    const at::Tensor& ref_logprobs, const std::string& estimator,
+Tensor kl_penalty_backward_cuda(const Tensor& grad, const Tensor& logprobs,
+                                    const Tensor& ref_logprobs, const std::string& estimator,
                                     std::optional<double> clamp) {
-  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const cuda::Guard guard(logprobs);
   const KLArgs k = kl_args("kl_penalty_backward", logprobs, ref_logprobs, estimator, clamp, &grad);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.lp.scalar_type(), "kl_penalty_bwd_cuda", [&] {
+  PPK_DISPATCH_FLOATING(k.lp.scalar_type(), "kl_penalty_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
-    C10_CUDA_CHECK(cuda::kl_penalty_bwd<T>(k.g.data_ptr<cuda::acc_t<T>>(), cuda::ptr<scalar_t>(k.lp),
+    PPK_CUDA_CHECK(cuda::kl_penalty_bwd<T>(k.g.mutable_data_ptr<cuda::acc_t<T>>(), cuda::ptr<scalar_t>(k.lp),
                                            cuda::ptr<scalar_t>(k.ref), cuda::ptr<scalar_t>(k.out),
                                            k.lp.numel(), k.est, k.clamp, k.straight_through,
                                            cuda::stream()));
@@ -96,9 +96,9 @@ at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& lo
   return k.out;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("kl_penalty", &kl_penalty_cuda);
-  m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("kl_penalty", TORCH_BOX(&kl_penalty_cuda));
+  m.impl("kl_penalty_backward", TORCH_BOX(&kl_penalty_backward_cuda));
 }
 
 }  // namespace ppokernels

@@ -226,19 +226,19 @@ PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 
 namespace ppokernels {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, double temperature, bool with_entropy,
+std::tuple<Tensor, Tensor, Tensor> token_logprobs_cuda(
+    const Tensor& logits, const Tensor& labels, double temperature, bool with_entropy,
     int64_t ignore_index, bool /*inplace_backward: autograd only*/) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const cuda::Guard guard(logits);
   const LogprobsForwardArgs a = logprobs_forward_args(logits, labels, temperature, with_entropy);
   cuda::check_grid_rows("token_logprobs", a.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_cuda", [&] {
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "token_logprobs_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK(cuda::token_logprobs_fwd<T>(
-        cuda::ptr<scalar_t>(a.x), a.lab.data_ptr<int64_t>(), a.lp.data_ptr<A>(),
-        with_entropy ? a.ent.data_ptr<A>() : nullptr, a.lse.data_ptr<A>(), a.n, a.V, a.layout,
-        1.0 / temperature, ignore_index, cuda::stream()));
+    PPK_CUDA_CHECK(cuda::token_logprobs_fwd<T>(
+        cuda::ptr<scalar_t>(a.x), a.lab.const_data_ptr<int64_t>(), a.lp.mutable_data_ptr<A>(),
+        with_entropy ? a.ent.mutable_data_ptr<A>() : nullptr, a.lse.mutable_data_ptr<A>(), a.n,
+        a.V, a.layout, 1.0 / temperature, ignore_index, cuda::stream()));
   });
   return {a.lp, a.ent, a.lse};
 }
@@ -246,24 +246,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(
 namespace {
 // dz of every row into a.dst (token_logprobs_backward and its in-place form, logprobs_args.h).
 void backward_cuda(const LogprobsBackwardArgs& a, double inv_temperature, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(a.x.device());
+  const cuda::Guard guard(a.x);
   cuda::check_grid_rows("token_logprobs_backward", a.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "token_logprobs_bwd_cuda", [&] {
+  PPK_DISPATCH_FLOATING(a.x.scalar_type(), "token_logprobs_bwd_cuda", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;
-    C10_CUDA_CHECK(cuda::token_logprobs_bwd<T>(
-        a.g_lp.data_ptr<A>(), a.has_ent ? a.g_ent.data_ptr<A>() : nullptr,
-        cuda::ptr<scalar_t>(a.x), a.lab.data_ptr<int64_t>(), a.lse.data_ptr<A>(),
-        a.has_ent ? a.ent.data_ptr<A>() : nullptr, cuda::ptr<scalar_t>(a.dst), a.n, a.V,
+    PPK_CUDA_CHECK(cuda::token_logprobs_bwd<T>(
+        a.g_lp.const_data_ptr<A>(), a.has_ent ? a.g_ent.const_data_ptr<A>() : nullptr,
+        cuda::ptr<scalar_t>(a.x), a.lab.const_data_ptr<int64_t>(), a.lse.const_data_ptr<A>(),
+        a.has_ent ? a.ent.const_data_ptr<A>() : nullptr, cuda::ptr<scalar_t>(a.dst), a.n, a.V,
         a.in_layout, a.out_layout, inv_temperature, ignore_index, cuda::stream()));
   });
 }
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("token_logprobs", &token_logprobs_cuda);
-  m.impl("token_logprobs_backward", &token_logprobs_backward_op<backward_cuda>);
-  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_op<backward_cuda>);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("token_logprobs", TORCH_BOX(&token_logprobs_cuda));
+  m.impl("token_logprobs_backward", TORCH_BOX(&token_logprobs_backward_op<backward_cuda>));
+  m.impl("token_logprobs_backward_", TORCH_BOX(&token_logprobs_backward_inplace_op<backward_cuda>));
 }
 
 }  // namespace ppokernels

@@ -253,9 +253,9 @@ cuda::PolicyPtrs<typename cuda::CudaType<scalar_t>::type> pointers(const PolicyA
   p.old = cuda::ptr<scalar_t>(c.old);
   p.ref = c.ref.defined() ? cuda::ptr<scalar_t>(c.ref) : nullptr;
   p.ent = c.ent.defined() ? cuda::ptr<scalar_t>(c.ent) : nullptr;
-  p.adv = c.adv.data_ptr<A>();
-  p.w = c.w.defined() ? c.w.data_ptr<A>() : nullptr;
-  p.mask = c.mask.data_ptr<bool>();
+  p.adv = c.adv.const_data_ptr<A>();
+  p.w = c.w.defined() ? c.w.const_data_ptr<A>() : nullptr;
+  p.mask = c.mask.const_data_ptr<bool>();
   p.adv_row = c.adv_row;
   p.w_row = c.w_row;
   return p;
@@ -263,16 +263,16 @@ cuda::PolicyPtrs<typename cuda::CudaType<scalar_t>::type> pointers(const PolicyA
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
-    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
-    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
+std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cuda(
+    const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+    const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+    const std::optional<Tensor>& entropy, const std::optional<Tensor>& is_weights,
     double clip_low, double clip_high, std::optional<double> dual_clip,
     std::optional<double> logratio_clamp, const std::string& ratio_level, const std::string& agg,
     std::optional<double> num_tokens, std::optional<double> num_seqs, double kl_coef,
     const std::string& kl_estimator, std::optional<double> kl_clamp, double entropy_coef) {
   const char* op = "ppo_policy_loss";
-  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const cuda::Guard guard(logprobs);
   const AggMode mode = ppo_agg_mode(op, agg);
   const PolicyArgs c = policy_args(op, logprobs, old_logprobs, advantages, mask, ref_logprobs,
                                    entropy, is_weights, clip_low, clip_high, dual_clip,
@@ -280,57 +280,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
                                    entropy_coef);
   const int64_t B = c.B, T = c.T;
   cuda::check_grid_rows(op, B);
-  const auto opts = c.lp.options().dtype(acc_dtype(logprobs));
-  auto part = at::empty({B, kPolicyK}, opts);
-  auto rowv = at::empty({B, 3}, opts);
-  auto loss = at::empty({}, opts);
-  auto metrics = at::empty({kPolicyMetrics}, opts);
-  auto row_stats = at::empty({B, kPolicyRowStats}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_cuda", [&] {
+  const auto acc = acc_dtype(logprobs);
+  auto part = empty({B, kPolicyK}, acc, c.lp);
+  auto rowv = empty({B, 3}, acc, c.lp);
+  auto loss = empty({}, acc, c.lp);
+  auto metrics = empty({kPolicyMetrics}, acc, c.lp);
+  auto row_stats = empty({B, kPolicyRowStats}, acc, c.lp);
+  PPK_DISPATCH_FLOATING(c.lp.scalar_type(), "ppo_policy_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;
-    C10_CUDA_CHECK(cuda::ppo_policy_fwd<T_>(
+    PPK_CUDA_CHECK(cuda::ppo_policy_fwd<T_>(
         pointers<scalar_t>(c), B, T, c.p, mode, num_tokens.value_or(0.0), num_seqs.value_or(0.0),
-        part.data_ptr<A>(), rowv.data_ptr<A>(), loss.data_ptr<A>(), metrics.data_ptr<A>(),
-        row_stats.data_ptr<A>(), cuda::stream()));
+        part.mutable_data_ptr<A>(), rowv.mutable_data_ptr<A>(), loss.mutable_data_ptr<A>(),
+        metrics.mutable_data_ptr<A>(), row_stats.mutable_data_ptr<A>(), cuda::stream()));
   });
   return {loss, metrics, row_stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-    const at::Tensor& advantages, const at::Tensor& mask,
-    const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& entropy,
-    const std::optional<at::Tensor>& is_weights, const at::Tensor& row_stats, double clip_low,
+std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cuda(
+    const Tensor& grad, const Tensor& logprobs, const Tensor& old_logprobs,
+    const Tensor& advantages, const Tensor& mask,
+    const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& entropy,
+    const std::optional<Tensor>& is_weights, const Tensor& row_stats, double clip_low,
     double clip_high, std::optional<double> dual_clip, std::optional<double> logratio_clamp,
     const std::string& ratio_level, double kl_coef, const std::string& kl_estimator,
     std::optional<double> kl_clamp, double entropy_coef) {
   const char* op = "ppo_policy_loss_backward";
-  const c10::cuda::CUDAGuard guard(logprobs.device());
+  const cuda::Guard guard(logprobs);
   const PolicyArgs c = policy_args(op, logprobs, old_logprobs, advantages, mask, ref_logprobs,
                                    entropy, is_weights, clip_low, clip_high, dual_clip,
                                    logratio_clamp, ratio_level, kl_coef, kl_estimator, kl_clamp,
                                    entropy_coef);
   const int64_t B = c.B, T = c.T;
   const PolicyGrads out = policy_grad_outputs(op, c, grad, row_stats);
-  const at::Tensor &g_lp = out.lp, &g_ref = out.ref, &g_ent = out.ent;
+  const Tensor &g_lp = out.lp, &g_ref = out.ref, &g_ent = out.ent;
   const auto acc = acc_dtype(logprobs);
-  const auto g = grad.to(acc).contiguous();
-  const auto rs = row_stats.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.lp.scalar_type(), "ppo_policy_bwd_cuda", [&] {
+  const auto g = contiguous(to_dtype(grad, acc));
+  const auto rs = contiguous(to_dtype(row_stats, acc));
+  PPK_DISPATCH_FLOATING(c.lp.scalar_type(), "ppo_policy_bwd_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;
-    C10_CUDA_CHECK(cuda::ppo_policy_bwd<T_>(
-        g.data_ptr<A>(), pointers<scalar_t>(c), rs.data_ptr<A>(), B, T, c.p,
+    PPK_CUDA_CHECK(cuda::ppo_policy_bwd<T_>(
+        g.const_data_ptr<A>(), pointers<scalar_t>(c), rs.const_data_ptr<A>(), B, T, c.p,
         cuda::ptr<scalar_t>(g_lp), c.ref.defined() ? cuda::ptr<scalar_t>(g_ref) : nullptr,
         c.ent.defined() ? cuda::ptr<scalar_t>(g_ent) : nullptr, cuda::stream()));
   });
   return {g_lp, g_ref, g_ent};
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
-  m.impl("ppo_policy_loss_backward", &ppo_policy_loss_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("ppo_policy_loss", TORCH_BOX(&ppo_policy_loss_cuda));
+  m.impl("ppo_policy_loss_backward", TORCH_BOX(&ppo_policy_loss_backward_cuda));
 }
 
 }  // namespace ppokernels

@@ -98,61 +98,61 @@ PPK_INSTANTIATE_FOR_DTYPES(PPK_INSTANTIATE)
 
 namespace ppokernels {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_cuda(
-    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const at::Tensor& mask, std::optional<double> clip, const std::string& agg,
+std::tuple<Tensor, Tensor, Tensor> value_loss_cuda(
+    const Tensor& values, const Tensor& old_values, const Tensor& returns,
+    const Tensor& mask, std::optional<double> clip, const std::string& agg,
     std::optional<double> num_tokens, std::optional<double> num_seqs) {
   const char* op = "value_loss";
-  const c10::cuda::CUDAGuard guard(values.device());
+  const cuda::Guard guard(values);
   const AggMode mode = ppo_agg_mode(op, agg);
   const ValueArgs c = value_args(op, values, old_values, returns, mask, clip);
   const int64_t B = c.B, T = c.T;
   cuda::check_grid_rows(op, B);
-  const auto opts = values.options().dtype(acc_dtype(values));
+  const auto acc = acc_dtype(values);
   const auto &v = c.v, &vo = c.vo, &ret = c.ret, &m = c.mask;
-  auto part = at::empty({B, 3}, opts);
-  auto loss = at::empty({}, opts);
-  auto clipfrac = at::empty({}, opts);
-  auto row_scale = at::empty({B}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_loss_cuda", [&] {
+  auto part = empty({B, 3}, acc, values);
+  auto loss = empty({}, acc, values);
+  auto clipfrac = empty({}, acc, values);
+  auto row_scale = empty({B}, acc, values);
+  PPK_DISPATCH_FLOATING(v.scalar_type(), "value_loss_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;
-    C10_CUDA_CHECK(cuda::value_loss_fwd<T_>(
-        cuda::ptr<scalar_t>(v), cuda::ptr<scalar_t>(vo), ret.data_ptr<A>(), m.data_ptr<bool>(), B,
-        T, c.clip, mode, num_tokens.value_or(0.0), num_seqs.value_or(0.0),
-        part.data_ptr<A>(), loss.data_ptr<A>(), clipfrac.data_ptr<A>(), row_scale.data_ptr<A>(),
-        cuda::stream()));
+    PPK_CUDA_CHECK(cuda::value_loss_fwd<T_>(
+        cuda::ptr<scalar_t>(v), cuda::ptr<scalar_t>(vo), ret.const_data_ptr<A>(),
+        m.const_data_ptr<bool>(), B, T, c.clip, mode, num_tokens.value_or(0.0),
+        num_seqs.value_or(0.0), part.mutable_data_ptr<A>(), loss.mutable_data_ptr<A>(),
+        clipfrac.mutable_data_ptr<A>(), row_scale.mutable_data_ptr<A>(), cuda::stream()));
   });
   return {loss, clipfrac, row_scale};
 }
 
-at::Tensor value_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& values,
-                                    const at::Tensor& old_values, const at::Tensor& returns,
-                                    const at::Tensor& mask, const at::Tensor& row_scale,
-                                    std::optional<double> clip) {
+Tensor value_loss_backward_cuda(const Tensor& grad, const Tensor& values,
+                                const Tensor& old_values, const Tensor& returns,
+                                const Tensor& mask, const Tensor& row_scale,
+                                std::optional<double> clip) {
   const char* op = "value_loss_backward";
-  const c10::cuda::CUDAGuard guard(values.device());
+  const cuda::Guard guard(values);
   const ValueArgs c = value_args(op, values, old_values, returns, mask, clip);
   const int64_t B = c.B, T = c.T;
   auto g_v = value_grad_output(op, c, grad, row_scale);
   const auto acc = acc_dtype(values);
   const auto &v = c.v, &vo = c.vo, &ret = c.ret, &m = c.mask;
-  const auto g = grad.to(acc).contiguous();
-  const auto rs = row_scale.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_bwd_cuda", [&] {
+  const auto g = contiguous(to_dtype(grad, acc));
+  const auto rs = contiguous(to_dtype(row_scale, acc));
+  PPK_DISPATCH_FLOATING(v.scalar_type(), "value_bwd_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;
-    C10_CUDA_CHECK(cuda::value_loss_bwd<T_>(
-        g.data_ptr<A>(), cuda::ptr<scalar_t>(v), cuda::ptr<scalar_t>(vo), ret.data_ptr<A>(),
-        m.data_ptr<bool>(), rs.data_ptr<A>(), B, T, c.clip,
+    PPK_CUDA_CHECK(cuda::value_loss_bwd<T_>(
+        g.const_data_ptr<A>(), cuda::ptr<scalar_t>(v), cuda::ptr<scalar_t>(vo),
+        ret.const_data_ptr<A>(), m.const_data_ptr<bool>(), rs.const_data_ptr<A>(), B, T, c.clip,
         cuda::ptr<scalar_t>(g_v), cuda::stream()));
   });
   return g_v;
 }
 
-TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
-  m.impl("value_loss", &value_loss_cuda);
-  m.impl("value_loss_backward", &value_loss_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(ppokernels, CUDA, m) {
+  m.impl("value_loss", TORCH_BOX(&value_loss_cuda));
+  m.impl("value_loss_backward", TORCH_BOX(&value_loss_backward_cuda));
 }
 
 }  // namespace ppokernels

@@ -15,7 +15,7 @@ def variants(name: str, backward: str | None = None) -> list[tuple[str, str | No
     caller imports its ``ppokernels.triton.<stem>`` module first).
     """
     out = []
-    if _backend.CPP_ERROR is None:
+    if _backend._C is not None:
         out.append((f"ppokernels::{name}", backward and f"ppokernels::{backward}"))
     if _backend.HAS_TRITON:
         out.append((f"ppokernels::{name}_triton", backward and f"ppokernels::{backward}_triton"))
@@ -37,5 +37,5 @@ def kernel(name: str, backend: str):
 
 def register_fake_cpp(name: str, fn) -> None:
     """Fake (meta) kernel of a C++ op; Triton ops get theirs from tracing the triton_op body."""
-    if _backend.CPP_ERROR is None:
+    if _backend._C is not None:
         torch.library.register_fake(f"ppokernels::{name}")(fn)

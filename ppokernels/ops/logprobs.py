@@ -79,7 +79,14 @@ def token_logprobs(
     args = (float(temperature), bool(with_entropy), ignore_index)
     if b == "reference":
         return reference.token_logprobs(logits, labels, **dict(zip(_REF_KW, args, strict=True)))
-    lp, ent, _ = kernel(NAME, b)(logits, labels, *args, bool(inplace_backward))
+    try:
+        lp, ent, _ = kernel(NAME, b)(logits, labels, *args, bool(inplace_backward))
+    except RuntimeError as e:
+        # the CPU kernel checks the label range in its own pass (no extra pass over labels here);
+        # only RuntimeError crosses the stable ABI, so its message becomes the IndexError again
+        if str(e).startswith(f"{NAME}: labels contains"):
+            raise IndexError(str(e)) from None
+        raise
     return lp, (ent if with_entropy else None)
 
 

@@ -23,6 +23,12 @@
 
 namespace ppokernels {
 
+// Accumulation type of a storage type: fp64 for fp64, fp32 for fp32 and the half types (bf16,
+// fp16 on the host; __nv_bfloat16, __half on the device).
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_type = typename AccType<T>::type;
+
 // Mask convention of the scans: how masked (mask == 0) tokens enter a recursion.
 enum class MaskMode : int {
   kSkip = 0,  // ignored, the recursion jumps over them (veRL, multi-turn aware)
@@ -30,7 +36,7 @@ enum class MaskMode : int {
 };
 
 // Generic math over T = float, double or a SIMD vector: VecOps<T> holds the scalar versions;
-// cpu_vec.h specialises it for at::vec::Vectorized<float> (a specialisation declared later is
+// cpu_vec.h specialises it for the CPU's VecF (cpu_vecf.h) (a specialisation declared later is
 // still found when a template is instantiated, unlike a later overload). The per-element
 // functions of <stem>.h are written with these, branch-free where it matters, so one definition
 // serves CUDA threads, scalar CPU loops and SIMD CPU loops.

@@ -1,8 +1,8 @@
-// Runtime ISA dispatch of the CPU kernels, the way ATen does it.
+// Runtime ISA dispatch of the CPU kernels, the way ATen does it (with our own SIMD, cpu_vecf.h).
 //
 // setup.py compiles every CPU kernel source (csrc/cpu/<stem>.cpp) once per level, with that
 // level's compiler flags and -DCPU_CAPABILITY=<level> (+ -DCPU_CAPABILITY_<level>, which makes
-// ATen's at::vec::Vectorized<float> 8 or 16 lanes wide):
+// VecF of cpu_vecf.h 8 or 16 lanes wide):
 //
 //   level    CPU_CAPABILITY  flags                                       PPOKERNELS_CPU_ISA
 //   0        DEFAULT         none (baseline x86-64, or any non-x86 CPU)   scalar
@@ -12,7 +12,7 @@
 // Each copy lives in its own namespace, ppokernels::<CPU_CAPABILITY> (as ATen's at::vec does), so
 // the copies never clash at link time, and ends with register_<stem>(m), which m.impl()s that
 // level's kernels. csrc/cpu_isa.cpp, compiled once without ISA flags, holds the only
-// TORCH_LIBRARY_IMPL(ppokernels, CPU, ...): at load it reads the RUNNING CPU (cpuid through
+// STABLE_TORCH_LIBRARY_IMPL(ppokernels, CPU, ...): at load it reads the RUNNING CPU (cpuid through
 // __builtin_cpu_supports, never the build machine), takes the best level it supports or the lower
 // one PPOKERNELS_CPU_ISA asks for, and calls that level's register_<stem> for every stem. The
 // kernels are then called directly (no per-call indirection).
@@ -22,7 +22,7 @@
 // baseline objects first, so code that can run on any CPU never calls a copy compiled for AVX.
 #pragma once
 
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 // A source compiled without setup.py's per-level flags (make syntax, an IDE) is the DEFAULT one.
 #ifndef CPU_CAPABILITY
@@ -41,7 +41,7 @@
   X(ppo_loss)            \
   X(ppo_loss_value)
 
-#define PPK_DECLARE_REGISTER(stem) void register_##stem(torch::Library& m);
+#define PPK_DECLARE_REGISTER(stem) void register_##stem(torch::stable::detail::StableLibrary& m);
 
 namespace ppokernels {
 

@@ -1,16 +1,14 @@
-// SIMD specialisation of the generic math (VecOps in common.h) for ATen's Vectorized<float>, so
+// SIMD specialisation of the generic math (VecOps in common.h) for our VecF (cpu_vecf.h), so
 // the per-element functions of csrc/include/ppokernels/<stem>.h run unchanged on SIMD registers
-// in the CPU kernels. Compiled once per ISA level (ppokernels/cpu_isa.h): CPU_CAPABILITY selects
-// ATen's DEFAULT, AVX2 or AVX512 Vectorized (8, 8 or 16 lanes) and SLEEF's vector exp/log from
-// libtorch. Everything here but the VecOps specialisation (whose argument type already differs
-// per level) is in the per-level namespace ppokernels::CPU_CAPABILITY: its meaning depends on
-// the lane count, so the levels' copies must not be merged by the linker.
+// in the CPU kernels, and the loops, loads and stores every CPU kernel shares. Compiled once per
+// ISA level (ppokernels/cpu_isa.h): CPU_CAPABILITY selects the DEFAULT, AVX2 or AVX512 VecF (8,
+// 8 or 16 lanes). Everything here is in the per-level namespace ppokernels::CPU_CAPABILITY (the
+// VecOps specialisation is on that namespace's VecF): its meaning depends on the lane count, so
+// the levels' copies must not be merged by the linker. Threads come from
+// torch::stable::parallel_for (torch's own pool, through the stable ABI).
 #pragma once
-#include "ppokernels/cpu_isa.h"  // first: defines CPU_CAPABILITY before ATen's vec headers read it
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "ppokernels/cpu_isa.h"
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -18,39 +16,29 @@
 #include <type_traits>
 
 #include "ppokernels/common.h"
+#include "ppokernels/cpu_vecf.h"
 #if defined(CPU_CAPABILITY_AVX512)
-#include "ppokernels/cpu_vec512.h"  // Vec16, exp16
+#include "ppokernels/cpu_vec512.h"  // Vec16
 #endif
 
 namespace ppokernels {
 
 template <>
-struct VecOps<at::vec::Vectorized<float>> {
-  using VecF = at::vec::Vectorized<float>;
+struct VecOps<CPU_CAPABILITY::VecF> {
+  using VecF = CPU_CAPABILITY::VecF;
   static VecF abs(VecF x) { return x.abs(); }
-  // AVX-512: exp16 (cpu_vec512.h), inline and about half the instructions of ATen's exp_u20, an
-  // out-of-line call. Other levels: ATen's exp_u20 (max error ~2 ulp, several times faster than
-  // SLEEF's u10).
-  static inline __attribute__((always_inline)) VecF exp(VecF x) {
-#if defined(CPU_CAPABILITY_AVX512)
-    return VecF(CPU_CAPABILITY::exp16(__m512(x)));
-#else
-    return x.exp_u20();
-#endif
-  }
+  static inline __attribute__((always_inline)) VecF exp(VecF x) { return x.exp(); }
   static VecF log(VecF x) { return x.log(); }
   static VecF log1p(VecF x) { return x.log1p(); }
   static VecF select(VecF mask, VecF a, VecF b) { return VecF::blendv(b, a, mask); }
-  static VecF min(VecF a, VecF b) { return at::vec::minimum(a, b); }
-  static VecF max(VecF a, VecF b) { return at::vec::maximum(a, b); }
+  static VecF min(VecF a, VecF b) { return CPU_CAPABILITY::minimum(a, b); }
+  static VecF max(VecF a, VecF b) { return CPU_CAPABILITY::maximum(a, b); }
   // Two operations (max, then min, x last so that its NaN passes through): maximum / minimum
   // check both operands for NaN, four operations each.
-  static VecF clamp(VecF x, VecF lo, VecF hi) { return at::vec::clamp(x, lo, hi); }
+  static VecF clamp(VecF x, VecF lo, VecF hi) { return CPU_CAPABILITY::clamp(x, lo, hi); }
 };
 
 namespace CPU_CAPABILITY {
-
-using VecF = at::vec::Vectorized<float>;
 
 // ---------------------------------------------------------------- thread count from the work
 // Every CPU kernel splits its work across threads through parallel_for_work, which gives each
@@ -61,13 +49,13 @@ using VecF = at::vec::Vectorized<float>;
 // on the calling thread alone.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
 
-// at::parallel_for over items [0, n) of `work_per_item` element-operations each (a row of T
+// torch::stable::parallel_for over items [0, n) of `work_per_item` element-operations each (a row of T
 // tokens: T; one element: 1; a costlier step counts as several, e.g. gae's scan step or a KL
 // estimator's exp: 4): at most n * work_per_item / kMinWorkPerThread threads.
 template <typename F>
 void parallel_for_work(int64_t n, int64_t work_per_item, const F& f) {
   const int64_t grain = kMinWorkPerThread / std::max<int64_t>(work_per_item, 1);
-  at::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
+  torch::stable::parallel_for(0, n, std::max<int64_t>(grain, 1), f);
 }
 
 // ---------------------------------------------------------------- loads, stores, lane sums
@@ -77,7 +65,7 @@ constexpr int64_t kVecF = VecF::size();
 
 // The vector type of the masked token loops (row_accumulate, row_map), which run the generic
 // per-token math of <stem>.h: Vec16 at the AVX512 level (comparisons in mask registers,
-// cpu_vec512.h), ATen's Vectorized<float> elsewhere. Same lane count as VecF.
+// cpu_vec512.h), VecF elsewhere. Same lane count as VecF.
 #if defined(CPU_CAPABILITY_AVX512)
 using SimdF = Vec16;
 #else
@@ -95,9 +83,7 @@ inline V vload(const scalar_t* p) {
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     return VecF::loadu(p);
   } else {
-    VecF out;
-    at::vec::load_to_float<scalar_t>(p, out);
-    return out;
+    return load_float(p);
   }
 }
 
@@ -197,7 +183,7 @@ inline float hmax(const VecF& v, float init) {
 // the SIMD lanes summed in a fixed order, then the scalar tail; in double at the end).
 template <int K, typename scalar_t, typename F>
 void row_accumulate(int64_t width, const bool* m, F f, double* out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   int64_t t = 0;
   for (int k = 0; k < K; ++k) out[k] = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -219,7 +205,7 @@ void row_accumulate(int64_t width, const bool* m, F f, double* out) {
 // write zeros); a row that is not `active` (e.g. a zero gradient scale) is z(0, width) at once.
 template <typename scalar_t, typename F, typename Z>
 void row_map(int64_t width, const bool* m, bool active, F f, Z z) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   if (!active) {
     z(0, width);
     return;

@@ -13,10 +13,8 @@
 namespace ppokernels {
 namespace cuda {
 
-// Accumulation type of a storage type: fp32 for half types and fp32, fp64 for fp64.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
+// Accumulation type of a storage type (common.h's acc_type).
+template <typename T> using acc_t = acc_type<T>;
 
 template <typename A, typename T> __device__ __forceinline__ A load_as(const T* p, int64_t i) {
   return static_cast<A>(p[i]);

@@ -6,7 +6,7 @@
 #include <optional>
 #include <string>
 
-#include "ppokernels/aten_utils.h"
+#include "ppokernels/stable.h"
 #include "ppokernels/gae.h"
 
 namespace ppokernels {
@@ -17,16 +17,16 @@ struct GaeRows {
   MaskMode mode;
 };
 
-inline GaeRows gae_check(const char* op, const at::Tensor& x, const at::Tensor& mask,
+inline GaeRows gae_check(const char* op, const Tensor& x, const Tensor& mask,
                          const std::string& mode_name, double gamma, double lam) {
   GaeRows r;
-  TORCH_CHECK(parse_mask_mode(mode_name.c_str(), &r.mode), op,
-              ": mode must be 'skip' or 'zero', got '", mode_name, "'");
-  TORCH_CHECK(x.dim() >= 1, op, ": inputs must have a time dimension");
-  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the inputs");
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on the device of the inputs");
-  TORCH_CHECK(gamma >= 0.0 && gamma <= 1.0, op, ": gamma must be in [0, 1]");
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, op, ": lam must be in [0, 1]");
+  PPK_CHECK(parse_mask_mode(mode_name.c_str(), &r.mode), op,
+            ": mode must be 'skip' or 'zero', got '", mode_name, "'");
+  PPK_CHECK(x.dim() >= 1, op, ": inputs must have a time dimension");
+  PPK_CHECK(same_shape(mask, x), op, ": mask must have the shape of the inputs");
+  PPK_CHECK(same_device(mask, x), op, ": mask must be on the device of the inputs");
+  PPK_CHECK(gamma >= 0.0 && gamma <= 1.0, op, ": gamma must be in [0, 1]");
+  PPK_CHECK(lam >= 0.0 && lam <= 1.0, op, ": lam must be in [0, 1]");
   r.len = x.size(-1);
   r.n = r.len == 0 ? 0 : x.numel() / r.len;
   return r;
@@ -36,27 +36,27 @@ inline GaeRows gae_check(const char* op, const at::Tensor& x, const at::Tensor& 
 // fp64 rewards); ret is undefined for discounted_returns, whose result is adv.
 struct GaeForwardArgs {
   GaeRows rows;
-  at::Tensor r, v, m;  // rewards, values (or undefined), bool mask; contiguous
-  at::Tensor adv, ret;
+  Tensor r, v, m;  // rewards, values (or undefined), bool mask; contiguous
+  Tensor adv, ret;
 };
 
-inline GaeForwardArgs gae_forward_args(const char* op, const at::Tensor& rewards,
-                                       const at::Tensor* values, const at::Tensor& mask,
+inline GaeForwardArgs gae_forward_args(const char* op, const Tensor& rewards,
+                                       const Tensor* values, const Tensor& mask,
                                        double gamma, double lam, const std::string& mode_name) {
   GaeForwardArgs a;
   a.rows = gae_check(op, rewards, mask, mode_name, gamma, lam);
   if (values) {
-    TORCH_CHECK(values->sizes() == rewards.sizes(), op, ": values must have the shape of rewards");
-    TORCH_CHECK(values->scalar_type() == rewards.scalar_type(), op,
-                ": values and rewards dtypes differ");
-    TORCH_CHECK(values->device() == rewards.device(), op,
-                ": values must be on the device of rewards");
-    a.v = values->contiguous();
+    PPK_CHECK(same_shape(*values, rewards), op, ": values must have the shape of rewards");
+    PPK_CHECK(values->scalar_type() == rewards.scalar_type(), op,
+              ": values and rewards dtypes differ");
+    PPK_CHECK(same_device(*values, rewards), op,
+              ": values must be on the device of rewards");
+    a.v = contiguous(*values);
   }
-  a.r = rewards.contiguous();
+  a.r = contiguous(rewards);
   a.m = bool_mask(mask);
-  a.adv = at::empty(a.r.sizes(), a.r.options().dtype(acc_dtype(a.r)));
-  if (values) a.ret = at::empty_like(a.adv);
+  a.adv = empty(sizes_of(a.r), acc_dtype(a.r), a.r);
+  if (values) a.ret = empty_like(a.adv);
   return a;
 }
 
@@ -64,26 +64,26 @@ inline GaeForwardArgs gae_forward_args(const char* op, const at::Tensor& rewards
 // input gradients in `dtype`. grad_advantages null for discounted_returns (grad_v undefined).
 struct GaeBackwardArgs {
   GaeRows rows;
-  at::Tensor ga, gr, m;  // grad_advantages (or undefined), grad_returns, bool mask
-  at::Tensor grad_r, grad_v;
+  Tensor ga, gr, m;  // grad_advantages (or undefined), grad_returns, bool mask
+  Tensor grad_r, grad_v;
 };
 
-inline GaeBackwardArgs gae_backward_args(const char* op, const at::Tensor* grad_advantages,
-                                         const at::Tensor& grad_returns, const at::Tensor& mask,
+inline GaeBackwardArgs gae_backward_args(const char* op, const Tensor* grad_advantages,
+                                         const Tensor& grad_returns, const Tensor& mask,
                                          double gamma, double lam, const std::string& mode_name,
-                                         at::ScalarType dtype) {
+                                         ScalarType dtype) {
   GaeBackwardArgs a;
   a.rows = gae_check(op, grad_returns, mask, mode_name, gamma, lam);
   const auto acc = acc_dtype(dtype);
   if (grad_advantages) {
-    TORCH_CHECK(grad_advantages->sizes() == grad_returns.sizes(), op,
-                ": grad_advantages and grad_returns must have the same shape");
-    a.ga = grad_advantages->to(acc).contiguous();
+    PPK_CHECK(same_shape(*grad_advantages, grad_returns), op,
+              ": grad_advantages and grad_returns must have the same shape");
+    a.ga = contiguous(to_dtype(*grad_advantages, acc));
   }
-  a.gr = grad_returns.to(acc).contiguous();
+  a.gr = contiguous(to_dtype(grad_returns, acc));
   a.m = bool_mask(mask);
-  a.grad_r = at::empty(a.gr.sizes(), a.gr.options().dtype(dtype));
-  if (grad_advantages) a.grad_v = at::empty_like(a.grad_r);
+  a.grad_r = empty(sizes_of(a.gr), dtype, a.gr);
+  if (grad_advantages) a.grad_v = empty_like(a.grad_r);
   return a;
 }
 

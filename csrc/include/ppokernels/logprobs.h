@@ -104,7 +104,7 @@ PPK_HOST_DEVICE void softmax_stats_add_block(SoftmaxStats<T>& a, const T* z, Exp
   a.m = m_new;
 }
 
-// The exp of VecOps (vexp): std::exp / CUDA's expf, ATen's exp_u20 on SIMD vectors.
+// The exp of VecOps (vexp): std::exp / CUDA's expf, VecF::exp (cpu_vecf.h) on SIMD vectors.
 struct DefaultExp {
   template <typename T>
   PPK_HOST_DEVICE T operator()(T x) const { return vexp(x); }

@@ -6,41 +6,41 @@
 #include <optional>
 #include <string>
 
-#include "ppokernels/aten_utils.h"
+#include "ppokernels/stable.h"
 #include "ppokernels/ppo_loss.h"
 
 namespace ppokernels {
 
 inline AggMode ppo_agg_mode(const char* op, const std::string& agg) {
   AggMode mode;
-  TORCH_CHECK(parse_agg_mode(agg.c_str(), &mode), op, ": unknown agg '", agg, "'");
+  PPK_CHECK(parse_agg_mode(agg.c_str(), &mode), op, ": unknown agg '", agg, "'");
   return mode;
 }
 
 // x must match `like` (the [B, T] data) in shape, dtype and device.
-inline void ppo_check_like(const char* op, const char* name, const at::Tensor& x,
-                           const at::Tensor& like) {
-  TORCH_CHECK(x.sizes() == like.sizes(), op, ": ", name, " must have the shape of the data");
-  TORCH_CHECK(x.scalar_type() == like.scalar_type(), op, ": ", name, " must have the data's dtype");
-  TORCH_CHECK(x.device() == like.device(), op, ": ", name, " must be on the data's device");
+inline void ppo_check_like(const char* op, const char* name, const Tensor& x,
+                           const Tensor& like) {
+  PPK_CHECK(same_shape(x, like), op, ": ", name, " must have the shape of the data");
+  PPK_CHECK(x.scalar_type() == like.scalar_type(), op, ": ", name, " must have the data's dtype");
+  PPK_CHECK(same_device(x, like), op, ": ", name, " must be on the data's device");
 }
 
 // advantages / is_weights / returns: [B, T] or [B], converted to the accumulation dtype.
-inline at::Tensor ppo_token_or_row(const char* op, const char* name, const at::Tensor& x,
-                                   int64_t B, int64_t T, at::ScalarType acc, bool* per_row) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", name, " must be floating point");
+inline Tensor ppo_token_or_row(const char* op, const char* name, const Tensor& x,
+                               int64_t B, int64_t T, ScalarType acc, bool* per_row) {
+  PPK_CHECK(is_floating_type(x.scalar_type()), op, ": ", name, " must be floating point");
   const bool full = x.dim() == 2 && x.size(0) == B && x.size(1) == T;
   *per_row = x.dim() == 1 && x.size(0) == B;
-  TORCH_CHECK(full || *per_row, op, ": ", name, " must have shape [B, T] or [B]");
-  return x.to(acc).contiguous();
+  PPK_CHECK(full || *per_row, op, ": ", name, " must have shape [B, T] or [B]");
+  return contiguous(to_dtype(x, acc));
 }
 
 // [B, T] data with a mask of its shape.
-inline void ppo_check_2d(const char* op, const at::Tensor& x, const at::Tensor& mask,
+inline void ppo_check_2d(const char* op, const Tensor& x, const Tensor& mask,
                          int64_t* B, int64_t* T) {
-  TORCH_CHECK(x.dim() == 2, op, ": inputs must be [B, T]");
-  TORCH_CHECK(mask.sizes() == x.sizes(), op, ": mask must have the shape of the data");
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on the data's device");
+  PPK_CHECK(x.dim() == 2, op, ": inputs must be [B, T]");
+  PPK_CHECK(same_shape(mask, x), op, ": mask must have the shape of the data");
+  PPK_CHECK(same_device(mask, x), op, ": mask must be on the data's device");
   *B = x.size(0);
   *T = x.size(1);
 }
@@ -48,18 +48,18 @@ inline void ppo_check_2d(const char* op, const at::Tensor& x, const at::Tensor& 
 // ---------------------------------------------------------------------------- policy loss
 struct PolicyArgs {
   int64_t B, T;
-  at::Tensor lp, old, ref, ent;  // [B, T], input dtype; ref / ent undefined when not given
-  at::Tensor adv, w;             // [B, T] or [B] (adv_row / w_row), accumulation dtype
-  at::Tensor mask;               // [B, T] bool
+  Tensor lp, old, ref, ent;  // [B, T], input dtype; ref / ent undefined when not given
+  Tensor adv, w;             // [B, T] or [B] (adv_row / w_row), accumulation dtype
+  Tensor mask;               // [B, T] bool
   bool adv_row = false, w_row = false;
   PolicyParams<double> p;
 };
 
-inline PolicyArgs policy_args(const char* op, const at::Tensor& logprobs,
-                              const at::Tensor& old_logprobs, const at::Tensor& advantages,
-                              const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
-                              const std::optional<at::Tensor>& entropy,
-                              const std::optional<at::Tensor>& is_weights, double clip_low,
+inline PolicyArgs policy_args(const char* op, const Tensor& logprobs,
+                              const Tensor& old_logprobs, const Tensor& advantages,
+                              const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+                              const std::optional<Tensor>& entropy,
+                              const std::optional<Tensor>& is_weights, double clip_low,
                               double clip_high, std::optional<double> dual_clip,
                               std::optional<double> logratio_clamp,
                               const std::string& ratio_level, double kl_coef,
@@ -69,34 +69,34 @@ inline PolicyArgs policy_args(const char* op, const at::Tensor& logprobs,
   ppo_check_2d(op, logprobs, mask, &c.B, &c.T);
   ppo_check_like(op, "old_logprobs", old_logprobs, logprobs);
   const auto acc = acc_dtype(logprobs);
-  c.lp = logprobs.contiguous();
-  c.old = old_logprobs.contiguous();
+  c.lp = contiguous(logprobs);
+  c.old = contiguous(old_logprobs);
   c.adv = ppo_token_or_row(op, "advantages", advantages, c.B, c.T, acc, &c.adv_row);
   c.mask = bool_mask(mask);
   if (ref_logprobs) {
     ppo_check_like(op, "ref_logprobs", *ref_logprobs, logprobs);
-    c.ref = ref_logprobs->contiguous();
+    c.ref = contiguous(*ref_logprobs);
   }
   if (entropy) {
     ppo_check_like(op, "entropy", *entropy, logprobs);
-    c.ent = entropy->contiguous();
+    c.ent = contiguous(*entropy);
   }
   if (is_weights) {
     c.w = ppo_token_or_row(op, "is_weights", *is_weights, c.B, c.T, acc, &c.w_row);
   }
-  TORCH_CHECK(clip_low >= 0 && clip_high >= 0, op, ": clip_low and clip_high must be >= 0");
-  TORCH_CHECK(!dual_clip || *dual_clip > 1, op, ": dual_clip must be > 1");
+  PPK_CHECK(clip_low >= 0 && clip_high >= 0, op, ": clip_low and clip_high must be >= 0");
+  PPK_CHECK(!dual_clip || *dual_clip > 1, op, ": dual_clip must be > 1");
   // ratio_level carries the loss mode and its parameters (ppo_loss_modes.h parse_policy_mode)
   PolicyMode mode;
   double mp[4];
-  TORCH_CHECK(parse_policy_mode(ratio_level.c_str(), &mode, mp), op, ": bad loss mode '",
-              ratio_level, "' (expected 'token', 'sequence' or '<mode>:<params>')");
-  TORCH_CHECK(!dual_clip || mode == PolicyMode::kVanilla || mode == PolicyMode::kGspo, op,
-              ": dual_clip applies to the vanilla and gspo modes only");
+  PPK_CHECK(parse_policy_mode(ratio_level.c_str(), &mode, mp), op, ": bad loss mode '",
+            ratio_level, "' (expected 'token', 'sequence' or '<mode>:<params>')");
+  PPK_CHECK(!dual_clip || mode == PolicyMode::kVanilla || mode == PolicyMode::kGspo, op,
+            ": dual_clip applies to the vanilla and gspo modes only");
   KLEstimator est;
   bool st;
-  TORCH_CHECK(parse_kl_estimator(kl_estimator.c_str(), &est, &st), op,
-              ": unknown kl_estimator '", kl_estimator, "'");
+  PPK_CHECK(parse_kl_estimator(kl_estimator.c_str(), &est, &st), op,
+            ": unknown kl_estimator '", kl_estimator, "'");
   c.p = PolicyParams<double>{clip_low,
                              clip_high,
                              dual_clip.value_or(0.0),
@@ -116,53 +116,53 @@ inline PolicyArgs policy_args(const char* op, const at::Tensor& logprobs,
 // Checks of the backward's own inputs, and the gradients' buffers: lp [B, T]; ref and ent [B, T]
 // when ref_logprobs / entropy were given, else [0].
 struct PolicyGrads {
-  at::Tensor lp, ref, ent;
+  Tensor lp, ref, ent;
 };
 
-inline PolicyGrads policy_grad_outputs(const char* op, const PolicyArgs& c, const at::Tensor& grad,
-                                       const at::Tensor& row_stats) {
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == c.B &&
-                  row_stats.size(1) == kPolicyRowStats,
-              op, ": row_stats must be [B, 4]");
-  TORCH_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
+inline PolicyGrads policy_grad_outputs(const char* op, const PolicyArgs& c, const Tensor& grad,
+                                       const Tensor& row_stats) {
+  PPK_CHECK(row_stats.dim() == 2 && row_stats.size(0) == c.B &&
+                row_stats.size(1) == kPolicyRowStats,
+            op, ": row_stats must be [B, 4]");
+  PPK_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
   PolicyGrads o;
-  o.lp = at::empty_like(c.lp);
-  o.ref = c.ref.defined() ? at::empty_like(c.ref) : at::empty({0}, c.lp.options());
-  o.ent = c.ent.defined() ? at::empty_like(c.ent) : at::empty({0}, c.lp.options());
+  o.lp = empty_like(c.lp);
+  o.ref = c.ref.defined() ? empty_like(c.ref) : empty({0}, c.lp.scalar_type(), c.lp);
+  o.ent = c.ent.defined() ? empty_like(c.ent) : empty({0}, c.lp.scalar_type(), c.lp);
   return o;
 }
 
 // ----------------------------------------------------------------------------- value loss
 struct ValueArgs {
   int64_t B, T;
-  at::Tensor v, vo;  // [B, T], input dtype
-  at::Tensor ret;    // [B, T], accumulation dtype
-  at::Tensor mask;   // [B, T] bool
+  Tensor v, vo;  // [B, T], input dtype
+  Tensor ret;    // [B, T], accumulation dtype
+  Tensor mask;   // [B, T] bool
   double clip;       // 0: none
 };
 
-inline ValueArgs value_args(const char* op, const at::Tensor& values, const at::Tensor& old_values,
-                            const at::Tensor& returns, const at::Tensor& mask,
+inline ValueArgs value_args(const char* op, const Tensor& values, const Tensor& old_values,
+                            const Tensor& returns, const Tensor& mask,
                             std::optional<double> clip) {
   ValueArgs c;
   ppo_check_2d(op, values, mask, &c.B, &c.T);
   ppo_check_like(op, "old_values", old_values, values);
-  c.v = values.contiguous();
-  c.vo = old_values.contiguous();
+  c.v = contiguous(values);
+  c.vo = contiguous(old_values);
   bool per_row;
   c.ret = ppo_token_or_row(op, "returns", returns, c.B, c.T, acc_dtype(values), &per_row);
-  TORCH_CHECK(!per_row, op, ": returns must have shape [B, T]");
+  PPK_CHECK(!per_row, op, ": returns must have shape [B, T]");
   c.mask = bool_mask(mask);
-  TORCH_CHECK(!clip || *clip > 0, op, ": clip must be > 0");
+  PPK_CHECK(!clip || *clip > 0, op, ": clip must be > 0");
   c.clip = clip.value_or(0.0);
   return c;
 }
 
-inline at::Tensor value_grad_output(const char* op, const ValueArgs& c, const at::Tensor& grad,
-                                    const at::Tensor& row_scale) {
-  TORCH_CHECK(row_scale.dim() == 1 && row_scale.size(0) == c.B, op, ": row_scale must be [B]");
-  TORCH_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
-  return at::empty_like(c.v);
+inline Tensor value_grad_output(const char* op, const ValueArgs& c, const Tensor& grad,
+                                const Tensor& row_scale) {
+  PPK_CHECK(row_scale.dim() == 1 && row_scale.size(0) == c.B, op, ": row_scale must be [B]");
+  PPK_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
+  return empty_like(c.v);
 }
 
 }  // namespace ppokernels

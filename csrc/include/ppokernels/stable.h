@@ -1,0 +1,177 @@
+// The torch side of the host code (checks, allocation, dtype dispatch, registration), through
+// the LibTorch stable ABI only: torch/csrc/stable and torch/headeronly, built with
+// -DTORCH_TARGET_VERSION = 2.11 (setup.py), so one binary loads on every torch from 2.11 on.
+// What the stable ABI lacks is written here, once: an error check that throws the message alone,
+// a floating-point dtype switch, tensor factories in ATen's words, and a dispatcher call for the
+// ATen ops that torch/csrc/stable/ops.h does not wrap (mm, mm.out, nonzero).
+#pragma once
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ppokernels/common.h"
+
+namespace ppokernels {
+
+using Tensor = torch::stable::Tensor;
+using Library = torch::stable::detail::StableLibrary;
+using ScalarType = torch::headeronly::ScalarType;
+using Half = c10::Half;
+using BFloat16 = c10::BFloat16;
+using Sizes = std::vector<int64_t>;
+
+constexpr ScalarType kFloat = ScalarType::Float;
+constexpr ScalarType kDouble = ScalarType::Double;
+constexpr ScalarType kHalf = ScalarType::Half;
+constexpr ScalarType kBFloat16 = ScalarType::BFloat16;
+constexpr ScalarType kBool = ScalarType::Bool;
+constexpr ScalarType kLong = ScalarType::Long;
+constexpr ScalarType kInt = ScalarType::Int;
+
+// ---------------------------------------------------------------- errors
+// PPK_CHECK(cond, parts...) throws std::runtime_error with the parts concatenated; torch turns it
+// into a Python RuntimeError carrying exactly that message ("<op>: <argument> ..."), without the
+// function / file / line prefix that STD_TORCH_CHECK adds.
+template <typename... Parts>
+[[noreturn]] inline void fail(const Parts&... parts) {
+  std::ostringstream s;
+  (s << ... << parts);
+  throw std::runtime_error(s.str());
+}
+#define PPK_CHECK(cond, ...)                              \
+  do {                                                    \
+    if (!(cond)) ::ppokernels::fail(__VA_ARGS__);         \
+  } while (0)
+
+inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
+
+// ---------------------------------------------------------------- dtype dispatch
+// PPK_DISPATCH_FLOATING(type, "op", [&] { ... scalar_t ... }) runs the lambda with scalar_t =
+// double, float, Half or BFloat16 (PPK_DISPATCH_FP32_FP64: float and double only); any other
+// dtype is an error naming the op.
+// The lambda is variadic (...), as in ATen's AT_DISPATCH_*: a body with a top-level comma
+// (f<scalar_t, A>(...)) reaches the macro as several arguments.
+#define PPK_DISPATCH_CASE(enum_type, type, ...) \
+  case enum_type: {                             \
+    using scalar_t = type;                      \
+    return __VA_ARGS__();                       \
+  }
+#define PPK_DISPATCH_FP32_FP64(TYPE, NAME, ...)                                         \
+  [&] {                                                                                 \
+    const ::ppokernels::ScalarType ppk_t = (TYPE);                                      \
+    switch (ppk_t) {                                                                    \
+      PPK_DISPATCH_CASE(::ppokernels::kDouble, double, __VA_ARGS__)                     \
+      PPK_DISPATCH_CASE(::ppokernels::kFloat, float, __VA_ARGS__)                       \
+      default:                                                                          \
+        ::ppokernels::fail(NAME, ": unsupported dtype ", ::ppokernels::dtype_name(ppk_t), \
+                           " (expected float32 or float64)");                           \
+    }                                                                                   \
+  }()
+#define PPK_DISPATCH_FLOATING(TYPE, NAME, ...)                                          \
+  [&] {                                                                                 \
+    const ::ppokernels::ScalarType ppk_t = (TYPE);                                      \
+    switch (ppk_t) {                                                                    \
+      PPK_DISPATCH_CASE(::ppokernels::kDouble, double, __VA_ARGS__)                     \
+      PPK_DISPATCH_CASE(::ppokernels::kFloat, float, __VA_ARGS__)                       \
+      PPK_DISPATCH_CASE(::ppokernels::kHalf, ::ppokernels::Half, __VA_ARGS__)           \
+      PPK_DISPATCH_CASE(::ppokernels::kBFloat16, ::ppokernels::BFloat16, __VA_ARGS__)   \
+      default:                                                                          \
+        ::ppokernels::fail(NAME, ": unsupported dtype ", ::ppokernels::dtype_name(ppk_t), \
+                           " (expected float64, float32, float16 or bfloat16)");        \
+    }                                                                                   \
+  }()
+
+inline bool is_floating(ScalarType t) {
+  return t == kDouble || t == kFloat || t == kHalf || t == kBFloat16;
+}
+// ATen's isFloatingType (argument checks that accepted any floating dtype): is_floating plus
+// the float8 types and float4_e2m1fn_x2.
+inline bool is_floating_type(ScalarType t) {
+  return is_floating(t) || t == ScalarType::Float8_e5m2 || t == ScalarType::Float8_e5m2fnuz ||
+         t == ScalarType::Float8_e4m3fn || t == ScalarType::Float8_e4m3fnuz ||
+         t == ScalarType::Float8_e8m0fnu || t == ScalarType::Float4_e2m1fn_x2;
+}
+
+// ---------------------------------------------------------------- shapes and factories
+inline Sizes sizes_of(const Tensor& t) {
+  const auto s = t.sizes();
+  return Sizes(s.begin(), s.end());
+}
+inline bool same_shape(const Tensor& a, const Tensor& b) { return a.sizes().equals(b.sizes()); }
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  return a.get_device() == b.get_device() && a.is_cuda() == b.is_cuda();
+}
+// "[2, 3]", for messages
+inline std::string shape_str(const Tensor& t) {
+  std::ostringstream s;
+  s << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+  s << "]";
+  return s.str();
+}
+
+// Uninitialised / zero tensors on the device of `like`.
+inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
+  return torch::stable::new_empty(like, sizes, dtype);
+}
+inline Tensor zeros(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
+  return torch::stable::new_zeros(like, sizes, dtype);
+}
+using torch::stable::contiguous;
+using torch::stable::empty_like;
+// A 0-dim tensor holding `value`.
+inline Tensor scalar_tensor(double value, ScalarType dtype, const Tensor& like) {
+  return torch::stable::fill_(empty({}, dtype, like), value);
+}
+// t in dtype (no copy when it already is).
+inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+}
+// t.item<double>() of a one-element tensor (e.g. a backward's upstream gradient), read on the
+// host (a copy to the CPU first when t is on a GPU).
+inline double item_double(const Tensor& t) {
+  PPK_CHECK(t.numel() == 1, "a Tensor with ", t.numel(),
+            " elements cannot be converted to Scalar");
+  Tensor d = to_dtype(t, kDouble);
+  if (!d.is_cpu()) d = torch::stable::to(d, torch::stable::Device(torch::stable::DeviceType::CPU));
+  return *d.const_data_ptr<double>();
+}
+
+// Accumulation and output dtype of the kernels: float64 for float64 inputs, else float32.
+inline ScalarType acc_dtype(ScalarType t) { return t == kDouble ? kDouble : kFloat; }
+inline ScalarType acc_dtype(const Tensor& x) { return acc_dtype(x.scalar_type()); }
+
+// A contiguous bool mask from a {0, 1} mask of any dtype (no copy when it already is one);
+// .to(bool) is mask != 0.
+inline Tensor bool_mask(const Tensor& mask) { return contiguous(to_dtype(mask, kBool)); }
+
+// ---------------------------------------------------------------- ATen ops by the dispatcher
+// call_op("aten::mm", "", a, b): the op through torch_call_dispatcher (stable since torch 2.10),
+// for ops that torch/csrc/stable/ops.h does not wrap; returns the op's first output.
+template <typename... Args>
+Tensor call_op(const char* name, const char* overload, const Args&... args) {
+  std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+// a @ b, and out = a @ b (out given, of the right shape).
+inline Tensor mm(const Tensor& a, const Tensor& b) { return call_op("aten::mm", "", a, b); }
+inline void mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  (void)call_op("aten::mm", "out", a, b, out);
+}
+// The transpose of a 2-d tensor (a view).
+inline Tensor t(const Tensor& x) { return torch::stable::transpose(x, 0, 1); }
+
+}  // namespace ppokernels
