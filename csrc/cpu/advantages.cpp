@@ -153,22 +153,17 @@ Tensor masked_moments_cpu(const Tensor& x, const Tensor& mask, bool unbiased) {
     masked_stats(a.x.const_data_ptr<scalar_t>(), a.m.const_data_ptr<bool>(), Tensor(), a.x.numel(),
                  unbiased, true, 0.0, stats);
   });
-  auto out = empty({3}, kDouble, x);
-  auto* o = out.mutable_data_ptr<double>();
-  o[0] = stats[kStatMean];
-  o[1] = stats[kStatVar];
-  o[2] = stats[kStatCount];
-  return to_dtype(out, acc_dtype(x));
+  const double o[3] = {stats[kStatMean], stats[kStatVar], stats[kStatCount]};
+  return tensor_from(o, {3}, acc_dtype(x), x);
 }
 
 Tensor masked_moments_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& mask,
                                    const Tensor& moments, bool unbiased) {
   const MaskedArgs a = moments_backward_args(grad, x, mask, moments);
   // the coefficients in double, from the entries as given
-  const auto g = contiguous(to_dtype(grad, kDouble));
-  const auto mo = contiguous(to_dtype(moments, kDouble));
-  const double* gp = g.const_data_ptr<double>();
-  const double* mp = mo.const_data_ptr<double>();
+  const std::vector<double> g = doubles_of(grad), mo = doubles_of(moments);
+  const double* gp = g.data();
+  const double* mp = mo.data();
   const double mean = mp[0];
   const MomentsCoefs c = moments_coefs(gp[0], gp[1], mp[2], unbiased);
   const double c_mean = c.mean, c_var = c.var;

@@ -123,8 +123,8 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
   double n_total = 0;
   for (int64_t b = 0; b < B; ++b) n_total += part[b * kPolicyK + kPN];
   double loss = 0, kl = 0, ent = 0, clip = 0, neg_lr = 0, dual = 0;
-  auto row_stats = empty({B, kPolicyRowStats}, kDouble, logprobs);
-  double* rs = row_stats.mutable_data_ptr<double>();
+  std::vector<double> row_stats(B * kPolicyRowStats);
+  double* rs = row_stats.data();
   for (int64_t b = 0; b < B; ++b) {
     const double* p = part.data() + b * kPolicyK;
     const double w = agg_row_scale(mode, p[kPN], n_total, num_tokens.value_or(0.0),
@@ -150,9 +150,8 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
   }
   const double inv_n = n_total > 0 ? 1.0 / n_total : 0.0;
   const double mv[kPolicyMetrics] = {clip * inv_n, neg_lr * inv_n, dual * inv_n, kl, ent};
-  auto metrics = empty({kPolicyMetrics}, kDouble, logprobs);
-  std::copy(mv, mv + kPolicyMetrics, metrics.mutable_data_ptr<double>());
-  return {scalar_tensor(loss, acc, logprobs), to_dtype(metrics, acc), to_dtype(row_stats, acc)};
+  return {scalar_tensor(loss, acc, logprobs), tensor_from(mv, {kPolicyMetrics}, acc, logprobs),
+          tensor_from(rs, {B, kPolicyRowStats}, acc, logprobs)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cpu(
@@ -171,8 +170,8 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cpu(
   const int64_t B = c.B, T = c.T;
   const PolicyGrads out = policy_grad_outputs(op, c, grad, row_stats);
   const Tensor &grad_lp = out.lp, &grad_ref = out.ref, &grad_ent = out.ent;
-  const auto rs = contiguous(to_dtype(row_stats, kDouble));
-  const double* rsp = rs.const_data_ptr<double>();
+  const std::vector<double> rs = doubles_of(row_stats);
+  const double* rsp = rs.data();
   const double g = item_double(grad);
   PPK_DISPATCH_FLOATING(c.lp.scalar_type(), "ppo_policy_bwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;

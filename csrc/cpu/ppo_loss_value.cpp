@@ -65,8 +65,8 @@ std::tuple<Tensor, Tensor, Tensor> value_loss_cpu(
   });
   double n_total = 0, loss = 0, clipped = 0;
   for (int64_t b = 0; b < B; ++b) n_total += part[3 * b];
-  auto row_scale = empty({B}, kDouble, values);
-  double* rs = row_scale.mutable_data_ptr<double>();
+  std::vector<double> row_scale(B);
+  double* rs = row_scale.data();
   for (int64_t b = 0; b < B; ++b) {
     const double w = agg_row_scale(mode, part[3 * b], n_total, num_tokens.value_or(0.0),
                                    num_seqs.value_or(0.0), B, T);
@@ -76,7 +76,7 @@ std::tuple<Tensor, Tensor, Tensor> value_loss_cpu(
   }
   return {scalar_tensor(loss, acc, values),
           scalar_tensor(n_total > 0 ? clipped / n_total : 0.0, acc, values),
-          to_dtype(row_scale, acc)};
+          tensor_from(rs, {B}, acc, values)};
 }
 
 Tensor value_loss_backward_cpu(const Tensor& grad, const Tensor& values,
@@ -87,8 +87,8 @@ Tensor value_loss_backward_cpu(const Tensor& grad, const Tensor& values,
   const ValueArgs c = value_args(op, values, old_values, returns, mask, clip);
   const int64_t B = c.B, T = c.T;
   auto grad_v = value_grad_output(op, c, grad, row_scale);
-  const auto rs = contiguous(to_dtype(row_scale, kDouble));
-  const double* rsp = rs.const_data_ptr<double>();
+  const std::vector<double> rs = doubles_of(row_scale);
+  const double* rsp = rs.data();
   const double g = item_double(grad);
   const double eps = c.clip;
   PPK_DISPATCH_FLOATING(c.v.scalar_type(), "value_bwd_cpu", [&] {

@@ -191,7 +191,7 @@ Tensor masked_moments_backward_cuda(const Tensor& grad, const Tensor& x, const T
                                     const Tensor& moments, bool unbiased) {
   const cuda::Guard guard(x);
   const MaskedArgs a = moments_backward_args(grad, x, mask, moments);
-  const auto mo = contiguous(to_dtype(moments, acc_dtype(x)));
+  const auto mo = as_contiguous(to_dtype(moments, acc_dtype(x)));
   PPK_DISPATCH_FLOATING(a.x.scalar_type(), "masked_moments_bwd", [&] {
     using T = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T>;

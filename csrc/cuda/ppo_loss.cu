@@ -315,8 +315,8 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cuda(
   const PolicyGrads out = policy_grad_outputs(op, c, grad, row_stats);
   const Tensor &g_lp = out.lp, &g_ref = out.ref, &g_ent = out.ent;
   const auto acc = acc_dtype(logprobs);
-  const auto g = contiguous(to_dtype(grad, acc));
-  const auto rs = contiguous(to_dtype(row_stats, acc));
+  const auto g = as_contiguous(to_dtype(grad, acc));
+  const auto rs = as_contiguous(to_dtype(row_stats, acc));
   PPK_DISPATCH_FLOATING(c.lp.scalar_type(), "ppo_policy_bwd_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;

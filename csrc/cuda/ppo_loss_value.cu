@@ -137,8 +137,8 @@ Tensor value_loss_backward_cuda(const Tensor& grad, const Tensor& values,
   auto g_v = value_grad_output(op, c, grad, row_scale);
   const auto acc = acc_dtype(values);
   const auto &v = c.v, &vo = c.vo, &ret = c.ret, &m = c.mask;
-  const auto g = contiguous(to_dtype(grad, acc));
-  const auto rs = contiguous(to_dtype(row_scale, acc));
+  const auto g = as_contiguous(to_dtype(grad, acc));
+  const auto rs = as_contiguous(to_dtype(row_scale, acc));
   PPK_DISPATCH_FLOATING(v.scalar_type(), "value_bwd_cuda", [&] {
     using T_ = typename cuda::CudaType<scalar_t>::type;
     using A = cuda::acc_t<T_>;

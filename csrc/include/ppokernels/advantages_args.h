@@ -24,9 +24,9 @@ inline MaskedArgs masked_args(const char* op, const Tensor& x, const Tensor& mas
   PPK_CHECK(same_shape(x, mask), op, ": mask must have the shape of x");
   PPK_CHECK(same_device(mask, x), op, ": mask is on another device than x");
   MaskedArgs a;
-  a.x = contiguous(x);
+  a.x = as_contiguous(x);
   a.m = bool_mask(mask);
-  if (grad) a.g = contiguous(to_dtype(*grad, acc_dtype(x)));
+  if (grad) a.g = as_contiguous(to_dtype(*grad, acc_dtype(x)));
   return a;
 }
 
@@ -37,7 +37,7 @@ inline MaskedArgs moments_backward_args(const Tensor& grad, const Tensor& x,
   PPK_CHECK(grad.numel() == 3 && moments.numel() == 3, op,
             ": grad and moments must have 3 entries");
   MaskedArgs a = masked_args(op, x, mask, &grad);
-  a.out = empty_like(a.x);
+  a.out = empty_as(a.x);
   return a;
 }
 
@@ -52,7 +52,7 @@ inline MaskedArgs whiten_backward_args(const Tensor& grad, const Tensor& x,
   const char* op = "masked_whiten_backward";
   PPK_CHECK(same_shape(grad, x), op, ": grad must have the shape of x");
   MaskedArgs a = masked_args(op, x, mask, &grad);
-  a.out = empty_like(a.x);
+  a.out = empty_as(a.x);
   return a;
 }
 
@@ -75,12 +75,12 @@ inline GroupArgs group_args(const char* op, const Tensor& scores, const Tensor& 
   PPK_CHECK(ids.scalar_type() == kLong, op, ": group_ids must be int64");
   PPK_CHECK(same_device(ids, scores), op, ": group_ids is on another device");
   PPK_CHECK(num_groups >= 0, op, ": num_groups must be >= 0");
-  a.s = contiguous(scores);
-  a.ids = contiguous(ids);
+  a.s = as_contiguous(scores);
+  a.ids = as_contiguous(ids);
   if (grad) {
     PPK_CHECK(same_shape(*grad, scores), op, ": grad has the wrong shape");
-    a.g = contiguous(to_dtype(*grad, acc_dtype(a.s)));
-    a.out = empty_like(a.s);
+    a.g = as_contiguous(to_dtype(*grad, acc_dtype(a.s)));
+    a.out = empty_as(a.s);
   } else {
     a.out = empty(sizes_of(a.s), acc_dtype(a.s), a.s);
   }

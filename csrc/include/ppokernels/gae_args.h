@@ -51,12 +51,12 @@ inline GaeForwardArgs gae_forward_args(const char* op, const Tensor& rewards,
               ": values and rewards dtypes differ");
     PPK_CHECK(same_device(*values, rewards), op,
               ": values must be on the device of rewards");
-    a.v = contiguous(*values);
+    a.v = as_contiguous(*values);
   }
-  a.r = contiguous(rewards);
+  a.r = as_contiguous(rewards);
   a.m = bool_mask(mask);
   a.adv = empty(sizes_of(a.r), acc_dtype(a.r), a.r);
-  if (values) a.ret = empty_like(a.adv);
+  if (values) a.ret = empty_as(a.adv);
   return a;
 }
 
@@ -78,12 +78,12 @@ inline GaeBackwardArgs gae_backward_args(const char* op, const Tensor* grad_adva
   if (grad_advantages) {
     PPK_CHECK(same_shape(*grad_advantages, grad_returns), op,
               ": grad_advantages and grad_returns must have the same shape");
-    a.ga = contiguous(to_dtype(*grad_advantages, acc));
+    a.ga = as_contiguous(to_dtype(*grad_advantages, acc));
   }
-  a.gr = contiguous(to_dtype(grad_returns, acc));
+  a.gr = as_contiguous(to_dtype(grad_returns, acc));
   a.m = bool_mask(mask);
   a.grad_r = empty(sizes_of(a.gr), dtype, a.gr);
-  if (grad_advantages) a.grad_v = empty_like(a.grad_r);
+  if (grad_advantages) a.grad_v = empty_as(a.grad_r);
   return a;
 }
 

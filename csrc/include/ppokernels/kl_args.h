@@ -34,13 +34,13 @@ inline KLArgs kl_args(const char* op, const Tensor& logprobs, const Tensor& ref_
             ": logprobs and ref_logprobs must have the same dtype");
   PPK_CHECK(same_device(ref_logprobs, logprobs), op,
             ": logprobs and ref_logprobs must be on the same device");
-  a.lp = contiguous(logprobs);
-  a.ref = contiguous(ref_logprobs);
+  a.lp = as_contiguous(logprobs);
+  a.ref = as_contiguous(ref_logprobs);
   a.clamp = clamp.value_or(0.0);
   if (grad) {
     PPK_CHECK(same_shape(*grad, logprobs), op, ": grad must have the shape of logprobs");
-    a.g = contiguous(to_dtype(*grad, acc_dtype(a.lp)));
-    a.out = empty_like(a.lp);
+    a.g = as_contiguous(to_dtype(*grad, acc_dtype(a.lp)));
+    a.out = empty_as(a.lp);
   } else {
     a.out = empty(sizes_of(a.lp), acc_dtype(a.lp), a.lp);
   }

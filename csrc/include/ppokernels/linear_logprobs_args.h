@@ -31,9 +31,9 @@ inline LinearLogprobsPlan linear_logprobs_plan(const char* op, const Tensor& hid
                                                int64_t ignore_index, int64_t chunk_size,
                                                ValidRowsFn valid_rows) {
   LinearLogprobsPlan p;
-  p.hidden = contiguous(hidden_);
-  p.weight = contiguous(weight_);
-  p.labels = contiguous(labels_);
+  p.hidden = as_contiguous(hidden_);
+  p.weight = as_contiguous(weight_);
+  p.labels = as_contiguous(labels_);
   const auto &hidden = p.hidden, &weight = p.weight, &labels = p.labels;
   PPK_CHECK(hidden.dim() == 2 && weight.dim() == 2, op, ": hidden and weight must be 2-D");
   PPK_CHECK(hidden.size(1) == weight.size(1), op, ": hidden and weight disagree on H");

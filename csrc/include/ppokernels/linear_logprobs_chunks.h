@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_chunked(
   auto label_logit = zeros({N}, acc, hidden), lse = zeros({N}, acc, hidden),
        ent = zeros({N}, acc, hidden);
   if (n == 0 || p.V == 0) return {label_logit, lse, ent};
-  const Tensor bias = bias_ ? contiguous(to_dtype(*bias_, acc)) : Tensor();
+  const Tensor bias = bias_ ? as_contiguous(to_dtype(*bias_, acc)) : Tensor();
   Tensor hbuf = empty({R, p.H}, Dev::gemm_dtype(hidden.scalar_type()), hidden);
   const Tensor lbuf = empty({R * std::min(kVocabBlock, p.V)}, acc, hidden);
   Tensor zy = empty({R}, acc, hidden), lse_c = empty({R}, acc, hidden),
@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_logprobs_backward_chunked(
     const Tensor ga = to_dtype(grad_label_logit, acc), gl = to_dtype(grad_lse, acc),
                  gc = llp::neg(to_dtype(grad_ent, acc));
     const Tensor lse = to_dtype(lse_, acc), ent = to_dtype(ent_, acc);
-    const Tensor bias = bias_ ? contiguous(to_dtype(*bias_, acc)) : Tensor();
+    const Tensor bias = bias_ ? as_contiguous(to_dtype(*bias_, acc)) : Tensor();
     const int64_t block = std::min(kVocabBlock, p.V);
     Tensor hbuf = empty({R, p.H}, Dev::gemm_dtype(in_dtype), hidden);
     Tensor ghbuf = need_h ? empty({R, p.H}, acc, hidden) : Tensor();

@@ -35,7 +35,7 @@ inline Tensor rows_of(const Tensor& t, RowLayout* layout) {
   if (t.stride(-1) == 1 && make_row_layout(t.sizes().data(), t.strides().data(), nd, layout)) {
     return t;
   }
-  auto c = contiguous(t);
+  auto c = as_contiguous(t);
   make_row_layout(c.sizes().data(), c.strides().data(), nd, layout);
   return c;
 }
@@ -52,7 +52,7 @@ inline LogprobsForwardArgs logprobs_forward_args(const Tensor& logits, const Ten
   logprobs_check("token_logprobs", logits, labels, temperature);
   LogprobsForwardArgs a;
   a.x = rows_of(logits, &a.layout);
-  a.lab = contiguous(labels);
+  a.lab = as_contiguous(labels);
   a.n = a.lab.numel();
   a.V = logits.size(-1);
   const ScalarType acc = acc_dtype(logits);
@@ -94,13 +94,13 @@ inline LogprobsBackwardArgs logprobs_backward_args(
     make_row_layout(a.dst.sizes().data(), a.dst.strides().data(), a.dst.dim() - 1, &a.out_layout);
   }
   const ScalarType acc = acc_dtype(logits);
-  a.lab = contiguous(labels);
-  a.g_lp = contiguous(to_dtype(grad_logprobs, acc));
+  a.lab = as_contiguous(labels);
+  a.g_lp = as_contiguous(to_dtype(grad_logprobs, acc));
   if (a.has_ent) {
-    a.g_ent = contiguous(to_dtype(*grad_entropy, acc));
-    a.ent = contiguous(to_dtype(*entropy, acc));
+    a.g_ent = as_contiguous(to_dtype(*grad_entropy, acc));
+    a.ent = as_contiguous(to_dtype(*entropy, acc));
   }
-  a.lse = contiguous(to_dtype(lse, acc));
+  a.lse = as_contiguous(to_dtype(lse, acc));
   a.n = a.lab.numel();
   a.V = logits.size(-1);
   return a;
@@ -133,7 +133,7 @@ Tensor token_logprobs_backward_op(const Tensor& grad_logprobs,
                                   const Tensor& lse,
                                   const std::optional<Tensor>& entropy,
                                   double temperature, int64_t ignore_index) {
-  Tensor out = empty_like(logits);
+  Tensor out = empty_as(logits);
   logprobs_backward_into<Run>(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
                               temperature, ignore_index, out);
   return out;

@@ -32,7 +32,7 @@ inline Tensor ppo_token_or_row(const char* op, const char* name, const Tensor& x
   const bool full = x.dim() == 2 && x.size(0) == B && x.size(1) == T;
   *per_row = x.dim() == 1 && x.size(0) == B;
   PPK_CHECK(full || *per_row, op, ": ", name, " must have shape [B, T] or [B]");
-  return contiguous(to_dtype(x, acc));
+  return as_contiguous(to_dtype(x, acc));
 }
 
 // [B, T] data with a mask of its shape.
@@ -69,17 +69,17 @@ inline PolicyArgs policy_args(const char* op, const Tensor& logprobs,
   ppo_check_2d(op, logprobs, mask, &c.B, &c.T);
   ppo_check_like(op, "old_logprobs", old_logprobs, logprobs);
   const auto acc = acc_dtype(logprobs);
-  c.lp = contiguous(logprobs);
-  c.old = contiguous(old_logprobs);
+  c.lp = as_contiguous(logprobs);
+  c.old = as_contiguous(old_logprobs);
   c.adv = ppo_token_or_row(op, "advantages", advantages, c.B, c.T, acc, &c.adv_row);
   c.mask = bool_mask(mask);
   if (ref_logprobs) {
     ppo_check_like(op, "ref_logprobs", *ref_logprobs, logprobs);
-    c.ref = contiguous(*ref_logprobs);
+    c.ref = as_contiguous(*ref_logprobs);
   }
   if (entropy) {
     ppo_check_like(op, "entropy", *entropy, logprobs);
-    c.ent = contiguous(*entropy);
+    c.ent = as_contiguous(*entropy);
   }
   if (is_weights) {
     c.w = ppo_token_or_row(op, "is_weights", *is_weights, c.B, c.T, acc, &c.w_row);
@@ -126,9 +126,9 @@ inline PolicyGrads policy_grad_outputs(const char* op, const PolicyArgs& c, cons
             op, ": row_stats must be [B, 4]");
   PPK_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
   PolicyGrads o;
-  o.lp = empty_like(c.lp);
-  o.ref = c.ref.defined() ? empty_like(c.ref) : empty({0}, c.lp.scalar_type(), c.lp);
-  o.ent = c.ent.defined() ? empty_like(c.ent) : empty({0}, c.lp.scalar_type(), c.lp);
+  o.lp = empty_as(c.lp);
+  o.ref = c.ref.defined() ? empty_as(c.ref) : empty({0}, c.lp.scalar_type(), c.lp);
+  o.ent = c.ent.defined() ? empty_as(c.ent) : empty({0}, c.lp.scalar_type(), c.lp);
   return o;
 }
 
@@ -147,8 +147,8 @@ inline ValueArgs value_args(const char* op, const Tensor& values, const Tensor& 
   ValueArgs c;
   ppo_check_2d(op, values, mask, &c.B, &c.T);
   ppo_check_like(op, "old_values", old_values, values);
-  c.v = contiguous(values);
-  c.vo = contiguous(old_values);
+  c.v = as_contiguous(values);
+  c.vo = as_contiguous(old_values);
   bool per_row;
   c.ret = ppo_token_or_row(op, "returns", returns, c.B, c.T, acc_dtype(values), &per_row);
   PPK_CHECK(!per_row, op, ": returns must have shape [B, T]");
@@ -162,7 +162,7 @@ inline Tensor value_grad_output(const char* op, const ValueArgs& c, const Tensor
                                 const Tensor& row_scale) {
   PPK_CHECK(row_scale.dim() == 1 && row_scale.size(0) == c.B, op, ": row_scale must be [B]");
   PPK_CHECK(grad.numel() == 1, op, ": grad must be a scalar");
-  return empty_like(c.v);
+  return empty_as(c.v);
 }
 
 }  // namespace ppokernels

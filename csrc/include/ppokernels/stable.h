@@ -12,7 +12,9 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -121,31 +123,105 @@ inline std::string shape_str(const Tensor& t) {
   return s.str();
 }
 
-// Uninitialised / zero tensors on the device of `like`.
+// ---------------------------------------------------------------- factories and conversions
+// The stable ops of torch/csrc/stable/ops.h reach most ATen ops through torch_call_dispatcher,
+// which looks the schema up by name and boxes every argument on each call: a few microseconds,
+// paid many times per small op. The helpers below take the direct C-shim call where there is one
+// (aoti_torch_empty_strided, aoti_torch_aten_fill__Scalar), skip the call when it would do
+// nothing (a tensor already contiguous, already of the dtype), and fill small CPU tensors
+// themselves, so that the stable ABI costs nothing measurable at small shapes.
+
+// Uninitialised contiguous tensor on a device given by the shim's codes (torch's empty_strided,
+// one shim call).
+inline Tensor empty_on(const Sizes& sizes, ScalarType dtype, int32_t device_type,
+                       int32_t device_index) {
+  Sizes strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  const int32_t code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle out = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), code, device_type,
+      device_index, &out));
+  return Tensor(out);
+}
+// ... on the device of `like`.
 inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
-  return torch::stable::new_empty(like, sizes, dtype);
+  int32_t device_type = 0, device_index = 0;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  return empty_on(sizes, dtype, device_type, device_index);
 }
+// Uninitialised contiguous tensor of the shape, dtype and device of `t`.
+inline Tensor empty_as(const Tensor& t) { return empty(sizes_of(t), t.scalar_type(), t); }
+
+// Zeros: small CPU tensors by memset (no dispatch), others by torch's zero_ (parallel, any device).
 inline Tensor zeros(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
-  return torch::stable::new_zeros(like, sizes, dtype);
+  Tensor out = empty(sizes, dtype, like);
+  const size_t bytes = static_cast<size_t>(out.numel()) * out.element_size();
+  if (out.is_cpu() && bytes <= (size_t(1) << 20)) {
+    if (bytes) std::memset(out.mutable_data_ptr(), 0, bytes);
+  } else {
+    torch::stable::zero_(out);
+  }
+  return out;
 }
-using torch::stable::contiguous;
-using torch::stable::empty_like;
-// A 0-dim tensor holding `value`.
-inline Tensor scalar_tensor(double value, ScalarType dtype, const Tensor& like) {
-  return torch::stable::fill_(empty({}, dtype, like), value);
+
+// t itself when already contiguous (torch::stable::contiguous dispatches even then).
+inline Tensor as_contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
 }
 // t in dtype (no copy when it already is).
 inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
-// t.item<double>() of a one-element tensor (e.g. a backward's upstream gradient), read on the
-// host (a copy to the CPU first when t is on a GPU).
-inline double item_double(const Tensor& t) {
-  PPK_CHECK(t.numel() == 1, "a Tensor with ", t.numel(),
-            " elements cannot be converted to Scalar");
-  Tensor d = to_dtype(t, kDouble);
+
+// A tensor of `sizes` holding values[i] (given in double) converted to dtype (float or double),
+// on the device of `like`: written in place on the CPU, converted by torch elsewhere.
+inline Tensor tensor_from(const double* values, const Sizes& sizes, ScalarType dtype,
+                          const Tensor& like) {
+  PPK_CHECK(dtype == kFloat || dtype == kDouble, "tensor_from: float32 or float64 only");
+  if (!like.is_cpu()) {  // a CPU double tensor first, then to the device in the right dtype
+    Tensor cpu = empty_on(sizes, kDouble, aoti_torch_device_type_cpu(), 0);
+    std::copy(values, values + cpu.numel(), cpu.mutable_data_ptr<double>());
+    return torch::stable::to(cpu, dtype, std::nullopt, like.device());
+  }
+  Tensor host = empty(sizes, dtype, like);
+  if (dtype == kDouble) {
+    std::copy(values, values + host.numel(), host.mutable_data_ptr<double>());
+  } else {
+    float* out = host.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < host.numel(); ++i) out[i] = static_cast<float>(values[i]);
+  }
+  return host;
+}
+// The values of a float or double CPU tensor, in double (read in place; other dtypes and devices
+// go through torch's conversion and copy).
+inline std::vector<double> doubles_of(const Tensor& t) {
+  std::vector<double> out(static_cast<size_t>(t.numel()));
+  if (t.is_cpu() && t.is_contiguous() && t.scalar_type() == kFloat) {
+    std::copy(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel(), out.begin());
+    return out;
+  }
+  Tensor d = as_contiguous(to_dtype(t, kDouble));
   if (!d.is_cpu()) d = torch::stable::to(d, torch::stable::Device(torch::stable::DeviceType::CPU));
-  return *d.const_data_ptr<double>();
+  std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel(), out.begin());
+  return out;
+}
+// The value of a one-element tensor, in double (the upstream gradient of a loss).
+inline double item_double(const Tensor& t) {
+  PPK_CHECK(t.numel() == 1, "a Tensor with ", t.numel(), " elements cannot be converted to Scalar");
+  return doubles_of(t)[0];
+}
+// A 0-dim tensor holding `value`.
+inline Tensor scalar_tensor(double value, ScalarType dtype, const Tensor& like) {
+  if (like.is_cpu() && (dtype == kFloat || dtype == kDouble)) {
+    return tensor_from(&value, {}, dtype, like);
+  }
+  return torch::stable::fill_(empty({}, dtype, like), value);
 }
 
 // Accumulation and output dtype of the kernels: float64 for float64 inputs, else float32.
@@ -154,7 +230,7 @@ inline ScalarType acc_dtype(const Tensor& x) { return acc_dtype(x.scalar_type())
 
 // A contiguous bool mask from a {0, 1} mask of any dtype (no copy when it already is one);
 // .to(bool) is mask != 0.
-inline Tensor bool_mask(const Tensor& mask) { return contiguous(to_dtype(mask, kBool)); }
+inline Tensor bool_mask(const Tensor& mask) { return as_contiguous(to_dtype(mask, kBool)); }
 
 // ---------------------------------------------------------------- ATen ops by the dispatcher
 // call_op("aten::mm", "", a, b): the op through torch_call_dispatcher (stable since torch 2.10),
