@@ -26,13 +26,16 @@ CACHE="$HOME/.cache/ppokernels-ci"
 WORK="$(mktemp -d /tmp/ppk-wheels.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 export PPOKERNELS_CI=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# the toolkit, not the prefix of the nvcc wrapper on PATH (/usr/local/bin/nvcc here)
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 start=$SECONDS
 stamp() { echo "== [wheels $(( SECONDS - start )) s] $*"; }
 
 # The op tests: every kernel family, the loader, the ABI gates, the ISA levels.
+# (test_edge_cases.py compares with veRL: it runs in step 3, where the trainers are installed.)
 OP_TESTS=(test_kl.py test_gae.py test_advantages.py test_ppo_loss.py test_ppo_loss_value.py
   test_ppo_loss_modes.py test_logprobs.py test_linear_logprobs.py test_linear_ppo_loss.py
-  test_edge_cases.py test_cpu_isa.py test_loading.py test_binary_abi.py)
+  test_cpu_isa.py test_loading.py test_binary_abi.py test_nvcc.py)
 
 # venv NAME PYTHON REQUIREMENT_FILE...: a cached venv with those requirements; prints its path.
 venv() {
@@ -57,7 +60,7 @@ mkdir -p "$WORK/src"
   tar -xf - -C "$WORK/src"
 # tests/ and benchmarks/ beside no ppokernels/: they import the installed package
 mkdir -p "$WORK/t"
-cp -r "$WORK/src/tests" "$WORK/src/benchmarks" "$WORK/src/pyproject.toml" "$WORK/t/"
+cp -r "$WORK/src/tests" "$WORK/src/benchmarks" "$WORK/src/csrc" "$WORK/src/pyproject.toml" "$WORK/t/"
 
 stamp "1. make wheel with Python 3.12, torch 2.11 (+cu130) and nvcc"
 V211="$(venv py312-torch211 "$PY312" "$ROOT/.ci/requirements-gpu-stack.txt" "$ROOT/.ci/requirements-wheel-tools.txt")"

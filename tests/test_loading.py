@@ -16,9 +16,12 @@ import types
 import pytest
 import torch
 
+import ppokernels
 from ppokernels import _backend
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding the ppokernels under test: the source tree, or site-packages when the tests
+# run against an installed wheel (.ci/wheels.sh).
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(ppokernels.__file__)))
 
 # Imports ppokernels recording the warnings of that import alone (torch, and triton where it is
 # installed, are imported first, so their own warnings are not counted), runs every public op on
@@ -98,7 +101,7 @@ PUBLIC_OPS = {
 }
 
 
-def _run(path: str = ROOT, **env: str) -> dict:
+def _run(path: str = PKG_PARENT, **env: str) -> dict:
     """SCRIPT in a fresh interpreter with ``path`` first on PYTHONPATH and in cwd (so that the
     ppokernels found is the one in ``path``), the loading variables unset unless given."""
     clean = ("PPOKERNELS_NO_EXT", "PPOKERNELS_BACKEND", "PPOKERNELS_CPU_ISA")
@@ -115,7 +118,7 @@ def _run(path: str = ROOT, **env: str) -> dict:
 def _copy_package(dst: str) -> str:
     """A copy of the ppokernels package under ``dst`` without any compiled ``_C*`` binary."""
     shutil.copytree(
-        os.path.join(ROOT, "ppokernels"),
+        os.path.join(PKG_PARENT, "ppokernels"),
         os.path.join(dst, "ppokernels"),
         ignore=shutil.ignore_patterns("__pycache__"),
     )

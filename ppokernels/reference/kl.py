@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ppokernels._dtypes import acc_dtype as _acc
+from ppokernels.reference._clamp import clamp as _clamp
 
 
 def kl_penalty(logprobs, ref_logprobs, *, estimator="k3", clamp=None):
@@ -28,7 +29,7 @@ def kl_penalty(logprobs, ref_logprobs, *, estimator="k3", clamp=None):
     else:
         raise ValueError(f"kl_penalty: unknown estimator {estimator!r}")
     if clamp is not None:
-        kl = kl.clamp(-clamp, clamp)
+        kl = _clamp(kl, -clamp, clamp)
     if straight_through:
         k2 = 0.5 * logratio.square()
         kl = k2 - k2.detach() + kl.detach()

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from ppokernels._dtypes import acc_dtype as _acc
+from ppokernels.reference._clamp import clamp
 from ppokernels.reference.kl import kl_penalty
 
 
@@ -101,11 +102,11 @@ def _surrogate(mode, lp, old, adv, w, m, lr, o):
     if mode in ("vanilla", "gspo"):
         if mode == "gspo":
             seq = torch.where(m, lr, 0).sum(-1) / m.sum(-1).clamp(min=1).to(lp.dtype)
-            ratio = torch.exp((lp - lp.detach() + seq.detach()[:, None]).clamp(max=o["smax"]))
+            ratio = torch.exp(clamp(lp - lp.detach() + seq.detach()[:, None], hi=o["smax"]))
         else:
             ratio = torch.exp(lr)
         l1 = -adv * ratio
-        l2 = -adv * ratio.clamp(1 - o["clip_low"], 1 + o["clip_high"])
+        l2 = -adv * clamp(ratio, 1 - o["clip_low"], 1 + o["clip_high"])
         loss, flag0 = torch.maximum(l1, l2), l2 > l1
         if o["dual_clip"] is not None:
             l3 = -adv * o["dual_clip"]
@@ -117,7 +118,7 @@ def _surrogate(mode, lp, old, adv, w, m, lr, o):
         tau = _where(adv > 0, o["tau_pos"], o["tau_neg"], lp)
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv * w, flag0, flag1
     if mode == "cispo":
-        c = ratio.clamp(o["cispo_lo"], o["cispo_hi"])
+        c = clamp(ratio, o["cispo_lo"], o["cispo_hi"])
         flag0, flag1 = ratio != c, (ratio > o["cispo_hi"]) & (adv > 0)
         return -c.detach() * adv * lp * w, flag0, flag1
     if mode == "gpg":
@@ -148,13 +149,13 @@ def _surrogate(mode, lp, old, adv, w, m, lr, o):
         l_pos, l_neg = o["vespo_lambda"]
         nonneg = adv >= 0
         k = _where(nonneg, k_pos, k_neg, lp)
-        lam = _where(nonneg, l_pos, l_neg, lp).clamp(min=1e-4)
+        lam = clamp(_where(nonneg, l_pos, l_neg, lp), lo=1e-4)
         phi = torch.exp(lam + k * log_w - lam * log_w.exp())
         phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         return -phi * adv * lp, phi, flag1
     # geo_mean (GMPO): a per-row loss from the sign-aware clipped log-ratio
     sgn = torch.sign(adv)
-    clamped = lr.clamp(-o["clip_low"], o["clip_high"])
+    clamped = clamp(lr, -o["clip_low"], o["clip_high"])
     lr_min = sgn * torch.minimum(sgn * lr, sgn * clamped)
     d = n + 1e-8
     ratio = torch.exp(torch.where(m, lr_min, 0).sum(-1) / d)
@@ -226,7 +227,7 @@ def ppo_policy_loss(
     lp, old, adv = clean(logprobs), clean(old_logprobs), clean(advantages)
     logratio = lp - old
     if logratio_clamp is not None:
-        logratio = logratio.clamp(-logratio_clamp, logratio_clamp)
+        logratio = clamp(logratio, -logratio_clamp, logratio_clamp)
     high = clip_low if clip_high is None else clip_high
     cap = ratio_cap
     opts = dict(
@@ -293,7 +294,7 @@ def value_loss(
     clipped = torch.zeros_like(m)
     loss = err
     if clip is not None:
-        vc = torch.clamp(v, vo - clip, vo + clip)
+        vc = clamp(v, vo - clip, vo + clip)
         errc = (vc - ret).square()
         clipped = errc > err
         loss = torch.maximum(err, errc)

@@ -48,7 +48,7 @@ inline cudaStream_t stream() {
   int device = 0;
   PPK_CUDA_CHECK(cudaGetDevice(&device));
   void* s = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &s));
+  PPK_SHIM_CHECK(aoti_torch_get_current_cuda_stream(device, &s));
   return static_cast<cudaStream_t>(s);
 }
 

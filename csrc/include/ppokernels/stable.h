@@ -56,6 +56,14 @@ template <typename... Parts>
     if (!(cond)) ::ppokernels::fail(__VA_ARGS__);         \
   } while (0)
 
+// A call of torch's C shim (aoti_torch_*, torch_*), which reports failure by its return code:
+// torch's own check macro is named differently across versions (TORCH_ERROR_CODE_CHECK in 2.11,
+// STABLE_TORCH_ERROR_CODE_CHECK later), so the binary built against 2.11 uses this one.
+#define PPK_SHIM_CHECK(call)                                                             \
+  do {                                                                                   \
+    if ((call) != AOTI_TORCH_SUCCESS) ::ppokernels::fail("torch shim call failed: ", #call); \
+  } while (0)
+
 inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
 
 // ---------------------------------------------------------------- dtype dispatch
@@ -143,7 +151,7 @@ inline Tensor empty_on(const Sizes& sizes, ScalarType dtype, int32_t device_type
   }
   const int32_t code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
   AtenTensorHandle out = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+  PPK_SHIM_CHECK(aoti_torch_empty_strided(
       static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), code, device_type,
       device_index, &out));
   return Tensor(out);
@@ -151,8 +159,8 @@ inline Tensor empty_on(const Sizes& sizes, ScalarType dtype, int32_t device_type
 // ... on the device of `like`.
 inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
   int32_t device_type = 0, device_index = 0;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
+  PPK_SHIM_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  PPK_SHIM_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
   return empty_on(sizes, dtype, device_type, device_index);
 }
 // Uninitialised contiguous tensor of the shape, dtype and device of `t`.
@@ -238,7 +246,7 @@ inline Tensor bool_mask(const Tensor& mask) { return as_contiguous(to_dtype(mask
 template <typename... Args>
 Tensor call_op(const char* name, const char* overload, const Args&... args) {
   std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
-  STABLE_TORCH_ERROR_CODE_CHECK(
+  PPK_SHIM_CHECK(
       torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
