@@ -247,13 +247,20 @@ def fastest_gpu(op: str, dtype: torch.dtype | None = None) -> str:
     return FASTEST_GPU.get(op, "triton")
 
 
+def requested(backend: str = "auto") -> str:
+    """The backend asked for: ``backend``, with ``auto`` replaced by PPOKERNELS_BACKEND when set
+    (not checked; :func:`choose` checks it and resolves ``auto``)."""
+    if backend == "auto":
+        return os.environ.get("PPOKERNELS_BACKEND", "auto") or "auto"
+    return backend
+
+
 def choose(
     op: str, device: torch.device, backend: str = "auto", dtype: torch.dtype | None = None
 ) -> str:
     """Backend that runs ``op`` on ``device`` (inputs of ``dtype``): "cpp", "triton" or
     "reference"."""
-    if backend == "auto":
-        backend = os.environ.get("PPOKERNELS_BACKEND", "auto") or "auto"
+    backend = requested(backend)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     dev = device.type

@@ -8,7 +8,6 @@ import json
 import platform
 import sys
 
-
 # Public functions that run on the kernels of another op (the backend is chosen for that op).
 _KERNEL_OP = {
     "masked_mean": "masked_moments",

@@ -1,8 +1,8 @@
 """Our SIMD math (csrc/include/ppokernels/cpu_vecf.h, which replaced ATen's at::vec and SLEEF when
 the extension moved to the stable ABI) against the C library, at every ISA level this CPU runs:
-exp and log within 2 ulp, log1p within 3, over a sweep of fp32 values with the special values in their right
-class (inf, NaN, 0, subnormals), and bf16 / fp16 stores rounding exactly as torch's scalar
-conversions. The C++ driver is tests/cpp/vecf_math.cpp, compiled here with g++."""
+exp and log within 2 ulp, log1p within 3, over a sweep of fp32 values with the special values in
+their right class (inf, NaN, 0, subnormals), and bf16 / fp16 stores rounding exactly as torch's
+scalar conversions. The C++ driver is tests/cpp/vecf_math.cpp, compiled here with g++."""
 
 import os
 import shutil

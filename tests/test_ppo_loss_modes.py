@@ -10,6 +10,7 @@ from test_ppo_loss import AGGS, PARAMS, _extras, _policy_inputs, _tol
 
 import ppokernels
 from ppokernels import reference
+from ppokernels.testing import binary_skip_reason
 
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
 # one configuration per mode, with its own options; clip_high != clip_low everywhere
@@ -134,6 +135,8 @@ def test_sequence_ratio_level_is_gspo(device, backend):
 
 def test_legacy_mode_strings_reach_the_cpp_op():
     """The op's mode argument still takes the former ratio levels "token" and "sequence"."""
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     lp, old, adv, mask = _inputs(3, 11, torch.float64, "cpu", garbage=False)
     args = (None, None, None, 0.2, 0.2, None, 20.0)
     tail = ("token-mean", None, None, 0.0, "k3", None, 0.0)
@@ -193,6 +196,8 @@ def test_bad_mode_options(device, backend, exc, msg, kw):
 def test_opcheck_and_compile_modes(spec):
     """The C++ op with mode strings: schema, fake kernel ([B, 4] row stats), autograd; and a
     mode through torch.compile(fullgraph=True) equals eager."""
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
     lp, old, adv, mask = _inputs(4, 19, torch.float32, "cpu", garbage=False)
     ref, ent, w = _extras(lp)
     x = lp.clone().requires_grad_()

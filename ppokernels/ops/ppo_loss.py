@@ -157,6 +157,13 @@ def ppo_policy_loss(
         kl_clamp=kl_clamp, entropy_coef=entropy_coef, has_ref=ref_logprobs is not None,
         has_ent=entropy is not None,
     )  # fmt: skip
+    # The fused kernels give rollout data no gradient: checked before the backend choice, so that
+    # every backend but an explicit "reference" (which differentiates it) refuses it alike, and
+    # "auto" does whether or not the binary is installed.
+    if _backend.requested(backend) != "reference":
+        for arg, x in (("old_logprobs", old_logprobs), ("advantages", advantages),
+                       ("is_weights", is_weights)):  # fmt: skip
+            _checks.constant(name, arg, x)
     b = _backend.choose(name, logprobs.device, backend)
     opt = dict(ref_logprobs=ref_logprobs, entropy=entropy, is_weights=is_weights)
     if b == "reference":
@@ -165,9 +172,6 @@ def ppo_policy_loss(
             logprobs, old_logprobs, advantages, mask, loss_mode=loss_mode, **opt, **ref_kw,
             **mode_opts,
         )  # fmt: skip
-    for arg, x in (("old_logprobs", old_logprobs), ("advantages", advantages),
-                   ("is_weights", is_weights)):  # fmt: skip
-        _checks.constant(name, arg, x)
     logprobs, old_logprobs, opt["ref_logprobs"], opt["entropy"] = promote(
         logprobs, old_logprobs, ref_logprobs, entropy
     )
