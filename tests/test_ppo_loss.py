@@ -382,3 +382,10 @@ def test_bad_input():
         v(lp, old, adv, mask.to(torch.complex64))
     with pytest.raises(ValueError, match="value_loss: values is on the meta device"):
         v(lp.to("meta"), old.to("meta"), adv.to("meta"), mask.to("meta"))
+    # rollout data: refused by every backend but an explicit "reference", with or without the binary
+    for name, kw in (("old_values", {"clip": 0.2}), ("returns", {})):
+        args = [lp, old.clone(), adv.clone(), mask]
+        args[1 if name == "old_values" else 2].requires_grad_()
+        with pytest.raises(ValueError, match=f"value_loss: {name} requires grad"):
+            v(*args, **kw)
+        v(*args, backend="reference").loss.backward()  # the reference differentiates it

@@ -225,12 +225,14 @@ def value_loss(
     mask = bool_mask(_checks.mask(name, "mask", mask, values))
     clip = _checks.positive(name, "clip", clip, allow_none=True)
     num_tokens, num_seqs = _agg(name, agg, num_tokens, num_seqs)
+    # as in ppo_policy_loss: rollout data refused alike by every backend but explicit "reference"
+    if _backend.requested(backend) != "reference":
+        _checks.constant(name, "old_values", old_values)
+        _checks.constant(name, "returns", returns)
     b = _backend.choose(name, values.device, backend)
     kw = dict(clip=clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
     if b == "reference":
         return reference.value_loss(values, old_values, returns, mask, **kw)
-    _checks.constant(name, "old_values", old_values)
-    _checks.constant(name, "returns", returns)
     values, old_values = promote(values, old_values)
     loss, clipfrac, _ = kernel(name, b)(
         values, old_values, returns, mask, clip, agg, num_tokens, num_seqs
