@@ -388,4 +388,4 @@ def test_bad_input():
         args[1 if name == "old_values" else 2].requires_grad_()
         with pytest.raises(ValueError, match=f"value_loss: {name} requires grad"):
             v(*args, **kw)
-        v(*args, backend="reference").loss.backward()  # the reference differentiates it
+        v(*args, backend="reference", **kw).loss.backward()  # the reference differentiates it
