@@ -35,10 +35,19 @@ def test_math_within_2_ulp(level, torch_include, tmp_path):
     cap, flags = FLAGS[level]
     exe = str(tmp_path / "vecf")
     cmd = [
-        "g++", "-O2", "-std=c++17", *flags, f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}",
-        "-DTORCH_TARGET_VERSION=0x020b000000000000", f"-I{ROOT}/csrc/include", *torch_include,
-        os.path.join(ROOT, "tests", "cpp", "vecf_math.cpp"), "-o", exe,
-    ]  # fmt: skip
+        "g++",
+        "-O2",
+        "-std=c++17",
+        *flags,
+        f"-DCPU_CAPABILITY={cap}",
+        f"-DCPU_CAPABILITY_{cap}",
+        "-DTORCH_TARGET_VERSION=0x020b000000000000",
+        f"-I{ROOT}/csrc/include",
+        *torch_include,
+        os.path.join(ROOT, "tests", "cpp", "vecf_math.cpp"),
+        "-o",
+        exe,
+    ]
     build = subprocess.run(cmd, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([exe], capture_output=True, text=True, timeout=120)

@@ -147,8 +147,9 @@ def test_backward_scales_the_stored_gradients():
     backend = _fused_backend()
     b = _batch(seed=5)
     h = b["hidden"].detach().requires_grad_()
-    out = ppokernels.linear_ppo_policy_loss(h, b["weight"], b["labels"], b["old"], b["adv"],
-                                            b["mask"], chunk_size=16, backend=backend)  # fmt: skip
+    out = ppokernels.linear_ppo_policy_loss(
+        h, b["weight"], b["labels"], b["old"], b["adv"], b["mask"], chunk_size=16, backend=backend
+    )
     (g3,) = torch.autograd.grad(-3.0 * out.loss, h, retain_graph=True)
     (g1,) = torch.autograd.grad(out.loss, h, retain_graph=True)  # hands the stored ones over
     torch.testing.assert_close(g3, -3.0 * g1, rtol=1e-12, atol=0)

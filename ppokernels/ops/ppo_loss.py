@@ -161,8 +161,8 @@ def ppo_policy_loss(
     # every backend but an explicit "reference" (which differentiates it) refuses it alike, and
     # "auto" does whether or not the binary is installed.
     if _backend.requested(backend) != "reference":
-        for arg, x in (("old_logprobs", old_logprobs), ("advantages", advantages),
-                       ("is_weights", is_weights)):  # fmt: skip
+        rollout = {"old_logprobs": old_logprobs, "advantages": advantages, "is_weights": is_weights}
+        for arg, x in rollout.items():
             _checks.constant(name, arg, x)
     b = _backend.choose(name, logprobs.device, backend)
     opt = dict(ref_logprobs=ref_logprobs, entropy=entropy, is_weights=is_weights)

@@ -20,7 +20,7 @@ struct MaskedArgs {
 // grad null for the forwards; for the backward of masked_whiten it has the shape of x.
 inline MaskedArgs masked_args(const char* op, const Tensor& x, const Tensor& mask,
                               const Tensor* grad) {
-  PPK_CHECK(is_floating(x.scalar_type()), op, ": x must be a floating tensor");
+  PPK_CHECK(is_floating_type(x.scalar_type()), op, ": x must be a floating tensor");
   PPK_CHECK(same_shape(x, mask), op, ": mask must have the shape of x");
   PPK_CHECK(same_device(mask, x), op, ": mask is on another device than x");
   MaskedArgs a;

@@ -77,38 +77,34 @@ inline const char* dtype_name(ScalarType t) { return torch::headeronly::toString
     using scalar_t = type;                      \
     return __VA_ARGS__();                       \
   }
-#define PPK_DISPATCH_FP32_FP64(TYPE, NAME, ...)                                         \
+// The switch both share: CASES are PPK_DISPATCH_CASE lines, EXPECTED names the dtypes taken.
+#define PPK_DISPATCH_SWITCH(TYPE, NAME, EXPECTED, CASES)                                \
   [&] {                                                                                 \
     const ::ppokernels::ScalarType ppk_t = (TYPE);                                      \
     switch (ppk_t) {                                                                    \
-      PPK_DISPATCH_CASE(::ppokernels::kDouble, double, __VA_ARGS__)                     \
-      PPK_DISPATCH_CASE(::ppokernels::kFloat, float, __VA_ARGS__)                       \
+      CASES                                                                             \
       default:                                                                          \
         ::ppokernels::fail(NAME, ": unsupported dtype ", ::ppokernels::dtype_name(ppk_t), \
-                           " (expected float32 or float64)");                           \
+                           " (expected " EXPECTED ")");                                 \
     }                                                                                   \
   }()
-#define PPK_DISPATCH_FLOATING(TYPE, NAME, ...)                                          \
-  [&] {                                                                                 \
-    const ::ppokernels::ScalarType ppk_t = (TYPE);                                      \
-    switch (ppk_t) {                                                                    \
-      PPK_DISPATCH_CASE(::ppokernels::kDouble, double, __VA_ARGS__)                     \
-      PPK_DISPATCH_CASE(::ppokernels::kFloat, float, __VA_ARGS__)                       \
-      PPK_DISPATCH_CASE(::ppokernels::kHalf, ::ppokernels::Half, __VA_ARGS__)           \
-      PPK_DISPATCH_CASE(::ppokernels::kBFloat16, ::ppokernels::BFloat16, __VA_ARGS__)   \
-      default:                                                                          \
-        ::ppokernels::fail(NAME, ": unsupported dtype ", ::ppokernels::dtype_name(ppk_t), \
-                           " (expected float64, float32, float16 or bfloat16)");        \
-    }                                                                                   \
-  }()
+#define PPK_DISPATCH_FP32_FP64(TYPE, NAME, ...)                                     \
+  PPK_DISPATCH_SWITCH(TYPE, NAME, "float32 or float64",                             \
+                      PPK_DISPATCH_CASE(::ppokernels::kDouble, double, __VA_ARGS__) \
+                      PPK_DISPATCH_CASE(::ppokernels::kFloat, float, __VA_ARGS__))
+#define PPK_DISPATCH_FLOATING(TYPE, NAME, ...)                                                \
+  PPK_DISPATCH_SWITCH(                                                                        \
+      TYPE, NAME, "float64, float32, float16 or bfloat16",                                    \
+      PPK_DISPATCH_CASE(::ppokernels::kDouble, double, __VA_ARGS__)                           \
+      PPK_DISPATCH_CASE(::ppokernels::kFloat, float, __VA_ARGS__)                             \
+      PPK_DISPATCH_CASE(::ppokernels::kHalf, ::ppokernels::Half, __VA_ARGS__)                 \
+      PPK_DISPATCH_CASE(::ppokernels::kBFloat16, ::ppokernels::BFloat16, __VA_ARGS__))
 
-inline bool is_floating(ScalarType t) {
-  return t == kDouble || t == kFloat || t == kHalf || t == kBFloat16;
-}
-// ATen's isFloatingType (argument checks that accepted any floating dtype): is_floating plus
-// the float8 types and float4_e2m1fn_x2.
+// ATen's isFloatingType, as the argument checks used it: the four kernel dtypes plus the float8
+// types and float4_e2m1fn_x2 (those then fail at the dispatch, naming the op).
 inline bool is_floating_type(ScalarType t) {
-  return is_floating(t) || t == ScalarType::Float8_e5m2 || t == ScalarType::Float8_e5m2fnuz ||
+  return t == kDouble || t == kFloat || t == kHalf || t == kBFloat16 ||
+         t == ScalarType::Float8_e5m2 || t == ScalarType::Float8_e5m2fnuz ||
          t == ScalarType::Float8_e4m3fn || t == ScalarType::Float8_e4m3fnuz ||
          t == ScalarType::Float8_e8m0fnu || t == ScalarType::Float4_e2m1fn_x2;
 }
@@ -139,29 +135,22 @@ inline std::string shape_str(const Tensor& t) {
 // nothing (a tensor already contiguous, already of the dtype), and fill small CPU tensors
 // themselves, so that the stable ABI costs nothing measurable at small shapes.
 
-// Uninitialised contiguous tensor on a device given by the shim's codes (torch's empty_strided,
-// one shim call).
-inline Tensor empty_on(const Sizes& sizes, ScalarType dtype, int32_t device_type,
-                       int32_t device_index) {
+// Uninitialised contiguous tensor on the device of `like` (torch's empty_strided, one shim call).
+inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
   Sizes strides(sizes.size());
   int64_t stride = 1;
   for (size_t d = sizes.size(); d-- > 0;) {
     strides[d] = stride;
     stride *= std::max<int64_t>(sizes[d], 1);
   }
-  const int32_t code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
-  AtenTensorHandle out = nullptr;
-  PPK_SHIM_CHECK(aoti_torch_empty_strided(
-      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), code, device_type,
-      device_index, &out));
-  return Tensor(out);
-}
-// ... on the device of `like`.
-inline Tensor empty(const Sizes& sizes, ScalarType dtype, const Tensor& like) {
   int32_t device_type = 0, device_index = 0;
   PPK_SHIM_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   PPK_SHIM_CHECK(aoti_torch_get_device_index(like.get(), &device_index));
-  return empty_on(sizes, dtype, device_type, device_index);
+  const int32_t code = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  AtenTensorHandle out = nullptr;
+  PPK_SHIM_CHECK(aoti_torch_empty_strided(static_cast<int64_t>(sizes.size()), sizes.data(),
+                                          strides.data(), code, device_type, device_index, &out));
+  return Tensor(out);
 }
 // Uninitialised contiguous tensor of the shape, dtype and device of `t`.
 inline Tensor empty_as(const Tensor& t) { return empty(sizes_of(t), t.scalar_type(), t); }
@@ -187,49 +176,42 @@ inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
 
-// A tensor of `sizes` holding values[i] (given in double) converted to dtype (float or double),
-// on the device of `like`: written in place on the CPU, converted by torch elsewhere.
+// The small outputs and inputs of the CPU kernels (losses, metrics, per-row statistics), read
+// and written in place instead of through torch's conversions.
+// A CPU tensor of `sizes` holding values[i] (given in double) in dtype (float or double).
 inline Tensor tensor_from(const double* values, const Sizes& sizes, ScalarType dtype,
                           const Tensor& like) {
-  PPK_CHECK(dtype == kFloat || dtype == kDouble, "tensor_from: float32 or float64 only");
-  if (!like.is_cpu()) {  // a CPU double tensor first, then to the device in the right dtype
-    Tensor cpu = empty_on(sizes, kDouble, aoti_torch_device_type_cpu(), 0);
-    std::copy(values, values + cpu.numel(), cpu.mutable_data_ptr<double>());
-    return torch::stable::to(cpu, dtype, std::nullopt, like.device());
-  }
-  Tensor host = empty(sizes, dtype, like);
+  PPK_CHECK(like.is_cpu() && (dtype == kFloat || dtype == kDouble),
+            "tensor_from: float32 or float64 CPU tensors only");
+  Tensor out = empty(sizes, dtype, like);
   if (dtype == kDouble) {
-    std::copy(values, values + host.numel(), host.mutable_data_ptr<double>());
+    std::copy(values, values + out.numel(), out.mutable_data_ptr<double>());
   } else {
-    float* out = host.mutable_data_ptr<float>();
-    for (int64_t i = 0; i < host.numel(); ++i) out[i] = static_cast<float>(values[i]);
+    float* p = out.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < out.numel(); ++i) p[i] = static_cast<float>(values[i]);
   }
-  return host;
-}
-// The values of a float or double CPU tensor, in double (read in place; other dtypes and devices
-// go through torch's conversion and copy).
-inline std::vector<double> doubles_of(const Tensor& t) {
-  std::vector<double> out(static_cast<size_t>(t.numel()));
-  if (t.is_cpu() && t.is_contiguous() && t.scalar_type() == kFloat) {
-    std::copy(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel(), out.begin());
-    return out;
-  }
-  Tensor d = as_contiguous(to_dtype(t, kDouble));
-  if (!d.is_cpu()) d = torch::stable::to(d, torch::stable::Device(torch::stable::DeviceType::CPU));
-  std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + d.numel(), out.begin());
   return out;
 }
-// The value of a one-element tensor, in double (the upstream gradient of a loss).
+// A 0-dim CPU tensor holding `value`.
+inline Tensor scalar_tensor(double value, ScalarType dtype, const Tensor& like) {
+  return tensor_from(&value, {}, dtype, like);
+}
+// The values of a CPU tensor in double (float and double read in place, other dtypes converted).
+inline std::vector<double> doubles_of(const Tensor& t) {
+  PPK_CHECK(t.is_cpu(), "doubles_of: CPU tensors only");
+  const Tensor c = as_contiguous(t.scalar_type() == kFloat ? t : to_dtype(t, kDouble));
+  std::vector<double> out(static_cast<size_t>(c.numel()));
+  if (c.scalar_type() == kFloat) {
+    std::copy(c.const_data_ptr<float>(), c.const_data_ptr<float>() + c.numel(), out.begin());
+  } else {
+    std::copy(c.const_data_ptr<double>(), c.const_data_ptr<double>() + c.numel(), out.begin());
+  }
+  return out;
+}
+// The value of a one-element CPU tensor, in double (the upstream gradient of a loss).
 inline double item_double(const Tensor& t) {
   PPK_CHECK(t.numel() == 1, "a Tensor with ", t.numel(), " elements cannot be converted to Scalar");
   return doubles_of(t)[0];
-}
-// A 0-dim tensor holding `value`.
-inline Tensor scalar_tensor(double value, ScalarType dtype, const Tensor& like) {
-  if (like.is_cpu() && (dtype == kFloat || dtype == kDouble)) {
-    return tensor_from(&value, {}, dtype, like);
-  }
-  return torch::stable::fill_(empty({}, dtype, like), value);
 }
 
 // Accumulation and output dtype of the kernels: float64 for float64 inputs, else float32.
