@@ -347,8 +347,9 @@ def test_opcheck_and_compile():
     xd = x.detach()
     want = ppokernels.masked_whiten(xd, mask).square().sum() + ppokernels.masked_var(xd, mask)
     torch.testing.assert_close(fn(xd, mask), want)
-    fg = torch.compile(lambda v, i: ops.group_advantages(v, i, 4, "grpo", 1e-6, True).sum(),
-                       fullgraph=True)  # fmt: skip
+    fg = torch.compile(
+        lambda v, i: ops.group_advantages(v, i, 4, "grpo", 1e-6, True).sum(), fullgraph=True
+    )
     torch.testing.assert_close(
         fg(s.detach(), ids), ppokernels.group_advantages(s.detach(), ids).sum()
     )

@@ -157,12 +157,32 @@ def _mask(B=6, T=11, seed=0):
     return m, tool
 
 
-SAPO_VESPO = dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
-                  vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)  # fmt: skip
+SAPO_VESPO = dict(
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+)
 
 
-def _trainer(loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S, P, training,
-             vllm=False, **args):  # fmt: skip
+def _trainer(
+    loss_type,
+    lp,
+    eps_low,
+    eps_high,
+    level,
+    delta,
+    beta,
+    bias_kl,
+    G,
+    S,
+    P,
+    training,
+    vllm=False,
+    **args,
+):
     trainer = SimpleNamespace(
         loss_type=loss_type,
         epsilon_low=eps_low,
@@ -183,7 +203,7 @@ def _trainer(loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S
             use_bias_correction_kl=bias_kl,
             steps_per_generation=S,
             **{**SAPO_VESPO, **args},
-        ),  # fmt: skip
+        ),
         accelerator=SimpleNamespace(
             num_processes=P, reduce=lambda t, reduction: t, gather=lambda t: t
         ),
@@ -213,15 +233,26 @@ def test_grpo_loss(loss_type, level, clip, training):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo", "vespo"])
-@pytest.mark.parametrize("args", [{}, dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5,
-                                            vespo_k_pos=1.5, vespo_lambda_neg=0.7)])  # fmt: skip
+@pytest.mark.parametrize(
+    "args",
+    [
+        {},
+        dict(
+            sapo_temperature_pos=2.0,
+            sapo_temperature_neg=0.5,
+            vespo_k_pos=1.5,
+            vespo_lambda_neg=0.7,
+        ),
+    ],
+)
 def test_grpo_loss_vllm_is(loss_type, args):
     """vLLM importance-sampling correction: scales the token loss, or (vespo) enters phi."""
     _grpo_parity(loss_type, "token", 0.2, 1.2, None, 0.04, False, True, vllm=True, **args)
 
 
-def _grpo_parity(loss_type, level, eps_low, eps_high, delta, beta, bias_kl, training,
-                 vllm=False, **args):  # fmt: skip
+def _grpo_parity(
+    loss_type, level, eps_low, eps_high, delta, beta, bias_kl, training, vllm=False, **args
+):
     B, T = 6, 11
     g = torch.Generator().manual_seed(7)
     completion_mask, tool_mask = _mask(B, T)
@@ -255,9 +286,21 @@ def _grpo_parity(loss_type, level, eps_low, eps_high, delta, beta, bias_kl, trai
 
     x = lp.clone().requires_grad_(True)
     trainer = _trainer(
-        loss_type, lp, eps_low, eps_high, level, delta, beta, bias_kl, G, S, P, training,
-        vllm, **args,
-    )  # fmt: skip
+        loss_type,
+        lp,
+        eps_low,
+        eps_high,
+        level,
+        delta,
+        beta,
+        bias_kl,
+        G,
+        S,
+        P,
+        training,
+        vllm,
+        **args,
+    )
     trainer.lp = x
     want = grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
     (gw,) = torch.autograd.grad(want, [x])

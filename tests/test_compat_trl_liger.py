@@ -47,14 +47,20 @@ def _batch(seed=0, temperature=1.0, with_bias=False):
     z = (h @ w.T + (0.0 if b is None else b)) / temperature
     lp = torch.log_softmax(z, -1).gather(-1, y[..., None])[..., 0]  # to place old / ref near it
     return dict(
-        h=h, w=w, b=b, y=y, m=_mask(), adv=torch.tensor([0.9, -1.3, 0.4]),
+        h=h,
+        w=w,
+        b=b,
+        y=y,
+        m=_mask(),
+        adv=torch.tensor([0.9, -1.3, 0.4]),
         # row offsets: at sequence level row 0 (A > 0, r > 1 + eps) is clipped, row 1 (A < 0,
         # r > 1) is not, so both the clip ratio and the gradient are exercised
         old=lp + 0.3 * torch.randn(B, T, generator=g) - 0.5,
         ref=lp + 0.3 * torch.randn(B, T, generator=g),
         vllm=torch.rand(B, T, generator=g) + 0.5,  # padding too: Liger reads every column
-        ref_h=torch.randn(B, T, H, generator=g), ref_w=torch.randn(V, H, generator=g) * 0.3,
-    )  # fmt: skip
+        ref_h=torch.randn(B, T, H, generator=g),
+        ref_w=torch.randn(V, H, generator=g) * 0.3,
+    )
 
 
 def _run(cls, d, init, **call):
@@ -81,9 +87,15 @@ def _parity(d, init, **call):
 
 def _init(loss_type, level, beta, **kw):
     eps_high = 1.1 if loss_type == "cispo" else 0.28  # cispo caps the ratio at eps_high itself
-    return dict(loss_type=loss_type, importance_sampling_level=level, beta=beta,
-                epsilon_low=0.2, epsilon_high=eps_high, max_completion_length=T + 3,
-                **kw)  # fmt: skip
+    return dict(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=beta,
+        epsilon_low=0.2,
+        epsilon_high=eps_high,
+        max_completion_length=T + 3,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize(("loss_type", "level"), CASES)
@@ -127,8 +139,14 @@ def test_reference_from_ref_input(loss_type):
     d = _batch(seed=4, temperature=0.8, with_bias=True)
     init = _init(loss_type, "token", 0.1, temperature=0.8)
     ref_b = torch.randn(V, generator=torch.Generator().manual_seed(5))
-    _parity(d, init, old_per_token_logps=d["old"], ref_input=d["ref_h"], ref_weight=d["ref_w"],
-            ref_bias=ref_b)  # fmt: skip
+    _parity(
+        d,
+        init,
+        old_per_token_logps=d["old"],
+        ref_input=d["ref_h"],
+        ref_weight=d["ref_w"],
+        ref_bias=ref_b,
+    )
     with pytest.warns(UserWarning, match="(?i)using ref_per_token_logps"):
         _parity(d, init, ref_per_token_logps=d["ref"], ref_input=d["ref_h"], ref_weight=d["ref_w"])
 
@@ -175,8 +193,13 @@ def _dist_worker(rank, world, init_file):
         for loss_type in ("dapo", "cispo", "vespo"):
             for items in (None, 31):  # None: the token count all-reduced over the group
                 init = _init(loss_type, "token", 0.04)
-                _parity(d, init, ref_per_token_logps=d["ref"], old_per_token_logps=d["old"],
-                        num_items_in_batch=items)  # fmt: skip
+                _parity(
+                    d,
+                    init,
+                    ref_per_token_logps=d["ref"],
+                    old_per_token_logps=d["old"],
+                    num_items_in_batch=items,
+                )
     finally:
         dist.destroy_process_group()
 

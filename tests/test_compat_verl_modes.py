@@ -30,8 +30,15 @@ MODES = [m for m in POLICY_LOSSES if m != "bypass_mode"]
 
 
 def _config(info, **kw):
-    base = dict(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
-                clip_ratio_low=0.15, clip_ratio_high=0.3, global_batch_info=dict(info))  # fmt: skip
+    base = dict(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=0.2,
+        clip_ratio_low=0.15,
+        clip_ratio_high=0.3,
+        global_batch_info=dict(info),
+    )
     base.update(kw)
     return ActorConfig(**base)
 

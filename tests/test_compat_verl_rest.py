@@ -46,13 +46,25 @@ CORRECTIONS = {
 def _config(info, loss_type, correction="token_tis", **kw):
     rollout_is, thr, norm, rs, rs_thr = CORRECTIONS[correction]
     rc = RolloutCorrectionConfig(
-        rollout_is=rollout_is, rollout_is_threshold=thr, rollout_is_batch_normalize=norm,
-        rollout_rs=rs, rollout_rs_threshold=rs_thr, bypass_mode=True, loss_type=loss_type,
-    )  # fmt: skip
+        rollout_is=rollout_is,
+        rollout_is_threshold=thr,
+        rollout_is_batch_normalize=norm,
+        rollout_rs=rs,
+        rollout_rs_threshold=rs_thr,
+        bypass_mode=True,
+        loss_type=loss_type,
+    )
     pl = PolicyLossConfig(loss_mode="bypass_mode", rollout_correction=rc)
-    base = dict(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
-                clip_ratio_low=0.15, clip_ratio_high=0.3, global_batch_info=dict(info),
-                policy_loss=pl)  # fmt: skip
+    base = dict(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=0.2,
+        clip_ratio_low=0.15,
+        clip_ratio_high=0.3,
+        global_batch_info=dict(info),
+        policy_loss=pl,
+    )
     base.update(kw)
     return ActorConfig(**base)
 
@@ -184,8 +196,15 @@ def test_optimal_token_baseline(name, seed, zero_tail, is_weights):
     for eps in (1e-8, 0.1):
         _same_adv(verl_fn, ours_fn, r, m, INDEX, old, s2, w, zero_tail, eps)
     # the trainer's call: keywords, the config and no handle_zero_tail / epsilon
-    kw = dict(token_level_rewards=r, response_mask=m, index=INDEX, old_log_probs=old,
-              sum_pi_squared=s2, rollout_is_weights=w, config=None)  # fmt: skip
+    kw = dict(
+        token_level_rewards=r,
+        response_mask=m,
+        index=INDEX,
+        old_log_probs=old,
+        sum_pi_squared=s2,
+        rollout_is_weights=w,
+        config=None,
+    )
     _same_adv(verl_fn, ours_fn, **kw)
 
 
@@ -195,8 +214,10 @@ def test_optimal_token_baseline_cases_exercised():
     row 9 has A = 0 (and leaves TIR's group d a singleton)."""
     r, m, old, s2, _ = _otb_inputs(0)
     lengths = m.sum(-1).long()
-    for fn in (cv.compute_optimal_token_baseline_advantage,
-               cv.compute_multi_turn_optimal_token_baseline_advantage):  # fmt: skip
+    for fn in (
+        cv.compute_optimal_token_baseline_advantage,
+        cv.compute_multi_turn_optimal_token_baseline_advantage,
+    ):
         a1, g = fn(r, m, INDEX, old, s2, handle_zero_tail=True)
         a0, _ = fn(r, m, INDEX, old, s2, handle_zero_tail=False)
         diff = (a1 != a0).any(-1)

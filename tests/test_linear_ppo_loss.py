@@ -41,8 +41,16 @@ def _batch(B=4, T=37, H=12, V=53, dtype=torch.float64, device="cpu", seed=0):
     adv = torch.randn(B, T, generator=g, dtype=torch.float64)
     ref = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 - 3.0
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(bias), labels=labels.to(device),
-                old=cast(old), adv=cast(adv), ref=cast(ref), mask=mask.to(device))  # fmt: skip
+    return dict(
+        hidden=cast(hidden),
+        weight=cast(weight),
+        bias=cast(bias),
+        labels=labels.to(device),
+        old=cast(old),
+        adv=cast(adv),
+        ref=cast(ref),
+        mask=mask.to(device),
+    )
 
 
 def _naive(b, temperature, with_bias, **kw):
@@ -57,8 +65,9 @@ def _naive(b, temperature, with_bias, **kw):
     ent = -(logp.exp() * logp).sum(-1)
     valid = b["mask"] & (b["labels"] != -100)
     lp, ent = torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
-    out = reference.ppo_policy_loss(lp, b["old"].double(), b["adv"].double(), valid, entropy=ent,
-                                    **kw)  # fmt: skip
+    out = reference.ppo_policy_loss(
+        lp, b["old"].double(), b["adv"].double(), valid, entropy=ent, **kw
+    )
     leaves = [t for t in (h, w, bias) if t is not None]
     return out, torch.autograd.grad(out.loss, leaves)
 
@@ -67,9 +76,19 @@ def _fused(b, temperature, with_bias, backend, chunk_size, **kw):
     leaves = [b["hidden"].detach().requires_grad_(), b["weight"].detach().requires_grad_()]
     bias = b["bias"].detach().requires_grad_() if with_bias else None
     out = ppokernels.linear_ppo_policy_loss(
-        leaves[0], leaves[1], b["labels"], b["old"], b["adv"], b["mask"], bias=bias,
-        temperature=temperature, with_entropy=True, chunk_size=chunk_size, backend=backend, **kw,
-    )  # fmt: skip
+        leaves[0],
+        leaves[1],
+        b["labels"],
+        b["old"],
+        b["adv"],
+        b["mask"],
+        bias=bias,
+        temperature=temperature,
+        with_entropy=True,
+        chunk_size=chunk_size,
+        backend=backend,
+        **kw,
+    )
     leaves += [bias] if with_bias else []
     return out, torch.autograd.grad(out.loss, leaves)
 
@@ -119,9 +138,16 @@ def test_kl_entropy_dual_clip_is_weights_and_row_advantages():
     for adv_rows in (False, True):
         if adv_rows:
             b["adv"] = b["adv"][:, 0].contiguous()
-        kw = dict(ref_logprobs=b["ref"], kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01,
-                  dual_clip=3.0, clip_high=0.28, is_weights=isw,
-                  agg="seq-mean-token-mean")  # fmt: skip
+        kw = dict(
+            ref_logprobs=b["ref"],
+            kl_coef=0.05,
+            kl_estimator="k3",
+            entropy_coef=0.01,
+            dual_clip=3.0,
+            clip_high=0.28,
+            is_weights=isw,
+            agg="seq-mean-token-mean",
+        )
         _assert_same(_fused(b, 0.7, True, HEAD, 16, **kw), _naive(b, 0.7, True, **kw), TOL64)
 
 
@@ -175,8 +201,9 @@ def test_no_grad_and_frozen_weight():
 def test_all_tokens_masked_gives_zero_loss_and_gradients():
     b = _batch(seed=7)
     h = b["hidden"].detach().requires_grad_()
-    out = ppokernels.linear_ppo_policy_loss(h, b["weight"], b["labels"], b["old"], b["adv"],
-                                            torch.zeros_like(b["mask"]))  # fmt: skip
+    out = ppokernels.linear_ppo_policy_loss(
+        h, b["weight"], b["labels"], b["old"], b["adv"], torch.zeros_like(b["mask"])
+    )
     (gh,) = torch.autograd.grad(out.loss, h)
     assert out.loss.item() == 0.0 and out.clipfrac.item() == 0.0 and (gh == 0).all()
 
@@ -202,8 +229,9 @@ def test_bad_input_names_the_op_and_argument(change, match):
     kw = {k: v for k, v in change.items() if k not in args}
     args.update({k: v for k, v in change.items() if k in args})
     with pytest.raises((ValueError, TypeError), match=match) as e:
-        ppokernels.linear_ppo_policy_loss(args["hidden"], args["weight"], args["labels"],
-                                          args["old"], b["adv"], b["mask"], **kw)  # fmt: skip
+        ppokernels.linear_ppo_policy_loss(
+            args["hidden"], args["weight"], args["labels"], args["old"], b["adv"], b["mask"], **kw
+        )
     assert "linear_ppo_policy_loss" in str(e.value)
 
 
@@ -220,9 +248,19 @@ def test_gradcheck_float64():
 
     def f(h, w, bias):  # x 0.5: the scaled-copy backward (upstream 1 hands the stored ones over)
         out = ppokernels.linear_ppo_policy_loss(
-            h, w, b["labels"], b["old"], b["adv"], b["mask"], bias=bias, temperature=0.9,
-            chunk_size=2, entropy_coef=0.01, ref_logprobs=b["ref"], kl_coef=0.1,
-        )  # fmt: skip
+            h,
+            w,
+            b["labels"],
+            b["old"],
+            b["adv"],
+            b["mask"],
+            bias=bias,
+            temperature=0.9,
+            chunk_size=2,
+            entropy_coef=0.01,
+            ref_logprobs=b["ref"],
+            kl_coef=0.1,
+        )
         return 0.5 * out.loss
 
     assert torch.autograd.gradcheck(f, leaves)
@@ -232,9 +270,34 @@ def test_opcheck():
     backends = ",".join([_fused_backend()] * 3)
     b = _small(seed=10)
     h, w, bias = (b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias"))
-    args = (h, w, b["labels"], b["old"], b["adv"], b["mask"], bias, b["ref"], None, 0.8, True,
-            16, backends, 0.2, 0.2, None, 20.0, "vanilla", "token-mean", None, None, 0.1,
-            "k3", None, 0.01, [True, True, True])  # fmt: skip
+    args = (
+        h,
+        w,
+        b["labels"],
+        b["old"],
+        b["adv"],
+        b["mask"],
+        bias,
+        b["ref"],
+        None,
+        0.8,
+        True,
+        16,
+        backends,
+        0.2,
+        0.2,
+        None,
+        20.0,
+        "vanilla",
+        "token-mean",
+        None,
+        None,
+        0.1,
+        "k3",
+        None,
+        0.01,
+        [True, True, True],
+    )
     torch.library.opcheck(torch.ops.ppokernels.linear_ppo_policy_loss.default, args)
 
 
@@ -242,8 +305,9 @@ def test_torch_compile_fullgraph():
     b = _small(seed=11, V=1271)
 
     def f(h, w):
-        out = ppokernels.linear_ppo_policy_loss(h, w, b["labels"], b["old"], b["adv"],
-                                                b["mask"], chunk_size=16)  # fmt: skip
+        out = ppokernels.linear_ppo_policy_loss(
+            h, w, b["labels"], b["old"], b["adv"], b["mask"], chunk_size=16
+        )
         return out.loss, out.clipfrac
 
     h = b["hidden"].detach().requires_grad_()
@@ -263,7 +327,8 @@ def test_reference_backend_and_empty_batch():
     _assert_same(_fused(b, 0.8, True, "reference", None, **kw), _naive(b, 0.8, True, **kw), TOL64)
     h = torch.zeros(0, 4, 3, dtype=torch.float64, requires_grad=True)
     e = torch.zeros(0, 4, dtype=torch.float64)
-    out = ppokernels.linear_ppo_policy_loss(h, b["weight"], torch.zeros(0, 4, dtype=torch.long),
-                                            e, e, e.bool())  # fmt: skip
+    out = ppokernels.linear_ppo_policy_loss(
+        h, b["weight"], torch.zeros(0, 4, dtype=torch.long), e, e, e.bool()
+    )
     (gh,) = torch.autograd.grad(out.loss, h)
     assert out.loss.item() == 0.0 and gh.shape == h.shape

@@ -159,16 +159,27 @@ def test_gradcheck(device, backend):
 
     def policy(a, r, e):
         return ppokernels.ppo_policy_loss(
-            a, old, adv, mask, dual_clip=2.0, clip_high=0.3, ref_logprobs=r, kl_coef=0.1,
-            entropy=e, entropy_coef=0.05, is_weights=w, agg="seq-mean-token-mean",
+            a,
+            old,
+            adv,
+            mask,
+            dual_clip=2.0,
+            clip_high=0.3,
+            ref_logprobs=r,
+            kl_coef=0.1,
+            entropy=e,
+            entropy_coef=0.05,
+            is_weights=w,
+            agg="seq-mean-token-mean",
             backend=backend,
-        ).loss  # fmt: skip
+        ).loss
 
     assert torch.autograd.gradcheck(policy, tuple(x.requires_grad_() for x in (lp, ref, ent)))
 
     def gspo(a):
-        return ppokernels.ppo_policy_loss(a, old, adv, mask, ratio_level="sequence",
-                                          backend=backend).loss  # fmt: skip
+        return ppokernels.ppo_policy_loss(
+            a, old, adv, mask, ratio_level="sequence", backend=backend
+        ).loss
 
     # the sequence ratio's gradient is straight-through by design, so only check it runs
     gspo(lp).backward()
@@ -197,8 +208,9 @@ def test_all_masked(device, backend, agg):
         (g,) = torch.autograd.grad(out.loss, x)
         assert torch.isfinite(g).all() and (g[~m] == 0).all()
         v = lp.detach().nan_to_num(0.0).clone().requires_grad_()
-        vout = ppokernels.value_loss(v, old.nan_to_num(0.0), adv, m, clip=0.2, agg=agg,
-                                     backend=backend)  # fmt: skip
+        vout = ppokernels.value_loss(
+            v, old.nan_to_num(0.0), adv, m, clip=0.2, agg=agg, backend=backend
+        )
         assert torch.isfinite(vout.loss) and torch.isfinite(vout.clipfrac)
         (gv,) = torch.autograd.grad(vout.loss, v)
         assert (gv[~m] == 0).all()
@@ -218,8 +230,13 @@ def test_logratio_clamped(device, backend):
     mask = torch.ones(2, 8, dtype=torch.bool, device=device)
     for dual in (None, 3.0):
         out = ppokernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=dual, backend=backend)
-        exp = reference.ppo_policy_loss(lp.detach().cpu().double(), old.cpu().double(),
-                                        adv.cpu().double(), mask.cpu(), dual_clip=dual)  # fmt: skip
+        exp = reference.ppo_policy_loss(
+            lp.detach().cpu().double(),
+            old.cpu().double(),
+            adv.cpu().double(),
+            mask.cpu(),
+            dual_clip=dual,
+        )
         assert torch.isfinite(out.loss)
         torch.testing.assert_close(out.loss.cpu().double(), exp.loss, rtol=1e-5, atol=1e-5)
         clamped = delta.clamp(-20, 20).double()
@@ -281,11 +298,41 @@ def test_opcheck_and_compile():
     lp, old, adv, mask = _policy_inputs(4, 19, torch.float32, "cpu", garbage=False)
     ref, ent, w = _extras(lp)
     for args in [
-        (None, None, None, 0.2, 0.2, None, 20.0, "token", "token-mean", None, None, 0.0, "k3",
-         None, 0.0),
-        (ref, ent, w[:, 0], 0.2, 0.3, 3.0, None, "sequence", "seq-mean-token-mean", None, 7.0,
-         0.1, "k3+", 10.0, 0.01),
-    ]:  # fmt: skip
+        (
+            None,
+            None,
+            None,
+            0.2,
+            0.2,
+            None,
+            20.0,
+            "token",
+            "token-mean",
+            None,
+            None,
+            0.0,
+            "k3",
+            None,
+            0.0,
+        ),
+        (
+            ref,
+            ent,
+            w[:, 0],
+            0.2,
+            0.3,
+            3.0,
+            None,
+            "sequence",
+            "seq-mean-token-mean",
+            None,
+            7.0,
+            0.1,
+            "k3+",
+            10.0,
+            0.01,
+        ),
+    ]:
         x = lp.clone().requires_grad_()
         r, e = (None if t is None else t.clone().requires_grad_() for t in args[:2])
         torch.library.opcheck(
@@ -317,8 +364,23 @@ def test_opcheck_and_compile():
 @pytest.mark.cuda
 def test_opcheck_cuda():
     lp, old, adv, mask = _policy_inputs(4, 19, torch.float32, "cuda", garbage=False)
-    args = (None, None, None, 0.2, 0.2, 3.0, 20.0, "token", "token-mean", None, None, 0.0, "k3",
-            None, 0.0)  # fmt: skip
+    args = (
+        None,
+        None,
+        None,
+        0.2,
+        0.2,
+        3.0,
+        20.0,
+        "token",
+        "token-mean",
+        None,
+        None,
+        0.0,
+        "k3",
+        None,
+        0.0,
+    )
     for name in ["ppo_policy_loss", "ppo_policy_loss_triton"]:
         torch.library.opcheck(
             getattr(torch.ops.ppokernels, name).default,
@@ -340,10 +402,16 @@ def test_bad_input():
         (ValueError, "ppo_policy_loss: advantages must have shape", dict(advantages=adv[:2])),
         (ValueError, "ppo_policy_loss: mask has shape", dict(mask=mask[:2])),
         (TypeError, "ppo_policy_loss: logprobs must be float", dict(logprobs=lp.long())),
-        (ValueError, "ppo_policy_loss: logprobs is on the meta device",
-         dict(logprobs=lp.to("meta"), old_logprobs=old.to("meta"))),
-        (ValueError, "ppo_policy_loss: old_logprobs is on the meta",
-         dict(old_logprobs=old.to("meta"))),
+        (
+            ValueError,
+            "ppo_policy_loss: logprobs is on the meta device",
+            dict(logprobs=lp.to("meta"), old_logprobs=old.to("meta")),
+        ),
+        (
+            ValueError,
+            "ppo_policy_loss: old_logprobs is on the meta",
+            dict(old_logprobs=old.to("meta")),
+        ),
         (ValueError, "ppo_policy_loss: clip_low must be in", dict(clip_low=-0.1)),
         (ValueError, "ppo_policy_loss: clip_low must be in", dict(clip_low=1.5)),
         (ValueError, "ppo_policy_loss: clip_high must be >= 0", dict(clip_high=-0.2)),
@@ -359,10 +427,13 @@ def test_bad_input():
         (ValueError, "ppo_policy_loss: kl_estimator", dict(ref_logprobs=lp, kl_estimator="k4")),
         (ValueError, "ppo_policy_loss: ref_logprobs has shape", dict(ref_logprobs=lp[:2])),
         (ValueError, "ppo_policy_loss: is_weights must have shape", dict(is_weights=adv[:, :2])),
-        (ValueError, "ppo_policy_loss: advantages requires grad",
-         dict(advantages=adv.clone().requires_grad_())),
+        (
+            ValueError,
+            "ppo_policy_loss: advantages requires grad",
+            dict(advantages=adv.clone().requires_grad_()),
+        ),
         (ValueError, "ppo_policy_loss: backend", dict(backend="fast")),
-    ]  # fmt: skip
+    ]
     base = dict(logprobs=lp, old_logprobs=old, advantages=adv, mask=mask)
     for exc, msg, kw in cases:
         args = {**base, **kw}

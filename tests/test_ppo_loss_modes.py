@@ -42,8 +42,9 @@ def _mode(name):
 
 
 def _inputs(B, T, dtype, device, adv_per_seq=False, garbage=True):
-    lp, old, adv, mask = _policy_inputs(B, T, dtype, device, adv_per_seq=adv_per_seq,
-                                        garbage=garbage)  # fmt: skip
+    lp, old, adv, mask = _policy_inputs(
+        B, T, dtype, device, adv_per_seq=adv_per_seq, garbage=garbage
+    )
     # probabilities stay below 1 (DPPO's binary KL takes log(1 - p_old))
     old = torch.where(mask, old.clamp(max=-1e-3), old)
     if not adv_per_seq:  # GMPO and SAPO branch on the sign of A: some exact zeros
@@ -51,23 +52,30 @@ def _inputs(B, T, dtype, device, adv_per_seq=False, garbage=True):
     return lp, old, adv, mask
 
 
-def _check(device, backend, dtype, kw, *, B=5, T=37, adv_per_seq=False, weights=None,
-           ref=False, ent=False):  # fmt: skip
+def _check(
+    device, backend, dtype, kw, *, B=5, T=37, adv_per_seq=False, weights=None, ref=False, ent=False
+):
     lp, old, adv, mask = _inputs(B, T, dtype, device, adv_per_seq)
     r, e, w = _extras(lp)
     if weights == "row":
         w = w[:, 0]
     lp, r, e = (x.detach().requires_grad_() for x in (lp, r, e))
     extra = dict(
-        ref_logprobs=r if ref else None, kl_coef=0.1 if ref else 0.0,
-        entropy=e if ent else None, entropy_coef=0.02 if ent else 0.0,
+        ref_logprobs=r if ref else None,
+        kl_coef=0.1 if ref else 0.0,
+        entropy=e if ent else None,
+        entropy_coef=0.02 if ent else 0.0,
         is_weights=w if weights else None,
-    )  # fmt: skip
+    )
     out = ppokernels.ppo_policy_loss(lp, old, adv, mask, **kw, **extra, backend=backend)
     c64 = lambda x: None if x is None else x.detach().cpu().double()  # noqa: E731
     lp64, r64, e64 = (c64(x).requires_grad_() for x in (lp, r, e))
-    extra64 = dict(extra, ref_logprobs=r64 if ref else None, entropy=e64 if ent else None,
-                   is_weights=c64(extra["is_weights"]))  # fmt: skip
+    extra64 = dict(
+        extra,
+        ref_logprobs=r64 if ref else None,
+        entropy=e64 if ent else None,
+        is_weights=c64(extra["is_weights"]),
+    )
     exp = reference.ppo_policy_loss(lp64, c64(old), c64(adv), mask.cpu(), **kw, **extra64)
     tol = _tol(dtype, backend)
     for name in exp._fields:
@@ -118,8 +126,9 @@ def test_gradcheck_modes(device, backend, mode):
     kw = _mode(mode)
 
     def f(x):
-        return ppokernels.ppo_policy_loss(x, old, adv, mask, **kw, is_weights=w,
-                                          backend=backend).loss  # fmt: skip
+        return ppokernels.ppo_policy_loss(
+            x, old, adv, mask, **kw, is_weights=w, backend=backend
+        ).loss
 
     assert torch.autograd.gradcheck(f, (lp.requires_grad_(),))
 
@@ -170,18 +179,24 @@ def test_bf16_inputs(device, backend, mode):
 
 BAD = [
     (ValueError, "ppo_policy_loss: loss_mode must be one of", dict(loss_mode="ppo")),
-    (ValueError, "dual_clip applies to loss_mode 'vanilla' and 'gspo'",
-     dict(loss_mode="sapo", dual_clip=3.0)),
+    (
+        ValueError,
+        "dual_clip applies to loss_mode 'vanilla' and 'gspo'",
+        dict(loss_mode="sapo", dual_clip=3.0),
+    ),
     (ValueError, "loss_mode 'dro' needs dro_beta", dict(loss_mode="dro")),
     (ValueError, "dro_beta must be > 0", dict(loss_mode="dro", dro_beta=-1.0)),
     (ValueError, "ratio_cap applies to", dict(loss_mode="sapo", ratio_cap=2.0)),
     (ValueError, "seq_logratio_max applies to", dict(seq_logratio_max=10.0)),
     (ValueError, "tau_neg must be > 0", dict(loss_mode="sapo", tau_neg=0.0)),
     (ValueError, "vespo_k must be a pair", dict(loss_mode="vespo", vespo_k=2.0)),
-    (ValueError, "ratio_level='sequence' is loss_mode='gspo'",
-     dict(loss_mode="cispo", ratio_level="sequence")),
+    (
+        ValueError,
+        "ratio_level='sequence' is loss_mode='gspo'",
+        dict(loss_mode="cispo", ratio_level="sequence"),
+    ),
     (ValueError, "clip_low must be in", dict(loss_mode="gspo", clip_low=1.5)),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -202,15 +217,33 @@ def test_opcheck_and_compile_modes(spec):
     ref, ent, w = _extras(lp)
     x = lp.clone().requires_grad_()
     r = ref.clone().requires_grad_()
-    args = (x, old, adv, mask, r, None, w, 0.2, 0.3, None, 20.0, spec, "seq-mean-token-mean",
-            None, 7.0, 0.1, "k3", None, 0.0)  # fmt: skip
+    args = (
+        x,
+        old,
+        adv,
+        mask,
+        r,
+        None,
+        w,
+        0.2,
+        0.3,
+        None,
+        20.0,
+        spec,
+        "seq-mean-token-mean",
+        None,
+        7.0,
+        0.1,
+        "k3",
+        None,
+        0.0,
+    )
     torch.library.opcheck(torch.ops.ppokernels.ppo_policy_loss.default, args)
     mode = spec.partition(":")[0]
     kw = dict(_mode(mode), dro_beta=0.3) if mode == "dro" else _mode(mode)
 
     def step(a):
-        return ppokernels.ppo_policy_loss(a, old, adv, mask, is_weights=w, **kw,
-                                          backend="cpp").loss  # fmt: skip
+        return ppokernels.ppo_policy_loss(a, old, adv, mask, is_weights=w, **kw, backend="cpp").loss
 
     y = lp.clone().requires_grad_()
     eager, compiled = step(x), torch.compile(step, fullgraph=True)(y)

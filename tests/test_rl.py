@@ -36,8 +36,16 @@ def torchrun(args: list, timeout: int = 240) -> subprocess.CompletedProcess:
     between choosing and binding it, a gloo connection reset on a loaded machine)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", free_port(), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            *args,
+        ]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         text = res.stdout + res.stderr
         infra = any(k in text for k in ("EADDRINUSE", "Address already in use", "Connection reset"))

@@ -27,11 +27,29 @@ from ppokernels.rl.tasks import TASKS, RewardError, check_rewards, get_task  # n
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
-    "--set", "batch_size=8", "--set", "minibatch_size=8", "--set", "micro_batch_size=8",
-    "--set", "ppo_epochs=1", "--set", "sft_steps=4", "--set", "eval_every=2",
-    "--set", "eval_prompts=8", "--set", "max_new_tokens=5", "--set", "progress=false",
-    "--set", "plots=false", "--set", "tensorboard=false",
-]  # fmt: skip
+    "--set",
+    "batch_size=8",
+    "--set",
+    "minibatch_size=8",
+    "--set",
+    "micro_batch_size=8",
+    "--set",
+    "ppo_epochs=1",
+    "--set",
+    "sft_steps=4",
+    "--set",
+    "eval_every=2",
+    "--set",
+    "eval_prompts=8",
+    "--set",
+    "max_new_tokens=5",
+    "--set",
+    "progress=false",
+    "--set",
+    "plots=false",
+    "--set",
+    "tensorboard=false",
+]
 
 
 def train(out, *extra) -> int:
@@ -96,8 +114,12 @@ def test_train_export_generate_eval(tmp_path, capsys):
     assert main(["generate", "--model", str(out / "model"), "--prompt", "abc:"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     greedy = gen[0, 4:]
-    want = tok.decode(greedy[: (greedy == tok.eos_token_id).nonzero()[0, 0]] if (
-        greedy == tok.eos_token_id).any() else greedy, skip_special_tokens=True)  # fmt: skip
+    want = tok.decode(
+        greedy[: (greedy == tok.eos_token_id).nonzero()[0, 0]]
+        if (greedy == tok.eos_token_id).any()
+        else greedy,
+        skip_special_tokens=True,
+    )
     assert line == {"prompt": "abc:", "response": want}
 
     report = tmp_path / "eval.json"

@@ -41,8 +41,9 @@ def test_aot_tables_cover_every_dtype_and_module():
             dtypes = {spec.dtype for spec in specs}
             # finalize kernels read accumulator-dtype partials only: fp32 and fp64; one whose
             # pointers are fp64 whatever the input dtype has a single signature to compile
-            typed = any("*fp32" in str(spec.signature) or "*bf16" in str(spec.signature)
-                        for spec in specs)  # fmt: skip
+            typed = any(
+                "*fp32" in str(spec.signature) or "*bf16" in str(spec.signature) for spec in specs
+            )
             if "finalize" in kernel.fn.__name__:
                 want = {"fp32", "fp64"} if typed else {"fp32"}
             else:

@@ -251,8 +251,12 @@ def grpo_loss(
     if clipped and delta is not None and delta < 1 + epsilon_high:
         raise NotImplementedError("grpo_loss: delta below 1 + epsilon_high")
     # delta >= 1 + eps_high caps only A < 0 tokens at -delta A: exactly the dual clip
-    agg = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
-           "luspo": "seq-mean-token-sum"}  # fmt: skip
+    agg = {
+        "grpo": "seq-mean-token-mean",
+        "sapo": "seq-mean-token-mean",
+        "bnpo": "token-mean",
+        "luspo": "seq-mean-token-sum",
+    }
     # the KL term uses the per-token log-probs even at sequence level: fused only when the
     # ratio is per token and not IS-weighted
     kl_in_loss = beta != 0.0 and not use_bias_correction_kl and importance_sampling_level == "token"
@@ -260,11 +264,19 @@ def grpo_loss(
     if loss_type == "cispo":
         mode = dict(loss_mode="cispo", ratio_cap=epsilon_high, logratio_clamp=None)
     elif loss_type == "sapo":
-        mode = dict(loss_mode="sapo", tau_pos=sapo_temperature_pos,
-                    tau_neg=sapo_temperature_neg, logratio_clamp=None)  # fmt: skip
+        mode = dict(
+            loss_mode="sapo",
+            tau_pos=sapo_temperature_pos,
+            tau_neg=sapo_temperature_neg,
+            logratio_clamp=None,
+        )
     elif loss_type == "vespo":  # phi reads the per-token log-ratios at either level
-        mode = dict(loss_mode="vespo", logratio_clamp=20.0, vespo_k=(vespo_k_pos, vespo_k_neg),
-                    vespo_lambda=(vespo_lambda_pos, vespo_lambda_neg))  # fmt: skip
+        mode = dict(
+            loss_mode="vespo",
+            logratio_clamp=20.0,
+            vespo_k=(vespo_k_pos, vespo_k_neg),
+            vespo_lambda=(vespo_lambda_pos, vespo_lambda_neg),
+        )
     token = loss_type in ("cispo", "vespo")
     out = ppk.ppo_policy_loss(
         per_token_logps if token else lp,
@@ -331,8 +343,12 @@ def patch(*, round_logits: bool = False) -> None:
         import liger_kernel.chunked_loss  # noqa: F401  (binds the class in its namespace)
     except ImportError:  # liger-kernel is optional: nothing to replace
         return
-    _PATCHER.everywhere(("trl", "liger_kernel"), "liger_kernel.chunked_loss.grpo_loss",
-                        "LigerFusedLinearGRPOLoss", LigerFusedLinearGRPOLoss)  # fmt: skip
+    _PATCHER.everywhere(
+        ("trl", "liger_kernel"),
+        "liger_kernel.chunked_loss.grpo_loss",
+        "LigerFusedLinearGRPOLoss",
+        LigerFusedLinearGRPOLoss,
+    )
 
 
 def unpatch() -> None:

@@ -169,9 +169,20 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                     1.0, float(self.epsilon_high)
                 )
             mode, old = dict(loss_mode="gpg"), zeros
-        out = ppk.linear_ppo_policy_loss(h, W, y, old, adv, m, bias=bias, is_weights=w,
-                                         temperature=float(self.temperature), **mode, **agg,
-                                         **kl)  # fmt: skip
+        out = ppk.linear_ppo_policy_loss(
+            h,
+            W,
+            y,
+            old,
+            adv,
+            m,
+            bias=bias,
+            is_weights=w,
+            temperature=float(self.temperature),
+            **mode,
+            **agg,
+            **kl,
+        )
         loss = out.loss
         if probe is not None and self.loss_type != "cispo":  # cispo's gpg value is exact
             gpg_value = loss.detach() - (kl["kl_coef"] * out.kl if kl else 0.0)
@@ -223,20 +234,32 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         if lt in CLIPPED:
             level = "gspo" if self.importance_sampling_level == "sequence" else "vanilla"
             # eps_low > 1 is a negative lower bound: for r > 0 the same as the op's bound 0
-            return dict(loss_mode=level, clip_low=min(float(self.epsilon_low), 1.0),
-                        clip_high=float(self.epsilon_high), dual_clip=self.delta,
-                        logratio_clamp=None)  # fmt: skip
+            return dict(
+                loss_mode=level,
+                clip_low=min(float(self.epsilon_low), 1.0),
+                clip_high=float(self.epsilon_high),
+                dual_clip=self.delta,
+                logratio_clamp=None,
+            )
         if lt == "cispo":
             return dict(loss_mode="cispo", ratio_cap=float(self.epsilon_high), logratio_clamp=None)
         if lt == "sapo":
-            return dict(loss_mode="sapo", tau_pos=float(self.sapo_temperature_pos),
-                        tau_neg=float(self.sapo_temperature_neg), logratio_clamp=None)  # fmt: skip
+            return dict(
+                loss_mode="sapo",
+                tau_pos=float(self.sapo_temperature_pos),
+                tau_neg=float(self.sapo_temperature_neg),
+                logratio_clamp=None,
+            )
         k, lam = (
             (self.vespo_k_pos, self.vespo_k_neg),
             (self.vespo_lambda_pos, self.vespo_lambda_neg),
         )
-        return dict(loss_mode="vespo", logratio_clamp=20.0, vespo_k=tuple(map(float, k)),
-                    vespo_lambda=tuple(map(float, lam)))  # fmt: skip
+        return dict(
+            loss_mode="vespo",
+            logratio_clamp=20.0,
+            vespo_k=tuple(map(float, k)),
+            vespo_lambda=tuple(map(float, lam)),
+        )
 
     def _aggregation(self, m, B, T, num_items):
         """``(agg options, divisor)``: the op's aggregation and what its result is divided by."""

@@ -79,8 +79,9 @@ class Head:
     clip_high, dual_clip, logratio_clamp, ratio_level, agg, num_tokens, num_seqs, kl_coef,
     kl_estimator, kl_clamp, entropy_coef). ``backends``: "token,loss,linear" backend names."""
 
-    def __init__(self, hidden, weight, labels, bias, rows, temperature, ent_on, R, backends,
-                 scalars, need):  # fmt: skip
+    def __init__(
+        self, hidden, weight, labels, bias, rows, temperature, ent_on, R, backends, scalars, need
+    ):
         B, T, H = hidden.shape
         V = weight.shape[0]
         self.need, self.rows, self.temperature, self.ent_on = need, rows, temperature, ent_on
@@ -140,7 +141,7 @@ class Head:
         g_lp, g_ent = (torch.cat([x, x.new_zeros(rp - cnt)]) if x is not None else None for x in g)
         self.tok_bwd_(
             g_lp, g_ent, z, yc, lse, ent if self.ent_on else None, self.temperature, PAD_LABEL
-        )  # fmt: skip  (z now holds dz)
+        )  # z now holds dz
         if self.need[0]:
             self.gh.index_copy_(0, idx, self._mm(z, self.w)[:cnt])
         if self.need[1]:
@@ -200,8 +201,15 @@ class Head:
             s[5:8] = ["token-sum", None, None]
             scale = plan.row_weight(r0)
         ent = None if ent is None else place(ent)
-        tensors = [place(lp), rows["old_logprobs"], rows["advantages"], rows["mask"],
-                   rows["ref_logprobs"], ent, rows["is_weights"]]  # fmt: skip
+        tensors = [
+            place(lp),
+            rows["old_logprobs"],
+            rows["advantages"],
+            rows["mask"],
+            rows["ref_logprobs"],
+            ent,
+            rows["is_weights"],
+        ]
         loss, metrics, row_stats = self.loss_fwd(*tensors, *s)
         self.loss += loss * scale
         w = metrics.new_tensor([idx.numel()] * 3 + [scale] * 2)

@@ -51,8 +51,15 @@ LOSS_OPTIONS = tuple(
     for k, p in _PPO_SIGNATURE.items()
     if p.kind is p.KEYWORD_ONLY and k not in ("entropy", "backend")
 )
-_MODE_OPTIONS = ("tau_pos", "tau_neg", "ratio_cap", "seq_logratio_max", "dro_beta", "vespo_k",
-                 "vespo_lambda")  # fmt: skip
+_MODE_OPTIONS = (
+    "tau_pos",
+    "tau_neg",
+    "ratio_cap",
+    "seq_logratio_max",
+    "dro_beta",
+    "vespo_k",
+    "vespo_lambda",
+)
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -132,8 +139,9 @@ def linear_ppo_policy_loss(
     if level == "sequence":  # the former spelling of loss_mode="gspo"
         opts["loss_mode"] = "gspo"
     mode_opts = {k: opts.pop(k) for k in _MODE_OPTIONS}
-    scalars = _policy_scalars(NAME, **opts, mode_opts=mode_opts, has_ref=ref is not None,
-                              has_ent=ent_on)  # fmt: skip
+    scalars = _policy_scalars(
+        NAME, **opts, mode_opts=mode_opts, has_ref=ref is not None, has_ent=ent_on
+    )
     backends = ",".join(
         _backend.choose(op, hidden.device, backend)
         for op in ("token_logprobs", "ppo_policy_loss", "linear_logprobs")
@@ -145,11 +153,25 @@ def linear_ppo_policy_loss(
     acc = acc_dtype(hidden)
     old, ref = old_logprobs.to(acc), None if ref is None else ref.to(acc)
     loss, m, *_ = torch.ops.ppokernels.linear_ppo_policy_loss(
-        hidden, weight, y, old, advantages, valid, bias, ref, isw, temperature, ent_on, R,
-        backends, *scalars.values(), need,
-    )  # fmt: skip
-    return PolicyLossOutput(loss, m[0], m[1], m[2], m[3] if ref is not None else None,
-                            m[4] if ent_on else None)  # fmt: skip
+        hidden,
+        weight,
+        y,
+        old,
+        advantages,
+        valid,
+        bias,
+        ref,
+        isw,
+        temperature,
+        ent_on,
+        R,
+        backends,
+        *scalars.values(),
+        need,
+    )
+    return PolicyLossOutput(
+        loss, m[0], m[1], m[2], m[3] if ref is not None else None, m[4] if ent_on else None
+    )
 
 
 def _check(hidden, weight, labels, bias, loss_options) -> None:
@@ -158,11 +180,15 @@ def _check(hidden, weight, labels, bias, loss_options) -> None:
     _checks.labels(NAME, "labels", labels)
     _checks.not_meta(NAME, "hidden", hidden)
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{NAME}: weight has H = {weight.shape[1]} but hidden has H = "
-                         f"{hidden.shape[-1]} (weight must be [V, H])")  # fmt: skip
+        raise ValueError(
+            f"{NAME}: weight has H = {weight.shape[1]} but hidden has H = "
+            f"{hidden.shape[-1]} (weight must be [V, H])"
+        )
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{NAME}: labels has shape {tuple(labels.shape)}, expected "
-                         f"hidden.shape[:-1] = {tuple(hidden.shape[:-1])}")  # fmt: skip
+        raise ValueError(
+            f"{NAME}: labels has shape {tuple(labels.shape)}, expected "
+            f"hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
     _checks.same_dtype(NAME, "weight", weight, "hidden", hidden)
     for arg, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None:
@@ -186,8 +212,15 @@ def _probe(rows, hidden, opts, ref, isw, ent_on, backend) -> None:
     like = hidden.new_zeros(hidden.shape[:2], dtype=acc_dtype(hidden))
     try:
         with torch.no_grad():
-            ppo_policy_loss(like, **rows, **opts, ref_logprobs=ref, is_weights=isw,
-                            entropy=like if ent_on else None, backend=backend)  # fmt: skip
+            ppo_policy_loss(
+                like,
+                **rows,
+                **opts,
+                ref_logprobs=ref,
+                is_weights=isw,
+                entropy=like if ent_on else None,
+                backend=backend,
+            )
     except (ValueError, TypeError) as e:
         raise type(e)(f"{NAME}: {e}") from None
 
@@ -199,8 +232,9 @@ def _naive(hidden, weight, y, bias, valid, rows, ref, isw, temperature, ent_on, 
     lp = torch.where(valid, logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
     ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0) if ent_on else None
     rows = rows | dict(mask=valid)
-    return reference.ppo_policy_loss(lp, **rows, ref_logprobs=ref, is_weights=isw, entropy=ent,
-                                     **opts)  # fmt: skip
+    return reference.ppo_policy_loss(
+        lp, **rows, ref_logprobs=ref, is_weights=isw, entropy=ent, **opts
+    )
 
 
 # ------------------------------------------------------------------------------ the op
@@ -209,19 +243,67 @@ def _naive(hidden, weight, y, bias, valid, rows, ref, isw, temperature, ent_on, 
 # kept by setup_context for the backward, which scales them by the upstream gradient.
 @torch.library.custom_op("ppokernels::linear_ppo_policy_loss", mutates_args=())
 def _op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
-    mask: Tensor, bias: Tensor | None, ref_logprobs: Tensor | None, is_weights: Tensor | None,
-    temperature: float, with_entropy: bool, chunk_size: int, backends: str, clip_low: float,
-    clip_high: float, dual_clip: float | None, logratio_clamp: float | None, ratio_level: str,
-    agg: str, num_tokens: float | None, num_seqs: float | None, kl_coef: float,
-    kl_estimator: str, kl_clamp: float | None, entropy_coef: float, output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    rows = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                ref_logprobs=ref_logprobs, is_weights=is_weights)  # fmt: skip
-    scalars = (clip_low, clip_high, dual_clip, logratio_clamp, ratio_level, agg, num_tokens,
-               num_seqs, kl_coef, kl_estimator, kl_clamp, entropy_coef)  # fmt: skip
-    head = Head(hidden, weight, labels, bias, rows, temperature, with_entropy, chunk_size,
-                backends, scalars, output_mask)  # fmt: skip
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    bias: Tensor | None,
+    ref_logprobs: Tensor | None,
+    is_weights: Tensor | None,
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: int,
+    backends: str,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    logratio_clamp: float | None,
+    ratio_level: str,
+    agg: str,
+    num_tokens: float | None,
+    num_seqs: float | None,
+    kl_coef: float,
+    kl_estimator: str,
+    kl_clamp: float | None,
+    entropy_coef: float,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows = dict(
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+        ref_logprobs=ref_logprobs,
+        is_weights=is_weights,
+    )
+    scalars = (
+        clip_low,
+        clip_high,
+        dual_clip,
+        logratio_clamp,
+        ratio_level,
+        agg,
+        num_tokens,
+        num_seqs,
+        kl_coef,
+        kl_estimator,
+        kl_clamp,
+        entropy_coef,
+    )
+    head = Head(
+        hidden,
+        weight,
+        labels,
+        bias,
+        rows,
+        temperature,
+        with_entropy,
+        chunk_size,
+        backends,
+        scalars,
+        output_mask,
+    )
     return head.run()
 
 

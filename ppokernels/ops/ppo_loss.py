@@ -134,29 +134,49 @@ def ppo_policy_loss(
     """
     name = "ppo_policy_loss"
     _data(name, "logprobs", logprobs)
-    for arg, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                   ("entropy", entropy)):  # fmt: skip
+    for arg, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("entropy", entropy),
+    ):
         if x is not None or arg == "old_logprobs":
             _data(name, arg, x, "logprobs", logprobs)
     _checks.row_or_token(name, "advantages", advantages, logprobs)
     mask = bool_mask(_checks.mask(name, "mask", mask, logprobs))
     if is_weights is not None:
         _checks.row_or_token(name, "is_weights", is_weights, logprobs)
-    mode_opts = dict(tau_pos=tau_pos, tau_neg=tau_neg, ratio_cap=ratio_cap,
-                     seq_logratio_max=seq_logratio_max, dro_beta=dro_beta, vespo_k=vespo_k,
-                     vespo_lambda=vespo_lambda)  # fmt: skip
+    mode_opts = dict(
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        ratio_cap=ratio_cap,
+        seq_logratio_max=seq_logratio_max,
+        dro_beta=dro_beta,
+        vespo_k=vespo_k,
+        vespo_lambda=vespo_lambda,
+    )
     _checks.choice(name, "ratio_level", ratio_level, RATIO_LEVELS)
     if ratio_level == "sequence":  # the former spelling of loss_mode="gspo"
         if loss_mode not in ("vanilla", "gspo"):
             raise ValueError(f"{name}: ratio_level='sequence' is loss_mode='gspo'")
         loss_mode = "gspo"
     scalars = _policy_scalars(
-        name, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        logratio_clamp=logratio_clamp, loss_mode=loss_mode, mode_opts=mode_opts, agg=agg,
-        num_tokens=num_tokens, num_seqs=num_seqs, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        kl_clamp=kl_clamp, entropy_coef=entropy_coef, has_ref=ref_logprobs is not None,
+        name,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        logratio_clamp=logratio_clamp,
+        loss_mode=loss_mode,
+        mode_opts=mode_opts,
+        agg=agg,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp,
+        entropy_coef=entropy_coef,
+        has_ref=ref_logprobs is not None,
         has_ent=entropy is not None,
-    )  # fmt: skip
+    )
     # The fused kernels give rollout data no gradient: checked before the backend choice, so that
     # every backend but an explicit "reference" (which differentiates it) refuses it alike, and
     # "auto" does whether or not the binary is installed.
@@ -169,9 +189,15 @@ def ppo_policy_loss(
     if b == "reference":
         ref_kw = {k: v for k, v in scalars.items() if k != "ratio_level"}
         return reference.ppo_policy_loss(
-            logprobs, old_logprobs, advantages, mask, loss_mode=loss_mode, **opt, **ref_kw,
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            loss_mode=loss_mode,
+            **opt,
+            **ref_kw,
             **mode_opts,
-        )  # fmt: skip
+        )
     logprobs, old_logprobs, opt["ref_logprobs"], opt["entropy"] = promote(
         logprobs, old_logprobs, ref_logprobs, entropy
     )
@@ -271,9 +297,13 @@ def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
     if dual is not None and not _checks.number(name, "dual_clip", dual) > 1.0:
         raise ValueError(f"{name}: dual_clip must be > 1, got {dual}")
     spec = mode_spec(
-        name, kw["loss_mode"], clip_low=clip_low, clip_high=clip_high, dual_clip=dual,
+        name,
+        kw["loss_mode"],
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual,
         opts=kw["mode_opts"],
-    )  # fmt: skip
+    )
     num_tokens, num_seqs = _agg(name, kw["agg"], kw["num_tokens"], kw["num_seqs"])
     kl_coef = _checks.number(name, "kl_coef", kw["kl_coef"])
     entropy_coef = _checks.number(name, "entropy_coef", kw["entropy_coef"])
@@ -349,8 +379,9 @@ register_fake_cpp("value_loss_backward", _value_backward_fake)
 # The backward takes the forward's scalars minus agg / num_tokens / num_seqs (row_stats holds
 # their effect).
 def _policy_setup(ctx, inputs, output):
-    (clip_low, clip_high, dual, lr_clamp, level, _, _, _, kl_coef, est, kl_clamp,
-     ent_coef) = inputs[7:]  # fmt: skip
+    (clip_low, clip_high, dual, lr_clamp, level, _, _, _, kl_coef, est, kl_clamp, ent_coef) = (
+        inputs[7:]
+    )
     ctx.scalars = (clip_low, clip_high, dual, lr_clamp, level, kl_coef, est, kl_clamp, ent_coef)
     if any(ctx.needs_input_grad[i] for i in (0, 4, 5)):
         ctx.save_for_backward(*inputs[:7], output[2])

@@ -231,13 +231,20 @@ def ppo_policy_loss(
     high = clip_low if clip_high is None else clip_high
     cap = ratio_cap
     opts = dict(
-        clip_low=clip_low, clip_high=high, dual_clip=dual_clip, tau_pos=tau_pos,
-        tau_neg=tau_neg, dro_beta=dro_beta, vespo_k=vespo_k, vespo_lambda=vespo_lambda,
+        clip_low=clip_low,
+        clip_high=high,
+        dual_clip=dual_clip,
+        tau_pos=tau_pos,
+        tau_neg=tau_neg,
+        dro_beta=dro_beta,
+        vespo_k=vespo_k,
+        vespo_lambda=vespo_lambda,
         smax=math.inf if seq_logratio_max is None else seq_logratio_max,
-        ratio_cap=20.0 if cap is None else cap, has_w=is_weights is not None,
+        ratio_cap=20.0 if cap is None else cap,
+        has_w=is_weights is not None,
         cispo_lo=-math.inf if cap is not None else 1 - clip_low,
         cispo_hi=cap if cap is not None else 1 + high,
-    )  # fmt: skip
+    )
     w = clean(is_weights) if is_weights is not None else torch.ones_like(lp)
     if is_weights is not None:
         w = torch.where(m, w, 1.0)  # log(w) of padding never reaches a NaN

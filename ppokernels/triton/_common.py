@@ -85,8 +85,10 @@ def aot_table(kernel, signature: dict[str, str], config, *, variants=({},), dtyp
         cfg = dict(config(dt))
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         consts = {k: (v(dt) if callable(v) else v) for k, v in {**variant, **cfg}.items()}
-        sig = {a: t.replace("T", dt).replace("A", acc_name(dt)) if t.startswith("*") else t
-               for a, t in signature.items()}  # fmt: skip
+        sig = {
+            a: t.replace("T", dt).replace("A", acc_name(dt)) if t.startswith("*") else t
+            for a, t in signature.items()
+        }
         sig.update({k: "constexpr" for k in consts})
         names = getattr(kernel, "arg_names", None)  # None: interpreted kernel (never compiled)
         if names is not None:

@@ -179,13 +179,28 @@ def _stats(x, mask, g, unbiased: bool, shift_mean: bool, eps: float) -> torch.Te
     for pass_b in (False, True):
         if p > 0:
             launch(_advantages_partials_kernel)[(p,)](
-                x, mask, g if g is not None else x, stats, part, n,
-                PASS_B=pass_b, HAS_G=g is not None, F64=f64, TILES=TILES, **CONFIG,
-            )  # fmt: skip
+                x,
+                mask,
+                g if g is not None else x,
+                stats,
+                part,
+                n,
+                PASS_B=pass_b,
+                HAS_G=g is not None,
+                F64=f64,
+                TILES=TILES,
+                **CONFIG,
+            )
         launch(_advantages_finalize_kernel)[(1,)](
-            part, stats, p, eps, PASS_B=pass_b, UNBIASED=unbiased, SHIFT_MEAN=shift_mean,
+            part,
+            stats,
+            p,
+            eps,
+            PASS_B=pass_b,
+            UNBIASED=unbiased,
+            SHIFT_MEAN=shift_mean,
             **CONFIG,
-        )  # fmt: skip
+        )
     return stats
 
 
@@ -198,9 +213,18 @@ def _elementwise(mode, x, mask, g, stats, out, shift_mean=True, unbiased=True):
     n = x.numel()
     if n > 0:
         launch(_advantages_elementwise_kernel)[(triton.cdiv(n, CONFIG["BLOCK"]),)](
-            x, mask, g if g is not None else x, stats, out, n, MODE=mode, SHIFT_MEAN=shift_mean,
-            UNBIASED=unbiased, F64=x.dtype == torch.float64, **CONFIG,
-        )  # fmt: skip
+            x,
+            mask,
+            g if g is not None else x,
+            stats,
+            out,
+            n,
+            MODE=mode,
+            SHIFT_MEAN=shift_mean,
+            UNBIASED=unbiased,
+            F64=x.dtype == torch.float64,
+            **CONFIG,
+        )
     return out
 
 
@@ -252,29 +276,60 @@ def _config(dt: str) -> dict:
 
 
 _F64 = lambda dt: dt == "fp64"  # noqa: E731  (the kernels' accumulator switch)
-_PART_SIG = {"x_ptr": "*T", "mask_ptr": "*u8", "g_ptr": "*A", "stats_ptr": "*fp64",
-             "part_ptr": "*fp64", "n": "i64"}  # fmt: skip
+_PART_SIG = {
+    "x_ptr": "*T",
+    "mask_ptr": "*u8",
+    "g_ptr": "*A",
+    "stats_ptr": "*fp64",
+    "part_ptr": "*fp64",
+    "n": "i64",
+}
 _FIN_SIG = {"part_ptr": "*fp64", "stats_ptr": "*fp64", "P": "i64", "eps": "fp32"}
 _EW_SIG = {"x_ptr": "*T", "mask_ptr": "*u8", "g_ptr": "*A", "n": "i64"}
 AOT = (
-    aot_table(_advantages_partials_kernel, _PART_SIG, _config, variants=[
-        dict(PASS_B=b, HAS_G=h, F64=_F64, TILES=TILES) for b in (False, True) for h in (True, False)
-    ])
-    + aot_table(_advantages_finalize_kernel, _FIN_SIG, _config, dtypes=("fp32",), variants=[
-        dict(PASS_B=b, UNBIASED=u, SHIFT_MEAN=m) for b in (False, True) for u in (True, False)
-        for m in (True, False)
-    ])
+    aot_table(
+        _advantages_partials_kernel,
+        _PART_SIG,
+        _config,
+        variants=[
+            dict(PASS_B=b, HAS_G=h, F64=_F64, TILES=TILES)
+            for b in (False, True)
+            for h in (True, False)
+        ],
+    )
+    + aot_table(
+        _advantages_finalize_kernel,
+        _FIN_SIG,
+        _config,
+        dtypes=("fp32",),
+        variants=[
+            dict(PASS_B=b, UNBIASED=u, SHIFT_MEAN=m)
+            for b in (False, True)
+            for u in (True, False)
+            for m in (True, False)
+        ],
+    )
     # whiten (MODE 0): out in the accumulator dtype; the backwards (1, 2): out in x's dtype
-    + aot_table(_advantages_elementwise_kernel, {**_EW_SIG, "stats_ptr": "*fp64", "out_ptr": "*A"},
-                _config, variants=[
-        dict(MODE=0, SHIFT_MEAN=m, UNBIASED=True, F64=_F64) for m in (True, False)
-    ])
-    + aot_table(_advantages_elementwise_kernel, {**_EW_SIG, "stats_ptr": "*fp64", "out_ptr": "*T"},
-                _config, variants=[dict(MODE=1, SHIFT_MEAN=True, UNBIASED=True, F64=_F64)])
+    + aot_table(
+        _advantages_elementwise_kernel,
+        {**_EW_SIG, "stats_ptr": "*fp64", "out_ptr": "*A"},
+        _config,
+        variants=[dict(MODE=0, SHIFT_MEAN=m, UNBIASED=True, F64=_F64) for m in (True, False)],
+    )
+    + aot_table(
+        _advantages_elementwise_kernel,
+        {**_EW_SIG, "stats_ptr": "*fp64", "out_ptr": "*T"},
+        _config,
+        variants=[dict(MODE=1, SHIFT_MEAN=True, UNBIASED=True, F64=_F64)],
+    )
     # moments backward: stats_ptr holds the op's own output (mean, var, count), accumulator dtype
-    + aot_table(_advantages_elementwise_kernel, {**_EW_SIG, "stats_ptr": "*A", "out_ptr": "*T"},
-                _config, variants=[
-        dict(MODE=2, SHIFT_MEAN=True, UNBIASED=True, F64=_F64),
-        dict(MODE=2, SHIFT_MEAN=True, UNBIASED=False, F64=_F64),
-    ])
-)  # fmt: skip
+    + aot_table(
+        _advantages_elementwise_kernel,
+        {**_EW_SIG, "stats_ptr": "*A", "out_ptr": "*T"},
+        _config,
+        variants=[
+            dict(MODE=2, SHIFT_MEAN=True, UNBIASED=True, F64=_F64),
+            dict(MODE=2, SHIFT_MEAN=True, UNBIASED=False, F64=_F64),
+        ],
+    )
+)

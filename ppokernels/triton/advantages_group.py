@@ -96,10 +96,18 @@ def _launch(scores, ids, g, out, num_groups, estimator, eps, norm_by_std, backwa
         raise ValueError(f"group_advantages: unknown estimator {estimator!r}")
     if num_groups > 0 and scores.numel() > 0:
         launch(_advantages_group_kernel)[(num_groups,)](
-            scores, ids, g if g is not None else scores, out, scores.numel(), eps,
-            EST=ESTIMATORS[estimator], NORM_BY_STD=norm_by_std, BACKWARD=backward,
-            F64=scores.dtype == torch.float64, **CONFIG,
-        )  # fmt: skip
+            scores,
+            ids,
+            g if g is not None else scores,
+            out,
+            scores.numel(),
+            eps,
+            EST=ESTIMATORS[estimator],
+            NORM_BY_STD=norm_by_std,
+            BACKWARD=backward,
+            F64=scores.dtype == torch.float64,
+            **CONFIG,
+        )
     return out
 
 
@@ -145,9 +153,13 @@ _VARIANTS = [
     dict(EST=1, NORM_BY_STD=True),
 ]
 AOT = aot_table(
-    _advantages_group_kernel, {**_SIG, "out_ptr": "*A"}, lambda dt: CONFIG,
+    _advantages_group_kernel,
+    {**_SIG, "out_ptr": "*A"},
+    lambda dt: CONFIG,
     variants=[dict(v, BACKWARD=False, F64=_F64) for v in _VARIANTS],
 ) + aot_table(
-    _advantages_group_kernel, {**_SIG, "out_ptr": "*T"}, lambda dt: CONFIG,
+    _advantages_group_kernel,
+    {**_SIG, "out_ptr": "*T"},
+    lambda dt: CONFIG,
     variants=[dict(v, BACKWARD=True, F64=_F64) for v in _VARIANTS],
-)  # fmt: skip
+)

@@ -259,10 +259,22 @@ def discounted_returns_backward_triton(
 
 # ------------------------------------------------------------ ahead-of-time compile table
 _SCALARS = {"T": "i32", "gamma": "fp32", "lam": "fp32"}
-_FWD_SIG = {"rewards_ptr": "*T", "values_ptr": "*T", "mask_ptr": "*i1", "advantages_ptr": "*A",
-            "returns_ptr": "*A", **_SCALARS}  # fmt: skip
-_BWD_SIG = {"grad_advantages_ptr": "*A", "grad_returns_ptr": "*A", "mask_ptr": "*i1",
-            "grad_rewards_ptr": "*T", "grad_values_ptr": "*T", **_SCALARS}  # fmt: skip
+_FWD_SIG = {
+    "rewards_ptr": "*T",
+    "values_ptr": "*T",
+    "mask_ptr": "*i1",
+    "advantages_ptr": "*A",
+    "returns_ptr": "*A",
+    **_SCALARS,
+}
+_BWD_SIG = {
+    "grad_advantages_ptr": "*A",
+    "grad_returns_ptr": "*A",
+    "mask_ptr": "*i1",
+    "grad_rewards_ptr": "*T",
+    "grad_values_ptr": "*T",
+    **_SCALARS,
+}
 _VARIANTS = [dict(MODE=m, HAS_VALUES=v) for v in (True, False) for m in MODES.values()]
 AOT = aot_table(
     _gae_fwd_kernel, _FWD_SIG, lambda dt: _config(MAX_BLOCK_T), variants=_VARIANTS

@@ -163,13 +163,24 @@ _SIG = {
     "n": "i64",
     "clamp": "fp32",
 }
-_BWD_SIG = {"grad_ptr": "*A", "logprobs_ptr": "*T", "ref_logprobs_ptr": "*T",
-            "grad_logprobs_ptr": "*T", "n": "i64", "clamp": "fp32"}  # fmt: skip
+_BWD_SIG = {
+    "grad_ptr": "*A",
+    "logprobs_ptr": "*T",
+    "ref_logprobs_ptr": "*T",
+    "grad_logprobs_ptr": "*T",
+    "n": "i64",
+    "clamp": "fp32",
+}
 AOT = aot_table(
-    _kl_fwd_kernel, _SIG, lambda dt: CONFIG,
+    _kl_fwd_kernel,
+    _SIG,
+    lambda dt: CONFIG,
     variants=[dict(EST=e, HAS_CLAMP=True) for e in range(4)],
 ) + aot_table(
-    _kl_bwd_kernel, _BWD_SIG, lambda dt: CONFIG,
-    variants=[dict(EST=e, HAS_CLAMP=True, STRAIGHT_THROUGH=st) for st in (False, True)
-              for e in range(4)],
-)  # fmt: skip
+    _kl_bwd_kernel,
+    _BWD_SIG,
+    lambda dt: CONFIG,
+    variants=[
+        dict(EST=e, HAS_CLAMP=True, STRAIGHT_THROUGH=st) for st in (False, True) for e in range(4)
+    ],
+)

@@ -160,22 +160,37 @@ _IO = {"hidden_ptr": "*T", "weight_ptr": "*T", "bias_ptr": "*A", "labels_ptr": "
 _NVH = {"n": "i64", "V": "i64", "H": "i64"}
 _CHUNK = {"r0": "i64", "cnt": "i64", "V": "i64", "H": "i64"}
 AOT = (
-    aot_table(_linear_logprobs_fwd_kernel,
-              {**_IO, "label_logit_ptr": "*A", "lse_ptr": "*A", "ent_ptr": "*A", **_NVH,
-               "inv_t": "fp32"},
-              lambda dt: _config(dt, "logits"),
-              variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)])
-    + aot_table(_linear_logprobs_dz_kernel,
-                {**_IO, "lse_ptr": "*A", "ent_ptr": "*A", "coef_ptr": "*A", "dz_ptr": "*T",
-                 "r0": "i64", "r1": "i64", **_NVH, "inv_t": "fp32"},
-                lambda dt: _config(dt, "logits"),
-                variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)])
-    + aot_table(_linear_logprobs_grad_hidden_kernel,
-                {"dz_ptr": "*T", "weight_ptr": "*T", "grad_ptr": "*A", **_CHUNK},
-                lambda dt: _config(dt, "grad"))
-    + aot_table(_linear_logprobs_grad_weight_kernel,
-                {"dz_ptr": "*T", "hidden_ptr": "*T", "grad_w_ptr": "*A", "grad_b_ptr": "*A",
-                 **_CHUNK},
-                lambda dt: _config(dt, "grad"),
-                variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)])
-)  # fmt: skip
+    aot_table(
+        _linear_logprobs_fwd_kernel,
+        {**_IO, "label_logit_ptr": "*A", "lse_ptr": "*A", "ent_ptr": "*A", **_NVH, "inv_t": "fp32"},
+        lambda dt: _config(dt, "logits"),
+        variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
+    )
+    + aot_table(
+        _linear_logprobs_dz_kernel,
+        {
+            **_IO,
+            "lse_ptr": "*A",
+            "ent_ptr": "*A",
+            "coef_ptr": "*A",
+            "dz_ptr": "*T",
+            "r0": "i64",
+            "r1": "i64",
+            **_NVH,
+            "inv_t": "fp32",
+        },
+        lambda dt: _config(dt, "logits"),
+        variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
+    )
+    + aot_table(
+        _linear_logprobs_grad_hidden_kernel,
+        {"dz_ptr": "*T", "weight_ptr": "*T", "grad_ptr": "*A", **_CHUNK},
+        lambda dt: _config(dt, "grad"),
+    )
+    + aot_table(
+        _linear_logprobs_grad_weight_kernel,
+        {"dz_ptr": "*T", "hidden_ptr": "*T", "grad_w_ptr": "*A", "grad_b_ptr": "*A", **_CHUNK},
+        lambda dt: _config(dt, "grad"),
+        variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
+    )
+)

@@ -259,16 +259,37 @@ def token_logprobs_backward_triton_(
 # ------------------------------------------------------------ ahead-of-time compile table
 _ROWS = {"V": "i64", "inner": "i64", "outer_stride": "i64", "inner_stride": "i64"}
 _SCALARS = {"inv_t": "fp32", "ignore_index": "i64"}
-_FWD_SIG = {"logits_ptr": "*T", "labels_ptr": "*i64", "logprobs_ptr": "*A", "entropy_ptr": "*A",
-            "lse_ptr": "*A", **_ROWS, **_SCALARS}  # fmt: skip
-_BWD_SIG = {"grad_logprobs_ptr": "*A", "grad_entropy_ptr": "*A", "logits_ptr": "*T",
-            "labels_ptr": "*i64", "lse_ptr": "*A", "entropy_ptr": "*A", "grad_ptr": "*T", **_ROWS,
-            "g_inner": "i64", "g_outer_stride": "i64", "g_inner_stride": "i64",
-            **_SCALARS}  # fmt: skip
+_FWD_SIG = {
+    "logits_ptr": "*T",
+    "labels_ptr": "*i64",
+    "logprobs_ptr": "*A",
+    "entropy_ptr": "*A",
+    "lse_ptr": "*A",
+    **_ROWS,
+    **_SCALARS,
+}
+_BWD_SIG = {
+    "grad_logprobs_ptr": "*A",
+    "grad_entropy_ptr": "*A",
+    "logits_ptr": "*T",
+    "labels_ptr": "*i64",
+    "lse_ptr": "*A",
+    "entropy_ptr": "*A",
+    "grad_ptr": "*T",
+    **_ROWS,
+    "g_inner": "i64",
+    "g_outer_stride": "i64",
+    "g_inner_stride": "i64",
+    **_SCALARS,
+}
 AOT = aot_table(
-    _logprobs_fwd_kernel, _FWD_SIG, lambda dt: _config(MAX_BLOCK_V),
+    _logprobs_fwd_kernel,
+    _FWD_SIG,
+    lambda dt: _config(MAX_BLOCK_V),
     variants=[dict(WITH_ENTROPY=True), dict(WITH_ENTROPY=False)],
 ) + aot_table(
-    _logprobs_bwd_kernel, _BWD_SIG, lambda dt: _config(MAX_BLOCK_V),
+    _logprobs_bwd_kernel,
+    _BWD_SIG,
+    lambda dt: _config(MAX_BLOCK_V),
     variants=[dict(HAS_ENTROPY=True), dict(HAS_ENTROPY=False)],
-)  # fmt: skip
+)

@@ -39,19 +39,40 @@ from ppokernels.triton.ppo_loss_math import (
 @triton.jit
 def _ppo_loss_policy_row_kernel(
     # inputs, [B, T] unless noted
-    lp_ptr, old_ptr, ref_ptr, ent_ptr,  # dtype of logprobs (ref/ent: used if HAS_REF/HAS_ENT)
-    adv_ptr, w_ptr,  # fp32/fp64, [B, T] or [B] (ADV_ROW / W_ROW)
+    lp_ptr,
+    old_ptr,
+    ref_ptr,
+    ent_ptr,  # dtype of logprobs (ref/ent: used if HAS_REF/HAS_ENT)
+    adv_ptr,
+    w_ptr,  # fp32/fp64, [B, T] or [B] (ADV_ROW / W_ROW)
     mask_ptr,  # bool
     # outputs
     part_ptr,  # [B, K] fp32/fp64 per-row partial sums
     rowv_ptr,  # [B, 2] the row values ra, rb (ppo_loss_modes.h policy_row_values)
     # shapes and scalars
-    T, clip_low, clip_high, dual, lr_clamp, kl_clamp, mp0, mp1, mp2, mp3,  # mp*: mode params
+    T,
+    clip_low,
+    clip_high,
+    dual,
+    lr_clamp,
+    kl_clamp,
+    mp0,
+    mp1,
+    mp2,
+    mp3,  # mp*: mode params
     # meta
-    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, ADV_ROW: tl.constexpr,
-    W_ROW: tl.constexpr, MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
-    KL_EST: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr,
+    HAS_W: tl.constexpr,
+    ADV_ROW: tl.constexpr,
+    W_ROW: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_LR_CLAMP: tl.constexpr,
+    KL_EST: tl.constexpr,
+    HAS_KL_CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     acc = part_ptr.dtype.element_ty
     base = b * T
@@ -63,8 +84,9 @@ def _ppo_loss_policy_row_kernel(
         for t0 in range(0, T, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
             m = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
-            lr = (tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc)
-                  - tl.load(old_ptr + base + offs, mask=m, other=0.0).to(acc))  # fmt: skip
+            lr = tl.load(lp_ptr + base + offs, mask=m, other=0.0).to(acc) - tl.load(
+                old_ptr + base + offs, mask=m, other=0.0
+            ).to(acc)
             if HAS_LR_CLAMP:
                 lr = tl.minimum(tl.maximum(lr, -lr_clamp), lr_clamp)
             adv = _load_row_or_token(adv_ptr, b, base, offs, m, ADV_ROW, 0.0)
@@ -104,8 +126,9 @@ def _ppo_loss_policy_row_kernel(
             lr = tl.minimum(tl.maximum(lr, -lr_clamp), lr_clamp)
         adv = _load_row_or_token(adv_ptr, b, base, offs, m, ADV_ROW, 0.0)
         w = _load_w(w_ptr, b, base, offs, m, lr, HAS_W, W_ROW)
-        loss, c0, c1 = _mode_forward(lp, old, lr, adv, w, ra, clip_low, clip_high, dual, mp0, mp1,
-                                     mp2, mp3, MODE, HAS_DUAL)  # fmt: skip
+        loss, c0, c1 = _mode_forward(
+            lp, old, lr, adv, w, ra, clip_low, clip_high, dual, mp0, mp1, mp2, mp3, MODE, HAS_DUAL
+        )
         if HAS_REF:
             ref = tl.load(ref_ptr + base + offs, mask=m, other=0.0).to(acc)
             kl = _kl_value(lp - ref, KL_EST)
@@ -157,10 +180,17 @@ def _ppo_loss_policy_finalize_kernel(
     metrics_ptr,  # [5] clipfrac, approx_kl, dual_clipfrac, kl, entropy
     row_stats_ptr,  # [B, 4] aggregation weight, ra, surrogate weight, rb
     # shapes and scalars
-    B, T, num_tokens, num_seqs, kl_coef, entropy_coef,  # num_*: <= 0 means local counts
+    B,
+    T,
+    num_tokens,
+    num_seqs,
+    kl_coef,
+    entropy_coef,  # num_*: <= 0 means local counts
     # meta
-    AGG: tl.constexpr, GEO: tl.constexpr, BLOCK_B: tl.constexpr,  # GEO: geo_mean's row weights
-):  # fmt: skip
+    AGG: tl.constexpr,
+    GEO: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # GEO: geo_mean's row weights
+):
     acc = part_ptr.dtype.element_ty
     z = tl.zeros([BLOCK_B], acc)
     n_acc, clip_acc, nlr_acc, dual_acc = z, z, z, z
@@ -209,17 +239,44 @@ def _ppo_loss_policy_finalize_kernel(
 def _ppo_loss_policy_bwd_kernel(
     # inputs, [B, T] unless noted
     grad_ptr,  # [] upstream gradient of the loss, fp32/fp64
-    lp_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, mask_ptr,  # as in _ppo_loss_policy_row_kernel
+    lp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    w_ptr,
+    mask_ptr,  # as in _ppo_loss_policy_row_kernel
     row_stats_ptr,  # [B, 4] aggregation weight, ra, surrogate weight, rb
     # outputs
-    g_lp_ptr, g_ref_ptr, g_ent_ptr,  # dtype of logprobs (ref/ent: if HAS_REF/HAS_ENT)
+    g_lp_ptr,
+    g_ref_ptr,
+    g_ent_ptr,  # dtype of logprobs (ref/ent: if HAS_REF/HAS_ENT)
     # shapes and scalars
-    T, clip_low, clip_high, dual, lr_clamp, kl_coef, kl_clamp, entropy_coef, mp0, mp1, mp2, mp3,
+    T,
+    clip_low,
+    clip_high,
+    dual,
+    lr_clamp,
+    kl_coef,
+    kl_clamp,
+    entropy_coef,
+    mp0,
+    mp1,
+    mp2,
+    mp3,
     # meta
-    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_W: tl.constexpr, ADV_ROW: tl.constexpr,
-    W_ROW: tl.constexpr, MODE: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_LR_CLAMP: tl.constexpr,
-    KL_EST: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, KL_ST: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr,
+    HAS_W: tl.constexpr,
+    ADV_ROW: tl.constexpr,
+    W_ROW: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_LR_CLAMP: tl.constexpr,
+    KL_EST: tl.constexpr,
+    HAS_KL_CLAMP: tl.constexpr,
+    KL_ST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < T
@@ -242,8 +299,25 @@ def _ppo_loss_policy_bwd_kernel(
         cg = tl.where((raw < -lr_clamp) | (raw > lr_clamp), 0.0, 1.0)
     adv = _load_row_or_token(adv_ptr, b, base, offs, m, ADV_ROW, 0.0)
     w = _load_w(w_ptr, b, base, offs, m, lr, HAS_W, W_ROW)
-    g = scale_pg * _mode_backward(lp, old, lr, cg, adv, w, ra, rb, clip_low, clip_high, dual, mp0,
-                                  mp1, mp2, mp3, MODE, HAS_DUAL)  # fmt: skip
+    g = scale_pg * _mode_backward(
+        lp,
+        old,
+        lr,
+        cg,
+        adv,
+        w,
+        ra,
+        rb,
+        clip_low,
+        clip_high,
+        dual,
+        mp0,
+        mp1,
+        mp2,
+        mp3,
+        MODE,
+        HAS_DUAL,
+    )
     if HAS_REF:
         ref = tl.load(ref_ptr + base + offs, mask=m, other=0.0).to(acc)
         dkl = kl_coef * _kl_grad(lp - ref, kl_clamp, KL_EST, HAS_KL_CLAMP, KL_ST)
@@ -263,12 +337,17 @@ def _flags(lp, adv, ref, ent, w, dual, lr_clamp, ratio_level, kl_estimator, kl_c
     mode, params = parse_spec(ratio_level)
     mp = (tuple(params) + (0.0, 0.0, 0.0, 0.0))[:4]
     flags = dict(
-        HAS_REF=ref is not None, HAS_ENT=ent is not None, HAS_W=w is not None,
-        ADV_ROW=adv.dim() == 1, W_ROW=w is not None and w.dim() == 1,
-        MODE=MODES[mode], HAS_DUAL=dual is not None,
-        HAS_LR_CLAMP=lr_clamp is not None, KL_EST=ESTIMATORS[est],
+        HAS_REF=ref is not None,
+        HAS_ENT=ent is not None,
+        HAS_W=w is not None,
+        ADV_ROW=adv.dim() == 1,
+        W_ROW=w is not None and w.dim() == 1,
+        MODE=MODES[mode],
+        HAS_DUAL=dual is not None,
+        HAS_LR_CLAMP=lr_clamp is not None,
+        KL_EST=ESTIMATORS[est],
         HAS_KL_CLAMP=kl_clamp is not None,
-    )  # fmt: skip
+    )
     return flags, dict(zip(("mp0", "mp1", "mp2", "mp3"), mp, strict=True))
 
 
@@ -283,13 +362,26 @@ def _prep(lp, old, adv, mask, ref, ent, w):
 
 @triton_op("ppokernels::ppo_policy_loss_triton", mutates_args=())
 def ppo_policy_loss_triton(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-    mask: torch.Tensor, ref_logprobs: torch.Tensor | None, entropy: torch.Tensor | None,
-    is_weights: torch.Tensor | None, clip_low: float, clip_high: float, dual_clip: float | None,
-    logratio_clamp: float | None, ratio_level: str, agg: str, num_tokens: float | None,
-    num_seqs: float | None, kl_coef: float, kl_estimator: str, kl_clamp: float | None,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    logratio_clamp: float | None,
+    ratio_level: str,
+    agg: str,
+    num_tokens: float | None,
+    num_seqs: float | None,
+    kl_coef: float,
+    kl_estimator: str,
+    kl_clamp: float | None,
     entropy_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc, lp, old, adv, mask, ref, ent, w = _prep(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights
     )
@@ -299,32 +391,70 @@ def ppo_policy_loss_triton(
     loss = torch.empty((), dtype=acc, device=lp.device)
     metrics = torch.empty((5,), dtype=acc, device=lp.device)
     row_stats = torch.empty((B, 4), dtype=acc, device=lp.device)
-    flags, mp = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
-                       kl_clamp)  # fmt: skip
+    flags, mp = _flags(
+        lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator, kl_clamp
+    )
     if B > 0:
         launch(_ppo_loss_policy_row_kernel)[(B,)](
-            lp, old, ref if ref is not None else lp, ent if ent is not None else lp, adv,
-            w if w is not None else adv, mask, part, rowv, T, clip_low, clip_high,
-            dual_clip or 0.0, logratio_clamp or 0.0, kl_clamp or 0.0, **mp, **flags,
+            lp,
+            old,
+            ref if ref is not None else lp,
+            ent if ent is not None else lp,
+            adv,
+            w if w is not None else adv,
+            mask,
+            part,
+            rowv,
+            T,
+            clip_low,
+            clip_high,
+            dual_clip or 0.0,
+            logratio_clamp or 0.0,
+            kl_clamp or 0.0,
+            **mp,
+            **flags,
             **ROW_CONFIG,
-        )  # fmt: skip
+        )
     launch(_ppo_loss_policy_finalize_kernel)[(1,)](
-        part, rowv, loss, metrics, row_stats, B, T, num_tokens or 0.0, num_seqs or 0.0,
-        kl_coef, entropy_coef, AGG=AGG[agg], GEO=flags["MODE"] == MODES["geo_mean"],
+        part,
+        rowv,
+        loss,
+        metrics,
+        row_stats,
+        B,
+        T,
+        num_tokens or 0.0,
+        num_seqs or 0.0,
+        kl_coef,
+        entropy_coef,
+        AGG=AGG[agg],
+        GEO=flags["MODE"] == MODES["geo_mean"],
         **FINALIZE_CONFIG,
-    )  # fmt: skip
+    )
     return loss, metrics, row_stats
 
 
 @triton_op("ppokernels::ppo_policy_loss_backward_triton", mutates_args=())
 def ppo_policy_loss_backward_triton(
-    grad: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-    advantages: torch.Tensor, mask: torch.Tensor, ref_logprobs: torch.Tensor | None,
-    entropy: torch.Tensor | None, is_weights: torch.Tensor | None, row_stats: torch.Tensor,
-    clip_low: float, clip_high: float, dual_clip: float | None, logratio_clamp: float | None,
-    ratio_level: str, kl_coef: float, kl_estimator: str, kl_clamp: float | None,
+    grad: torch.Tensor,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
+    row_stats: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    logratio_clamp: float | None,
+    ratio_level: str,
+    kl_coef: float,
+    kl_estimator: str,
+    kl_clamp: float | None,
     entropy_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc, lp, old, adv, mask, ref, ent, w = _prep(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights
     )
@@ -332,46 +462,126 @@ def ppo_policy_loss_backward_triton(
     g_lp = torch.empty_like(lp)
     g_ref = torch.empty_like(ref) if ref is not None else lp.new_empty((0,))
     g_ent = torch.empty_like(ent) if ent is not None else lp.new_empty((0,))
-    flags, mp = _flags(lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator,
-                       kl_clamp)  # fmt: skip
+    flags, mp = _flags(
+        lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator, kl_clamp
+    )
     if B > 0 and T > 0:
         launch(_ppo_loss_policy_bwd_kernel)[(B, triton.cdiv(T, ROW_CONFIG["BLOCK"]))](
-            grad.to(acc), lp, old, ref if ref is not None else lp, adv,
-            w if w is not None else adv, mask, row_stats.to(acc).contiguous(), g_lp,
-            g_ref if ref is not None else g_lp, g_ent if ent is not None else g_lp, T, clip_low,
-            clip_high, dual_clip or 0.0, logratio_clamp or 0.0, kl_coef, kl_clamp or 0.0,
-            entropy_coef, **mp, **flags, KL_ST=kl_estimator.endswith("+"), **ROW_CONFIG,
-        )  # fmt: skip
+            grad.to(acc),
+            lp,
+            old,
+            ref if ref is not None else lp,
+            adv,
+            w if w is not None else adv,
+            mask,
+            row_stats.to(acc).contiguous(),
+            g_lp,
+            g_ref if ref is not None else g_lp,
+            g_ent if ent is not None else g_lp,
+            T,
+            clip_low,
+            clip_high,
+            dual_clip or 0.0,
+            logratio_clamp or 0.0,
+            kl_coef,
+            kl_clamp or 0.0,
+            entropy_coef,
+            **mp,
+            **flags,
+            KL_ST=kl_estimator.endswith("+"),
+            **ROW_CONFIG,
+        )
     return g_lp, g_ref, g_ent
 
 
 # ------------------------------------------------------------ ahead-of-time compile table
-_ALL = dict(HAS_REF=True, HAS_ENT=True, HAS_W=True, ADV_ROW=False, W_ROW=False, HAS_DUAL=True,
-            HAS_LR_CLAMP=True, KL_EST=2, HAS_KL_CLAMP=True, MODE=0)  # fmt: skip
-_NONE = dict(HAS_REF=False, HAS_ENT=False, HAS_W=False, ADV_ROW=True, W_ROW=True, HAS_DUAL=False,
-             HAS_LR_CLAMP=False, KL_EST=0, HAS_KL_CLAMP=False, MODE=0)  # fmt: skip
+_ALL = dict(
+    HAS_REF=True,
+    HAS_ENT=True,
+    HAS_W=True,
+    ADV_ROW=False,
+    W_ROW=False,
+    HAS_DUAL=True,
+    HAS_LR_CLAMP=True,
+    KL_EST=2,
+    HAS_KL_CLAMP=True,
+    MODE=0,
+)
+_NONE = dict(
+    HAS_REF=False,
+    HAS_ENT=False,
+    HAS_W=False,
+    ADV_ROW=True,
+    W_ROW=True,
+    HAS_DUAL=False,
+    HAS_LR_CLAMP=False,
+    KL_EST=0,
+    HAS_KL_CLAMP=False,
+    MODE=0,
+)
 # every loss mode once, with every input (dual clip only where it applies)
 _MODES = [dict(_ALL, MODE=i, HAS_DUAL=i in (0, 1)) for i in MODES.values()] + [_NONE]
-_DATA = {"lp_ptr": "*T", "old_ptr": "*T", "ref_ptr": "*T", "adv_ptr": "*A", "w_ptr": "*A",
-         "mask_ptr": "*i1"}  # fmt: skip
+_DATA = {
+    "lp_ptr": "*T",
+    "old_ptr": "*T",
+    "ref_ptr": "*T",
+    "adv_ptr": "*A",
+    "w_ptr": "*A",
+    "mask_ptr": "*i1",
+}
 _CLIP = {"T": "i64", "clip_low": "fp32", "clip_high": "fp32", "dual": "fp32", "lr_clamp": "fp32"}
 _MP = {"mp0": "fp32", "mp1": "fp32", "mp2": "fp32", "mp3": "fp32"}
 AOT = (
-    aot_table(_ppo_loss_policy_row_kernel,
-              {**_DATA, "ent_ptr": "*T", "part_ptr": "*A", "rowv_ptr": "*A", **_CLIP,
-               "kl_clamp": "fp32", **_MP},
-              lambda dt: ROW_CONFIG, variants=_MODES)
-    + aot_table(_ppo_loss_policy_bwd_kernel,
-                {"grad_ptr": "*A", **_DATA, "row_stats_ptr": "*A", "g_lp_ptr": "*T",
-                 "g_ref_ptr": "*T", "g_ent_ptr": "*T", **_CLIP, "kl_coef": "fp32",
-                 "kl_clamp": "fp32", "entropy_coef": "fp32", **_MP},
-                lambda dt: ROW_CONFIG,
-                variants=[dict(v, KL_ST=v["MODE"] == 1) for v in _MODES])
+    aot_table(
+        _ppo_loss_policy_row_kernel,
+        {
+            **_DATA,
+            "ent_ptr": "*T",
+            "part_ptr": "*A",
+            "rowv_ptr": "*A",
+            **_CLIP,
+            "kl_clamp": "fp32",
+            **_MP,
+        },
+        lambda dt: ROW_CONFIG,
+        variants=_MODES,
+    )
+    + aot_table(
+        _ppo_loss_policy_bwd_kernel,
+        {
+            "grad_ptr": "*A",
+            **_DATA,
+            "row_stats_ptr": "*A",
+            "g_lp_ptr": "*T",
+            "g_ref_ptr": "*T",
+            "g_ent_ptr": "*T",
+            **_CLIP,
+            "kl_coef": "fp32",
+            "kl_clamp": "fp32",
+            "entropy_coef": "fp32",
+            **_MP,
+        },
+        lambda dt: ROW_CONFIG,
+        variants=[dict(v, KL_ST=v["MODE"] == 1) for v in _MODES],
+    )
     # the finalize kernel sees only accumulator-dtype partials
-    + aot_table(_ppo_loss_policy_finalize_kernel,
-                {"part_ptr": "*A", "rowv_ptr": "*A", "loss_ptr": "*A", "metrics_ptr": "*A",
-                 "row_stats_ptr": "*A", "B": "i64", "T": "i64", "num_tokens": "fp32",
-                 "num_seqs": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32"},
-                lambda dt: FINALIZE_CONFIG, dtypes=("fp32", "fp64"),
-                variants=[dict(AGG=a, GEO=False) for a in AGG.values()] + [dict(AGG=2, GEO=True)])
-)  # fmt: skip
+    + aot_table(
+        _ppo_loss_policy_finalize_kernel,
+        {
+            "part_ptr": "*A",
+            "rowv_ptr": "*A",
+            "loss_ptr": "*A",
+            "metrics_ptr": "*A",
+            "row_stats_ptr": "*A",
+            "B": "i64",
+            "T": "i64",
+            "num_tokens": "fp32",
+            "num_seqs": "fp32",
+            "kl_coef": "fp32",
+            "entropy_coef": "fp32",
+        },
+        lambda dt: FINALIZE_CONFIG,
+        dtypes=("fp32", "fp64"),
+        variants=[dict(AGG=a, GEO=False) for a in AGG.values()] + [dict(AGG=2, GEO=True)],
+    )
+)

@@ -117,8 +117,11 @@ def _geo_logratio(lr, adv, clip_low, clip_high):
     """GMPO's sign-aware clipped log-ratio and its derivative (0 where clipped or A = 0)."""
     pos = adv > 0
     neg = adv < 0
-    d = tl.where(pos, tl.where(lr > clip_high, 0.0, 1.0),
-                 tl.where(neg, tl.where(lr < -clip_low, 0.0, 1.0), 0.0))  # fmt: skip
+    d = tl.where(
+        pos,
+        tl.where(lr > clip_high, 0.0, 1.0),
+        tl.where(neg, tl.where(lr < -clip_low, 0.0, 1.0), 0.0),
+    )
     v = tl.where(pos, tl.minimum(lr, clip_high), tl.where(neg, tl.maximum(lr, -clip_low), 0.0))
     return v, d
 
@@ -166,8 +169,23 @@ def _row_terms(lr, adv, w, clip_low, clip_high, MODE: tl.constexpr, HAS_W: tl.co
 
 
 @triton.jit
-def _mode_forward(lp, old, lr, adv, w, ra, clip_low, clip_high, dual, mp0, mp1, mp2, mp3,
-                  MODE: tl.constexpr, HAS_DUAL: tl.constexpr):  # fmt: skip
+def _mode_forward(
+    lp,
+    old,
+    lr,
+    adv,
+    w,
+    ra,
+    clip_low,
+    clip_high,
+    dual,
+    mp0,
+    mp1,
+    mp2,
+    mp3,
+    MODE: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+):
     """Token surrogate (0 for geo_mean) and the two metric flags (ppo_loss.h)."""
     z = lr * 0.0
     c0 = z
@@ -215,8 +233,25 @@ def _mode_forward(lp, old, lr, adv, w, ra, clip_low, clip_high, dual, mp0, mp1, 
 
 
 @triton.jit
-def _mode_backward(lp, old, lr, cg, adv, w, ra, rb, clip_low, clip_high, dual, mp0, mp1, mp2,
-                   mp3, MODE: tl.constexpr, HAS_DUAL: tl.constexpr):  # fmt: skip
+def _mode_backward(
+    lp,
+    old,
+    lr,
+    cg,
+    adv,
+    w,
+    ra,
+    rb,
+    clip_low,
+    clip_high,
+    dual,
+    mp0,
+    mp1,
+    mp2,
+    mp3,
+    MODE: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+):
     """d(token surrogate) / d logprobs before the row weight (ppo_loss.h policy_token_backward)."""
     z = lr * 0.0
     r = tl.exp(lr)

@@ -38,16 +38,19 @@ def _value_token(v, vo, ret, clip, HAS_CLIP: tl.constexpr):
 @triton.jit
 def _ppo_loss_value_row_kernel(
     # inputs, [B, T]
-    v_ptr, vo_ptr,  # values, old_values (same dtype)
+    v_ptr,
+    vo_ptr,  # values, old_values (same dtype)
     ret_ptr,  # returns, fp32/fp64
     mask_ptr,  # bool
     # outputs
     part_ptr,  # [B, 4] per-row partials: n, loss, clipped, (pad)
     # shapes and scalars
-    T, clip,
+    T,
+    clip,
     # meta
-    HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    HAS_CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     acc = part_ptr.dtype.element_ty
     base = b * T
@@ -74,13 +77,18 @@ def _ppo_loss_value_finalize_kernel(
     # inputs
     part_ptr,  # [B, 4]
     # outputs
-    loss_ptr, clipfrac_ptr,  # []
+    loss_ptr,
+    clipfrac_ptr,  # []
     row_scale_ptr,  # [B] aggregation weight per row
     # shapes and scalars
-    B, T, num_tokens, num_seqs,
+    B,
+    T,
+    num_tokens,
+    num_seqs,
     # meta
-    AGG: tl.constexpr, BLOCK_B: tl.constexpr,
-):  # fmt: skip
+    AGG: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
     acc = part_ptr.dtype.element_ty
     n_acc = tl.zeros([BLOCK_B], acc)
     clip_acc = tl.zeros([BLOCK_B], acc)
@@ -108,15 +116,20 @@ def _ppo_loss_value_finalize_kernel(
 def _ppo_loss_value_bwd_kernel(
     # inputs
     grad_ptr,  # [] upstream gradient
-    v_ptr, vo_ptr, ret_ptr, mask_ptr,  # [B, T] as in _ppo_loss_value_row_kernel
+    v_ptr,
+    vo_ptr,
+    ret_ptr,
+    mask_ptr,  # [B, T] as in _ppo_loss_value_row_kernel
     row_scale_ptr,  # [B]
     # outputs
     g_v_ptr,  # [B, T] dtype of values
     # shapes and scalars
-    T, clip,
+    T,
+    clip,
     # meta
-    HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    HAS_CLIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < T
@@ -140,9 +153,15 @@ def _prep(values, old_values, returns, mask):
 
 @triton_op("ppokernels::value_loss_triton", mutates_args=())
 def value_loss_triton(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-    clip: float | None, agg: str, num_tokens: float | None, num_seqs: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    agg: str,
+    num_tokens: float | None,
+    num_seqs: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc, v, vo, ret, mask = _prep(values, old_values, returns, mask)
     B, T = v.shape
     part = torch.empty((B, 4), dtype=acc, device=v.device)
@@ -154,25 +173,47 @@ def value_loss_triton(
             v, vo, ret, mask, part, T, clip or 0.0, HAS_CLIP=clip is not None, **ROW_CONFIG
         )
     launch(_ppo_loss_value_finalize_kernel)[(1,)](
-        part, loss, clipfrac, row_scale, B, T, num_tokens or 0.0, num_seqs or 0.0,
-        AGG=AGG[agg], **FINALIZE_CONFIG,
-    )  # fmt: skip
+        part,
+        loss,
+        clipfrac,
+        row_scale,
+        B,
+        T,
+        num_tokens or 0.0,
+        num_seqs or 0.0,
+        AGG=AGG[agg],
+        **FINALIZE_CONFIG,
+    )
     return loss, clipfrac, row_scale
 
 
 @triton_op("ppokernels::value_loss_backward_triton", mutates_args=())
 def value_loss_backward_triton(
-    grad: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-    mask: torch.Tensor, row_scale: torch.Tensor, clip: float | None,
-) -> torch.Tensor:  # fmt: skip
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    row_scale: torch.Tensor,
+    clip: float | None,
+) -> torch.Tensor:
     acc, v, vo, ret, mask = _prep(values, old_values, returns, mask)
     B, T = v.shape
     g_v = torch.empty_like(v)
     if B > 0 and T > 0:
         launch(_ppo_loss_value_bwd_kernel)[(B, triton.cdiv(T, ROW_CONFIG["BLOCK"]))](
-            grad.to(acc), v, vo, ret, mask, row_scale.to(acc).contiguous(), g_v, T,
-            clip or 0.0, HAS_CLIP=clip is not None, **ROW_CONFIG,
-        )  # fmt: skip
+            grad.to(acc),
+            v,
+            vo,
+            ret,
+            mask,
+            row_scale.to(acc).contiguous(),
+            g_v,
+            T,
+            clip or 0.0,
+            HAS_CLIP=clip is not None,
+            **ROW_CONFIG,
+        )
     return g_v
 
 
@@ -180,15 +221,39 @@ def value_loss_backward_triton(
 _V = {"v_ptr": "*T", "vo_ptr": "*T", "ret_ptr": "*A", "mask_ptr": "*i1"}
 _CLIP = [dict(HAS_CLIP=True), dict(HAS_CLIP=False)]
 AOT = (
-    aot_table(_ppo_loss_value_row_kernel, {**_V, "part_ptr": "*A", "T": "i64", "clip": "fp32"},
-              lambda dt: ROW_CONFIG, variants=_CLIP)
-    + aot_table(_ppo_loss_value_bwd_kernel,
-                {"grad_ptr": "*A", **_V, "row_scale_ptr": "*A", "g_v_ptr": "*T", "T": "i64",
-                 "clip": "fp32"},
-                lambda dt: ROW_CONFIG, variants=_CLIP)
-    + aot_table(_ppo_loss_value_finalize_kernel,
-                {"part_ptr": "*A", "loss_ptr": "*A", "clipfrac_ptr": "*A", "row_scale_ptr": "*A",
-                 "B": "i64", "T": "i64", "num_tokens": "fp32", "num_seqs": "fp32"},
-                lambda dt: FINALIZE_CONFIG, dtypes=("fp32", "fp64"),
-                variants=[dict(AGG=a) for a in AGG.values()])
-)  # fmt: skip
+    aot_table(
+        _ppo_loss_value_row_kernel,
+        {**_V, "part_ptr": "*A", "T": "i64", "clip": "fp32"},
+        lambda dt: ROW_CONFIG,
+        variants=_CLIP,
+    )
+    + aot_table(
+        _ppo_loss_value_bwd_kernel,
+        {
+            "grad_ptr": "*A",
+            **_V,
+            "row_scale_ptr": "*A",
+            "g_v_ptr": "*T",
+            "T": "i64",
+            "clip": "fp32",
+        },
+        lambda dt: ROW_CONFIG,
+        variants=_CLIP,
+    )
+    + aot_table(
+        _ppo_loss_value_finalize_kernel,
+        {
+            "part_ptr": "*A",
+            "loss_ptr": "*A",
+            "clipfrac_ptr": "*A",
+            "row_scale_ptr": "*A",
+            "B": "i64",
+            "T": "i64",
+            "num_tokens": "fp32",
+            "num_seqs": "fp32",
+        },
+        lambda dt: FINALIZE_CONFIG,
+        dtypes=("fp32", "fp64"),
+        variants=[dict(AGG=a) for a in AGG.values()],
+    )
+)

@@ -45,9 +45,17 @@ def test_masked_whiten(benchmark, shape, provider, device, mode):
     lengths = torch.randint(shape[1] // 4, shape[1] + 1, (shape[0], 1), device=device)
     mask = torch.arange(shape[1], device=device) < lengths  # right-padded responses
     grad = torch.randn(shape, device=device)
-    run_mode(benchmark, _whiten(provider), (x, mask), mode, grad=grad,
-             group=f"masked_whiten {mode} {shape}", device=device, provider=provider,
-             bytes_moved=x.numel() * (9 if mode == "forward" else 22))  # fmt: skip
+    run_mode(
+        benchmark,
+        _whiten(provider),
+        (x, mask),
+        mode,
+        grad=grad,
+        group=f"masked_whiten {mode} {shape}",
+        device=device,
+        provider=provider,
+        bytes_moved=x.numel() * (9 if mode == "forward" else 22),
+    )
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
@@ -57,6 +65,14 @@ def test_group_advantages(benchmark, group_shape, provider, device, mode):
     ids = torch.arange(b, device=device) // k  # veRL uids map to such ids
     ids = ids[torch.randperm(b, device=device)] * 7 + 3  # shuffled, non-contiguous
     grad = torch.randn(b, device=device)
-    run_mode(benchmark, _group(provider), (scores, ids), mode, grad=grad,
-             group=f"group_advantages {mode} B={b} group={k}", device=device, provider=provider,
-             bytes_moved=b * (16 if mode == "forward" else 32))  # fmt: skip
+    run_mode(
+        benchmark,
+        _group(provider),
+        (scores, ids),
+        mode,
+        grad=grad,
+        group=f"group_advantages {mode} B={b} group={k}",
+        device=device,
+        provider=provider,
+        bytes_moved=b * (16 if mode == "forward" else 32),
+    )

@@ -33,6 +33,14 @@ def test_kl_penalty(benchmark, shape, provider, device, mode):
     ref = torch.randn(shape, device=device)
     grad = torch.randn(shape, device=device)
     n = lp.numel()
-    run_mode(benchmark, _fn(provider), (lp, ref), mode, grad=grad,
-             group=f"kl_penalty {mode} {shape}", device=device, provider=provider,
-             bytes_moved=n * 4 * (3 if mode == "forward" else 7))  # fmt: skip
+    run_mode(
+        benchmark,
+        _fn(provider),
+        (lp, ref),
+        mode,
+        grad=grad,
+        group=f"kl_penalty {mode} {shape}",
+        device=device,
+        provider=provider,
+        bytes_moved=n * 4 * (3 if mode == "forward" else 7),
+    )

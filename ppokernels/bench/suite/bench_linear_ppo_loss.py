@@ -50,8 +50,15 @@ def providers(device):
 @functools.cache
 def _liger(device):
     cls = peers.peer("liger-grpo")
-    return cls(beta=0.0, use_ref_model=False, temperature=TEMPERATURE, loss_type="grpo",
-               epsilon_low=0.2, epsilon_high=0.2, compiled=device == "cuda")  # fmt: skip
+    return cls(
+        beta=0.0,
+        use_ref_model=False,
+        temperature=TEMPERATURE,
+        loss_type="grpo",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        compiled=device == "cuda",
+    )
 
 
 def _fn(provider, device):

@@ -63,15 +63,22 @@ def eager_value_loss(vpreds, returns, values, mask, clip=0.5):
 def _policy_fn(provider):
     if provider == "eager-formula":
         return lambda lp, old, adv, m: eager_policy_loss(lp, old, adv, m.float())[0]
-    return provider_fn(provider, reference.ppo_policy_loss, ppokernels.ppo_policy_loss,
-                       result=_loss, dual_clip=3.0, agg=AGG)  # fmt: skip
+    return provider_fn(
+        provider,
+        reference.ppo_policy_loss,
+        ppokernels.ppo_policy_loss,
+        result=_loss,
+        dual_clip=3.0,
+        agg=AGG,
+    )
 
 
 def _value_fn(provider):
     if provider == "eager-formula":
         return lambda v, vo, ret, m: eager_value_loss(v, ret, vo, m.float())[0]
-    return provider_fn(provider, reference.value_loss, ppokernels.value_loss, result=_loss,
-                       clip=0.5, agg=AGG)  # fmt: skip
+    return provider_fn(
+        provider, reference.value_loss, ppokernels.value_loss, result=_loss, clip=0.5, agg=AGG
+    )
 
 
 def _loss(out):
@@ -91,17 +98,32 @@ def _data(shape, device, mode):
 def _bench(benchmark, fn, shape, provider, device, mode, group):
     data = _data(shape, device, mode)  # (logprobs or values, old ..., advantages or returns, mask)
     moved = data[0].numel() * (13 if mode == "forward" else 30)
-    run_mode(benchmark, fn, data, mode, group=group, device=device, provider=provider,
-             bytes_moved=moved)  # fmt: skip
+    run_mode(
+        benchmark, fn, data, mode, group=group, device=device, provider=provider, bytes_moved=moved
+    )
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_ppo_policy_loss(benchmark, shape, provider, device, mode):
-    _bench(benchmark, _policy_fn(provider), shape, provider, device, mode,
-           group=f"ppo_policy_loss {mode} {shape}")  # fmt: skip
+    _bench(
+        benchmark,
+        _policy_fn(provider),
+        shape,
+        provider,
+        device,
+        mode,
+        group=f"ppo_policy_loss {mode} {shape}",
+    )
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_value_loss(benchmark, shape, provider, device, mode):
-    _bench(benchmark, _value_fn(provider), shape, provider, device, mode,
-           group=f"value_loss {mode} {shape}")  # fmt: skip
+    _bench(
+        benchmark,
+        _value_fn(provider),
+        shape,
+        provider,
+        device,
+        mode,
+        group=f"value_loss {mode} {shape}",
+    )

@@ -40,9 +40,12 @@ def _verl(mode, provider):
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
     config = pytest.importorskip("verl.workers.config")
     cfg = config.ActorConfig(
-        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=0.2,
         policy_loss=config.PolicyLossConfig(dro_beta=0.1),
-    )  # fmt: skip
+    )
     if provider == "compat":
         from ppokernels.compat.verl.policy_losses import POLICY_LOSSES
 
@@ -80,8 +83,9 @@ def _trl(loss_type, provider):
     import ppokernels.compat.trl as ct
 
     def fn(old, lp, adv, m):
-        return ct.grpo_loss(lp, old, adv, m, loss_type=loss_type, epsilon_high=5.0,
-                            num_items_in_batch=m.sum())  # fmt: skip
+        return ct.grpo_loss(
+            lp, old, adv, m, loss_type=loss_type, epsilon_high=5.0, num_items_in_batch=m.sum()
+        )
 
     return fn
 

@@ -46,13 +46,23 @@ def _baseline(token_level_rewards, index):
 
 
 def compute_grpo_vectorized_outcome_advantage(
-    token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True,
+    token_level_rewards,
+    response_mask,
+    index,
+    epsilon=1e-6,
+    norm_adv_by_std_in_grpo=True,
     config=None,
-):  # fmt: skip
+):
     """GRPO with veRL's vectorised group statistics: the same numbers as the loop version
     (singleton groups: mean 0, std 1; unbiased std without a floor)."""
-    return _outcome(token_level_rewards, response_mask, index, estimator="grpo", eps=epsilon,
-                    norm_by_std=norm_adv_by_std_in_grpo)  # fmt: skip
+    return _outcome(
+        token_level_rewards,
+        response_mask,
+        index,
+        estimator="grpo",
+        eps=epsilon,
+        norm_by_std=norm_adv_by_std_in_grpo,
+    )
 
 
 def compute_rloo_vectorized_outcome_advantage(
@@ -90,8 +100,9 @@ def compute_opo_outcome_advantage(
         scores = token_level_rewards.sum(dim=-1)
         length = response_mask.sum(dim=-1).to(scores.dtype)
         g, count = _groups(index, scores.device)
-        num = torch.zeros(int(g.max()) + 1 if g.numel() else 0, dtype=scores.dtype,
-                          device=scores.device)  # fmt: skip
+        num = torch.zeros(
+            int(g.max()) + 1 if g.numel() else 0, dtype=scores.dtype, device=scores.device
+        )
         den = torch.zeros_like(num).index_add_(0, g, length)
         num = num.index_add_(0, g, length * scores)
         base = torch.where(count > 1, num[g] / den[g], torch.zeros_like(scores))
@@ -114,9 +125,15 @@ def compute_remax_outcome_advantage(
 
 
 def compute_gpg_outcome_advantage(
-    token_level_rewards, response_mask, index, epsilon=1e-6, f_norm=1.0, alpha=1.0, config=None,
+    token_level_rewards,
+    response_mask,
+    index,
+    epsilon=1e-6,
+    f_norm=1.0,
+    alpha=1.0,
+    config=None,
     **kwargs,
-):  # fmt: skip
+):
     """GPG: ``alpha (s - mean_g) / f_norm`` with ``alpha = B / max(#{s != 0}, 1)`` (veRL
     recomputes alpha, whatever is passed); singleton groups: mean 0."""
     with torch.no_grad():
@@ -127,9 +144,14 @@ def compute_gpg_outcome_advantage(
 
 
 def compute_grpo_passk_outcome_advantage(
-    token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True,
-    config=None, **kwargs,
-):  # fmt: skip
+    token_level_rewards,
+    response_mask,
+    index,
+    epsilon=1e-6,
+    norm_adv_by_std_in_grpo=True,
+    config=None,
+    **kwargs,
+):
     """Pass@k: only each group's best sample gets ``r_max - r_second`` (divided by the group's
     unbiased std + epsilon when ``config.norm_adv_by_std_in_grpo``, which veRL reads from the
     config, not the argument); groups need at least 2 samples."""
@@ -167,9 +189,16 @@ def compute_grpo_passk_outcome_advantage(
 
 
 def compute_gdpo_outcome_advantage(
-    token_level_rewards, response_mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=True,
-    config=None, non_tensor_batch=None, batch=None, **kwargs,
-):  # fmt: skip
+    token_level_rewards,
+    response_mask,
+    index,
+    epsilon=1e-6,
+    norm_adv_by_std_in_grpo=True,
+    config=None,
+    non_tensor_batch=None,
+    batch=None,
+    **kwargs,
+):
     """GDPO: GRPO-normalise each reward component (``config.gdpo_reward_keys`` in
     ``non_tensor_batch``; the summed token rewards without them) within its group, take the
     weighted sum (``config.gdpo_reward_weights``), whiten over the batch, times the mask."""
@@ -195,13 +224,15 @@ def compute_gdpo_outcome_advantage(
         ]
         if config.get("gdpo_reward_weights", None) is not None:
             weights = list(config.get("gdpo_reward_weights"))
-    w = torch.tensor(weights if weights is not None else [1.0] * len(scores),
-                     dtype=torch.float32, device=device)  # fmt: skip
+    w = torch.tensor(
+        weights if weights is not None else [1.0] * len(scores), dtype=torch.float32, device=device
+    )
     g = _group_ids(index, device)
     total = None
     for k, s in enumerate(scores):
-        a = ppk.group_advantages(s, g, estimator="grpo", eps=epsilon,
-                                 norm_by_std=norm_adv_by_std_in_grpo)  # fmt: skip
+        a = ppk.group_advantages(
+            s, g, estimator="grpo", eps=epsilon, norm_by_std=norm_adv_by_std_in_grpo
+        )
         a = w[k] * (a.to(s.dtype).unsqueeze(-1) * response_mask)
         total = a if total is None else total + a
     advantages = masked_whiten(total, response_mask) * response_mask
@@ -264,9 +295,16 @@ def _otb(returns, weights, g, count, lengths, handle_zero_tail, epsilon):
 
 
 def compute_optimal_token_baseline_advantage(
-    token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
-    rollout_is_weights=None, handle_zero_tail=True, epsilon=1e-8, **kwargs,
-):  # fmt: skip
+    token_level_rewards,
+    response_mask,
+    index,
+    old_log_probs,
+    sum_pi_squared,
+    rollout_is_weights=None,
+    handle_zero_tail=True,
+    epsilon=1e-8,
+    **kwargs,
+):
     """OTB: ``A_t = (G_t - B_t) m_t`` with the per-time-step group baseline
     ``B_t = sum_g G_t W_t m_t / (sum_g W_t m_t + epsilon)`` (``W`` = path-variance proxy, see
     above; time steps are columns of the padded [B, T] layout), ``B = 0`` in singleton groups
@@ -284,9 +322,16 @@ def compute_optimal_token_baseline_advantage(
 
 
 def compute_multi_turn_optimal_token_baseline_advantage(
-    token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
-    rollout_is_weights=None, handle_zero_tail=True, epsilon=1e-8, **kwargs,
-):  # fmt: skip
+    token_level_rewards,
+    response_mask,
+    index,
+    old_log_probs,
+    sum_pi_squared,
+    rollout_is_weights=None,
+    handle_zero_tail=True,
+    epsilon=1e-8,
+    **kwargs,
+):
     """TIR-OTB (multi-turn): OTB with time steps counted over each sample's valid tokens only
     (the k-th valid token of every group member shares a baseline, whatever the observation
     spans before it); samples without a valid token get ``A = 0`` and are left out of their

@@ -49,9 +49,19 @@ def _run(mode, old, lp, adv, mask, agg_mode, config, weights, **kw):
     agg, num_tokens, num_seqs, scale = _agg_args(agg_mode, mask, **info)
     low, high = _clips(config)
     out = ppk.ppo_policy_loss(
-        lp, old, adv, mask, loss_mode=mode, clip_low=low, clip_high=high, agg=agg,
-        num_tokens=num_tokens, num_seqs=num_seqs, is_weights=weights, **kw,
-    )  # fmt: skip
+        lp,
+        old,
+        adv,
+        mask,
+        loss_mode=mode,
+        clip_low=low,
+        clip_high=high,
+        agg=agg,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        is_weights=weights,
+        **kw,
+    )
     return (out.loss * scale).to(float_dtype(old, lp, adv)), out
 
 
@@ -66,101 +76,199 @@ def _metrics(out, clipfrac=True, lower=True):
 
 
 def compute_policy_loss_gspo(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
-    config=None, rollout_is_weights=None,
-):  # fmt: skip
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="seq-mean-token-mean",
+    config=None,
+    rollout_is_weights=None,
+):
     """GSPO: the clipped surrogate of the sequence ratio ``exp(min(mean_t(lp - old), 10))``
     (no log-ratio clamp) with per-token gradients, aggregated by ``loss_agg_mode``."""
     loss, out = _run(
-        "gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-        rollout_is_weights, logratio_clamp=None, seq_logratio_max=10.0,
-    )  # fmt: skip
+        "gspo",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        logratio_clamp=None,
+        seq_logratio_max=10.0,
+    )
     return loss, _metrics(out, lower=False)
 
 
 def compute_policy_loss_sapo(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="seq-mean-token-mean",
-    config=None, rollout_is_weights=None,
-):  # fmt: skip
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="seq-mean-token-mean",
+    config=None,
+    rollout_is_weights=None,
+):
     """SAPO: ``-sigmoid(tau (r - 1)) 4 / tau A`` with ``config.tau_pos`` / ``tau_neg``, always
     aggregated "seq-mean-token-mean" (veRL ignores ``loss_agg_mode`` here)."""
     loss, out = _run(
-        "sapo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
-        rollout_is_weights, tau_pos=float(config.tau_pos), tau_neg=float(config.tau_neg),
-    )  # fmt: skip
+        "sapo",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        "seq-mean-token-mean",
+        config,
+        rollout_is_weights,
+        tau_pos=float(config.tau_pos),
+        tau_neg=float(config.tau_neg),
+    )
     return loss, _metrics(out, clipfrac=False, lower=False)
 
 
 def compute_policy_loss_gpg(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """GPG: ``-lp A``; no metrics (veRL returns an empty dict)."""
     loss, _ = _run(
-        "gpg", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+        "gpg",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
         rollout_is_weights,
-    )  # fmt: skip
+    )
     return loss, {}
 
 
 def compute_policy_loss_cispo(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """CISPO: ``-sg(clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high)) A lp``."""
     loss, out = _run(
-        "cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+        "cispo",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
         rollout_is_weights,
-    )  # fmt: skip
+    )
     return loss, _metrics(out, lower=False)
 
 
 def compute_policy_loss_geo_mean(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """GMPO: mean over rows of ``-Abar exp(mean_t clipped log-ratio)`` (no log-ratio clamp);
     ``loss_agg_mode`` and ``global_batch_info`` are not used, as in veRL."""
     assert config is not None
     low, high = _clips(config)
     out = ppk.ppo_policy_loss(
-        log_prob, old_log_prob, advantages, response_mask, loss_mode="geo_mean", clip_low=low,
-        clip_high=high, logratio_clamp=None, is_weights=rollout_is_weights,
-    )  # fmt: skip
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        loss_mode="geo_mean",
+        clip_low=low,
+        clip_high=high,
+        logratio_clamp=None,
+        is_weights=rollout_is_weights,
+    )
     return out.loss.to(float_dtype(old_log_prob, log_prob, advantages)), _metrics(out)
 
 
 def _dppo(mode, old, lp, adv, mask, agg_mode, config, weights):
     loss, out = _run(
-        mode, old, lp, adv, mask, agg_mode, config, weights,
+        mode,
+        old,
+        lp,
+        adv,
+        mask,
+        agg_mode,
+        config,
+        weights,
         ratio_cap=float(_cfg(config, "clip_ratio_c", 20.0)),
-    )  # fmt: skip
+    )
     return loss, _metrics(out)
 
 
 def compute_policy_loss_dppo_tv(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """DPPO-Binary-TV: ``-A sg(min(r, clip_ratio_c)) lp`` inside the TV trust region
     ``p - p_old <= clip_ratio_high`` (A > 0) / ``>= -clip_ratio_low``."""
-    return _dppo("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                 config, rollout_is_weights)  # fmt: skip
+    return _dppo(
+        "dppo_tv",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+    )
 
 
 def compute_policy_loss_dppo_kl(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """DPPO-Binary-KL: as dppo_tv inside the binary-KL trust region."""
-    return _dppo("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                 config, rollout_is_weights)  # fmt: skip
+    return _dppo(
+        "dppo_kl",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+    )
 
 
 def compute_policy_loss_dro(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """DRO: ``-(lp A - beta (lp - old)^2 / 2)`` with ``config.policy_loss.dro_beta``."""
     assert config is not None
     assert config.policy_loss is not None
@@ -168,9 +276,17 @@ def compute_policy_loss_dro(
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
     loss, out = _run(
-        "dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-        rollout_is_weights, logratio_clamp=None, dro_beta=float(beta),
-    )  # fmt: skip
+        "dro",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        logratio_clamp=None,
+        dro_beta=float(beta),
+    )
     return loss, _metrics(out, clipfrac=None, lower=None)
 
 
@@ -184,16 +300,30 @@ def _unclipped(old, lp, adv, mask, agg_mode, config, weights):
     info = dict(_cfg(config, "global_batch_info", None) or {})
     agg, num_tokens, num_seqs, scale = _agg_args(agg_mode, mask, **info)
     out = ppk.ppo_policy_loss(
-        lp, old, adv, mask, clip_low=1.0, clip_high=1e30, logratio_clamp=None, agg=agg,
-        num_tokens=num_tokens, num_seqs=num_seqs, is_weights=weights,
-    )  # fmt: skip
+        lp,
+        old,
+        adv,
+        mask,
+        clip_low=1.0,
+        clip_high=1e30,
+        logratio_clamp=None,
+        agg=agg,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        is_weights=weights,
+    )
     return (out.loss * scale).to(float_dtype(old, lp, adv))
 
 
 def compute_policy_loss_clip_cov(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """Clip-Cov: the clipped surrogate (no log-ratio clamp, no dual clip) with the gradient of
     a random subset of not-yet-clipped tokens whose covariance ``(A - mean A)(lp - mean lp)``
     lies in ``(clip_cov_lb, clip_cov_ub)`` cut (``torch.randperm`` on the global generator, as
@@ -225,17 +355,29 @@ def compute_policy_loss_clip_cov(
         corr[idx[:, 0], idx[:, 1]] = 0
         w = corr if rollout_is_weights is None else corr * rollout_is_weights
     loss, out = _run(
-        "vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, w,
+        "vanilla",
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        w,
         logratio_clamp=None,
-    )  # fmt: skip
+    )
     frac = _masked_mean((corr == 0).float(), response_mask)
     return loss, {"actor/pg_clipfrac": frac.item(), "actor/ppo_kl": out.approx_kl.item()}
 
 
 def compute_policy_loss_kl_cov(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """KL-Cov: ``-A r`` (no clamp, no clip; fused) plus ``ppo_kl_coef |lp - old|`` on the top
     ``max(1, int(N kl_cov_ratio))`` valid tokens by covariance ``(A - mean A)(lp - mean lp)``
     (``torch.topk`` on the host, as veRL), times the IS weights, aggregated by agg_loss."""
@@ -245,8 +387,9 @@ def compute_policy_loss_kl_cov(
     ratio_ = pl.kl_cov_ratio if pl.kl_cov_ratio is not None else 0.0002
     coef = pl.ppo_kl_coef if pl.ppo_kl_coef is not None else 1.0
     assert ratio_ > 0, "kl_cov_ratio should be larger than 0."
-    loss = _unclipped(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                      rollout_is_weights)  # fmt: skip
+    loss = _unclipped(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+    )
     valid = response_mask > 0
     with torch.no_grad():
         adv = advantages[valid].detach().reshape(-1).cpu()
@@ -269,9 +412,14 @@ def compute_policy_loss_kl_cov(
 
 
 def compute_policy_loss_bypass_mode(
-    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
     rollout_is_weights=None,
-):  # fmt: skip
+):
     """Bypass mode (``old_log_prob`` is the rollout policy's): rollout correction, then a loss by
     ``config.policy_loss.rollout_correction.loss_type``:
 
@@ -318,8 +466,17 @@ def compute_policy_loss_bypass_mode(
         )
     else:
         w = weights.batch["rollout_is_weights"] if weights is not None else None
-        loss, out = _run("gpg", old_log_prob, log_prob, advantages, mask, loss_agg_mode, config,
-                         w, logratio_clamp=None)  # fmt: skip
+        loss, out = _run(
+            "gpg",
+            old_log_prob,
+            log_prob,
+            advantages,
+            mask,
+            loss_agg_mode,
+            config,
+            w,
+            logratio_clamp=None,
+        )
         metrics = {"actor/ppo_kl": out.approx_kl.item()}
     metrics.update(rollout_metrics)
     return loss, metrics
