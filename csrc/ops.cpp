@@ -98,22 +98,38 @@ STABLE_TORCH_LIBRARY(ppokernels, m) {
       "float temperature, int ignore_index, int vocab_start, int chunk_size, bool[3] output_mask) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
-  // --- ppo_loss: clipped surrogate policy loss and clipped value loss
-  // Fused forward: (loss, metrics [clipfrac, approx_kl, dual_clipfrac, kl, entropy], row_stats
-  // [B, 2] = (aggregation weight, sequence log-ratio) per row, saved for the backward).
+  // --- ppo_loss: the policy loss of every loss spec, and the clipped value loss
+  // loss_mode / loss_params: a loss spec of ppokernels/losses.py (its mode and its PARAMS, e.g.
+  // "vanilla", [clip_low, clip_high, dual_clip or inf]). Fused forward: (loss, metrics [clipfrac,
+  // approx_kl, dual_clipfrac, kl, entropy], row_stats [B, 4] = per row the aggregation weight,
+  // ra, the surrogate's weight and rb of ppo_loss.h, saved for the backward).
   m.def(
       "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
-      "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, float clip_low, "
-      "float clip_high, float? dual_clip, float? logratio_clamp, str ratio_level, str agg, "
-      "float? num_tokens, float? num_seqs, float kl_coef, str kl_estimator, float? kl_clamp, "
-      "float entropy_coef) -> (Tensor loss, Tensor metrics, Tensor row_stats)");
+      "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, str loss_mode, "
+      "float[] loss_params, float? logratio_clamp, str agg, float? num_tokens, float? num_seqs, "
+      "float kl_coef, str kl_estimator, float? kl_clamp, float entropy_coef) "
+      "-> (Tensor loss, Tensor metrics, Tensor row_stats)");
   m.def(
       "ppo_policy_loss_backward(Tensor grad, Tensor logprobs, Tensor old_logprobs, "
       "Tensor advantages, Tensor mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, "
-      "Tensor row_stats, float clip_low, float clip_high, float? dual_clip, "
-      "float? logratio_clamp, str ratio_level, float kl_coef, str kl_estimator, float? kl_clamp, "
-      "float entropy_coef) -> (Tensor grad_logprobs, Tensor grad_ref_logprobs, "
-      "Tensor grad_entropy)");
+      "Tensor row_stats, str loss_mode, float[] loss_params, float? logratio_clamp, "
+      "float kl_coef, str kl_estimator, float? kl_clamp, float entropy_coef) "
+      "-> (Tensor grad_logprobs, Tensor grad_ref_logprobs, Tensor grad_entropy)");
+  // --- linear_ppo_policy_loss: the lm_head, the log-probs and ppo_policy_loss in one chunked
+  // pass that makes the gradients of hidden, weight and bias during the forward (3 GEMMs). Its
+  // implementation is Python over the kernels above (ppokernels/ops/_linear_ppo_policy_loss_head.py,
+  // registered for CPU and CUDA there); *_backend ("cpp" or "triton") pick the kernels of
+  // token_logprobs, ppo_policy_loss and linear_logprobs; output_mask = which of (hidden, weight,
+  // bias) get a gradient (the others are empty).
+  m.def(
+      "linear_ppo_policy_loss(Tensor hidden, Tensor weight, Tensor labels, Tensor old_logprobs, "
+      "Tensor advantages, Tensor mask, Tensor? bias, Tensor? ref_logprobs, Tensor? is_weights, "
+      "float temperature, bool with_entropy, int chunk_size, str token_backend, str loss_backend, "
+      "str linear_backend, str loss_mode, float[] loss_params, float? logratio_clamp, str agg, "
+      "float? num_tokens, float? num_seqs, float kl_coef, str kl_estimator, float? kl_clamp, "
+      "float entropy_coef, bool[3] output_mask) -> (Tensor loss, Tensor metrics, "
+      "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
   m.def(
       "value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "
       "str agg, float? num_tokens, float? num_seqs) -> (Tensor loss, Tensor clipfrac, "

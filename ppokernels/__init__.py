@@ -15,7 +15,7 @@ from ppokernels.ops.advantages import (
 from ppokernels.ops.gae import discounted_returns, gae
 from ppokernels.ops.kl import kl_penalty
 from ppokernels.ops.linear_logprobs import linear_logprobs
-from ppokernels.ops.linear_ppo_loss import linear_ppo_policy_loss
+from ppokernels.ops.linear_ppo_policy_loss import linear_ppo_policy_loss
 from ppokernels.ops.logprobs import token_logprobs
 from ppokernels.ops.ppo_loss import (
     PolicyLossOutput,

@@ -14,6 +14,7 @@ import sys
 import torch
 
 import ppokernels
+from ppokernels.losses import GSPO, Clip
 
 B, T, V, H = 5, 203, 1003, 24
 
@@ -166,8 +167,7 @@ CASES = {
             x["old"],
             x["adv"],
             x["mask"],
-            clip_high=0.28,
-            dual_clip=3.0,
+            loss=Clip(0.2, 0.28, dual_clip=3.0),
             ref_logprobs=x["ref"],
             kl_coef=0.1,
             entropy=x["ent"],
@@ -182,7 +182,7 @@ CASES = {
             x["old"],
             x["adv"],
             x["mask"],
-            ratio_level="sequence",
+            loss=GSPO(),
             agg="seq-mean-token-mean",
             backend=b,
         ),

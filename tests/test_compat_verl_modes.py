@@ -19,7 +19,7 @@ from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 import ppokernels.compat.verl as cv  # noqa: E402
 from ppokernels.compat.verl.advantages import ESTIMATORS  # noqa: E402
 from ppokernels.compat.verl.policy_losses import POLICY_LOSSES  # noqa: E402
-from ppokernels.reference import AGG_MODES  # noqa: E402
+from ppokernels.losses import AGG_MODES  # noqa: E402
 
 AGG = list(AGG_MODES)
 INFO = [{}, dict(dp_size=2, batch_num_tokens=71, global_batch_size=11, loss_scale_factor=20)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ppokernels
-from ppokernels import reference
+from ppokernels.losses import AGG_MODES
 from ppokernels.testing import backend_params
 
 PARAMS = backend_params()
@@ -148,7 +148,7 @@ def test_flags_must_be_bools(device, backend):
 
 # ------------------------------------------------------------------------------- ppo losses
 @pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("agg", reference.AGG_MODES)
+@pytest.mark.parametrize("agg", AGG_MODES)
 def test_losses_of_an_empty_horizon_are_zero(device, backend, agg):
     """T = 0: no token, loss 0 (not 0 / 0) on every backend."""
     z = torch.zeros(3, 0, device=device)
@@ -160,7 +160,7 @@ def test_losses_of_an_empty_horizon_are_zero(device, backend, agg):
 
 # ------------------------------------------------------------------------------ compat.verl
 @pytest.mark.parametrize("count", [7, 7.0, torch.tensor(7.0), torch.tensor(7)])
-@pytest.mark.parametrize("mode", reference.AGG_MODES)
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_verl_agg_loss_with_every_type_of_count(mode, count):
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
     from ppokernels.compat import verl as ppk_verl

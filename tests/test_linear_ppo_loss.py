@@ -4,13 +4,14 @@ autograd through all of it, in float64. Masks are multi-turn with holes, right p
 empty row; chunk sizes cut rows into segments (token modes) and force the unfused row path
 (sequence modes)."""
 
+import math
+
 import pytest
 import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.ops.linear_ppo_loss import SEQUENCE_MODES
-from ppokernels.ops.ppo_loss import LOSS_MODES
+from ppokernels.losses import AGG_MODES, LOSS_MODES, LOSS_SPECS, SAPO, Clip, loss_spec
 from ppokernels.testing import available_backends, backend_params, binary_skip_reason
 
 KERNELS = [p for p in backend_params() if p[1] != "reference"]
@@ -20,8 +21,13 @@ KERNELS = [p for p in backend_params() if p[1] != "reference"]
 # tensors (FUSED; None: they skip), whose fp32 scalars (tau_neg = 1.05, ...) miss TOL64.
 HEAD = "reference" if binary_skip_reason() else "cpp"
 FUSED = next((k for k in ("cpp", "triton") if k in available_backends("cpu")), None)
-AGGS = reference.AGG_MODES
-MODE_KW = {"dro": dict(dro_beta=0.1), "cispo": dict(clip_high=0.3), "dppo_tv": dict(clip_high=0.3)}
+AGGS = AGG_MODES
+MODE_FIELDS = {"dro": dict(beta=0.1), "cispo": dict(clip_high=0.3), "dppo_tv": dict(clip_high=0.3)}
+SEQUENCE_MODES = [m for m, c in LOSS_SPECS.items() if c.row_level]
+
+
+def _spec(mode):
+    return loss_spec(mode, **MODE_FIELDS.get(mode, {}))
 
 
 def _batch(B=4, T=37, H=12, V=53, dtype=torch.float64, device="cpu", seed=0):
@@ -118,7 +124,7 @@ def _fused_backend() -> str:
 @pytest.mark.parametrize("chunk", [16, 64, None])  # 16: rows cut (or unfused), 64: whole rows
 def test_every_mode_matches_naive_head(mode, chunk):
     b = _batch()
-    kw = dict(loss_mode=mode, **MODE_KW.get(mode, {}))
+    kw = dict(loss=_spec(mode))
     got = _fused(b, 0.8, True, HEAD, chunk, **kw)
     _assert_same(got, _naive(b, 0.8, True, **kw), TOL64)
 
@@ -128,7 +134,7 @@ def test_every_mode_matches_naive_head(mode, chunk):
 def test_every_aggregation_and_global_normalisers(agg, mode):
     b = _batch(seed=1)
     for extra in ({}, dict(num_tokens=50.0, num_seqs=7.0)):
-        kw = dict(loss_mode=mode, agg=agg, **extra, **MODE_KW.get(mode, {}))
+        kw = dict(loss=_spec(mode), agg=agg, **extra)
         _assert_same(_fused(b, 1.0, False, HEAD, 16, **kw), _naive(b, 1.0, False, **kw), TOL64)
 
 
@@ -143,8 +149,7 @@ def test_kl_entropy_dual_clip_is_weights_and_row_advantages():
             kl_coef=0.05,
             kl_estimator="k3",
             entropy_coef=0.01,
-            dual_clip=3.0,
-            clip_high=0.28,
+            loss=Clip(0.2, 0.28, dual_clip=3.0),
             is_weights=isw,
             agg="seq-mean-token-mean",
         )
@@ -154,7 +159,7 @@ def test_kl_entropy_dual_clip_is_weights_and_row_advantages():
 @pytest.mark.parametrize(("device", "backend"), KERNELS)
 def test_float32_kernels(device, backend):
     b = _batch(B=4, T=21, H=16, V=97, dtype=torch.float32, device=device, seed=3)
-    kw = dict(loss_mode="vanilla", ref_logprobs=b["ref"], kl_coef=0.1, entropy_coef=0.02)
+    kw = dict(loss=Clip(), ref_logprobs=b["ref"], kl_coef=0.1, entropy_coef=0.02)
     tol = dict(rtol=2e-4, atol=2e-5)
     got = _fused(b, 0.9, True, backend, 16, **kw)
     _assert_same(got, _naive(b, 0.9, True, **kw), tol)
@@ -164,8 +169,8 @@ def test_sequence_modes_take_the_unfused_path_only_for_long_rows():
     backend = _fused_backend()
     b = _batch(seed=4)
     for mode in SEQUENCE_MODES:
-        whole = _fused(b, 1.0, False, backend, 64, loss_mode=mode)
-        split = _fused(b, 1.0, False, backend, 16, loss_mode=mode)
+        whole = _fused(b, 1.0, False, backend, 64, loss=mode)
+        split = _fused(b, 1.0, False, backend, 16, loss=mode)
         _assert_same(split, (whole[0], [g.double() for g in whole[1]]), TOL64)
 
 
@@ -180,8 +185,35 @@ def test_backward_scales_the_stored_gradients():
     (g1,) = torch.autograd.grad(out.loss, h, retain_graph=True)  # hands the stored ones over
     torch.testing.assert_close(g3, -3.0 * g1, rtol=1e-12, atol=0)
     assert (g1[~(b["mask"] & (b["labels"] != -100))] == 0).all()  # no gradient off the tokens
-    with pytest.raises(RuntimeError, match="linear_ppo_policy_loss: the gradients"):
-        torch.autograd.grad(out.loss, h)
+    (again,) = torch.autograd.grad(out.loss, h)  # the head runs again for a later backward
+    torch.testing.assert_close(again, g1, rtol=0, atol=0)
+
+
+def test_retain_graph_backward_twice_doubles_the_gradients():
+    """loss.backward(retain_graph=True); loss.backward() accumulates the gradient twice (the
+    first takes the stored gradients, the second runs the head again), against the naive head."""
+    backend = _fused_backend()
+    b = _batch(seed=5)
+    leaves = [b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")]
+    out = ppokernels.linear_ppo_policy_loss(
+        leaves[0],
+        leaves[1],
+        b["labels"],
+        b["old"],
+        b["adv"],
+        b["mask"],
+        bias=leaves[2],
+        loss=SAPO(),
+        chunk_size=16,
+        backend=backend,
+    )
+    out.loss.backward(retain_graph=True)
+    out.loss.backward()
+    want = _naive(b, 1.0, True, loss=SAPO())[1]
+    for leaf, g in zip(leaves, want, strict=True):
+        torch.testing.assert_close(leaf.grad, 2 * g, **TOL64)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.loss.backward()  # the third, after one without retain_graph: torch's own error
 
 
 def test_no_grad_and_frozen_weight():
@@ -216,11 +248,11 @@ def test_all_tokens_masked_gives_zero_loss_and_gradients():
         (dict(labels=torch.zeros(4, 36, dtype=torch.long)), "labels"),
         (dict(labels=torch.full((4, 37), 53)), "labels must be in"),
         (dict(old=torch.zeros(4, 36, dtype=torch.float64)), "old_logprobs"),
-        (dict(clip_low=-1.0), "clip_low"),
-        (dict(loss_mode="ppo2"), "loss_mode"),
+        (dict(loss="ppo2"), "unknown loss mode 'ppo2'"),
+        (dict(loss=0.2), "loss must be a loss spec"),
         (dict(temperature=0.0), "temperature"),
         (dict(chunk_size=0), "chunk_size"),
-        (dict(not_an_option=1), "unknown option"),
+        (dict(agg="mean"), "agg must be one of"),
     ],
 )
 def test_bad_input_names_the_op_and_argument(change, match):
@@ -267,7 +299,7 @@ def test_gradcheck_float64():
 
 
 def test_opcheck():
-    backends = ",".join([_fused_backend()] * 3)
+    backends = [_fused_backend()] * 3
     b = _small(seed=10)
     h, w, bias = (b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias"))
     args = (
@@ -283,12 +315,10 @@ def test_opcheck():
         0.8,
         True,
         16,
-        backends,
-        0.2,
-        0.2,
-        None,
-        20.0,
+        *backends,
         "vanilla",
+        [0.2, 0.2, math.inf],
+        20.0,
         "token-mean",
         None,
         None,
@@ -323,7 +353,7 @@ def test_torch_compile_fullgraph():
 
 def test_reference_backend_and_empty_batch():
     b = _small(seed=12)
-    kw = dict(loss_mode="sapo", agg="seq-mean-token-sum")
+    kw = dict(loss=SAPO(), agg="seq-mean-token-sum")
     _assert_same(_fused(b, 0.8, True, "reference", None, **kw), _naive(b, 0.8, True, **kw), TOL64)
     h = torch.zeros(0, 4, 3, dtype=torch.float64, requires_grad=True)
     e = torch.zeros(0, 4, dtype=torch.float64)
@@ -332,3 +362,13 @@ def test_reference_backend_and_empty_batch():
     )
     (gh,) = torch.autograd.grad(out.loss, h)
     assert out.loss.item() == 0.0 and gh.shape == h.shape
+
+
+def test_schema_is_the_one_in_ops_cpp():
+    """The Python copy of the schema (used only without the binary) is the binary's own."""
+    if binary_skip_reason():
+        pytest.skip(binary_skip_reason())
+    from ppokernels.ops.linear_ppo_policy_loss import SCHEMA
+
+    got = str(torch.ops.ppokernels.linear_ppo_policy_loss.default._schema)
+    assert got == "ppokernels::" + SCHEMA

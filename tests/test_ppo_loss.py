@@ -5,15 +5,16 @@ import torch
 
 import ppokernels
 from ppokernels import reference
+from ppokernels.losses import AGG_MODES, GSPO, Clip
 from ppokernels.testing import TOL, assert_close_to_reference, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
-AGGS = list(reference.AGG_MODES)
+AGGS = list(AGG_MODES)
 CLIPS = {
-    "symmetric": dict(clip_low=0.2),
-    "asymmetric": dict(clip_low=0.2, clip_high=0.28),
-    "dual": dict(clip_low=0.1, clip_high=0.3, dual_clip=3.0),
+    "symmetric": dict(loss=Clip(0.2)),
+    "asymmetric": dict(loss=Clip(0.2, 0.28)),
+    "dual": dict(loss=Clip(0.1, 0.3, dual_clip=3.0)),
 }
 
 
@@ -106,8 +107,8 @@ def test_policy_clip_and_agg(device, backend, clip, agg, dtype):
 
 FEATURES = {
     "adv_per_seq": dict(adv_per_seq=True),
-    "sequence_ratio": dict(ratio_level="sequence", agg="seq-mean-token-mean"),
-    "sequence_ratio_token_mean_dual": dict(ratio_level="sequence", dual_clip=2.0),
+    "sequence_ratio": dict(loss=GSPO(), agg="seq-mean-token-mean"),
+    "sequence_ratio_token_mean_dual": dict(loss=GSPO(dual_clip=2.0)),
     "kl_k3": dict(ref_logprobs=True, kl_coef=0.1, grads=("lp", "ref")),
     "kl_k1plus_clamped": dict(
         ref_logprobs=True, kl_coef=0.5, kl_estimator="k1+", kl_clamp=0.2, grads=("lp", "ref")
@@ -115,7 +116,7 @@ FEATURES = {
     "kl_abs_k2": dict(ref_logprobs=True, kl_coef=0.3, kl_estimator="k2", grads=("lp", "ref")),
     "entropy": dict(entropy=True, entropy_coef=0.01, grads=("lp", "ent")),
     "entropy_metric_only": dict(entropy=True, agg="seq-mean-token-sum"),
-    "is_weights_token": dict(is_weights="token", dual_clip=3.0),
+    "is_weights_token": dict(is_weights="token", loss=Clip(dual_clip=3.0)),
     "is_weights_row": dict(is_weights="row"),
     "num_tokens": dict(num_tokens=500.0),
     "num_seqs": dict(num_seqs=16.0, agg="seq-mean-token-mean"),
@@ -126,8 +127,7 @@ FEATURES = {
         entropy=True,
         entropy_coef=0.02,
         is_weights="token",
-        dual_clip=2.5,
-        clip_high=0.3,
+        loss=Clip(0.2, 0.3, dual_clip=2.5),
         agg="seq-mean-token-sum-norm",
         num_seqs=8.0,
         grads=("lp", "ref", "ent"),
@@ -163,8 +163,7 @@ def test_gradcheck(device, backend):
             old,
             adv,
             mask,
-            dual_clip=2.0,
-            clip_high=0.3,
+            loss=Clip(0.2, 0.3, dual_clip=2.0),
             ref_logprobs=r,
             kl_coef=0.1,
             entropy=e,
@@ -177,9 +176,7 @@ def test_gradcheck(device, backend):
     assert torch.autograd.gradcheck(policy, tuple(x.requires_grad_() for x in (lp, ref, ent)))
 
     def gspo(a):
-        return ppokernels.ppo_policy_loss(
-            a, old, adv, mask, ratio_level="sequence", backend=backend
-        ).loss
+        return ppokernels.ppo_policy_loss(a, old, adv, mask, loss=GSPO(), backend=backend).loss
 
     # the sequence ratio's gradient is straight-through by design, so only check it runs
     gspo(lp).backward()
@@ -229,13 +226,14 @@ def test_logratio_clamped(device, backend):
     adv = torch.tensor([1.0, -1.0], device=device)[:, None].expand(2, 8).contiguous()
     mask = torch.ones(2, 8, dtype=torch.bool, device=device)
     for dual in (None, 3.0):
-        out = ppokernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=dual, backend=backend)
+        spec = Clip(dual_clip=dual)
+        out = ppokernels.ppo_policy_loss(lp, old, adv, mask, loss=spec, backend=backend)
         exp = reference.ppo_policy_loss(
             lp.detach().cpu().double(),
             old.cpu().double(),
             adv.cpu().double(),
             mask.cpu(),
-            dual_clip=dual,
+            loss=spec,
         )
         assert torch.isfinite(out.loss)
         torch.testing.assert_close(out.loss.cpu().double(), exp.loss, rtol=1e-5, atol=1e-5)
@@ -302,11 +300,9 @@ def test_opcheck_and_compile():
             None,
             None,
             None,
-            0.2,
-            0.2,
-            None,
+            "vanilla",
+            [0.2, 0.2, math.inf],
             20.0,
-            "token",
             "token-mean",
             None,
             None,
@@ -319,11 +315,9 @@ def test_opcheck_and_compile():
             ref,
             ent,
             w[:, 0],
-            0.2,
-            0.3,
-            3.0,
+            "gspo",
+            [0.2, 0.3, 3.0, math.inf],
             None,
-            "sequence",
             "seq-mean-token-mean",
             None,
             7.0,
@@ -347,7 +341,8 @@ def test_opcheck_and_compile():
         )
 
     def step(x, r, e):
-        kw = dict(ref_logprobs=r, kl_coef=0.1, entropy=e, entropy_coef=0.01, dual_clip=3.0)
+        kw = dict(ref_logprobs=r, kl_coef=0.1, entropy=e, entropy_coef=0.01)
+        kw["loss"] = Clip(dual_clip=3.0)
         out = ppokernels.ppo_policy_loss(x, old, adv, mask, **kw, backend="cpp")
         val = ppokernels.value_loss(x, old, adv, mask, clip=0.2, backend="cpp")
         return out.loss + val.loss + out.clipfrac
@@ -412,14 +407,9 @@ def test_bad_input():
             "ppo_policy_loss: old_logprobs is on the meta",
             dict(old_logprobs=old.to("meta")),
         ),
-        (ValueError, "ppo_policy_loss: clip_low must be in", dict(clip_low=-0.1)),
-        (ValueError, "ppo_policy_loss: clip_low must be in", dict(clip_low=1.5)),
-        (ValueError, "ppo_policy_loss: clip_high must be >= 0", dict(clip_high=-0.2)),
-        (TypeError, "ppo_policy_loss: clip_low must be a Python float", dict(clip_low="0.2")),
-        (ValueError, "ppo_policy_loss: dual_clip must be > 1", dict(dual_clip=1.0)),
-        (ValueError, "ppo_policy_loss: dual_clip must be > 1", dict(dual_clip=0.5)),
+        (TypeError, "ppo_policy_loss: loss must be a loss spec", dict(loss=0.2)),
+        (ValueError, "ppo_policy_loss: loss: unknown loss mode 'seq'", dict(loss="seq")),
         (ValueError, "ppo_policy_loss: agg must be one of", dict(agg="mean")),
-        (ValueError, "ppo_policy_loss: ratio_level must be one of", dict(ratio_level="seq")),
         (ValueError, "ppo_policy_loss: num_tokens must be > 0", dict(num_tokens=0)),
         (ValueError, "ppo_policy_loss: num_seqs must be > 0", dict(num_seqs=-3)),
         (ValueError, "ppo_policy_loss: kl_coef = 0.1 needs ref_logprobs", dict(kl_coef=0.1)),

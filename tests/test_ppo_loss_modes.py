@@ -10,35 +10,32 @@ from test_ppo_loss import AGGS, PARAMS, _extras, _policy_inputs, _tol
 
 import ppokernels
 from ppokernels import reference
+from ppokernels.losses import CISPO, DPPOKL, DPPOTV, DRO, GPG, GSPO, SAPO, Clip, GeoMean, Vespo
 from ppokernels.testing import binary_skip_reason
 
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
 # one configuration per mode, with its own options; clip_high != clip_low everywhere
 MODES = {
-    "vanilla": dict(dual_clip=3.0),
-    "gspo": dict(seq_logratio_max=0.05, logratio_clamp=None),
-    "gspo_dual": dict(loss_mode="gspo", dual_clip=2.0),
-    "sapo": dict(tau_pos=1.0, tau_neg=1.05),
-    "sapo_sharp": dict(loss_mode="sapo", tau_pos=3.0, tau_neg=0.5, logratio_clamp=0.3),
-    "cispo": dict(),
-    "cispo_trl": dict(loss_mode="cispo", ratio_cap=1.1, logratio_clamp=None),
-    "gpg": dict(),
-    "geo_mean": dict(logratio_clamp=None),
-    "geo_mean_clamped": dict(loss_mode="geo_mean", logratio_clamp=0.3, clip_low=0.1),
-    "dppo_tv": dict(ratio_cap=1.2, clip_low=0.05, clip_high=0.1),
-    "dppo_kl": dict(clip_low=0.02, clip_high=0.05),
-    "dro": dict(dro_beta=0.3, logratio_clamp=0.5),
-    "vespo": dict(),
-    "vespo_params": dict(loss_mode="vespo", vespo_k=(1.5, 2.5), vespo_lambda=(2.0, 0.5)),
+    "vanilla": dict(loss=Clip(0.2, 0.28, dual_clip=3.0)),
+    "gspo": dict(loss=GSPO(0.2, 0.28, seq_logratio_max=0.05), logratio_clamp=None),
+    "gspo_dual": dict(loss=GSPO(0.2, 0.28, dual_clip=2.0)),
+    "sapo": dict(loss=SAPO(1.0, 1.05)),
+    "sapo_sharp": dict(loss=SAPO(3.0, 0.5), logratio_clamp=0.3),
+    "cispo": dict(loss=CISPO(0.2, 0.28)),
+    "cispo_trl": dict(loss=CISPO(ratio_cap=1.1), logratio_clamp=None),
+    "gpg": dict(loss=GPG()),
+    "geo_mean": dict(loss=GeoMean(0.2, 0.28), logratio_clamp=None),
+    "geo_mean_clamped": dict(loss=GeoMean(0.1, 0.28), logratio_clamp=0.3),
+    "dppo_tv": dict(loss=DPPOTV(0.05, 0.1, ratio_cap=1.2)),
+    "dppo_kl": dict(loss=DPPOKL(0.02, 0.05)),
+    "dro": dict(loss=DRO(0.3), logratio_clamp=0.5),
+    "vespo": dict(loss=Vespo()),
+    "vespo_params": dict(loss=Vespo(1.5, 2.0, 2.5, 0.5)),
 }
 
 
 def _mode(name):
-    kw = dict(MODES[name])
-    kw.setdefault("loss_mode", name)
-    kw.setdefault("clip_low", 0.2)
-    kw.setdefault("clip_high", 0.28)
-    return kw
+    return dict(MODES[name])
 
 
 def _inputs(B, T, dtype, device, adv_per_seq=False, garbage=True):
@@ -110,7 +107,7 @@ FEATURES = {
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("mode", [m for m in MODES if m == _mode(m)["loss_mode"]])
+@pytest.mark.parametrize("mode", [m for m in MODES if m == MODES[m]["loss"].mode])
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_mode_features(device, backend, mode, feature):
     kw = dict(_mode(mode), agg="seq-mean-token-mean", num_seqs=7.0)
@@ -134,27 +131,28 @@ def test_gradcheck_modes(device, backend, mode):
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
-def test_sequence_ratio_level_is_gspo(device, backend):
+def test_mode_name_is_the_default_spec(device, backend):
     lp, old, adv, mask = _inputs(4, 21, torch.float32, device)
-    a = ppokernels.ppo_policy_loss(lp, old, adv, mask, ratio_level="sequence", backend=backend)
-    b = ppokernels.ppo_policy_loss(lp, old, adv, mask, loss_mode="gspo", backend=backend)
+    a = ppokernels.ppo_policy_loss(lp, old, adv, mask, loss="gspo", backend=backend)
+    b = ppokernels.ppo_policy_loss(lp, old, adv, mask, loss=GSPO(), backend=backend)
     for x, y in zip(a, b, strict=True):
         assert (x is None and y is None) or torch.equal(x, y)
 
 
-def test_legacy_mode_strings_reach_the_cpp_op():
-    """The op's mode argument still takes the former ratio levels "token" and "sequence"."""
+def test_the_cpp_op_checks_its_loss_params():
+    """A direct call of the op with a wrong mode or parameter count is a clear error."""
     if binary_skip_reason():
         pytest.skip(binary_skip_reason())
     lp, old, adv, mask = _inputs(3, 11, torch.float64, "cpu", garbage=False)
-    args = (None, None, None, 0.2, 0.2, None, 20.0)
-    tail = ("token-mean", None, None, 0.0, "k3", None, 0.0)
-    for legacy, mode in (("token", "vanilla"), ("sequence", "gspo:inf")):
-        a = torch.ops.ppokernels.ppo_policy_loss(lp, old, adv, mask, *args, legacy, *tail)
-        b = torch.ops.ppokernels.ppo_policy_loss(lp, old, adv, mask, *args, mode, *tail)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    with pytest.raises(RuntimeError, match="ppo_policy_loss: bad loss mode 'sapo:1.0'"):
-        torch.ops.ppokernels.ppo_policy_loss(lp, old, adv, mask, *args, "sapo:1.0", *tail)
+    args = (None, None, None)
+    tail = (20.0, "token-mean", None, None, 0.0, "k3", None, 0.0)
+    op = torch.ops.ppokernels.ppo_policy_loss
+    with pytest.raises(RuntimeError, match="ppo_policy_loss: loss_mode 'sapo' takes 2 loss_params"):
+        op(lp, old, adv, mask, *args, "sapo", [1.0], *tail)
+    with pytest.raises(RuntimeError, match="ppo_policy_loss: unknown loss_mode 'ppo'"):
+        op(lp, old, adv, mask, *args, "ppo", [], *tail)
+    with pytest.raises(RuntimeError, match="ppo_policy_loss: loss_params must not be NaN"):
+        op(lp, old, adv, mask, *args, "dro", [float("nan")], *tail)
 
 
 @pytest.mark.parametrize("device, backend", KERNELS)
@@ -178,24 +176,9 @@ def test_bf16_inputs(device, backend, mode):
 
 
 BAD = [
-    (ValueError, "ppo_policy_loss: loss_mode must be one of", dict(loss_mode="ppo")),
-    (
-        ValueError,
-        "dual_clip applies to loss_mode 'vanilla' and 'gspo'",
-        dict(loss_mode="sapo", dual_clip=3.0),
-    ),
-    (ValueError, "loss_mode 'dro' needs dro_beta", dict(loss_mode="dro")),
-    (ValueError, "dro_beta must be > 0", dict(loss_mode="dro", dro_beta=-1.0)),
-    (ValueError, "ratio_cap applies to", dict(loss_mode="sapo", ratio_cap=2.0)),
-    (ValueError, "seq_logratio_max applies to", dict(seq_logratio_max=10.0)),
-    (ValueError, "tau_neg must be > 0", dict(loss_mode="sapo", tau_neg=0.0)),
-    (ValueError, "vespo_k must be a pair", dict(loss_mode="vespo", vespo_k=2.0)),
-    (
-        ValueError,
-        "ratio_level='sequence' is loss_mode='gspo'",
-        dict(loss_mode="cispo", ratio_level="sequence"),
-    ),
-    (ValueError, "clip_low must be in", dict(loss_mode="gspo", clip_low=1.5)),
+    (ValueError, "ppo_policy_loss: loss: unknown loss mode 'ppo'", dict(loss="ppo")),
+    (TypeError, "ppo_policy_loss: loss must be a loss spec", dict(loss=0.2)),
+    (ValueError, "ppo_policy_loss: loss: DRO .'dro'.: .* missing 1 required", dict(loss="dro")),
 ]
 
 
@@ -207,10 +190,10 @@ def test_bad_mode_options(device, backend, exc, msg, kw):
         ppokernels.ppo_policy_loss(lp, old, adv, mask, **kw, backend=backend)
 
 
-@pytest.mark.parametrize("spec", ["geo_mean", "vespo:2.0,3.0,3.0,2.0", "sapo:1.0,1.05", "dro:0.3"])
-def test_opcheck_and_compile_modes(spec):
-    """The C++ op with mode strings: schema, fake kernel ([B, 4] row stats), autograd; and a
-    mode through torch.compile(fullgraph=True) equals eager."""
+@pytest.mark.parametrize("mode", ["geo_mean", "vespo", "sapo", "dro"])
+def test_opcheck_and_compile_modes(mode):
+    """The C++ op with each mode's loss_params: schema, fake kernel ([B, 4] row stats),
+    autograd; and a mode through torch.compile(fullgraph=True) equals eager."""
     if binary_skip_reason():
         pytest.skip(binary_skip_reason())
     lp, old, adv, mask = _inputs(4, 19, torch.float32, "cpu", garbage=False)
@@ -225,11 +208,9 @@ def test_opcheck_and_compile_modes(spec):
         r,
         None,
         w,
-        0.2,
-        0.3,
-        None,
+        MODES[mode]["loss"].mode,
+        list(MODES[mode]["loss"].params()),
         20.0,
-        spec,
         "seq-mean-token-mean",
         None,
         7.0,
@@ -239,8 +220,7 @@ def test_opcheck_and_compile_modes(spec):
         0.0,
     )
     torch.library.opcheck(torch.ops.ppokernels.ppo_policy_loss.default, args)
-    mode = spec.partition(":")[0]
-    kw = dict(_mode(mode), dro_beta=0.3) if mode == "dro" else _mode(mode)
+    kw = _mode(mode)
 
     def step(a):
         return ppokernels.ppo_policy_loss(a, old, adv, mask, is_weights=w, **kw, backend="cpp").loss

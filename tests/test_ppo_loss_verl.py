@@ -54,10 +54,11 @@ def _verl_policy(lp, old, adv, mask, agg, clip_low, clip_high, dual_clip):
 @pytest.mark.parametrize("clip", list(CLIPS))
 def test_matches_verl_formulas(agg, clip):
     lp, old, adv, mask = _policy_inputs(4, 23, torch.float64, "cpu", garbage=False)
-    kw = {"clip_high": None, "dual_clip": None, **CLIPS[clip]}
-    out = ppokernels.ppo_policy_loss(lp, old, adv, mask, agg=agg, **kw)
-    kw["clip_high"] = kw["clip_high"] or kw["clip_low"]
-    loss, clipfrac, approx_kl, dual = _verl_policy(lp, old, adv, mask, agg, **kw)
+    spec = CLIPS[clip]["loss"]
+    out = ppokernels.ppo_policy_loss(lp, old, adv, mask, agg=agg, loss=spec)
+    loss, clipfrac, approx_kl, dual = _verl_policy(
+        lp, old, adv, mask, agg, spec.clip_low, spec.clip_high, spec.dual_clip
+    )
     assert math.isclose(out.loss.item(), loss, rel_tol=1e-7, abs_tol=1e-9)
     assert math.isclose(out.clipfrac.item(), clipfrac, rel_tol=1e-9)
     assert math.isclose(out.approx_kl.item(), approx_kl, rel_tol=1e-9)

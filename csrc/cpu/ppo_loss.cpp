@@ -78,15 +78,15 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
     const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
     const std::optional<Tensor>& entropy, const std::optional<Tensor>& is_weights,
-    double clip_low, double clip_high, std::optional<double> dual_clip,
-    std::optional<double> logratio_clamp, const std::string& ratio_level, const std::string& agg,
+    const std::string& loss_mode, const std::vector<double>& loss_params,
+    std::optional<double> logratio_clamp, const std::string& agg,
     std::optional<double> num_tokens, std::optional<double> num_seqs, double kl_coef,
     const std::string& kl_estimator, std::optional<double> kl_clamp, double entropy_coef) {
   const char* op = "ppo_policy_loss";
   const AggMode mode = ppo_agg_mode(op, agg);
   const PolicyArgs c = policy_args(op, logprobs, old_logprobs, advantages, mask, ref_logprobs,
-                                   entropy, is_weights, clip_low, clip_high, dual_clip,
-                                   logratio_clamp, ratio_level, kl_coef, kl_estimator, kl_clamp,
+                                   entropy, is_weights, loss_mode, loss_params,
+                                   logratio_clamp, kl_coef, kl_estimator, kl_clamp,
                                    entropy_coef);
   const int64_t B = c.B, T = c.T;
   const auto acc = acc_dtype(logprobs);
@@ -158,14 +158,14 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cpu(
     const Tensor& grad, const Tensor& logprobs, const Tensor& old_logprobs,
     const Tensor& advantages, const Tensor& mask,
     const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& entropy,
-    const std::optional<Tensor>& is_weights, const Tensor& row_stats, double clip_low,
-    double clip_high, std::optional<double> dual_clip, std::optional<double> logratio_clamp,
-    const std::string& ratio_level, double kl_coef, const std::string& kl_estimator,
+    const std::optional<Tensor>& is_weights, const Tensor& row_stats,
+    const std::string& loss_mode, const std::vector<double>& loss_params,
+    std::optional<double> logratio_clamp, double kl_coef, const std::string& kl_estimator,
     std::optional<double> kl_clamp, double entropy_coef) {
   const char* op = "ppo_policy_loss_backward";
   const PolicyArgs c = policy_args(op, logprobs, old_logprobs, advantages, mask, ref_logprobs,
-                                   entropy, is_weights, clip_low, clip_high, dual_clip,
-                                   logratio_clamp, ratio_level, kl_coef, kl_estimator, kl_clamp,
+                                   entropy, is_weights, loss_mode, loss_params,
+                                   logratio_clamp, kl_coef, kl_estimator, kl_clamp,
                                    entropy_coef);
   const int64_t B = c.B, T = c.T;
   const PolicyGrads out = policy_grad_outputs(op, c, grad, row_stats);

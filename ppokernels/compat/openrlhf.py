@@ -26,6 +26,7 @@ import torch
 
 import ppokernels as ppk
 from ppokernels.compat import Patcher, float_dtype
+from ppokernels.losses import Clip
 
 TARGET_VERSION = "0.11.2"
 
@@ -191,9 +192,7 @@ class PolicyLoss(torch.nn.Module):
             old,
             advantages,
             mask,
-            clip_low=self.clip_eps_low,
-            clip_high=self.clip_eps_high,
-            dual_clip=self.dual_clip,
+            loss=Clip(self.clip_eps_low, self.clip_eps_high, dual_clip=self.dual_clip),
             logratio_clamp=clamp,
             is_weights=weights,
             **agg_kw,

@@ -34,6 +34,7 @@ import torch
 import ppokernels as ppk
 from ppokernels.compat import Patcher
 from ppokernels.compat.trl_liger import LigerFusedLinearGRPOLoss
+from ppokernels.losses import CISPO, SAPO, Clip, Vespo
 
 __all__ = [
     "ChunkedLogProbFunction",
@@ -260,37 +261,27 @@ def grpo_loss(
     # the KL term uses the per-token log-probs even at sequence level: fused only when the
     # ratio is per token and not IS-weighted
     kl_in_loss = beta != 0.0 and not use_bias_correction_kl and importance_sampling_level == "token"
-    mode = dict(loss_mode="vanilla", dual_clip=delta, logratio_clamp=None)
+    spec, logratio_clamp = Clip(epsilon_low, epsilon_high, dual_clip=delta), None
     if loss_type == "cispo":
-        mode = dict(loss_mode="cispo", ratio_cap=epsilon_high, logratio_clamp=None)
+        spec = CISPO(epsilon_low, ratio_cap=epsilon_high)
     elif loss_type == "sapo":
-        mode = dict(
-            loss_mode="sapo",
-            tau_pos=sapo_temperature_pos,
-            tau_neg=sapo_temperature_neg,
-            logratio_clamp=None,
-        )
+        spec = SAPO(sapo_temperature_pos, sapo_temperature_neg)
     elif loss_type == "vespo":  # phi reads the per-token log-ratios at either level
-        mode = dict(
-            loss_mode="vespo",
-            logratio_clamp=20.0,
-            vespo_k=(vespo_k_pos, vespo_k_neg),
-            vespo_lambda=(vespo_lambda_pos, vespo_lambda_neg),
-        )
+        spec = Vespo(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        logratio_clamp = 20.0
     token = loss_type in ("cispo", "vespo")
     out = ppk.ppo_policy_loss(
         per_token_logps if token else lp,
         (old_per_token_logps if token else old).detach(),
         advantages,
         mask,
-        clip_low=epsilon_low,
-        clip_high=epsilon_high,
+        loss=spec,
+        logratio_clamp=logratio_clamp,
         agg=agg.get(loss_type, "token-sum"),
         ref_logprobs=ref_per_token_logps if kl_in_loss else None,
         kl_coef=beta if kl_in_loss else 0.0,
         kl_estimator="k3",
         is_weights=importance_sampling_ratio,
-        **mode,
     )
     loss = out.loss
     if beta != 0.0 and not kl_in_loss:

@@ -28,8 +28,8 @@ local batch, ``sum(x m) / max(sum(m), 1)``. Liger's semantics, kept here:
 
 Differences, by design: ``compiled`` is accepted and ignored (nothing is compiled);
 ``chunk_size`` is accepted and ignored: Liger's counts sequences per chunk, ours chunks tokens
-(the op's :func:`ppokernels.ops.linear_ppo_loss.default_chunk_size`). A valid token's label must
-be in ``[0, V)`` (Liger returns ``-logsumexp`` for any other id) and the mask must be 0/1. The
+(:func:`ppokernels.ops.linear_ppo_policy_loss.default_chunk_size`). A valid token's label must be
+in ``[0, V)`` (Liger returns ``-logsumexp`` for any other id) and the mask must be 0/1. The
 loss is float32 (float64 for float64 inputs; Liger computes in float32 whatever the input).
 Liger asserts where this raises ValueError. Unsupported, raising NotImplementedError: ``delta <
 1 + epsilon_high`` (then the cap acts on positive advantages, which no PPO clip expresses) and
@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 import ppokernels as ppk
+from ppokernels.losses import CISPO, GPG, GSPO, SAPO, Clip, Vespo
 
 TARGET_VERSION = "0.8.5"
 NAME = "LigerFusedLinearGRPOLoss"
@@ -168,7 +169,7 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 w = (torch.ones_like(adv, dtype=torch.float32) if w is None else w) * min(
                     1.0, float(self.epsilon_high)
                 )
-            mode, old = dict(loss_mode="gpg"), zeros
+            mode, old = dict(loss=GPG()), zeros
         out = ppk.linear_ppo_policy_loss(
             h,
             W,
@@ -232,34 +233,17 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         VESPO's, as Liger)."""
         lt = self.loss_type
         if lt in CLIPPED:
-            level = "gspo" if self.importance_sampling_level == "sequence" else "vanilla"
+            spec = GSPO if self.importance_sampling_level == "sequence" else Clip
             # eps_low > 1 is a negative lower bound: for r > 0 the same as the op's bound 0
-            return dict(
-                loss_mode=level,
-                clip_low=min(float(self.epsilon_low), 1.0),
-                clip_high=float(self.epsilon_high),
-                dual_clip=self.delta,
-                logratio_clamp=None,
-            )
+            low, high = min(float(self.epsilon_low), 1.0), float(self.epsilon_high)
+            return dict(loss=spec(low, high, dual_clip=self.delta), logratio_clamp=None)
         if lt == "cispo":
-            return dict(loss_mode="cispo", ratio_cap=float(self.epsilon_high), logratio_clamp=None)
+            return dict(loss=CISPO(ratio_cap=float(self.epsilon_high)), logratio_clamp=None)
         if lt == "sapo":
-            return dict(
-                loss_mode="sapo",
-                tau_pos=float(self.sapo_temperature_pos),
-                tau_neg=float(self.sapo_temperature_neg),
-                logratio_clamp=None,
-            )
-        k, lam = (
-            (self.vespo_k_pos, self.vespo_k_neg),
-            (self.vespo_lambda_pos, self.vespo_lambda_neg),
-        )
-        return dict(
-            loss_mode="vespo",
-            logratio_clamp=20.0,
-            vespo_k=tuple(map(float, k)),
-            vespo_lambda=tuple(map(float, lam)),
-        )
+            tau = float(self.sapo_temperature_pos), float(self.sapo_temperature_neg)
+            return dict(loss=SAPO(*tau), logratio_clamp=None)
+        k_lam = (self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg)
+        return dict(loss=Vespo(*map(float, k_lam)), logratio_clamp=20.0)
 
     def _aggregation(self, m, B, T, num_items):
         """``(agg options, divisor)``: the op's aggregation and what its result is divided by."""

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ppokernels.losses import KL_ESTIMATORS
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -148,6 +150,15 @@ def number(op: str, name: str, v) -> float:
 def choice(op: str, name: str, v, allowed) -> str:
     if v not in allowed:
         raise ValueError(f"{op}: {name} must be one of {tuple(allowed)}, got {v!r}")
+    return v
+
+
+def kl_estimator(op: str, name: str, v) -> str:
+    """One of KL_ESTIMATORS, optionally with a trailing "+" (k2's straight-through gradient)."""
+    if not isinstance(v, str) or v.rstrip("+") not in KL_ESTIMATORS or v.count("+") > 1:
+        raise ValueError(
+            f"{op}: {name} must be one of {KL_ESTIMATORS} (optionally with '+'), got {v!r}"
+        )
     return v
 
 

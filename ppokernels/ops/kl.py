@@ -12,8 +12,6 @@ from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
 if _backend.HAS_TRITON:
     import ppokernels.triton.kl  # noqa: F401  (registers ppokernels::kl_penalty_triton)
 
-ESTIMATORS = ("k1", "k2", "k3", "abs")
-
 
 def kl_penalty(
     logprobs: torch.Tensor,
@@ -52,11 +50,7 @@ def kl_penalty(
     _checks.same_shape(name, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
     _checks.same_device(name, "ref_logprobs", ref_logprobs, logprobs)
     _checks.same_dtype(name, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
-    if not isinstance(estimator, str) or estimator.rstrip("+") not in ESTIMATORS:
-        raise ValueError(
-            f"{name}: estimator must be one of {ESTIMATORS} (optionally with '+'), "
-            f"got {estimator!r}"
-        )
+    _checks.kl_estimator(name, "estimator", estimator)
     clamp = _checks.positive(name, "clamp", clamp, allow_none=True)
     _checks.not_meta(name, "logprobs", logprobs)
     b = _backend.choose(name, logprobs.device, backend)

@@ -9,23 +9,22 @@ old_values and returns are constants, as in veRL's and OpenRLHF's losses (they a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype, bool_mask, promote
+from ppokernels.losses import AGG_MODES, Clip, LossSpec, loss_spec
 from ppokernels.ops import _checks
 from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
-from ppokernels.ops.ppo_loss_modes import LOSS_MODES, mode_spec
-from ppokernels.reference import AGG_MODES, PolicyLossOutput, ValueLossOutput
+from ppokernels.reference import PolicyLossOutput, ValueLossOutput
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.ppo_loss  # noqa: F401  (registers the ppokernels::*_triton ops)
     import ppokernels.triton.ppo_loss_value  # noqa: F401
 
-__all__ = ["LOSS_MODES", "PolicyLossOutput", "ValueLossOutput", "ppo_policy_loss", "value_loss"]
-
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-RATIO_LEVELS = ("token", "sequence")
+__all__ = ["PolicyLossOutput", "ValueLossOutput", "ppo_policy_loss", "value_loss"]
 
 
 def ppo_policy_loss(
@@ -34,72 +33,33 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    loss_mode: str = "vanilla",
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    logratio_clamp: float | None = 20.0,
-    ratio_level: str = "token",
+    loss: LossSpec | str = Clip(),
     agg: str = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    logratio_clamp: float | None = 20.0,
+    is_weights: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_clamp: float | None = None,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
-    is_weights: torch.Tensor | None = None,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    ratio_cap: float | None = None,
-    seq_logratio_max: float | None = None,
-    dro_beta: float | None = None,
-    vespo_k: tuple[float, float] = (2.0, 3.0),
-    vespo_lambda: tuple[float, float] = (3.0, 2.0),
     backend: str = "auto",
 ) -> PolicyLossOutput:
-    """PPO clipped surrogate loss with its metrics, in one fused forward and one fused backward.
+    """The policy loss of any loss spec with its metrics, in one fused forward and backward.
 
-    Per valid token (veRL ``compute_policy_loss_vanilla``, OpenRLHF ``PolicyLoss``):
-    ``logratio = clamp(lp - old, +-logratio_clamp)``, ``r = exp(logratio)``,
-    ``L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``; with ``dual_clip = c > 1``
-    tokens with ``A < 0`` take ``min(L, -A c)``; ``L *= is_weights``; then
+    Per valid token ``lr = clamp(lp - old, +-logratio_clamp)``, ``r = exp(lr)``, the surrogate
+    ``L`` of ``loss`` (:mod:`ppokernels.losses`: ``Clip`` is PPO's clipped surrogate, veRL
+    ``compute_policy_loss_vanilla`` / OpenRLHF ``PolicyLoss``; ``GSPO``, ``SAPO``, ``CISPO``,
+    ``GPG``, ``GeoMean``, ``DPPOTV``, ``DPPOKL``, ``DRO``, ``Vespo`` the other veRL 0.9.1 and
+    TRL 1.16 losses, each with its formula), then
     ``+ kl_coef * kl_penalty(lp, ref_logprobs, kl_estimator, kl_clamp) - entropy_coef * entropy``,
-    all aggregated with ``agg``:
-
-    - "token-mean": sum / (num_tokens or number of valid tokens); "token-sum": sum;
-    - "seq-mean-token-mean": sum over rows of the row's masked mean / (num_seqs or B);
-    - "seq-mean-token-sum": sum of row sums / (num_seqs or B); "seq-mean-token-sum-norm": / T too.
-
+    all aggregated with ``agg`` (one of ``ppokernels.losses.AGG_MODES``, veRL's ``agg_loss``):
+    token-mean: sum / (num_tokens or the number of valid tokens); token-sum: sum;
+    seq-mean-token-mean: sum over rows of the row's masked mean / (num_seqs or B);
+    seq-mean-token-sum: sum of row sums / (num_seqs or B); seq-mean-token-sum-norm: that / T.
     Global ``num_tokens`` / ``num_seqs`` make the sum of per-rank losses the global-batch loss.
-
-    ``loss_mode`` picks the surrogate (veRL 0.9.1 ``POLICY_LOSS_REGISTRY``, TRL 1.16
-    ``GRPOTrainer`` loss types; ``r = exp(logratio)``, sg = stop-gradient):
-
-    - "vanilla": the clipped surrogate above.
-    - "gspo": the same of the sequence ratio, value ``exp(min(s, seq_logratio_max))`` with
-      ``s`` the row's masked mean log-ratio, per-token gradient of ``exp(lp - sg(lp) + sg(s))``.
-      (``ratio_level="sequence"`` is the former spelling.)
-    - "sapo": ``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau = tau_pos`` if ``A > 0`` else ``tau_neg``.
-    - "cispo": ``-sg(clip(r)) A lp``, clipped to ``[1 - clip_low, 1 + clip_high]`` (veRL), or to
-      ``[-inf, ratio_cap]`` when ``ratio_cap`` is given (TRL's ``epsilon_high``).
-    - "gpg": ``-A lp``.
-    - "geo_mean" (GMPO): per row ``-Abar exp(sum_t m dt / (n + 1e-8))``, ``dt`` the log-ratio
-      clipped to ``clip_high`` where ``A > 0`` and to ``-clip_low`` where ``A < 0`` (0 where
-      ``A = 0``), ``Abar`` the masked mean advantage; is_weights enter as their per-row geometric
-      mean. Averaged over ``num_seqs`` or B rows whatever ``agg`` (``agg`` still aggregates the
-      KL and entropy terms).
-    - "dppo_tv" / "dppo_kl": ``-A sg(min(r, ratio_cap)) lp valid`` (ratio_cap default 20),
-      ``valid`` the trust region: ``p - p_old <= clip_high`` (A > 0) / ``>= -clip_low``, or the
-      binary KL ``<= clip_high`` or ``p <= p_old`` (A > 0) / ``<= clip_low`` or ``p >= p_old``.
-    - "dro": ``-(lp A - dro_beta logratio^2 / 2)``.
-    - "vespo" (TRL): ``-phi A lp``, ``phi = exp(lam + k log_w - lam exp(log_w))`` detached,
-      ``log_w`` = the row's summed log-ratio plus the summed ``clamp(log is_weights, log 1e-8,
-      20)``, clamped to ``[log 1e-8, 20]``; ``(k, lam) = (vespo_k[0], vespo_lambda[0])`` if
-      ``A >= 0`` else ``[1]``. is_weights enter log_w only, they do not scale the loss.
-
-    Every other mode multiplies its token loss by ``is_weights``.
 
     Args:
         logprobs: [B, T] log-probs under the current policy (float dtype; differentiable).
@@ -107,111 +67,158 @@ def ppo_policy_loss(
             logprobs, old_logprobs, ref_logprobs and entropy run in their promoted dtype.
         advantages: [B, T] per token or [B] per sequence, any float dtype (a constant).
         mask: [B, T] bool/int/float; 0 marks padding (no work, zero gradient, NaN-safe).
-        clip_low, clip_high: clip range [1 - clip_low, 1 + clip_high]; clip_high None = clip_low
-            (clip_low = 1: no lower clip). geo_mean / dppo: the log-ratio clip / trust region.
-        dual_clip: c > 1 (Ye et al. 2019), or None.
+        loss: a loss spec (default ``Clip(0.2)``), or a mode name for its defaults.
         logratio_clamp: clamp of lp - old before exp (veRL/OpenRLHF: 20), None for none.
-        ref_logprobs, kl_coef, kl_estimator, kl_clamp: KL-in-loss term (GRPO), see kl_penalty.
+        is_weights: [B, T] or [B] importance weights (e.g. ``rollout_correction``'s truncated
+            IS weights), a constant; every spec but Vespo (which reads them into its row weight)
+            and GeoMean (their per-row geometric mean) multiplies its token loss by them.
+        ref_logprobs, kl_coef, kl_estimator, kl_clamp: the KL-in-loss term (GRPO), see
+            :func:`ppokernels.kl_penalty`; ``kl_coef != 0`` needs ``ref_logprobs``.
         entropy, entropy_coef: [B, T] entropy of the policy and the bonus coefficient.
-        is_weights: [B, T] or [B] importance weights (e.g. truncated IS), a constant.
-
-        tau_pos, tau_neg: SAPO's gate temperatures (veRL's defaults).
-        ratio_cap: CISPO's upper bound (TRL form) / DPPO's truncation of the ratio weight.
-        seq_logratio_max: GSPO's clamp of the sequence log-ratio (veRL: 10), None for none.
-        dro_beta: DRO's penalty coefficient (> 0, required for "dro").
-        vespo_k, vespo_lambda: VESPO's (positive, negative advantage) k and lambda (TRL's
-            defaults).
 
     Returns:
         PolicyLossOutput: ``loss`` (0-d float32, float64 for float64 inputs); detached 0-d
         ``approx_kl`` (masked mean of -logratio), ``kl`` / ``entropy`` (aggregated like the
-        loss) when their inputs are given, and two masked means of per-token flags:
-        ``clipfrac`` / ``dual_clipfrac`` are, for vanilla and gspo, clipped > unclipped / dual
-        clip active with A < 0; cispo: r != clip(r) / r > upper bound with A > 0; geo_mean:
-        log-ratio outside the clip range with A > 0 / with A < 0; dppo: outside the trust
-        region / r > ratio_cap inside it; vespo: phi / 0; sapo, gpg, dro: 0 / 0 (veRL's
-        pg_clipfrac / pg_clipfrac_lower where veRL reports them). No valid token: all 0.
+        loss) when their inputs are given, and ``clipfrac`` / ``dual_clipfrac``, masked means of
+        the two per-token flags the spec defines (PPO: clipped, dual clip active). No valid
+        token: all 0.
     """
     name = "ppo_policy_loss"
     _data(name, "logprobs", logprobs)
-    for arg, x in (
-        ("old_logprobs", old_logprobs),
-        ("ref_logprobs", ref_logprobs),
-        ("entropy", entropy),
-    ):
-        if x is not None or arg == "old_logprobs":
-            _data(name, arg, x, "logprobs", logprobs)
+    _data(name, "old_logprobs", old_logprobs, "logprobs", logprobs)
+    if ref_logprobs is not None:
+        _data(name, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    if entropy is not None:
+        _data(name, "entropy", entropy, "logprobs", logprobs)
     _checks.row_or_token(name, "advantages", advantages, logprobs)
     mask = bool_mask(_checks.mask(name, "mask", mask, logprobs))
     if is_weights is not None:
         _checks.row_or_token(name, "is_weights", is_weights, logprobs)
-    mode_opts = dict(
-        tau_pos=tau_pos,
-        tau_neg=tau_neg,
-        ratio_cap=ratio_cap,
-        seq_logratio_max=seq_logratio_max,
-        dro_beta=dro_beta,
-        vespo_k=vespo_k,
-        vespo_lambda=vespo_lambda,
-    )
-    _checks.choice(name, "ratio_level", ratio_level, RATIO_LEVELS)
-    if ratio_level == "sequence":  # the former spelling of loss_mode="gspo"
-        if loss_mode not in ("vanilla", "gspo"):
-            raise ValueError(f"{name}: ratio_level='sequence' is loss_mode='gspo'")
-        loss_mode = "gspo"
-    scalars = _policy_scalars(
+    spec, options = policy_options(
         name,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        logratio_clamp=logratio_clamp,
-        loss_mode=loss_mode,
-        mode_opts=mode_opts,
+        loss=loss,
         agg=agg,
         num_tokens=num_tokens,
         num_seqs=num_seqs,
+        logratio_clamp=logratio_clamp,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         kl_clamp=kl_clamp,
         entropy_coef=entropy_coef,
         has_ref=ref_logprobs is not None,
-        has_ent=entropy is not None,
+        has_entropy=entropy is not None,
     )
     # The fused kernels give rollout data no gradient: checked before the backend choice, so that
     # every backend but an explicit "reference" (which differentiates it) refuses it alike, and
     # "auto" does whether or not the binary is installed.
     if _backend.requested(backend) != "reference":
-        rollout = {"old_logprobs": old_logprobs, "advantages": advantages, "is_weights": is_weights}
-        for arg, x in rollout.items():
-            _checks.constant(name, arg, x)
+        _checks.constant(name, "old_logprobs", old_logprobs)
+        _checks.constant(name, "advantages", advantages)
+        _checks.constant(name, "is_weights", is_weights)
     b = _backend.choose(name, logprobs.device, backend)
-    opt = dict(ref_logprobs=ref_logprobs, entropy=entropy, is_weights=is_weights)
     if b == "reference":
-        ref_kw = {k: v for k, v in scalars.items() if k != "ratio_level"}
         return reference.ppo_policy_loss(
             logprobs,
             old_logprobs,
             advantages,
             mask,
-            loss_mode=loss_mode,
-            **opt,
-            **ref_kw,
-            **mode_opts,
+            is_weights=is_weights,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy,
+            **options.reference_kwargs(spec),
         )
-    logprobs, old_logprobs, opt["ref_logprobs"], opt["entropy"] = promote(
+    logprobs, old_logprobs, ref_logprobs, entropy = promote(
         logprobs, old_logprobs, ref_logprobs, entropy
     )
-    loss, metrics, _ = kernel(name, b)(
-        logprobs, old_logprobs, advantages, mask, *opt.values(), *scalars.values()
+    loss_, metrics, _ = kernel(name, b)(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, *options
     )
     metrics = metrics.detach()
     return PolicyLossOutput(
-        loss,
+        loss_,
         metrics[0],
         metrics[1],
         metrics[2],
         metrics[3] if ref_logprobs is not None else None,
         metrics[4] if entropy is not None else None,
+    )
+
+
+class PolicyOptions(NamedTuple):
+    """The scalar arguments of the ``ppo_policy_loss`` op, checked, in its schema's order
+    (csrc/ops.cpp): the loss spec as ``loss_mode`` / ``loss_params``, then the named options."""
+
+    loss_mode: str
+    loss_params: list[float]
+    logratio_clamp: float | None
+    agg: str
+    num_tokens: float | None
+    num_seqs: float | None
+    kl_coef: float
+    kl_estimator: str
+    kl_clamp: float | None
+    entropy_coef: float
+
+    def reference_kwargs(self, spec: LossSpec) -> dict:
+        """The keywords of ``reference.ppo_policy_loss``."""
+        return dict(
+            loss=spec,
+            agg=self.agg,
+            num_tokens=self.num_tokens,
+            num_seqs=self.num_seqs,
+            logratio_clamp=self.logratio_clamp,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+            kl_clamp=self.kl_clamp,
+            entropy_coef=self.entropy_coef,
+        )
+
+
+def policy_options(
+    name: str,
+    *,
+    loss,
+    agg,
+    num_tokens,
+    num_seqs,
+    logratio_clamp,
+    kl_coef,
+    kl_estimator,
+    kl_clamp,
+    entropy_coef,
+    has_ref: bool,
+    has_entropy: bool,
+) -> tuple[LossSpec, PolicyOptions]:
+    """Checks the options of ppo_policy_loss (and linear_ppo_policy_loss, which shares them);
+    returns the loss spec and the op's scalar arguments."""
+    if not isinstance(loss, (LossSpec, str)):
+        raise TypeError(
+            f"{name}: loss must be a loss spec of ppokernels.losses (e.g. Clip(0.2, 0.28)) or a "
+            f"mode name, got {type(loss).__name__}"
+        )
+    try:
+        spec = loss_spec(loss)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    num_tokens, num_seqs = _agg(name, agg, num_tokens, num_seqs)
+    kl_coef = _checks.number(name, "kl_coef", kl_coef)
+    entropy_coef = _checks.number(name, "entropy_coef", entropy_coef)
+    _checks.kl_estimator(name, "kl_estimator", kl_estimator)
+    if kl_coef != 0.0 and not has_ref:
+        raise ValueError(f"{name}: kl_coef = {kl_coef} needs ref_logprobs")
+    if entropy_coef != 0.0 and not has_entropy:
+        raise ValueError(f"{name}: entropy_coef = {entropy_coef} needs entropy")
+    return spec, PolicyOptions(
+        spec.mode,
+        list(spec.params()),
+        _checks.positive(name, "logratio_clamp", logratio_clamp, allow_none=True),
+        agg,
+        num_tokens,
+        num_seqs,
+        kl_coef,
+        kl_estimator,
+        _checks.positive(name, "kl_clamp", kl_clamp, allow_none=True),
+        entropy_coef,
     )
 
 
@@ -283,58 +290,6 @@ def _agg(name: str, agg, num_tokens, num_seqs):
     return num_tokens, num_seqs
 
 
-def _policy_scalars(name: str, *, has_ref: bool, has_ent: bool, **kw) -> dict:
-    """Checks and normalises the scalar options of ppo_policy_loss; returns them in the op's
-    argument order (clip_low ... entropy_coef)."""
-    clip_low = _checks.number(name, "clip_low", kw["clip_low"])
-    if not 0.0 <= clip_low:
-        raise ValueError(f"{name}: clip_low must be in [0, 1] (any >= 0: dppo), got {clip_low}")
-    clip_high = kw["clip_high"]
-    clip_high = clip_low if clip_high is None else _checks.number(name, "clip_high", clip_high)
-    if clip_high < 0.0:
-        raise ValueError(f"{name}: clip_high must be >= 0, got {clip_high}")
-    dual = kw["dual_clip"]
-    if dual is not None and not _checks.number(name, "dual_clip", dual) > 1.0:
-        raise ValueError(f"{name}: dual_clip must be > 1, got {dual}")
-    spec = mode_spec(
-        name,
-        kw["loss_mode"],
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual,
-        opts=kw["mode_opts"],
-    )
-    num_tokens, num_seqs = _agg(name, kw["agg"], kw["num_tokens"], kw["num_seqs"])
-    kl_coef = _checks.number(name, "kl_coef", kw["kl_coef"])
-    entropy_coef = _checks.number(name, "entropy_coef", kw["entropy_coef"])
-    est = kw["kl_estimator"]
-    if not isinstance(est, str) or est.rstrip("+") not in KL_ESTIMATORS:
-        raise ValueError(
-            f"{name}: kl_estimator must be one of {KL_ESTIMATORS} (optionally with '+'), "
-            f"got {est!r}"
-        )
-    if kl_coef != 0.0 and not has_ref:
-        raise ValueError(f"{name}: kl_coef = {kl_coef} needs ref_logprobs")
-    if entropy_coef != 0.0 and not has_ent:
-        raise ValueError(f"{name}: entropy_coef = {entropy_coef} needs entropy")
-    return dict(
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=None if dual is None else float(dual),
-        logratio_clamp=_checks.positive(
-            name, "logratio_clamp", kw["logratio_clamp"], allow_none=True
-        ),
-        ratio_level=spec,
-        agg=kw["agg"],
-        num_tokens=num_tokens,
-        num_seqs=num_seqs,
-        kl_coef=kl_coef,
-        kl_estimator=est,
-        kl_clamp=_checks.positive(name, "kl_clamp", kw["kl_clamp"], allow_none=True),
-        entropy_coef=entropy_coef,
-    )
-
-
 # ------------------------------------------------------------------ fake kernels (C++ ops)
 def _policy_fake(lp, old, adv, mask, ref, ent, w, *args):
     acc = acc_dtype(lp)
@@ -374,32 +329,83 @@ register_fake_cpp("value_loss_backward", _value_backward_fake)
 
 
 # ------------------------------------------------------------------------------- autograd
-# ppo_policy_loss differentiates logprobs (0), ref_logprobs (4) and entropy (5); each gradient is
-# one elementwise pass over every saved tensor, so they are saved when any of the three is needed.
-# The backward takes the forward's scalars minus agg / num_tokens / num_seqs (row_stats holds
-# their effect).
+class PolicyInputs(NamedTuple):
+    """The ``ppo_policy_loss`` op's arguments by name (tests/test_ppo_loss.py checks them against
+    the C++ and Triton schemas)."""
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    entropy: torch.Tensor | None
+    is_weights: torch.Tensor | None
+    loss_mode: str
+    loss_params: list[float]
+    logratio_clamp: float | None
+    agg: str
+    num_tokens: float | None
+    num_seqs: float | None
+    kl_coef: float
+    kl_estimator: str
+    kl_clamp: float | None
+    entropy_coef: float
+
+
+_POLICY_NO_GRADS = (None,) * len(PolicyInputs._fields)
+_POLICY_DIFFERENTIABLE = tuple(
+    PolicyInputs._fields.index(k) for k in ("logprobs", "ref_logprobs", "entropy")
+)
+
+
+# ppo_policy_loss differentiates logprobs, ref_logprobs and entropy; each gradient is one
+# elementwise pass over every saved tensor, so they are saved when any of the three is needed.
+# The backward takes the forward's scalars but agg / num_tokens / num_seqs (row_stats holds their
+# effect).
 def _policy_setup(ctx, inputs, output):
-    (clip_low, clip_high, dual, lr_clamp, level, _, _, _, kl_coef, est, kl_clamp, ent_coef) = (
-        inputs[7:]
+    a = PolicyInputs._make(inputs)
+    ctx.scalars = (
+        a.loss_mode,
+        a.loss_params,
+        a.logratio_clamp,
+        a.kl_coef,
+        a.kl_estimator,
+        a.kl_clamp,
+        a.entropy_coef,
     )
-    ctx.scalars = (clip_low, clip_high, dual, lr_clamp, level, kl_coef, est, kl_clamp, ent_coef)
-    if any(ctx.needs_input_grad[i] for i in (0, 4, 5)):
-        ctx.save_for_backward(*inputs[:7], output[2])
+    need = ctx.needs_input_grad
+    ctx.need = tuple(need[i] for i in _POLICY_DIFFERENTIABLE)
+    if any(ctx.need):
+        ctx.save_for_backward(
+            a.logprobs,
+            a.old_logprobs,
+            a.advantages,
+            a.mask,
+            a.ref_logprobs,
+            a.entropy,
+            a.is_weights,
+            output[2],  # row_stats
+        )
 
 
 def _make_policy_backward(backward_op):
     def backward(ctx, grad_loss, _grad_metrics, _grad_row_stats):
-        if not ctx.saved_tensors:  # only a constant input asked for a gradient
-            return (None,) * 19
+        if not any(ctx.need):  # only a constant input asked for a gradient
+            return _POLICY_NO_GRADS
         lp, old, adv, mask, ref, ent, w, row_stats = ctx.saved_tensors
         g_lp, g_ref, g_ent = backward_op(
             grad_loss, lp, old, adv, mask, ref, ent, w, row_stats, *ctx.scalars
         )
-        need = ctx.needs_input_grad
-        grads = [g_lp if need[0] else None, None, None, None]
-        grads += [g_ref if ref is not None and need[4] else None]
-        grads += [g_ent if ent is not None and need[5] else None]
-        return (*grads, *([None] * 13))
+        need_lp, need_ref, need_ent = ctx.need
+        return (
+            g_lp if need_lp else None,
+            None,
+            None,
+            None,
+            g_ref if ref is not None and need_ref else None,
+            g_ent if ent is not None and need_ent else None,
+            *_POLICY_NO_GRADS[6:],
+        )
 
     return backward
 

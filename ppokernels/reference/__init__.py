@@ -8,9 +8,9 @@ from ppokernels.reference.advantages import group_advantages, masked_mean, maske
 from ppokernels.reference.gae import discounted_returns, gae
 from ppokernels.reference.kl import kl_penalty
 from ppokernels.reference.linear_logprobs import linear_logprobs, linear_logprobs_stats
+from ppokernels.reference.linear_ppo_policy_loss import linear_ppo_policy_loss
 from ppokernels.reference.logprobs import token_logprobs
 from ppokernels.reference.ppo_loss import (
-    AGG_MODES,
     PolicyLossOutput,
     ValueLossOutput,
     agg_loss,
@@ -19,7 +19,6 @@ from ppokernels.reference.ppo_loss import (
 )
 
 __all__ = [
-    "AGG_MODES",
     "PolicyLossOutput",
     "ValueLossOutput",
     "agg_loss",
@@ -29,6 +28,7 @@ __all__ = [
     "kl_penalty",
     "linear_logprobs",
     "linear_logprobs_stats",
+    "linear_ppo_policy_loss",
     "masked_mean",
     "masked_var",
     "masked_whiten",

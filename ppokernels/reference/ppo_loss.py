@@ -8,6 +8,20 @@ from typing import NamedTuple
 import torch
 
 from ppokernels._dtypes import acc_dtype as _acc
+from ppokernels.losses import (
+    CISPO,
+    DPPOKL,
+    DPPOTV,
+    DRO,
+    GPG,
+    GSPO,
+    SAPO,
+    Clip,
+    GeoMean,
+    LossSpec,
+    Vespo,
+    loss_spec,
+)
 from ppokernels.reference._clamp import clamp
 from ppokernels.reference.kl import kl_penalty
 
@@ -32,15 +46,6 @@ class ValueLossOutput(NamedTuple):
 
     loss: torch.Tensor
     clipfrac: torch.Tensor
-
-
-AGG_MODES = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
-)
 
 
 def agg_loss(values, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
@@ -75,18 +80,6 @@ def _masked_mean(x, m):
     return torch.where(m, x, 0).sum() / m.sum().clamp(min=1)
 
 
-LOSS_MODES = (
-    "vanilla",
-    "gspo",
-    "sapo",
-    "cispo",
-    "gpg",
-    "geo_mean",
-    "dppo_tv",
-    "dppo_kl",
-    "dro",
-    "vespo",
-)
 _LOG_1E8 = math.log(1e-8)
 
 
@@ -95,76 +88,74 @@ def _where(cond, a, b, like):
     return torch.where(cond, torch.full_like(like, a), torch.full_like(like, b))
 
 
-def _surrogate(mode, lp, old, adv, w, m, lr, o):
-    """Per-token surrogate [B, T] (or per-row [B] for geo_mean) and the two metric flags."""
+def _surrogate(spec: LossSpec, lp, old, adv, w, has_w, m, lr):
+    """Per-token surrogate [B, T] (or per-row [B] for GeoMean) and the two metric flags."""
     zero = torch.zeros_like(lp)
     flag0, flag1 = zero.bool(), zero.bool()
-    if mode in ("vanilla", "gspo"):
-        if mode == "gspo":
-            seq = torch.where(m, lr, 0).sum(-1) / m.sum(-1).clamp(min=1).to(lp.dtype)
-            ratio = torch.exp(clamp(lp - lp.detach() + seq.detach()[:, None], hi=o["smax"]))
-        else:
-            ratio = torch.exp(lr)
-        l1 = -adv * ratio
-        l2 = -adv * clamp(ratio, 1 - o["clip_low"], 1 + o["clip_high"])
-        loss, flag0 = torch.maximum(l1, l2), l2 > l1
-        if o["dual_clip"] is not None:
-            l3 = -adv * o["dual_clip"]
-            flag1 = (loss > l3) & (adv < 0)
-            loss = torch.where(adv < 0, torch.minimum(loss, l3), loss)
-        return loss * w, flag0, flag1
     ratio = torch.exp(lr)
-    if mode == "sapo":
-        tau = _where(adv > 0, o["tau_pos"], o["tau_neg"], lp)
-        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv * w, flag0, flag1
-    if mode == "cispo":
-        c = clamp(ratio, o["cispo_lo"], o["cispo_hi"])
-        flag0, flag1 = ratio != c, (ratio > o["cispo_hi"]) & (adv > 0)
-        return -c.detach() * adv * lp * w, flag0, flag1
-    if mode == "gpg":
-        return -lp * adv * w, flag0, flag1
-    if mode == "dro":
-        return -(lp * adv - 0.5 * o["dro_beta"] * lr.square()) * w, flag0, flag1
-    if mode in ("dppo_tv", "dppo_kl"):
-        p, p_old = lp.detach().exp(), old.exp()
-        if mode == "dppo_tv":
-            pos, neg = p - p_old <= o["clip_high"], p - p_old >= -o["clip_low"]
-        else:
-            bkl = p_old * (old - lp.detach()) + (1 - p_old) * torch.log(
-                (1 - p_old + 1e-8) / (1 - p + 1e-8)
-            )
-            pos = (bkl <= o["clip_high"]) | (p <= p_old)
-            neg = (bkl <= o["clip_low"]) | (p >= p_old)
-        valid = torch.where(adv > 0, pos, neg)
-        cap = o["ratio_cap"]
-        flag0, flag1 = ~valid, (ratio > cap) & valid
-        return -adv * ratio.clamp(max=cap).detach() * lp * valid * w, flag0, flag1
-    n = m.sum(-1).to(lp.dtype)
-    if mode == "vespo":
-        s = torch.where(m, lr, 0).sum(-1)
-        if o["has_w"]:
-            s = s + torch.where(m, torch.log(w).clamp(_LOG_1E8, 20.0), 0).sum(-1)
-        log_w = s.clamp(_LOG_1E8, 20.0).detach()[:, None]
-        k_pos, k_neg = o["vespo_k"]
-        l_pos, l_neg = o["vespo_lambda"]
-        nonneg = adv >= 0
-        k = _where(nonneg, k_pos, k_neg, lp)
-        lam = clamp(_where(nonneg, l_pos, l_neg, lp), lo=1e-4)
-        phi = torch.exp(lam + k * log_w - lam * log_w.exp())
-        phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-        return -phi * adv * lp, phi, flag1
-    # geo_mean (GMPO): a per-row loss from the sign-aware clipped log-ratio
-    sgn = torch.sign(adv)
-    clamped = clamp(lr, -o["clip_low"], o["clip_high"])
-    lr_min = sgn * torch.minimum(sgn * lr, sgn * clamped)
-    d = n + 1e-8
-    ratio = torch.exp(torch.where(m, lr_min, 0).sum(-1) / d)
-    abar = torch.where(m, adv, 0).sum(-1) / d
-    loss = -abar * ratio
-    if o["has_w"]:
-        loss = loss * torch.exp(torch.where(m, torch.log(w + 1e-10), 0).sum(-1) / d)
-    out = lr != clamped
-    return loss, out & (adv > 0), out & (adv < 0)
+    match spec:
+        case Clip() | GSPO():
+            if isinstance(spec, GSPO):
+                seq = torch.where(m, lr, 0).sum(-1) / m.sum(-1).clamp(min=1).to(lp.dtype)
+                ratio = torch.exp(clamp(lp - lp.detach() + seq.detach()[:, None], hi=spec.seq_max))
+            l1 = -adv * ratio
+            l2 = -adv * clamp(ratio, 1 - spec.clip_low, 1 + spec.clip_high)
+            loss, flag0 = torch.maximum(l1, l2), l2 > l1
+            if spec.dual_clip is not None:
+                l3 = -adv * spec.dual_clip
+                flag1 = (loss > l3) & (adv < 0)
+                loss = torch.where(adv < 0, torch.minimum(loss, l3), loss)
+            return loss * w, flag0, flag1
+        case SAPO():
+            tau = _where(adv > 0, spec.tau_pos, spec.tau_neg, lp)
+            return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv * w, flag0, flag1
+        case CISPO():
+            c = clamp(ratio, spec.lower, spec.upper)
+            flag0, flag1 = ratio != c, (ratio > spec.upper) & (adv > 0)
+            return -c.detach() * adv * lp * w, flag0, flag1
+        case GPG():
+            return -lp * adv * w, flag0, flag1
+        case DRO():
+            return -(lp * adv - 0.5 * spec.beta * lr.square()) * w, flag0, flag1
+        case DPPOTV() | DPPOKL():
+            p, p_old = lp.detach().exp(), old.exp()
+            if isinstance(spec, DPPOTV):
+                pos, neg = p - p_old <= spec.clip_high, p - p_old >= -spec.clip_low
+            else:
+                bkl = p_old * (old - lp.detach()) + (1 - p_old) * torch.log(
+                    (1 - p_old + 1e-8) / (1 - p + 1e-8)
+                )
+                pos = (bkl <= spec.clip_high) | (p <= p_old)
+                neg = (bkl <= spec.clip_low) | (p >= p_old)
+            valid = torch.where(adv > 0, pos, neg)
+            cap = spec.ratio_cap
+            flag0, flag1 = ~valid, (ratio > cap) & valid
+            return -adv * ratio.clamp(max=cap).detach() * lp * valid * w, flag0, flag1
+        case Vespo():
+            s = torch.where(m, lr, 0).sum(-1) + torch.where(
+                m, torch.log(w).clamp(_LOG_1E8, 20.0), 0
+            ).sum(-1)
+            log_w = s.clamp(_LOG_1E8, 20.0).detach()[:, None]
+            nonneg = adv >= 0
+            k = _where(nonneg, spec.k_pos, spec.k_neg, lp)
+            lam = clamp(_where(nonneg, spec.lambda_pos, spec.lambda_neg, lp), lo=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * log_w.exp())
+            phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            return -phi * adv * lp, phi, flag1
+        case GeoMean():  # GMPO: a per-row loss from the sign-aware clipped log-ratio
+            n = m.sum(-1).to(lp.dtype)
+            sgn = torch.sign(adv)
+            clamped = clamp(lr, -spec.clip_low, spec.clip_high)
+            lr_min = sgn * torch.minimum(sgn * lr, sgn * clamped)
+            d = n + 1e-8
+            ratio = torch.exp(torch.where(m, lr_min, 0).sum(-1) / d)
+            abar = torch.where(m, adv, 0).sum(-1) / d
+            loss = -abar * ratio
+            if has_w:  # the row's geometric-mean weight (veRL adds 1e-10 inside the log)
+                loss = loss * torch.exp(torch.where(m, torch.log(w + 1e-10), 0).sum(-1) / d)
+            out = lr != clamped
+            return loss, out & (adv > 0), out & (adv < 0)
+    raise TypeError(f"ppo_policy_loss: loss must be a loss spec, got {spec!r}")
 
 
 def ppo_policy_loss(
@@ -173,47 +164,27 @@ def ppo_policy_loss(
     advantages,
     mask,
     *,
-    loss_mode="vanilla",
-    clip_low=0.2,
-    clip_high=None,
-    dual_clip=None,
-    logratio_clamp=20.0,
-    ratio_level="token",
+    loss=Clip(),
     agg="token-mean",
     num_tokens=None,
     num_seqs=None,
+    logratio_clamp=20.0,
+    is_weights=None,
     ref_logprobs=None,
     kl_coef=0.0,
     kl_estimator="k3",
     kl_clamp=None,
     entropy=None,
     entropy_coef=0.0,
-    is_weights=None,
-    tau_pos=1.0,
-    tau_neg=1.05,
-    ratio_cap=None,
-    seq_logratio_max=None,
-    dro_beta=None,
-    vespo_k=(2.0, 3.0),
-    vespo_lambda=(3.0, 2.0),
 ):
-    """The policy loss of every loss mode, with KL and entropy terms (the specification).
+    """The policy loss of every loss spec, with KL and entropy terms (the specification).
 
-    lr = clamp(lp - old, +-logratio_clamp), r = exp(lr); per token, times is_weights w:
-    vanilla (veRL compute_policy_loss_vanilla): max(-A r, -A clip(r, 1 - clip_low,
-    1 + clip_high)), dual clip c: min(., -A c) where A < 0; gspo: the same of
-    exp(clamp(lp - sg(lp) + sg(masked mean lr), max=seq_logratio_max)); sapo:
-    -sigmoid(tau (r - 1)) 4 / tau A (tau_pos if A > 0 else tau_neg); cispo: -sg(clip(r)) A lp
-    (clip to [1 - clip_low, 1 + clip_high], or to [-inf, ratio_cap] when ratio_cap is given, as
-    TRL); gpg: -A lp; dppo_tv / dppo_kl: -A sg(min(r, ratio_cap)) lp valid (veRL's trust
-    regions); dro: -(lp A - dro_beta lr^2 / 2); vespo (TRL): -phi A lp with the gamma weight phi
-    of the row's summed log-ratio. geo_mean (GMPO) is per row: -Abar exp(mean sign-aware clipped
-    lr) averaged over num_seqs or B rows whatever agg. Plus kl_coef * kl_penalty(lp, ref) minus
-    entropy_coef * entropy, aggregated by :func:`agg_loss`. ratio_level="sequence" is the legacy
-    spelling of loss_mode="gspo".
+    lr = clamp(lp - old, +-logratio_clamp), r = exp(lr); per token the surrogate of ``loss``
+    (each spec's formula: :mod:`ppokernels.losses`), times is_weights w where the spec says so,
+    plus kl_coef * kl_penalty(lp, ref) minus entropy_coef * entropy, aggregated by
+    :func:`agg_loss`. GeoMean's loss is per row, averaged over num_seqs or B rows whatever agg.
     """
-    if ratio_level == "sequence" and loss_mode == "vanilla":
-        loss_mode = "gspo"
+    spec = loss_spec(loss)
     dtype = _acc(logprobs, old_logprobs)
     m = mask.bool()
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
@@ -228,29 +199,12 @@ def ppo_policy_loss(
     logratio = lp - old
     if logratio_clamp is not None:
         logratio = clamp(logratio, -logratio_clamp, logratio_clamp)
-    high = clip_low if clip_high is None else clip_high
-    cap = ratio_cap
-    opts = dict(
-        clip_low=clip_low,
-        clip_high=high,
-        dual_clip=dual_clip,
-        tau_pos=tau_pos,
-        tau_neg=tau_neg,
-        dro_beta=dro_beta,
-        vespo_k=vespo_k,
-        vespo_lambda=vespo_lambda,
-        smax=math.inf if seq_logratio_max is None else seq_logratio_max,
-        ratio_cap=20.0 if cap is None else cap,
-        has_w=is_weights is not None,
-        cispo_lo=-math.inf if cap is not None else 1 - clip_low,
-        cispo_hi=cap if cap is not None else 1 + high,
-    )
-    w = clean(is_weights) if is_weights is not None else torch.ones_like(lp)
-    if is_weights is not None:
-        w = torch.where(m, w, 1.0)  # log(w) of padding never reaches a NaN
-    surr, flag0, flag1 = _surrogate(loss_mode, lp, old, adv, w, m, logratio, opts)
+    w = torch.ones_like(lp)
+    if is_weights is not None:  # 1 at padding: log(w) of a masked entry never reaches a NaN
+        w = torch.where(m, clean(is_weights), 1.0)
+    surr, flag0, flag1 = _surrogate(spec, lp, old, adv, w, is_weights is not None, m, logratio)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs)
-    if loss_mode == "geo_mean":
+    if isinstance(spec, GeoMean):
         seqs = num_seqs if num_seqs is not None else m.shape[0]
         loss = surr.sum() / seqs if m.shape[0] > 0 else surr.sum()
         extra = torch.zeros_like(lp)

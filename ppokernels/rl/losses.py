@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 import ppokernels
+from ppokernels.losses import Clip
 from ppokernels.rl.config import RLConfig
 from ppokernels.rl.rollout import supervised_batch
 
@@ -59,9 +60,7 @@ def micro_batch_loss(
         d["old_logprobs"],
         d["advantages"],
         m,
-        clip_low=cfg.clip,
-        clip_high=cfg.clip_high,
-        dual_clip=cfg.dual_clip,
+        loss=Clip(cfg.clip, cfg.clip_high, dual_clip=cfg.dual_clip),
         agg=cfg.agg,
         num_tokens=num_tokens,
         num_seqs=num_seqs,

@@ -11,9 +11,10 @@ import triton.language as tl
 from torch.library import triton_op
 
 from ppokernels._dtypes import acc_dtype
+from ppokernels.losses import KL_ESTIMATORS
 from ppokernels.triton._common import aot_table, expm1, expm1_minus_y, launch
 
-ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+ESTIMATORS = {name: code for code, name in enumerate(KL_ESTIMATORS)}  # the EST constexpr
 # Launch table (read by the launchers and the AOT table): elementwise, 1024 tokens per program.
 CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=3)
 

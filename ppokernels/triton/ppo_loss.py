@@ -32,7 +32,7 @@ from ppokernels.triton.ppo_loss_math import (
     _mode_backward,
     _mode_forward,
     _row_terms,
-    parse_spec,
+    mode_scalars,
 )
 
 
@@ -331,24 +331,22 @@ def _ppo_loss_policy_bwd_kernel(
     tl.store(g_lp_ptr + base + offs, g.to(g_lp_ptr.dtype.element_ty), mask=inb)
 
 
-def _flags(lp, adv, ref, ent, w, dual, lr_clamp, ratio_level, kl_estimator, kl_clamp):
-    """The constexpr switches and the mode parameters (mp0 ... mp3) of one call."""
-    est = kl_estimator.rstrip("+")
-    mode, params = parse_spec(ratio_level)
-    mp = (tuple(params) + (0.0, 0.0, 0.0, 0.0))[:4]
+def _flags(lp, adv, ref, ent, w, loss_mode, loss_params, lr_clamp, kl_estimator, kl_clamp):
+    """The constexpr switches and the scalars of the loss mode (clip_low, clip_high, dual,
+    mp0 ... mp3) of one call."""
+    scalars, mode_flags = mode_scalars(loss_mode, loss_params)
     flags = dict(
         HAS_REF=ref is not None,
         HAS_ENT=ent is not None,
         HAS_W=w is not None,
         ADV_ROW=adv.dim() == 1,
         W_ROW=w is not None and w.dim() == 1,
-        MODE=MODES[mode],
-        HAS_DUAL=dual is not None,
+        **mode_flags,
         HAS_LR_CLAMP=lr_clamp is not None,
-        KL_EST=ESTIMATORS[est],
+        KL_EST=ESTIMATORS[kl_estimator.rstrip("+")],
         HAS_KL_CLAMP=kl_clamp is not None,
     )
-    return flags, dict(zip(("mp0", "mp1", "mp2", "mp3"), mp, strict=True))
+    return flags, scalars
 
 
 def _prep(lp, old, adv, mask, ref, ent, w):
@@ -369,11 +367,9 @@ def ppo_policy_loss_triton(
     ref_logprobs: torch.Tensor | None,
     entropy: torch.Tensor | None,
     is_weights: torch.Tensor | None,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
+    loss_mode: str,
+    loss_params: list[float],
     logratio_clamp: float | None,
-    ratio_level: str,
     agg: str,
     num_tokens: float | None,
     num_seqs: float | None,
@@ -391,8 +387,8 @@ def ppo_policy_loss_triton(
     loss = torch.empty((), dtype=acc, device=lp.device)
     metrics = torch.empty((5,), dtype=acc, device=lp.device)
     row_stats = torch.empty((B, 4), dtype=acc, device=lp.device)
-    flags, mp = _flags(
-        lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator, kl_clamp
+    flags, scalars = _flags(
+        lp, adv, ref, ent, w, loss_mode, loss_params, logratio_clamp, kl_estimator, kl_clamp
     )
     if B > 0:
         launch(_ppo_loss_policy_row_kernel)[(B,)](
@@ -406,12 +402,12 @@ def ppo_policy_loss_triton(
             part,
             rowv,
             T,
-            clip_low,
-            clip_high,
-            dual_clip or 0.0,
+            scalars["clip_low"],
+            scalars["clip_high"],
+            scalars["dual"],
             logratio_clamp or 0.0,
             kl_clamp or 0.0,
-            **mp,
+            *(scalars[k] for k in ("mp0", "mp1", "mp2", "mp3")),
             **flags,
             **ROW_CONFIG,
         )
@@ -445,11 +441,9 @@ def ppo_policy_loss_backward_triton(
     entropy: torch.Tensor | None,
     is_weights: torch.Tensor | None,
     row_stats: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
+    loss_mode: str,
+    loss_params: list[float],
     logratio_clamp: float | None,
-    ratio_level: str,
     kl_coef: float,
     kl_estimator: str,
     kl_clamp: float | None,
@@ -462,8 +456,8 @@ def ppo_policy_loss_backward_triton(
     g_lp = torch.empty_like(lp)
     g_ref = torch.empty_like(ref) if ref is not None else lp.new_empty((0,))
     g_ent = torch.empty_like(ent) if ent is not None else lp.new_empty((0,))
-    flags, mp = _flags(
-        lp, adv, ref, ent, w, dual_clip, logratio_clamp, ratio_level, kl_estimator, kl_clamp
+    flags, scalars = _flags(
+        lp, adv, ref, ent, w, loss_mode, loss_params, logratio_clamp, kl_estimator, kl_clamp
     )
     if B > 0 and T > 0:
         launch(_ppo_loss_policy_bwd_kernel)[(B, triton.cdiv(T, ROW_CONFIG["BLOCK"]))](
@@ -479,14 +473,14 @@ def ppo_policy_loss_backward_triton(
             g_ref if ref is not None else g_lp,
             g_ent if ent is not None else g_lp,
             T,
-            clip_low,
-            clip_high,
-            dual_clip or 0.0,
+            scalars["clip_low"],
+            scalars["clip_high"],
+            scalars["dual"],
             logratio_clamp or 0.0,
             kl_coef,
             kl_clamp or 0.0,
             entropy_coef,
-            **mp,
+            *(scalars[k] for k in ("mp0", "mp1", "mp2", "mp3")),
             **flags,
             KL_ST=kl_estimator.endswith("+"),
             **ROW_CONFIG,

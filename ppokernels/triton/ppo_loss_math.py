@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
+from ppokernels.losses import AGG_MODES, LOSS_MODES
 from ppokernels.triton._common import expm1
 from ppokernels.triton.kl import _value as _kl_value
 
-AGG = {
-    "token-mean": 0,
-    "token-sum": 1,
-    "seq-mean-token-mean": 2,
-    "seq-mean-token-sum": 3,
-    "seq-mean-token-sum-norm": 4,
-}
+AGG = {name: code for code, name in enumerate(AGG_MODES)}  # the AGG constexpr
 # Launch table of the ppo_loss kernels (read by the launchers and the AOT tables): the row and
 # backward kernels step over BLOCK tokens, the finalize kernels over BLOCK_B rows (both fixed, so
 # the reduction order never depends on the batch).
@@ -82,34 +79,31 @@ def _agg_scale(n_row, n_total, num_tokens, num_seqs, rows, width, AGG: tl.conste
 
 
 # ------------------------------------------------------------------------- loss modes
-# As ppo_loss_modes.h: the index of each loss mode (the MODE constexpr) and its math.
-MODES = {
-    "vanilla": 0,
-    "gspo": 1,
-    "sapo": 2,
-    "cispo": 3,
-    "gpg": 4,
-    "geo_mean": 5,
-    "dppo_tv": 6,
-    "dppo_kl": 7,
-    "dro": 8,
-    "vespo": 9,
-}
+# As ppo_loss_modes.h: the MODE constexpr is the mode's index in LOSS_MODES; its math below.
+MODES = {name: code for code, name in enumerate(LOSS_MODES)}
 ROW_PASS = (1, 5, 9)  # modes with a first pass over the row: gspo, geo_mean, vespo
 LOG_1E8 = tl.constexpr(-18.420680743952367)  # log(1e-8), TRL's VESPO clamp (a jit global)
 
 
-def parse_spec(spec: str) -> tuple[str, tuple[float, ...]]:
-    """The op's mode string (ppokernels/ops/ppo_loss_modes.py) as (mode, params); the legacy
-    ratio levels "token" / "sequence" included."""
-    if spec == "token":
-        return "vanilla", ()
-    if spec == "sequence":
-        return "gspo", (float("inf"),)
-    mode, _, rest = spec.partition(":")
-    if mode not in MODES:
-        raise ValueError(f"ppo_policy_loss: bad loss mode {spec!r}")
-    return mode, tuple(float(x) for x in rest.split(",")) if rest else ()
+def mode_scalars(loss_mode: str, loss_params) -> dict:
+    """The op's (loss_mode, loss_params) as the kernels' scalars clip_low, clip_high, dual (0:
+    none) and mp0 ... mp3, with the MODE and HAS_DUAL switches (ppo_loss_modes.h
+    policy_mode_scalars, the same layout)."""
+    if loss_mode not in MODES:
+        raise ValueError(f"ppo_policy_loss: unknown loss_mode {loss_mode!r}")
+    p = [float(x) for x in loss_params]
+    out = dict(clip_low=0.0, clip_high=0.0, dual=0.0)
+    mp = [0.0] * 4
+    if loss_mode in ("vanilla", "gspo"):
+        out.update(clip_low=p[0], clip_high=p[1], dual=0.0 if math.isinf(p[2]) else p[2])
+        mp[0] = p[3] if loss_mode == "gspo" else 0.0
+    elif loss_mode in ("geo_mean", "dppo_tv", "dppo_kl"):
+        out.update(clip_low=p[0], clip_high=p[1])
+        mp[0] = p[2] if loss_mode != "geo_mean" else 0.0
+    else:  # sapo, cispo, gpg, dro, vespo: their parameters in order
+        mp[: len(p)] = p
+    out.update(mp0=mp[0], mp1=mp[1], mp2=mp[2], mp3=mp[3])
+    return out, dict(MODE=MODES[loss_mode], HAS_DUAL=out["dual"] != 0.0)
 
 
 @triton.jit

@@ -57,14 +57,18 @@ PPK_HOST_DEVICE T kl_grad(T x, KLEstimator est, S clamp, bool straight_through) 
   return d;
 }
 
-// Host-side parser: "k1" | "k2" | "k3" | "abs", optionally suffixed by "+". False if unknown.
+// The estimators by name, in the order of KL_ESTIMATORS in ppokernels/losses.py (the index is the
+// KLEstimator code); tests/test_losses.py fails when the two drift.
+constexpr const char* kKLEstimatorNames[] = {"k1", "k2", "k3", "abs"};
+
+// Host-side parser: an estimator name, optionally suffixed by "+". False if unknown.
 inline bool parse_kl_estimator(const char* name, KLEstimator* est, bool* straight_through) {
   const size_t n = std::strlen(name);
   *straight_through = n > 0 && name[n - 1] == '+';
   const size_t m = *straight_through ? n - 1 : n;
-  const char* names[] = {"k1", "k2", "k3", "abs"};
   for (int i = 0; i < 4; ++i) {
-    if (std::strlen(names[i]) == m && std::strncmp(name, names[i], m) == 0) {
+    const char* known = kKLEstimatorNames[i];
+    if (std::strlen(known) == m && std::strncmp(name, known, m) == 0) {
       *est = static_cast<KLEstimator>(i);
       return true;
     }

@@ -264,12 +264,15 @@ PPK_HOST_DEVICE double agg_row_scale(AggMode mode, double n_row, double n_total,
   }
 }
 
-// Host-side parsers; false if unknown.
+// The aggregations by name, in the order of AGG_MODES in ppokernels/losses.py (the index is the
+// AggMode code); tests/test_losses.py fails when the two drift.
+constexpr const char* kAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
+                                         "seq-mean-token-sum", "seq-mean-token-sum-norm"};
+
+// Host-side parser; false if unknown.
 inline bool parse_agg_mode(const char* name, AggMode* mode) {
-  const char* names[] = {"token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-                         "seq-mean-token-sum-norm"};
   for (int i = 0; i < 5; ++i) {
-    if (std::strcmp(name, names[i]) == 0) {
+    if (std::strcmp(name, kAggModeNames[i]) == 0) {
       *mode = static_cast<AggMode>(i);
       return true;
     }

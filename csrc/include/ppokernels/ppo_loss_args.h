@@ -1,10 +1,11 @@
 // Host-side setup of the ppo_loss family (ppo_policy_loss, value_loss and their backward passes),
 // written once for the CPU (cpu/ppo_loss*.cpp) and CUDA (cuda/ppo_loss*.cu) front ends: argument
-// checks, mode parsing (agg, ratio_level, kl_estimator), contiguity and the gradient outputs.
+// checks, mode parsing (agg, loss_mode, kl_estimator), contiguity and the gradient outputs.
 // Those files keep only the dtype dispatch, the launch and the registration.
 #pragma once
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "ppokernels/stable.h"
 #include "ppokernels/ppo_loss.h"
@@ -59,10 +60,9 @@ inline PolicyArgs policy_args(const char* op, const Tensor& logprobs,
                               const Tensor& old_logprobs, const Tensor& advantages,
                               const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
                               const std::optional<Tensor>& entropy,
-                              const std::optional<Tensor>& is_weights, double clip_low,
-                              double clip_high, std::optional<double> dual_clip,
-                              std::optional<double> logratio_clamp,
-                              const std::string& ratio_level, double kl_coef,
+                              const std::optional<Tensor>& is_weights,
+                              const std::string& loss_mode, const std::vector<double>& loss_params,
+                              std::optional<double> logratio_clamp, double kl_coef,
                               const std::string& kl_estimator, std::optional<double> kl_clamp,
                               double entropy_coef) {
   PolicyArgs c;
@@ -84,22 +84,25 @@ inline PolicyArgs policy_args(const char* op, const Tensor& logprobs,
   if (is_weights) {
     c.w = ppo_token_or_row(op, "is_weights", *is_weights, c.B, c.T, acc, &c.w_row);
   }
-  PPK_CHECK(clip_low >= 0 && clip_high >= 0, op, ": clip_low and clip_high must be >= 0");
-  PPK_CHECK(!dual_clip || *dual_clip > 1, op, ": dual_clip must be > 1");
-  // ratio_level carries the loss mode and its parameters (ppo_loss_modes.h parse_policy_mode)
-  PolicyMode mode;
-  double mp[4];
-  PPK_CHECK(parse_policy_mode(ratio_level.c_str(), &mode, mp), op, ": bad loss mode '",
-            ratio_level, "' (expected 'token', 'sequence' or '<mode>:<params>')");
-  PPK_CHECK(!dual_clip || mode == PolicyMode::kVanilla || mode == PolicyMode::kGspo, op,
-            ": dual_clip applies to the vanilla and gspo modes only");
+  // the loss spec (ppokernels/losses.py): a mode name and its PARAMS
+  const int code = policy_mode_code(loss_mode.c_str());
+  PPK_CHECK(code >= 0, op, ": unknown loss_mode '", loss_mode, "'");
+  PPK_CHECK(static_cast<int64_t>(loss_params.size()) == kPolicyModeParams[code], op,
+            ": loss_mode '", loss_mode, "' takes ", kPolicyModeParams[code],
+            " loss_params, got ", loss_params.size());
+  for (double v : loss_params) PPK_CHECK(!std::isnan(v), op, ": loss_params must not be NaN");
+  const auto mode = static_cast<PolicyMode>(code);
+  double clip_low, clip_high, dual, mp[4];
+  policy_mode_scalars(mode, loss_params.data(), &clip_low, &clip_high, &dual, mp);
+  PPK_CHECK(clip_low >= 0 && clip_high >= 0, op, ": the clip range must be >= 0");
+  PPK_CHECK(dual == 0 || dual > 1, op, ": dual_clip must be > 1");
   KLEstimator est;
   bool st;
   PPK_CHECK(parse_kl_estimator(kl_estimator.c_str(), &est, &st), op,
             ": unknown kl_estimator '", kl_estimator, "'");
   c.p = PolicyParams<double>{clip_low,
                              clip_high,
-                             dual_clip.value_or(0.0),
+                             dual,
                              logratio_clamp.value_or(0.0),
                              kl_coef,
                              kl_clamp.value_or(0.0),

@@ -135,39 +135,49 @@ PPK_HOST_DEVICE void policy_row_values(PolicyMode mode, bool has_w, S s0, S s1, 
   }
 }
 
-// Host-side parser of the op's mode string: "<name>" or "<name>:<p0>,<p1>,..." with exactly the
-// mode's parameter count (Python writes them with repr, which strtod reads back exactly). The
-// legacy ratio levels "token" / "sequence" are vanilla / gspo without a sequence clamp.
-inline bool parse_policy_mode(const char* spec, PolicyMode* mode, double* mp) {
-  static const char* names[kPolicyModes] = {"vanilla", "gspo",   "sapo",    "cispo",   "gpg",
-                                            "geo_mean", "dppo_tv", "dppo_kl", "dro",    "vespo"};
-  static const int counts[kPolicyModes] = {0, 1, 2, 2, 0, 0, 1, 1, 1, 4};
-  for (int k = 0; k < 4; ++k) mp[k] = 0.0;
-  if (std::strcmp(spec, "token") == 0) {
-    *mode = PolicyMode::kVanilla;
-    return true;
-  }
-  if (std::strcmp(spec, "sequence") == 0) {
-    *mode = PolicyMode::kGspo;
-    mp[0] = INFINITY;
-    return true;
-  }
-  const char* colon = std::strchr(spec, ':');
-  const size_t len = colon ? static_cast<size_t>(colon - spec) : std::strlen(spec);
+// The loss modes by name, in the order of LOSS_MODES in ppokernels/losses.py (the index is the
+// PolicyMode code), and the length of each mode's loss_params (its spec's PARAMS there).
+// tests/test_losses.py reads both tables from this file and fails when they drift from Python's.
+constexpr const char* kPolicyModeNames[kPolicyModes] = {
+    "vanilla", "gspo", "sapo", "cispo", "gpg", "geo_mean", "dppo_tv", "dppo_kl", "dro", "vespo"};
+constexpr int kPolicyModeParams[kPolicyModes] = {3, 4, 2, 2, 0, 2, 3, 3, 1, 4};
+
+// The code of a mode name, or -1.
+inline int policy_mode_code(const char* name) {
   for (int i = 0; i < kPolicyModes; ++i) {
-    if (std::strlen(names[i]) != len || std::strncmp(spec, names[i], len) != 0) continue;
-    *mode = static_cast<PolicyMode>(i);
-    int got = 0;
-    const char* s = colon ? colon + 1 : nullptr;
-    while (s && *s && got < 4) {
-      char* end;
-      mp[got++] = std::strtod(s, &end);
-      if (end == s || (*end != ',' && *end != '\0')) return false;
-      s = *end == ',' ? end + 1 : nullptr;
-    }
-    return s == nullptr && got == counts[i];
+    if (std::strcmp(name, kPolicyModeNames[i]) == 0) return i;
   }
-  return false;
+  return -1;
+}
+
+// The op's loss_params (a spec's PARAMS, checked for length by the caller) as the kernels'
+// scalars: clip_low, clip_high, dual (0: none) and mp[0..3] (read as in the table at the top).
+//   vanilla   clip_low, clip_high, dual (inf: none)       gspo    the same, then mp0 = seq max
+//   sapo      mp0, mp1 = tau_pos, tau_neg                 cispo   mp0, mp1 = lower, upper
+//   geo_mean  clip_low, clip_high                         dppo_*  clip_low, clip_high, mp0 = cap
+//   dro       mp0 = beta                                  vespo   mp0..3 = k+, lambda+, k-, lambda-
+inline void policy_mode_scalars(PolicyMode mode, const double* params, double* clip_low,
+                                double* clip_high, double* dual, double* mp) {
+  *clip_low = *clip_high = *dual = 0.0;
+  for (int k = 0; k < 4; ++k) mp[k] = 0.0;
+  switch (mode) {
+    case PolicyMode::kVanilla:
+    case PolicyMode::kGspo:
+      *clip_low = params[0];
+      *clip_high = params[1];
+      *dual = std::isinf(params[2]) ? 0.0 : params[2];
+      if (mode == PolicyMode::kGspo) mp[0] = params[3];
+      return;
+    case PolicyMode::kGeoMean:
+    case PolicyMode::kDppoTv:
+    case PolicyMode::kDppoKl:
+      *clip_low = params[0];
+      *clip_high = params[1];
+      if (mode != PolicyMode::kGeoMean) mp[0] = params[2];
+      return;
+    default:  // sapo, cispo, gpg, dro, vespo: their parameters in order
+      for (int k = 0; k < kPolicyModeParams[static_cast<int>(mode)]; ++k) mp[k] = params[k];
+  }
 }
 
 }  // namespace ppokernels

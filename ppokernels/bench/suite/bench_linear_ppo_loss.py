@@ -28,6 +28,7 @@ import torch
 import ppokernels
 from ppokernels.bench import peers
 from ppokernels.bench._common import matmul_tflops, ppokernels_providers, run
+from ppokernels.losses import Clip
 
 SHAPES = {
     "tiny": [(32, 16, 331)],
@@ -63,7 +64,7 @@ def _liger(device):
 
 def _fn(provider, device):
     """(hidden [B, T, H], weight, labels, old, adv [B], mask) -> the loss."""
-    loss_kw = dict(agg="seq-mean-token-mean", clip_low=0.2, clip_high=0.2)
+    loss_kw = dict(agg="seq-mean-token-mean", loss=Clip(0.2, 0.2))
     if provider == "naive":
 
         def naive(h, w, y, old, adv, m):

@@ -13,6 +13,7 @@ import torch
 import ppokernels
 from ppokernels import reference
 from ppokernels.bench._common import ppokernels_providers, provider_fn, run_mode
+from ppokernels.losses import Clip
 
 SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048), (256, 4096)], "llm": [(256, 4096), (1024, 8192)]}
 AGG = "token-mean"
@@ -68,7 +69,7 @@ def _policy_fn(provider):
         reference.ppo_policy_loss,
         ppokernels.ppo_policy_loss,
         result=_loss,
-        dual_clip=3.0,
+        loss=Clip(dual_clip=3.0),
         agg=AGG,
     )
 

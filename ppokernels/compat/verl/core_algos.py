@@ -11,6 +11,7 @@ import torch
 import ppokernels as ppk
 from ppokernels.compat import float_dtype
 from ppokernels.compat.verl.torch_functional import entropy_from_logits, masked_whiten
+from ppokernels.losses import Clip
 
 # ---------------------------------------------------------------------- advantage estimators
 
@@ -164,9 +165,7 @@ def _pg(
         old_log_prob,
         advantages,
         response_mask,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=clip_c,
+        loss=Clip(clip_low, clip_high, dual_clip=clip_c),
         logratio_clamp=20.0,
         agg=agg,
         num_tokens=num_tokens,

@@ -18,6 +18,7 @@ from ppokernels.compat.verl.core_algos import (
     agg_loss,
     compute_policy_loss_vanilla,
 )
+from ppokernels.losses import CISPO, DPPOKL, DPPOTV, DRO, GPG, GSPO, SAPO, Clip, GeoMean
 
 __all__ = [
     "compute_policy_loss_cispo",
@@ -41,21 +42,18 @@ def _clips(config):
     return low, high
 
 
-def _run(mode, old, lp, adv, mask, agg_mode, config, weights, **kw):
-    """(veRL's pg_loss, the ppokernels output) of one loss mode, aggregated as veRL's agg_loss
+def _run(spec, old, lp, adv, mask, agg_mode, config, weights, **kw):
+    """(veRL's pg_loss, the ppokernels output) of one loss spec, aggregated as veRL's agg_loss
     with ``config.global_batch_info``."""
     assert config is not None
     info = dict(_cfg(config, "global_batch_info", None) or {})
     agg, num_tokens, num_seqs, scale = _agg_args(agg_mode, mask, **info)
-    low, high = _clips(config)
     out = ppk.ppo_policy_loss(
         lp,
         old,
         adv,
         mask,
-        loss_mode=mode,
-        clip_low=low,
-        clip_high=high,
+        loss=spec,
         agg=agg,
         num_tokens=num_tokens,
         num_seqs=num_seqs,
@@ -86,8 +84,9 @@ def compute_policy_loss_gspo(
 ):
     """GSPO: the clipped surrogate of the sequence ratio ``exp(min(mean_t(lp - old), 10))``
     (no log-ratio clamp) with per-token gradients, aggregated by ``loss_agg_mode``."""
+    assert config is not None
     loss, out = _run(
-        "gspo",
+        GSPO(*_clips(config), seq_logratio_max=10.0),
         old_log_prob,
         log_prob,
         advantages,
@@ -96,7 +95,6 @@ def compute_policy_loss_gspo(
         config,
         rollout_is_weights,
         logratio_clamp=None,
-        seq_logratio_max=10.0,
     )
     return loss, _metrics(out, lower=False)
 
@@ -112,8 +110,9 @@ def compute_policy_loss_sapo(
 ):
     """SAPO: ``-sigmoid(tau (r - 1)) 4 / tau A`` with ``config.tau_pos`` / ``tau_neg``, always
     aggregated "seq-mean-token-mean" (veRL ignores ``loss_agg_mode`` here)."""
+    assert config is not None
     loss, out = _run(
-        "sapo",
+        SAPO(float(config.tau_pos), float(config.tau_neg)),
         old_log_prob,
         log_prob,
         advantages,
@@ -121,8 +120,6 @@ def compute_policy_loss_sapo(
         "seq-mean-token-mean",
         config,
         rollout_is_weights,
-        tau_pos=float(config.tau_pos),
-        tau_neg=float(config.tau_neg),
     )
     return loss, _metrics(out, clipfrac=False, lower=False)
 
@@ -138,7 +135,7 @@ def compute_policy_loss_gpg(
 ):
     """GPG: ``-lp A``; no metrics (veRL returns an empty dict)."""
     loss, _ = _run(
-        "gpg",
+        GPG(),
         old_log_prob,
         log_prob,
         advantages,
@@ -160,8 +157,9 @@ def compute_policy_loss_cispo(
     rollout_is_weights=None,
 ):
     """CISPO: ``-sg(clip(r, 1 - clip_ratio_low, 1 + clip_ratio_high)) A lp``."""
+    assert config is not None
     loss, out = _run(
-        "cispo",
+        CISPO(*_clips(config)),
         old_log_prob,
         log_prob,
         advantages,
@@ -191,27 +189,17 @@ def compute_policy_loss_geo_mean(
         old_log_prob,
         advantages,
         response_mask,
-        loss_mode="geo_mean",
-        clip_low=low,
-        clip_high=high,
+        loss=GeoMean(low, high),
         logratio_clamp=None,
         is_weights=rollout_is_weights,
     )
     return out.loss.to(float_dtype(old_log_prob, log_prob, advantages)), _metrics(out)
 
 
-def _dppo(mode, old, lp, adv, mask, agg_mode, config, weights):
-    loss, out = _run(
-        mode,
-        old,
-        lp,
-        adv,
-        mask,
-        agg_mode,
-        config,
-        weights,
-        ratio_cap=float(_cfg(config, "clip_ratio_c", 20.0)),
-    )
+def _dppo(spec, old, lp, adv, mask, agg_mode, config, weights):
+    assert config is not None
+    spec = spec(*_clips(config), ratio_cap=float(_cfg(config, "clip_ratio_c", 20.0)))
+    loss, out = _run(spec, old, lp, adv, mask, agg_mode, config, weights)
     return loss, _metrics(out)
 
 
@@ -227,7 +215,7 @@ def compute_policy_loss_dppo_tv(
     """DPPO-Binary-TV: ``-A sg(min(r, clip_ratio_c)) lp`` inside the TV trust region
     ``p - p_old <= clip_ratio_high`` (A > 0) / ``>= -clip_ratio_low``."""
     return _dppo(
-        "dppo_tv",
+        DPPOTV,
         old_log_prob,
         log_prob,
         advantages,
@@ -249,7 +237,7 @@ def compute_policy_loss_dppo_kl(
 ):
     """DPPO-Binary-KL: as dppo_tv inside the binary-KL trust region."""
     return _dppo(
-        "dppo_kl",
+        DPPOKL,
         old_log_prob,
         log_prob,
         advantages,
@@ -276,7 +264,7 @@ def compute_policy_loss_dro(
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
     loss, out = _run(
-        "dro",
+        DRO(float(beta)),
         old_log_prob,
         log_prob,
         advantages,
@@ -285,7 +273,6 @@ def compute_policy_loss_dro(
         config,
         rollout_is_weights,
         logratio_clamp=None,
-        dro_beta=float(beta),
     )
     return loss, _metrics(out, clipfrac=None, lower=None)
 
@@ -304,8 +291,7 @@ def _unclipped(old, lp, adv, mask, agg_mode, config, weights):
         old,
         adv,
         mask,
-        clip_low=1.0,
-        clip_high=1e30,
+        loss=Clip(1.0, 1e30),
         logratio_clamp=None,
         agg=agg,
         num_tokens=num_tokens,
@@ -355,7 +341,7 @@ def compute_policy_loss_clip_cov(
         corr[idx[:, 0], idx[:, 1]] = 0
         w = corr if rollout_is_weights is None else corr * rollout_is_weights
     loss, out = _run(
-        "vanilla",
+        Clip(low, high),
         old_log_prob,
         log_prob,
         advantages,
@@ -467,7 +453,7 @@ def compute_policy_loss_bypass_mode(
     else:
         w = weights.batch["rollout_is_weights"] if weights is not None else None
         loss, out = _run(
-            "gpg",
+            GPG(),
             old_log_prob,
             log_prob,
             advantages,

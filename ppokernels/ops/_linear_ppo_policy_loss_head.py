@@ -1,5 +1,5 @@
 """The chunk loop of linear_ppo_policy_loss (the algorithm and why a chunk's share of the loss is
-exact: ppokernels/ops/linear_ppo_loss.py). It is the implementation of the registered op
+exact: ppokernels/ops/linear_ppo_policy_loss.py). It is the implementation of the registered op
 ``ppokernels::linear_ppo_policy_loss`` and runs below autograd, so every step calls the forward
 and backward kernel ops of token_logprobs, ppo_policy_loss and linear_logprobs explicitly:
 
@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 
 from ppokernels._dtypes import acc_dtype
+from ppokernels.losses import LOSS_SPECS
 from ppokernels.ops._register import kernel, op
 from ppokernels.ops.linear_logprobs import default_chunk_size
+from ppokernels.ops.ppo_loss import PolicyOptions
 
 PAD_LABEL = -1  # label of the zero rows that pad a chunk (no work, no gradient)
 ROW_ALIGN = 16  # chunks are zero-padded to a multiple: MKL gives a row the same bits for any M
-SEQUENCE_MODES = ("gspo", "geo_mean", "vespo")  # a token's gradient depends on its whole row
 
 
 class Plan:
@@ -30,15 +31,15 @@ class Plan:
     row longer than a chunk, token modes); ``tok1 is None``: row row0 by the unfused path (a long
     row of a sequence mode)."""
 
-    def __init__(self, valid, R, agg, num_tokens, num_seqs, level):
+    def __init__(self, valid, R, agg, num_tokens, num_seqs, loss_mode):
         B, T = valid.shape
         self.B, self.T, self.R, self.agg = B, T, R, agg
         self.counts = valid.sum(1).tolist()
         self.total = sum(self.counts)
         self.num_tokens = num_tokens if num_tokens is not None else float(max(self.total, 1))
         self.num_seqs = num_seqs if num_seqs is not None else float(max(B, 1))
-        mode = level.split(":")[0]
-        self.sequence_mode = mode in SEQUENCE_MODES or level == "sequence"
+        # a token's gradient depends on its whole row
+        self.sequence_mode = LOSS_SPECS[loss_mode].row_level
 
     def row_weight(self, r: int) -> float:
         """The aggregation weight of every token of row r (the segment path's scale)."""
@@ -75,18 +76,18 @@ class Head:
     """One call's state: the loss, metric sums and gradients accumulated chunk by chunk.
 
     ``rows``: the [B, T] (or [B]) per-row tensors old_logprobs, advantages, mask (the valid
-    tokens), ref_logprobs, is_weights. ``scalars``: ppo_policy_loss's op scalars (clip_low,
-    clip_high, dual_clip, logratio_clamp, ratio_level, agg, num_tokens, num_seqs, kl_coef,
-    kl_estimator, kl_clamp, entropy_coef). ``backends``: "token,loss,linear" backend names."""
+    tokens), ref_logprobs, is_weights. ``options``: ppo_policy_loss's op scalars
+    (ppokernels/ops/ppo_loss.py PolicyOptions). ``kernels``: the backends ("cpp" or "triton") of
+    token_logprobs, ppo_policy_loss and linear_logprobs."""
 
     def __init__(
-        self, hidden, weight, labels, bias, rows, temperature, ent_on, R, backends, scalars, need
+        self, hidden, weight, labels, bias, rows, temperature, ent_on, R, kernels, options, need
     ):
         B, T, H = hidden.shape
         V = weight.shape[0]
         self.need, self.rows, self.temperature, self.ent_on = need, rows, temperature, ent_on
-        self.scalars = list(scalars)
-        b_tok, b_loss, b_lin = backends.split(",")
+        self.options = PolicyOptions(*options)
+        b_tok, b_loss, b_lin = kernels
         self.tok_fwd = kernel("token_logprobs", b_tok)
         # the in-place backward: the forward op's backward name + "_" (ppokernels/ops/logprobs.py)
         self.tok_bwd_ = op("ppokernels::" + kernel("token_logprobs_backward", b_tok).__name__ + "_")
@@ -108,8 +109,8 @@ class Head:
         self.gb = torch.zeros(V, **opts) if need[2] else None
         self.loss = torch.zeros((), **opts)
         self.sums = torch.zeros(5, **opts)  # clipfrac, approx_kl, dual_clipfrac (x count), kl, ent
-        s = self.scalars
-        self.plan = Plan(rows["mask"], R, agg=s[5], num_tokens=s[6], num_seqs=s[7], level=s[4])
+        o = self.options
+        self.plan = Plan(rows["mask"], R, o.agg, o.num_tokens, o.num_seqs, o.loss_mode)
         self.zbuf = None
 
     def run(self):
@@ -177,7 +178,6 @@ class Head:
         plan, T = self.plan, self.plan.T
         local = idx - r0 * T
         rows = {k: (None if v is None else v[r0:r1]) for k, v in self.rows.items()}
-        s = list(self.scalars)
         if t0 is None:  # whole rows: the real aggregation with the global normalisers
             k = r1 - r0
 
@@ -187,7 +187,7 @@ class Head:
             def take(v):
                 return v.reshape(-1)[local]
 
-            s[5:8] = [plan.agg, plan.num_tokens, plan.num_seqs]
+            opts = self.options._replace(num_tokens=plan.num_tokens, num_seqs=plan.num_seqs)
             scale = 1.0
         else:  # a segment of one long row: a token sum times the row's aggregation weight
 
@@ -198,7 +198,7 @@ class Head:
                 return v.reshape(-1)
 
             rows = {k: _segment(v, local) for k, v in rows.items()}
-            s[5:8] = ["token-sum", None, None]
+            opts = self.options._replace(agg="token-sum", num_tokens=None, num_seqs=None)
             scale = plan.row_weight(r0)
         ent = None if ent is None else place(ent)
         tensors = [
@@ -210,15 +210,25 @@ class Head:
             ent,
             rows["is_weights"],
         ]
-        loss, metrics, row_stats = self.loss_fwd(*tensors, *s)
+        loss, metrics, row_stats = self.loss_fwd(*tensors, *opts)
         self.loss += loss * scale
         w = metrics.new_tensor([idx.numel()] * 3 + [scale] * 2)
         self.sums += metrics * w
         if not any(self.need):
             return None
-        bwd_scalars = s[:5] + s[8:]
         grad = loss.new_tensor(scale)
-        g_lp, _, g_ent = self.loss_bwd(grad, *tensors, row_stats, *bwd_scalars)
+        g_lp, _, g_ent = self.loss_bwd(
+            grad,
+            *tensors,
+            row_stats,
+            opts.loss_mode,
+            opts.loss_params,
+            opts.logratio_clamp,
+            opts.kl_coef,
+            opts.kl_estimator,
+            opts.kl_clamp,
+            opts.entropy_coef,
+        )
         return take(g_lp), (take(g_ent) if ent is not None else None)
 
     def _unfused_row(self, r, idx):

@@ -13,8 +13,9 @@ loss is not known yet. Here it is: for each chunk of tokens
     grad_W += dz^T h_c,  grad_b += sum dz    GEMM 3
 
 and the backward only scales the stored gradients by the upstream scalar (or, for the usual
-upstream 1, hands them over without a copy). The op is ``ppokernels::linear_ppo_policy_loss``: its
-implementation (ppokernels/ops/_linear_ppo_head.py) calls the registered kernels of
+upstream 1, hands them over without a copy; a later backward of a retained graph runs the head
+again). The op is ``ppokernels::linear_ppo_policy_loss`` (schema in csrc/ops.cpp): its
+implementation (ppokernels/ops/_linear_ppo_policy_loss_head.py) calls the registered kernels of
 token_logprobs, ppo_policy_loss and linear_logprobs of the chosen backend (CPU C++; CUDA C++ or
 Triton on GPUs), so it runs wherever they do. A chunk's share
 is exact because every aggregation is a sum of per-row terms with global normalisers: chunks are
@@ -28,37 +29,32 @@ the sequence modes (gspo, geo_mean, vespo) need the whole row at once, so such a
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor
 
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype, bool_mask
+from ppokernels.losses import Clip, LossSpec
 from ppokernels.ops import _checks
-from ppokernels.ops._linear_ppo_head import ROW_ALIGN, SEQUENCE_MODES, Head
-from ppokernels.ops.ppo_loss import _policy_scalars, ppo_policy_loss
+from ppokernels.ops._linear_ppo_policy_loss_head import ROW_ALIGN, Head
+from ppokernels.ops.ppo_loss import policy_options, ppo_policy_loss
 from ppokernels.reference import PolicyLossOutput
 
-__all__ = ["LOSS_OPTIONS", "SEQUENCE_MODES", "default_chunk_size", "linear_ppo_policy_loss"]
+__all__ = ["default_chunk_size", "linear_ppo_policy_loss"]
 
 NAME = "linear_ppo_policy_loss"
+QUALNAME = "ppokernels::" + NAME
 BUFFER_BYTES = 128 << 20  # default size of the fp32 [R, V] logits/dlogits buffer
-# ppo_policy_loss's options, passed through, with its defaults
-_PPO_SIGNATURE = inspect.signature(ppo_policy_loss).parameters
-LOSS_OPTIONS = tuple(
-    k
-    for k, p in _PPO_SIGNATURE.items()
-    if p.kind is p.KEYWORD_ONLY and k not in ("entropy", "backend")
-)
-_MODE_OPTIONS = (
-    "tau_pos",
-    "tau_neg",
-    "ratio_cap",
-    "seq_logratio_max",
-    "dro_beta",
-    "vespo_k",
-    "vespo_lambda",
+# The schema of csrc/ops.cpp, defined here too when the binary is not loaded (the pure-Python
+# install runs the op on the Triton kernels); tests/test_linear_ppo_loss.py checks they agree.
+SCHEMA = (
+    "linear_ppo_policy_loss(Tensor hidden, Tensor weight, Tensor labels, Tensor old_logprobs, "
+    "Tensor advantages, Tensor mask, Tensor? bias, Tensor? ref_logprobs, Tensor? is_weights, "
+    "float temperature, bool with_entropy, int chunk_size, str token_backend, str loss_backend, "
+    "str linear_backend, str loss_mode, float[] loss_params, float? logratio_clamp, str agg, "
+    "float? num_tokens, float? num_seqs, float kl_coef, str kl_estimator, float? kl_clamp, "
+    "float entropy_coef, bool[3] output_mask) -> (Tensor loss, Tensor metrics, "
+    "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
 )
 
 
@@ -77,22 +73,33 @@ def linear_ppo_policy_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
+    loss: LossSpec | str = Clip(),
     bias: Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     with_entropy: bool = False,
     chunk_size: int | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    logratio_clamp: float | None = 20.0,
+    is_weights: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_clamp: float | None = None,
+    entropy_coef: float = 0.0,
     backend: str = "auto",
-    **loss_options,
 ) -> PolicyLossOutput:
     """``ppo_policy_loss(linear_logprobs(hidden, weight, labels), old_logprobs, advantages, mask,
-    **loss_options)`` with the gradients of hidden, weight and bias made during the forward: three
-    GEMMs per token and an fp32 ``[chunk_size, V]`` buffer, never ``[N, V]``.
+    loss=loss, ...)`` with the gradients of hidden, weight and bias made during the forward:
+    three GEMMs per token and an fp32 ``[chunk_size, V]`` buffer, never ``[N, V]``.
 
     ``z = (hidden @ weight.T + bias) / temperature``, ``lp = log_softmax(z)[label]``, ``entropy
-    = -sum p log p``; the loss is :func:`ppokernels.ppo_policy_loss` of ``lp`` (every
-    ``loss_mode``, aggregation, KL and entropy term, with ``entropy=`` the head's own entropy when
-    ``with_entropy`` or ``entropy_coef != 0``).
+    = -sum p log p``; the loss is :func:`ppokernels.ppo_policy_loss` of ``lp`` with every loss
+    spec, aggregation, KL and entropy term (``entropy=`` the head's own entropy when
+    ``with_entropy`` or ``entropy_coef != 0``). Specification:
+    :func:`ppokernels.reference.linear_ppo_policy_loss`.
 
     Args:
         hidden: [B, T, H] float32/bfloat16/float16 (float64 for gradcheck).
@@ -100,30 +107,48 @@ def linear_ppo_policy_loss(
         labels: [B, T] int64/int32 in [0, V) where valid. A token is valid where ``mask`` is set
             and the label is not ``ignore_index``; other tokens cost nothing and get no gradient.
         old_logprobs, advantages ([B, T] or [B]), mask: as in ppo_policy_loss (constants).
+        loss, agg, num_tokens, num_seqs, logratio_clamp, is_weights, ref_logprobs, kl_coef,
+            kl_estimator, kl_clamp, entropy_coef: as in :func:`ppokernels.ppo_policy_loss`
+            (``ref_logprobs`` and ``is_weights`` are [B, T] or [B] constants).
         temperature: > 0, divides the logits (forward, entropy and gradients).
         with_entropy: also compute the entropy and report its aggregate (``out.entropy``).
         chunk_size: token rows per chunk (rounded up to 16); None: :func:`default_chunk_size`.
-        backend: "auto", "cpp", "triton" or "reference" (the naive head, full logits and
-            autograd), for the kernels the op calls.
-        **loss_options: ppo_policy_loss's options (``LOSS_OPTIONS``): loss_mode, clip_low,
-            clip_high, dual_clip, agg, num_tokens, num_seqs, ref_logprobs, kl_coef,
-            kl_estimator, entropy_coef, is_weights, ...; ``ref_logprobs`` and ``is_weights`` are
-            [B, T] (or [B]) constants.
+        backend: "auto", "cpp" or "triton" for the kernels the op calls, or "reference" (the
+            naive head: full logits and autograd).
 
     Returns:
         PolicyLossOutput as ppo_policy_loss's (``loss`` differentiable w.r.t. hidden, weight and
-        bias; the metrics are the same masked means and aggregates over the whole batch). A
-        backward with upstream gradient 1 (``loss.backward()``) receives the stored gradients
-        themselves; a second backward through the same call is then an error.
+        bias; the metrics are the same masked means and aggregates over the whole batch). The
+        first backward with upstream gradient 1 (``loss.backward()``) receives the gradients made
+        in the forward themselves; a later backward of the same graph
+        (``retain_graph=True``) runs the head again for its gradients.
     """
-    _check(hidden, weight, labels, bias, loss_options)
+    _check(hidden, weight, labels, bias)
     temperature = _checks.head_options(NAME, temperature, ignore_index, with_entropy, chunk_size)
-    opts = {k: _PPO_SIGNATURE[k].default for k in LOSS_OPTIONS} | loss_options
-    ref, isw = opts.pop("ref_logprobs"), opts.pop("is_weights")
-    ent_on = with_entropy or opts["entropy_coef"] != 0.0
-    rows = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    if not torch.compiler.is_compiling():  # every option checked before any GEMM, O(B T)
-        _probe(rows, hidden, opts, ref, isw, ent_on, backend)
+    ent_on = with_entropy or entropy_coef != 0.0
+    spec, options = policy_options(
+        NAME,
+        loss=loss,
+        agg=agg,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        logratio_clamp=logratio_clamp,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        kl_clamp=kl_clamp,
+        entropy_coef=entropy_coef,
+        has_ref=ref_logprobs is not None,
+        has_entropy=ent_on,
+    )
+    rows = dict(
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+        ref_logprobs=ref_logprobs,
+        is_weights=is_weights,
+    )
+    if not torch.compiler.is_compiling():  # the row tensors checked before any GEMM, O(B T)
+        _probe(rows, hidden, spec, options, ent_on, backend)
     V = weight.shape[0]
     valid = bool_mask(mask) & (labels != ignore_index)
     y = torch.where(valid, labels.long(), torch.full_like(labels, -100, dtype=torch.long))
@@ -134,25 +159,32 @@ def linear_ppo_policy_loss(
             raise ValueError(f"{NAME}: labels must be in [0, {V}) or ignore_index, got {bad}")
     b = _backend.choose("ppo_policy_loss", hidden.device, backend)
     if b == "reference":
-        return _naive(hidden, weight, y, bias, valid, rows, ref, isw, temperature, ent_on, opts)
-    level = opts.pop("ratio_level")
-    if level == "sequence":  # the former spelling of loss_mode="gspo"
-        opts["loss_mode"] = "gspo"
-    mode_opts = {k: opts.pop(k) for k in _MODE_OPTIONS}
-    scalars = _policy_scalars(
-        NAME, **opts, mode_opts=mode_opts, has_ref=ref is not None, has_ent=ent_on
-    )
-    backends = ",".join(
+        return reference.linear_ppo_policy_loss(
+            hidden,
+            weight,
+            labels,
+            old_logprobs,
+            advantages,
+            mask,
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=ent_on,
+            ref_logprobs=ref_logprobs,
+            is_weights=is_weights,
+            **options.reference_kwargs(spec),
+        )
+    kernels = [
         _backend.choose(op, hidden.device, backend)
         for op in ("token_logprobs", "ppo_policy_loss", "linear_logprobs")
-    )
+    ]
     R = default_chunk_size(V) if chunk_size is None else chunk_size
     R = -(-R // ROW_ALIGN) * ROW_ALIGN
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     acc = acc_dtype(hidden)
-    old, ref = old_logprobs.to(acc), None if ref is None else ref.to(acc)
-    loss, m, *_ = torch.ops.ppokernels.linear_ppo_policy_loss(
+    old, ref = old_logprobs.to(acc), None if ref_logprobs is None else ref_logprobs.to(acc)
+    loss_, m, *_ = torch.ops.ppokernels.linear_ppo_policy_loss(
         hidden,
         weight,
         y,
@@ -161,20 +193,20 @@ def linear_ppo_policy_loss(
         valid,
         bias,
         ref,
-        isw,
+        is_weights,
         temperature,
         ent_on,
         R,
-        backends,
-        *scalars.values(),
+        *kernels,
+        *options,
         need,
     )
     return PolicyLossOutput(
-        loss, m[0], m[1], m[2], m[3] if ref is not None else None, m[4] if ent_on else None
+        loss_, m[0], m[1], m[2], m[3] if ref is not None else None, m[4] if ent_on else None
     )
 
 
-def _check(hidden, weight, labels, bias, loss_options) -> None:
+def _check(hidden, weight, labels, bias) -> None:
     _checks.tensor(NAME, "hidden", hidden, ndim=3)
     _checks.tensor(NAME, "weight", weight, ndim=2)
     _checks.labels(NAME, "labels", labels)
@@ -199,99 +231,42 @@ def _check(hidden, weight, labels, bias, loss_options) -> None:
             raise ValueError(
                 f"{NAME}: bias has {bias.shape[0]} entries, weight has V = {weight.shape[0]}"
             )
-    unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
-    if unknown:
-        raise TypeError(f"{NAME}: unknown option(s) {unknown}; the options are {LOSS_OPTIONS}")
     if hidden.shape[-1] == 0:
         raise ValueError(f"{NAME}: hidden has H = 0 features")
 
 
-def _probe(rows, hidden, opts, ref, isw, ent_on, backend) -> None:
-    """Checks the row tensors and every loss option with one ppo_policy_loss call on the real
-    tensors' shapes under no_grad (O(B T), no GEMM), so bad input fails before the head runs."""
+def _probe(rows, hidden, spec, options, ent_on, backend) -> None:
+    """Checks the row tensors with one ppo_policy_loss call on the real tensors' shapes under
+    no_grad (O(B T), no GEMM), so bad input fails before the head runs."""
     like = hidden.new_zeros(hidden.shape[:2], dtype=acc_dtype(hidden))
     try:
         with torch.no_grad():
             ppo_policy_loss(
                 like,
                 **rows,
-                **opts,
-                ref_logprobs=ref,
-                is_weights=isw,
                 entropy=like if ent_on else None,
                 backend=backend,
+                **options.reference_kwargs(spec),
             )
     except (ValueError, TypeError) as e:
         raise type(e)(f"{NAME}: {e}") from None
-
-
-def _naive(hidden, weight, y, bias, valid, rows, ref, isw, temperature, ent_on, opts):
-    """backend="reference": full logits, log_softmax and the reference loss, by autograd."""
-    z = hidden @ weight.T + (bias if bias is not None else 0.0)
-    logp = torch.log_softmax(z.to(acc_dtype(hidden)) / temperature, -1)
-    lp = torch.where(valid, logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
-    ent = torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0) if ent_on else None
-    rows = rows | dict(mask=valid)
-    return reference.ppo_policy_loss(
-        lp, **rows, ref_logprobs=ref, is_weights=isw, entropy=ent, **opts
-    )
 
 
 # ------------------------------------------------------------------------------ the op
 # Below autograd: Head calls the forward and backward kernel ops itself. output_mask = which of
 # (hidden, weight, bias) get a gradient; the three gradients are outputs (empty when not needed),
 # kept by setup_context for the backward, which scales them by the upstream gradient.
-@torch.library.custom_op("ppokernels::linear_ppo_policy_loss", mutates_args=())
-def _op(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    bias: Tensor | None,
-    ref_logprobs: Tensor | None,
-    is_weights: Tensor | None,
-    temperature: float,
-    with_entropy: bool,
-    chunk_size: int,
-    backends: str,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    logratio_clamp: float | None,
-    ratio_level: str,
-    agg: str,
-    num_tokens: float | None,
-    num_seqs: float | None,
-    kl_coef: float,
-    kl_estimator: str,
-    kl_clamp: float | None,
-    entropy_coef: float,
-    output_mask: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _impl(hidden, weight, labels, old_logprobs, advantages, mask, bias, ref_logprobs, *args):
     rows = dict(
         old_logprobs=old_logprobs,
         advantages=advantages,
         mask=mask,
         ref_logprobs=ref_logprobs,
-        is_weights=is_weights,
+        is_weights=args[0],
     )
-    scalars = (
-        clip_low,
-        clip_high,
-        dual_clip,
-        logratio_clamp,
-        ratio_level,
-        agg,
-        num_tokens,
-        num_seqs,
-        kl_coef,
-        kl_estimator,
-        kl_clamp,
-        entropy_coef,
-    )
-    head = Head(
+    temperature, with_entropy, chunk_size = args[1:4]
+    kernels, options, output_mask = args[4:7], args[7:-1], args[-1]
+    return Head(
         hidden,
         weight,
         labels,
@@ -300,15 +275,13 @@ def _op(
         temperature,
         with_entropy,
         chunk_size,
-        backends,
-        scalars,
+        kernels,
+        options,
         output_mask,
-    )
-    return head.run()
+    ).run()
 
 
-@_op.register_fake
-def _fake(hidden, weight, labels, old, adv, mask, bias, ref, isw, *args):
+def _fake(hidden, weight, labels, old, adv, mask, bias, *args):
     acc, need = acc_dtype(hidden), args[-1]
     return (
         hidden.new_empty((), dtype=acc),
@@ -319,22 +292,33 @@ def _fake(hidden, weight, labels, old, adv, mask, bias, ref, isw, *args):
     )
 
 
+# inputs by position: the differentiable tensors hidden (0), weight (1) and bias (6)
+_DIFFERENTIABLE = (0, 1, 6)
+
+
 def _setup_context(ctx, inputs, output):
     ctx.need = inputs[-1]
     ctx.grads = list(output[2:])
     ctx.mark_non_differentiable(*output[1:])
     # no zero upstream gradients for the non-differentiable outputs: one of them is [V, H]
     ctx.set_materialize_grads(False)
+    # the inputs, for a second backward of the same graph (retain_graph=True): the first one may
+    # take the stored gradients, a later one runs the head again. Saved tensors are references
+    # (no copy); without retain_graph autograd frees them after the first backward.
+    tensors = [t if isinstance(t, torch.Tensor) else None for t in inputs]
+    ctx.save_for_backward(*tensors)
+    ctx.scalars = [None if isinstance(t, torch.Tensor) else t for t in inputs]
 
 
 def _backward(ctx, g_loss, *_):
+    n = len(ctx.scalars)
     if g_loss is None:  # the loss itself was not differentiated
-        return (None,) * 26
-    if ctx.grads is None:
-        raise RuntimeError(
-            f"{NAME}: the gradients made in the forward were handed to an earlier backward "
-            "(upstream gradient 1); run the op again to backward again"
-        )
+        return (None,) * n
+    if ctx.grads is None:  # an earlier backward took them: run the head again
+        inputs = [
+            s if t is None else t for s, t in zip(ctx.scalars, ctx.saved_tensors, strict=True)
+        ]
+        ctx.grads = list(_impl(*inputs)[2:])
     # the usual upstream 1 (loss.backward()): hand over the stored gradients themselves, no
     # [V, H] copy (the check costs one host sync on CUDA, as Liger's); other values scale a copy
     # (a traced backward, whose tensors are fake or functional subclasses, always scales)
@@ -343,10 +327,18 @@ def _backward(ctx, g_loss, *_):
         grads, ctx.grads = ctx.grads, None
     else:
         grads = [g * g_loss.to(g.dtype) for g in ctx.grads]
-    out = [None] * 26
-    for i, slot in enumerate((0, 1, 6)):
+    out = [None] * n
+    for i, slot in enumerate(_DIFFERENTIABLE):
         out[slot] = grads[i] if ctx.need[i] and ctx.needs_input_grad[slot] else None
     return tuple(out)
 
 
-_op.register_autograd(_backward, setup_context=_setup_context)
+def _register() -> None:
+    if _backend._C is None:  # the pure-Python install: no binary to hold the schema
+        torch.library.define(QUALNAME, SCHEMA[len(NAME) :])
+    torch.library.register_kernel(QUALNAME, ("cpu", "cuda"), _impl)
+    torch.library.register_fake(QUALNAME, _fake)
+    torch.library.register_autograd(QUALNAME, _backward, setup_context=_setup_context)
+
+
+_register()
