@@ -39,3 +39,66 @@ def register_fake_cpp(name: str, fn) -> None:
     """Fake (meta) kernel of a C++ op; Triton ops get theirs from tracing the triton_op body."""
     if _backend._C is not None:
         torch.library.register_fake(f"ppokernels::{name}")(fn)
+
+
+def register_autograd(qualname: str, backward, *, setup_context) -> None:
+    """The autograd formula of a ppokernels op, with ``torch.library.register_autograd``'s
+    contract: ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` -> one
+    gradient (or None) per input; the backward calls the registered backward op.
+
+    For the C++ ops this registers the Autograd kernel itself, because torch's (2.11 to 2.15,
+    torch/_library/autograd.py) re-adds the schema's default arguments on every call by walking
+    ``op._schema.arguments`` once per argument (``fill_defaults``): quadratic in the argument
+    count, about 50 us per call for ppo_policy_loss's 17 arguments on a quiet CPU, more than
+    the whole eager formula at 4 x 64 tokens. Our schemas have no defaults and the wrappers pass
+    every argument, so that walk has nothing to add. The Triton ops are torch.library custom
+    ops that carry their own Autograd kernel: they keep torch's registration.
+    """
+    name = qualname.split("::")[1]
+    if name.endswith("_triton"):
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        return
+    overload = op(qualname).default
+    below = torch._C._after_autograd_keyset
+
+    # the keyset rides last, as in torch's own: needs_input_grad[i] is input i in setup_context
+    def forward(ctx, *args_keyset):
+        *args, keyset = args_keyset
+        with torch._C._AutoDispatchBelowAutograd():
+            out = overload.redispatch(keyset & below, *args)
+        setup_context(ctx, args, out)
+        return out
+
+    def backward_with_keyset(ctx, *grads):
+        need = ctx.needs_input_grad
+        ctx.needs_input_grad = need[:-1]  # as the inputs the formula sees (no keyset)
+        try:
+            grads_in = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = need
+        return (*grads_in, None)
+
+    function = type(
+        f"{name}_autograd",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_with_keyset)},
+    )
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & below, *args)
+
+    _impl_library().impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+_LIBRARY: list = []
+
+
+def _impl_library() -> torch.library.Library:
+    """The one ``IMPL`` library of the ppokernels namespace (kept alive: dropping it would
+    deregister its kernels)."""
+    if not _LIBRARY:
+        _LIBRARY.append(torch.library.Library("ppokernels", "IMPL"))
+    return _LIBRARY[0]

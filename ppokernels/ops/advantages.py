@@ -11,7 +11,7 @@ import torch
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_autograd, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.advantages  # noqa: F401  (masked_*_triton ops)
@@ -201,4 +201,4 @@ for _name, _setup in (
     ("group_advantages", _make_setup(2, save_output=False)),
 ):
     for _fwd, _bwd in variants(_name, f"{_name}_backward"):
-        torch.library.register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup)
+        register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup)

@@ -7,7 +7,7 @@ import torch
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_autograd, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.gae  # noqa: F401  (registers the ppokernels::*_triton ops)
@@ -180,6 +180,6 @@ def _returns_backward(backward_op):
 
 
 for _fwd, _bwd in variants("gae", "gae_backward"):
-    torch.library.register_autograd(_fwd, _gae_backward(op(_bwd)), setup_context=_setup_gae)
+    register_autograd(_fwd, _gae_backward(op(_bwd)), setup_context=_setup_gae)
 for _fwd, _bwd in variants("discounted_returns", "discounted_returns_backward"):
-    torch.library.register_autograd(_fwd, _returns_backward(op(_bwd)), setup_context=_setup_returns)
+    register_autograd(_fwd, _returns_backward(op(_bwd)), setup_context=_setup_returns)

@@ -7,7 +7,7 @@ import torch
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_autograd, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.kl  # noqa: F401  (registers ppokernels::kl_penalty_triton)
@@ -97,4 +97,4 @@ def _make_backward(backward_op):
 
 
 for _fwd, _bwd in variants("kl_penalty", "kl_penalty_backward"):
-    torch.library.register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup_context)
+    register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup_context)

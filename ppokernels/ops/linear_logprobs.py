@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_autograd, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.linear_logprobs  # noqa: F401  (registers the _triton ops)
@@ -270,4 +270,4 @@ def _make_backward(backward_op):
 
 
 for _fwd, _bwd in variants("linear_logprobs", "linear_logprobs_backward"):
-    torch.library.register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup_context)
+    register_autograd(_fwd, _make_backward(op(_bwd)), setup_context=_setup_context)

@@ -7,7 +7,7 @@ import torch
 from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
-from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_autograd, register_fake_cpp, variants
 
 if _backend.HAS_TRITON:
     import ppokernels.triton.logprobs  # noqa: F401  (registers ppokernels::token_logprobs_triton)
@@ -187,6 +187,4 @@ def _make_backward(backward_op, backward_inplace_op):
 
 # the in-place backward of each variant is its backward op's name + "_"
 for _fwd, _bwd in variants(NAME, f"{NAME}_backward"):
-    torch.library.register_autograd(
-        _fwd, _make_backward(op(_bwd), op(f"{_bwd}_")), setup_context=_setup_context
-    )
+    register_autograd(_fwd, _make_backward(op(_bwd), op(f"{_bwd}_")), setup_context=_setup_context)

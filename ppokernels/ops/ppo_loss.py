@@ -17,7 +17,7 @@ from ppokernels import _backend, reference
 from ppokernels._dtypes import acc_dtype, bool_mask, promote
 from ppokernels.losses import AGG_MODES, Clip, LossSpec, loss_spec
 from ppokernels.ops import _checks
-from ppokernels.ops._register import kernel, op, register_fake_cpp, variants
+from ppokernels.ops._register import kernel, op, register_autograd, register_fake_cpp, variants
 from ppokernels.reference import PolicyLossOutput, ValueLossOutput
 
 if _backend.HAS_TRITON:
@@ -429,10 +429,6 @@ def _make_value_backward(backward_op):
 
 
 for _fwd, _bwd in variants("ppo_policy_loss", "ppo_policy_loss_backward"):
-    torch.library.register_autograd(
-        _fwd, _make_policy_backward(op(_bwd)), setup_context=_policy_setup
-    )
+    register_autograd(_fwd, _make_policy_backward(op(_bwd)), setup_context=_policy_setup)
 for _fwd, _bwd in variants("value_loss", "value_loss_backward"):
-    torch.library.register_autograd(
-        _fwd, _make_value_backward(op(_bwd)), setup_context=_value_setup
-    )
+    register_autograd(_fwd, _make_value_backward(op(_bwd)), setup_context=_value_setup)
