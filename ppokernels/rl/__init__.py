@@ -6,13 +6,16 @@
     cfg = RLConfig(algo="grpo", task="reverse", steps=50, out="runs/grpo")
     Trainer(cfg).train()
 
-Submodules: :mod:`~ppokernels.rl.config` (RLConfig), :mod:`~ppokernels.rl.tasks` (Task API,
-splits, reward checks) and :mod:`~ppokernels.rl.builtin_tasks`, :mod:`~ppokernels.rl.models`
-(scoring from hidden states, critic, tiny models), :mod:`~ppokernels.rl.rollout` (generation, EOS
-handling), :mod:`~ppokernels.rl.losses` (one micro-batch's loss), :mod:`~ppokernels.rl.trainer`
-(the loop), :mod:`~ppokernels.rl.evaluation` (held-out splits), :mod:`~ppokernels.rl.checkpoint`
-(checkpoints, ``OUT/model``), :mod:`~ppokernels.rl.distributed` (process group, Ctrl-C),
-:mod:`~ppokernels.rl.apply` (``ppokernels generate`` / ``eval``).
+Read in this order: :mod:`~ppokernels.rl.algorithm` (one step, top to bottom: rollout,
+scores, advantages, loss, update), :mod:`~ppokernels.rl.trainer` (the loop around it: setup,
+warm-up, evaluation, metrics, checkpoints, Ctrl-C), :mod:`~ppokernels.rl.config` (RLConfig).
+Then, as needed: :mod:`~ppokernels.rl.state` (TrainState, what checkpoints hold),
+:mod:`~ppokernels.rl.models` (scoring from hidden states, critic, tiny models),
+:mod:`~ppokernels.rl.rollout` (generation, EOS handling, the sampler's log-probs),
+:mod:`~ppokernels.rl.tasks` (Task API, built-in tasks, ``jsonl:PATH`` tasks and their rewards),
+:mod:`~ppokernels.rl.evaluation` (held-out splits), :mod:`~ppokernels.rl.checkpoint`,
+:mod:`~ppokernels.rl.parallel` (DDP, FSDP2, bf16), :mod:`~ppokernels.rl.distributed` (process
+group, Ctrl-C), :mod:`~ppokernels.rl.apply` (``ppokernels generate`` / ``eval``).
 Importing this package does not import transformers; the submodules that need it import it lazily.
 """
 

@@ -3,7 +3,8 @@ Hugging Face causal-LM folder outside the loop.
 
 * ``generate``: responses to ``--prompt`` (repeatable) and/or the lines of ``--prompts-file``,
   one JSON object per line: ``{"prompt": ..., "response": ...}`` (the response up to EOS).
-* ``eval``: mean task reward on a held-out split of a task, as JSON:
+* ``eval``: mean task reward on a held-out split of a task (a ``jsonl:PATH`` task takes the
+  run's field names and reward, or ``--reward``), as JSON:
   ``{"model", "task", "split", "n", "reward_mean", "results": [{"prompt", "response", "reward"}]}``.
 
 Greedy decoding unless ``--temperature`` > 0. When the folder sits in a run directory, the run's
@@ -35,7 +36,11 @@ def add_parser(subparsers) -> None:
         description="Evaluate a model on the validation or test split of a task.",
     )
     _common(e)
-    e.add_argument("--task", required=True, help="built-in task or module:attribute")
+    e.add_argument("--task", required=True, help="built-in task, jsonl:PATH or module:attribute")
+    e.add_argument(
+        "--reward",
+        help="jsonl tasks: exact | numeric | regex | module:function (default: the run's)",
+    )
     e.add_argument("--split", choices=("test", "validation"), default="test")
     e.add_argument("--n", type=int, default=128, help="at most this many prompts (default 128)")
     e.add_argument("--out", help="also write the JSON to this file")
@@ -79,6 +84,17 @@ def _run_default(model_dir: str, key: str):
         return None
 
 
+def _jsonl_options(args) -> dict:
+    """A ``jsonl:PATH`` task's options: the run's (``run_config.json`` beside the model), then
+    ``--reward``; none for other tasks."""
+    if not args.task.startswith("jsonl:"):
+        return {}
+    keys = ("prompt_field", "answer_field", "split_field", "reward_tolerance", "reward_regex")
+    opts = {k: v for k in keys if (v := _run_default(args.model, k)) is not None}
+    opts["reward"] = args.reward or _run_default(args.model, "reward")
+    return opts
+
+
 def _sampling(args) -> dict:
     greedy = args.temperature == 0
     return dict(greedy=greedy, temperature=args.temperature if not greedy else 1.0)
@@ -115,7 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ppokernels.rl.tasks import RewardError, get_task
 
     try:
-        task = get_task(args.task)
+        task = get_task(args.task, **_jsonl_options(args))
         prompts = task.split(args.split, args.n)
         if not prompts:
             raise ValueError(f"task {task.name!r} has no {args.split} prompts")

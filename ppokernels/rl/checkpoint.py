@@ -1,6 +1,7 @@
-"""Checkpoints: models as safetensors (shared/tied tensors handled by ``save_model``), and per
-process the optimizer, scheduler, controller and every RNG state, so that a resumed run follows
-the same trajectory as an uninterrupted one; and the exported model (``OUT/model``).
+"""Checkpoints of a :class:`~ppokernels.rl.state.TrainState`: its models as safetensors
+(shared/tied tensors handled by ``save_model``) and, per process, its ``state_dict()`` (counters,
+KL coefficient, optimizers, schedules, every RNG), so that a resumed run follows the same
+trajectory as an uninterrupted one; and the exported model (``OUT/model``).
 
 FSDP2 runs (``sharded``) write each process's shard instead: ``<model>_rank<r>.safetensors``
 with the local tensors of every sharded parameter, and the optimizer state's local shards in
@@ -16,12 +17,12 @@ with ``torch.load(weights_only=True)``: a shared checkpoint folder can never run
 from __future__ import annotations
 
 import os
-import random
 import shutil
 
 import torch
 
 from ppokernels.rl import parallel
+from ppokernels.rl.state import TrainState
 
 CKPT = "checkpoint"
 MODEL = "model"
@@ -31,48 +32,12 @@ class CheckpointError(RuntimeError):
     """A missing, unreadable or inconsistent checkpoint (the message names the file)."""
 
 
-def rng_state(prompt_rng: random.Random, shuffle_gen: torch.Generator) -> dict:
-    """Every RNG state as tensors: torch's byte tensors as they are, Python's Mersenne Twister
-    state (version, 625 words, gauss_next) as an int64 tensor."""
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": _py_state(random.getstate()),
-        "prompt": _py_state(prompt_rng.getstate()),
-        "shuffle": shuffle_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, prompt_rng: random.Random, shuffle_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_from_py_state(state["python"]))
-    prompt_rng.setstate(_from_py_state(state["prompt"]))
-    shuffle_gen.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _py_state(s: tuple) -> dict:
-    version, words, gauss = s
-    return {
-        "version": int(version),
-        "words": torch.tensor(words, dtype=torch.int64),
-        "gauss": None if gauss is None else float(gauss),
-    }
-
-
-def _from_py_state(d: dict) -> tuple:
-    return d["version"], tuple(int(w) for w in d["words"].tolist()), d["gauss"]
-
-
 def save(
-    out: str, *, rank: int, world: int, models: dict, state: dict, barrier=None, sharded=False
+    out: str, st: TrainState, *, rank: int, world: int, strategy: str, barrier=None, sharded=False
 ) -> str:
-    """Write ``out/checkpoint`` atomically (a temp dir renamed into place by rank 0). ``models``
-    maps names to modules (saved by rank 0, or their shards by every rank when ``sharded``),
-    ``state`` is this process's state (saved per rank)."""
+    """Write ``out/checkpoint`` atomically (a temp dir renamed into place by rank 0): the
+    models of ``st`` (by rank 0, or their shards by every rank when ``sharded``) and this
+    process's :meth:`TrainState.state_dict` with the run's ``world`` size and ``strategy``."""
     from safetensors.torch import save_file, save_model
 
     final = os.path.join(out, CKPT)
@@ -82,11 +47,12 @@ def save(
         os.makedirs(tmp)
     if barrier:
         barrier()
-    for name, module in models.items():
+    for name, module in st.models().items():
         if module is not None and sharded:
             save_file(parallel.local_state(module), os.path.join(tmp, _file(name, rank, True)))
         elif module is not None and rank == 0:
             save_model(module, os.path.join(tmp, _file(name, rank, False)))
+    state = dict(st.state_dict(), world=world, strategy=strategy)
     torch.save(state, os.path.join(tmp, f"state_rank{rank}.pt"))
     if barrier:
         barrier()
@@ -122,11 +88,13 @@ def require(out: str, *, rank: int, names: list, sharded: bool = False) -> None:
         raise CheckpointError(f"--resume: {path} lacks {', '.join(missing)}")
 
 
-def load(out: str, *, rank: int, models: dict, device, sharded: bool = False) -> dict:
-    """Load the models into the given modules and return this rank's state dict."""
+def load(out: str, st: TrainState, *, rank: int, world: int, strategy: str, device, sharded=False):
+    """Load ``out/checkpoint`` into ``st``: its models, then its state (which must come from a
+    run with the same number of processes and the same strategy)."""
     from safetensors.torch import load_file, load_model
 
     path = os.path.join(out, CKPT)
+    models = st.models()
     names = [n for n, m in models.items() if m is not None]
     require(out, rank=rank, names=names, sharded=sharded)
     for name in names:
@@ -140,11 +108,21 @@ def load(out: str, *, rank: int, models: dict, device, sharded: bool = False) ->
             raise CheckpointError(f"{f}: cannot load ({_first_line(e)})") from None
     f = os.path.join(path, f"state_rank{rank}.pt")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is not plain tensors/types is refused, not run
         raise CheckpointError(
             f"{f}: not a loadable ppokernels state file ({_first_line(e)})"
         ) from None
+    if state.get("world", 1) != world:
+        raise CheckpointError(
+            f"checkpoint was written by {state.get('world')} processes, resuming with {world}"
+        )
+    if state.get("strategy", strategy) != strategy:
+        raise CheckpointError(
+            f"checkpoint was written with strategy={state['strategy']}, resuming with "
+            f"strategy={strategy}"
+        )
+    st.load_state_dict(state)
 
 
 def _first_line(e: BaseException) -> str:
@@ -189,41 +167,3 @@ def check_out_dir(
             f"{out} already holds a run (metrics.jsonl); resume it with --resume "
             "or replace it with --overwrite"
         )
-
-
-def trainer_state(tr) -> dict:
-    """This process's part of a :class:`~ppokernels.rl.trainer.Trainer`'s state: counters,
-    KL coefficient, optimizers, schedulers and RNGs (tensors and plain values only)."""
-    return {
-        "step": tr.step,
-        "elapsed": tr.elapsed,
-        "kl_coef": tr.kl_ctl.value,
-        "opt": parallel.optimizer_to_local(tr.opt.state_dict()),
-        "sched": tr.sched.state_dict(),
-        "vopt": parallel.optimizer_to_local(tr.vopt.state_dict()) if tr.vopt else None,
-        "vsched": tr.vsched.state_dict() if tr.vsched else None,
-        "rng": rng_state(tr.prompt_rng, tr.shuffle_gen),
-        "world": tr.world,
-        "strategy": tr.par.strategy,
-    }
-
-
-def restore_trainer(tr, state: dict) -> None:
-    """The inverse of :func:`trainer_state` (the models are loaded by :func:`load`)."""
-    if state.get("world", 1) != tr.world:
-        raise CheckpointError(
-            f"checkpoint was written by {state.get('world')} processes, resuming with {tr.world}"
-        )
-    if state.get("strategy", tr.par.strategy) != tr.par.strategy:
-        raise CheckpointError(
-            f"checkpoint was written with strategy={state['strategy']}, resuming with "
-            f"strategy={tr.par.strategy}"
-        )
-    tr.step, tr.elapsed = state["step"], state["elapsed"]
-    tr.kl_ctl.value = state["kl_coef"]
-    tr.opt.load_state_dict(parallel.optimizer_from_local(state["opt"], tr.opt))
-    tr.sched.load_state_dict(state["sched"])
-    if tr.vopt is not None:
-        tr.vopt.load_state_dict(parallel.optimizer_from_local(state["vopt"], tr.vopt))
-        tr.vsched.load_state_dict(state["vsched"])
-    set_rng_state(state["rng"], tr.prompt_rng, tr.shuffle_gen)

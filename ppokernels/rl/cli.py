@@ -1,15 +1,20 @@
 """``ppokernels train``: the lean PPO/GRPO loop from the command line.
 
-Precedence: defaults < ``--config FILE`` < the named flags < ``--set key=value``. Nothing heavy is
-imported here; transformers and the trainer load inside the command.
+Every :class:`~ppokernels.rl.config.RLConfig` field is a flag (``--kl-coef 0.05``, help text and
+choices from the field) and a ``--set kl_coef=0.05`` key. Precedence: defaults < ``--config
+FILE`` < the flags < ``--set key=value``. Nothing heavy is imported here; transformers and the
+trainer load inside the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ppokernels.rl.config import RLConfig
+
     p = subparsers.add_parser(
         "train",
         help="train a Hugging Face causal LM with PPO / GRPO / RLOO / Dr.GRPO",
@@ -17,17 +22,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "built-in 'copy' task on a tiny model in a few CPU minutes, with validation and test "
         "splits, and writes OUT/model. Under torchrun it runs data parallel (DDP).",
     )
-    p.add_argument("--algo", choices=("ppo", "grpo", "rloo", "drgrpo"), help="default: ppo")
-    p.add_argument("--task", help="built-in task (copy, repeat, reverse, sum) or module:attribute")
-    p.add_argument("--steps", type=int, help="RL steps")
-    p.add_argument("--out", help="output directory (metrics.jsonl, plots, checkpoint, model)")
-    p.add_argument("--model", help="tiny-llama | tiny-qwen2 | tiny-gpt2 | HF model path or id")
-    p.add_argument(
-        "--logprobs",
-        choices=("fused", "naive"),
-        help="fused: linear_logprobs on hidden states (default); naive: full logits",
-    )
-    p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run in OUT (else refused)"
@@ -41,18 +35,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="override any config field (repeatable), e.g. --set kl_coef=0.05",
     )
     p.add_argument("--show-config", action="store_true", help="print the config and exit")
+    fields = p.add_argument_group("config fields (also --set KEY=VALUE)")
+    for f in dataclasses.fields(RLConfig):
+        choices = f.metadata.get("choices")
+        fields.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f"field_{f.name}",
+            metavar=(f.name.upper() if not choices else "{" + ",".join(choices) + "}"),
+            default=None,
+            help=f"{f.metadata.get('help', '')} (default: {_shown(f)})",
+        )
     p.set_defaults(fn=run)
     return p
+
+
+def _shown(f: dataclasses.Field):
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return "null" if default is None else default
 
 
 def build_config(args: argparse.Namespace):
     from ppokernels.rl.config import RLConfig
 
     cfg = RLConfig.from_file(args.config) if args.config else RLConfig()
-    for key in ("algo", "task", "steps", "out", "model", "logprobs", "seed"):
-        value = getattr(args, key, None)
+    for f in dataclasses.fields(RLConfig):
+        value = getattr(args, f"field_{f.name}", None)
         if value is not None:
-            cfg.set(key, value)
+            cfg.set(f.name, value)
     cfg.apply_overrides(args.set)
     return cfg.validate()
 

@@ -1,5 +1,13 @@
-"""Configuration of the lean PPO/GRPO loop: one dataclass, loadable from YAML/JSON, overridable
-with ``key=value`` strings, validated with messages that name the field."""
+"""Configuration of the lean PPO/GRPO loop: one typed dataclass, :class:`RLConfig`.
+
+Every field carries its help text and its check (``opt(default, help, check=..., choices=...)``);
+the command line (``--kl-coef 0.05``, ``--set kl_coef=0.05``), YAML/JSON files and
+``--show-config`` are all derived from the fields. The policy-loss fields carry the names of the
+ops' arguments (``ppokernels.ppo_policy_loss``: ``loss_mode``, ``clip_low``, ``clip_high``,
+``agg``, ``kl_coef``, ``kl_estimator``, ``entropy_coef``, ...) and their vocabularies are the
+ops' own (``ppokernels.losses``: ``LOSS_MODES``, ``AGG_MODES``, ``KL_ESTIMATORS``). The loss is
+``loss_spec(loss_mode, **fields)`` of the fields the mode has (:attr:`RLConfig.loss`).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +15,46 @@ import dataclasses
 import json
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
+from ppokernels.rl._loss_api import AGG_MODES, KL_ESTIMATORS, LOSS_MODES, loss_spec
+
 ALGOS = ("ppo", "grpo", "rloo", "drgrpo")
-LOGPROBS = ("fused", "naive")
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+HEADS = ("fused", "split", "naive")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 PRECISIONS = ("auto", "fp32", "bf16")
-AGGS = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-sum-norm",
+# the spec fields a loss mode may take (ppokernels.losses), each an RLConfig field below
+LOSS_FIELDS = (
+    "clip_low",
+    "clip_high",
+    "dual_clip",
+    "seq_logratio_max",
+    "tau_pos",
+    "tau_neg",
+    "ratio_cap",
+    "beta",
+    "k_pos",
+    "lambda_pos",
+    "k_neg",
+    "lambda_neg",
 )
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field and what is allowed."""
+
+
+def opt(default, help: str, *, check: str | None = None, choices: tuple | None = None):
+    """A config field: its default, one line of help, and its check (``"> 0"``, ``">= 1"``,
+    ``"[0, 1]"``, ``"(0, 1]"``) or allowed values (``choices``)."""
+    meta = {"help": help, "check": check, "choices": choices}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -37,78 +64,115 @@ class RLConfig:
     method (GRPO, RLOO, Dr.GRPO: ``group_size`` samples per prompt, KL in the loss)."""
 
     # what to train
-    algo: str = "ppo"
-    task: str = "copy"
-    model: str = "tiny-llama"  # built-in name (tiny-llama|tiny-qwen2|tiny-gpt2) or HF path/id
-    tiny_hidden: int = 64  # size of the built-in tiny-* models
-    tiny_layers: int = 2
-    reward_model: str | None = None  # HF AutoModelForSequenceClassification path, replaces reward
-    out: str = "runs/rl"
-    steps: int = 60
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch CPU threads (None: 1 for tiny-* models on CPU, else default)
-    logprobs: str = "fused"  # fused: linear_logprobs on hidden states; naive: full logits
-    chunk_size: int | None = None  # linear_logprobs vocabulary chunk (None: the op's default)
-    strategy: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp2
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (decoder compute)
-    gradient_checkpointing: bool = False  # recompute decoder activations in the backward
+    algo: str = opt("ppo", "ppo | grpo | rloo | drgrpo", choices=ALGOS)
+    task: str = opt("copy", "built-in task, module:attribute, or jsonl:PATH")
+    model: str = opt("tiny-llama", "tiny-llama | tiny-qwen2 | tiny-gpt2 | HF path or id")
+    tiny_hidden: int = opt(64, "hidden size of the built-in tiny-* models", check=">= 1")
+    tiny_layers: int = opt(2, "layers of the built-in tiny-* models", check=">= 1")
+    reward_model: str | None = opt(None, "AutoModelForSequenceClassification replacing the reward")
+    out: str = opt("runs/rl", "output directory")
+    steps: int = opt(60, "RL steps", check=">= 1")
+    seed: int = opt(0, "seed (each process adds rank * 100003)")
+    device: str = opt("auto", "auto | cpu | cuda", choices=DEVICES)
+    threads: int | None = opt(None, "torch CPU threads (null: 1 for tiny-* on CPU)", check=">= 1")
+    head: str = opt(
+        "fused",
+        "fused: linear_ppo_policy_loss (3 GEMMs); split: linear_logprobs + ppo_policy_loss; "
+        "naive: full logits",
+        choices=HEADS,
+    )
+    chunk_size: int | None = opt(None, "rows per vocabulary chunk of the fused heads", check=">= 1")
+    strategy: str = opt("auto", "auto | none | ddp | fsdp2", choices=STRATEGIES)
+    precision: str = opt("auto", "auto (bf16 on CUDA) | fp32 | bf16", choices=PRECISIONS)
+    gradient_checkpointing: bool = opt(False, "recompute decoder activations in the backward")
+
+    # the task's data and reward (jsonl:PATH tasks)
+    reward: str | None = opt(None, "exact | numeric | regex | module:function (jsonl tasks)")
+    prompt_field: str = opt("prompt", "jsonl: the field holding the prompt")
+    answer_field: str = opt("answer", "jsonl: the field holding the reference answer")
+    split_field: str = opt("split", "jsonl: optional field naming the split of a line")
+    reward_tolerance: float = opt(1e-6, "numeric reward: |number - answer| <= this", check=">= 0")
+    reward_regex: str | None = opt(None, "regex reward: pattern ({answer} is the escaped answer)")
 
     # rollout
-    batch_size: int | None = None  # prompts per step per process (None: 64 samples in all)
-    group_size: int = 4  # samples per prompt for grpo/rloo/drgrpo (ppo uses 1)
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
+    batch_size: int | None = opt(
+        None, "prompts per step per process (null: 64 samples)", check=">= 1"
+    )
+    group_size: int = opt(4, "samples per prompt for grpo / rloo / drgrpo", check=">= 1")
+    max_new_tokens: int = opt(8, "response length limit", check=">= 1")
+    temperature: float = opt(
+        1.0, "sampling temperature (divides the logits everywhere)", check="> 0"
+    )
+    top_k: int = opt(0, "0: off", check=">= 0")
+    top_p: float = opt(1.0, "nucleus sampling", check="(0, 1]")
 
     # optimisation
-    ppo_epochs: int = 2
-    minibatch_size: int = 32  # sequences per optimizer step
-    micro_batch_size: int = 32  # sequences per forward/backward (gradient accumulation)
-    lr: float = 1e-3
-    critic_lr: float = 2e-3
-    lr_schedule: str = "linear"
-    warmup_steps: int = 0  # optimizer steps of linear warm-up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    adam_eps: float = 1e-8
+    ppo_epochs: int = opt(2, "passes over the rollout batch", check=">= 1")
+    minibatch_size: int = opt(32, "sequences per optimizer step", check=">= 1")
+    micro_batch_size: int = opt(32, "sequences per forward/backward", check=">= 1")
+    lr: float = opt(1e-3, "policy learning rate", check="> 0")
+    critic_lr: float = opt(2e-3, "critic learning rate", check="> 0")
+    lr_schedule: str = opt("linear", "constant | linear | cosine", choices=LR_SCHEDULES)
+    warmup_steps: int = opt(0, "optimizer steps of linear warm-up", check=">= 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay", check=">= 0")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)", check=">= 0")
+    adam_eps: float = opt(1e-8, "AdamW eps", check="> 0")
 
-    # PPO / GRPO
-    clip: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.02
-    kl_estimator: str | None = None  # None: k1 in the reward (PPO), k3 in the loss (GRPO)
-    kl_in_reward: bool | None = None  # None: True for ppo, False (KL in the loss) otherwise
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    whiten_rewards: bool = True  # no mean shift (lm-human-preferences)
-    whiten_advantages: bool = True  # ppo only
-    missing_eos_penalty: float | None = 1.0  # subtracted from the score of responses without EOS
-    adv_eps: float = 1e-6
-    loss_agg: str | None = None  # None: token-mean (drgrpo: seq-mean-token-sum-norm)
+    # the policy loss: ppo_policy_loss's arguments (null: the loss spec's default)
+    loss_mode: str = opt("vanilla", "the policy loss (ppokernels.losses)", choices=LOSS_MODES)
+    clip_low: float | None = opt(None, "clip range [1 - clip_low, 1 + clip_high] (0.2)")
+    clip_high: float | None = opt(None, "null: clip_low")
+    dual_clip: float | None = opt(None, "dual clip c > 1 (vanilla, gspo)")
+    seq_logratio_max: float | None = opt(None, "gspo: clamp of the sequence log-ratio")
+    tau_pos: float | None = opt(None, "sapo: gate temperature for A > 0")
+    tau_neg: float | None = opt(None, "sapo: gate temperature for A < 0")
+    ratio_cap: float | None = opt(None, "cispo / dppo_*: cap of the ratio")
+    beta: float | None = opt(None, "dro: penalty coefficient (required for dro)")
+    k_pos: float | None = opt(None, "vespo: k for A >= 0")
+    lambda_pos: float | None = opt(None, "vespo: lambda for A >= 0")
+    k_neg: float | None = opt(None, "vespo: k for A < 0")
+    lambda_neg: float | None = opt(None, "vespo: lambda for A < 0")
+    agg: str | None = opt(
+        None, "loss aggregation (null: token-mean; drgrpo: seq-mean-token-sum-norm)"
+    )
+    logratio_clamp: float | None = opt(20.0, "clamp of lp - old before exp", check="> 0")
+    entropy_coef: float = opt(0.0, "entropy bonus", check=">= 0")
+    kl_coef: float = opt(0.02, "KL coefficient", check=">= 0")
+    kl_estimator: str | None = opt(None, "null: k1 in the reward (ppo), k3 in the loss")
+    kl_in_reward: bool | None = opt(None, "null: true for ppo, false (KL in the loss) otherwise")
+    adaptive_kl: bool = opt(False, "adaptive KL coefficient (Ziegler et al. 2019)")
+    kl_target: float = opt(6.0, "adaptive KL target", check="> 0")
+    kl_horizon: int = opt(10000, "adaptive KL horizon", check=">= 1")
+    rollout_is_cap: float | None = opt(
+        None,
+        "truncated IS weights min(exp(old - rollout), cap) on the loss (null: off)",
+        check="> 0",
+    )
 
-    # supervised warm-up (built-in tasks) before RL
-    sft_steps: int = 100
-    sft_lr: float = 3e-3
-    sft_batch_size: int = 32
+    # the value loss and the advantages
+    value_clip: float | None = opt(0.2, "value_loss's clip (null: none)", check="> 0")
+    vf_coef: float = opt(0.5, "value loss coefficient", check=">= 0")
+    gamma: float = opt(1.0, "discount", check="[0, 1]")
+    lam: float = opt(0.95, "GAE lambda", check="[0, 1]")
+    whiten_rewards: bool = opt(True, "whiten per-token rewards, no mean shift (ppo)")
+    whiten_advantages: bool = opt(True, "whiten advantages (ppo)")
+    missing_eos_penalty: float | None = opt(1.0, "subtracted from scores of responses without EOS")
+    adv_eps: float = opt(1e-6, "group_advantages' eps", check="> 0")
+
+    # supervised warm-up (tasks with demonstrations) before RL
+    sft_steps: int = opt(100, "supervised warm-up steps", check=">= 0")
+    sft_lr: float = opt(3e-3, "warm-up learning rate", check="> 0")
+    sft_batch_size: int = opt(32, "warm-up batch size", check=">= 1")
 
     # evaluation, logging, checkpoints
-    eval_every: int = 10
-    eval_prompts: int = 128
-    eval_greedy: bool = False  # sampled at the training temperature (greedy: True)
-    save_every: int = 50
-    plots: bool = True
-    tensorboard: bool = True
-    progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form options for user tasks
+    eval_every: int = opt(10, "validation every N steps (0: never)", check=">= 0")
+    eval_prompts: int = opt(128, "prompts per evaluation", check=">= 0")
+    eval_greedy: bool = opt(False, "greedy evaluation (else sampled at the temperature)")
+    save_every: int = opt(50, "checkpoint every N steps (0: only at the end)", check=">= 0")
+    plots: bool = opt(True, "write reward.png and curves.png")
+    tensorboard: bool = opt(True, "TensorBoard logs in OUT/tb")
+    progress: bool = opt(True, "progress bar")
+    extra: dict = opt({}, "free-form options for user tasks")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -124,6 +188,10 @@ class RLConfig:
         return self.batch_size or max(1, 64 // self.samples_per_prompt)
 
     @property
+    def use_kl_in_reward(self) -> bool:
+        return self.is_ppo if self.kl_in_reward is None else self.kl_in_reward
+
+    @property
     def kl_kind(self) -> str:
         """The KL estimator in use: veRL's defaults, k1 in the reward and k3 in the loss."""
         if self.kl_estimator is not None:
@@ -131,14 +199,17 @@ class RLConfig:
         return "k1" if self.use_kl_in_reward else "k3"
 
     @property
-    def agg(self) -> str:
-        if self.loss_agg is not None:
-            return self.loss_agg
+    def loss_agg(self) -> str:
+        """``agg`` in use (Dr.GRPO's default is seq-mean-token-sum-norm)."""
+        if self.agg is not None:
+            return self.agg
         return "seq-mean-token-sum-norm" if self.algo == "drgrpo" else "token-mean"
 
     @property
-    def use_kl_in_reward(self) -> bool:
-        return self.is_ppo if self.kl_in_reward is None else self.kl_in_reward
+    def loss(self):
+        """The policy loss spec: ``loss_spec(loss_mode, **the fields set for it)``."""
+        fields = {k: getattr(self, k) for k in LOSS_FIELDS if getattr(self, k) is not None}
+        return loss_spec(self.loss_mode, **fields)
 
     # ------------------------------------------------------------------ io
     @classmethod
@@ -154,10 +225,6 @@ class RLConfig:
             data = json.loads(text)
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping of field names to values")
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RLConfig:
         cfg = cls()
         for key, value in data.items():
             cfg.set(key, value)
@@ -172,17 +239,20 @@ class RLConfig:
             json.dump(self.to_dict(), f, indent=2)
 
     def set(self, key: str, value) -> None:
-        """Set one field, converting strings (from ``--set key=value``) to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        if key not in fields:
-            close = [n for n in fields if n.startswith(key[:3])]
+        """Set one field, converting strings (from the command line) to the field's type."""
+        hints = _hints()
+        if key not in hints:
+            close = [n for n in hints if n.startswith(key[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
-        hints = typing.get_type_hints(type(self))
-        setattr(self, key, _convert(key, value, hints[key]))
+        try:
+            setattr(self, key, _convert(value, hints[key]))
+        except (TypeError, ValueError):
+            want = _type_name(hints[key])
+            raise ConfigError(f"config key {key!r} expects {want}, got {value!r}") from None
 
     def apply_overrides(self, items: list[str]) -> None:
-        """Apply ``key=value`` strings (values parsed as YAML/JSON scalars where they can be)."""
+        """Apply ``key=value`` strings (``--set``)."""
         for item in items or []:
             if "=" not in item:
                 raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -191,113 +261,130 @@ class RLConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> RLConfig:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        _check_types(self)
-        choices = dict(
-            algo=ALGOS,
-            logprobs=LOGPROBS,
-            lr_schedule=LR_SCHEDULES,
-            device=DEVICES,
-            strategy=STRATEGIES,
-            precision=PRECISIONS,
-        )
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            need(value in allowed, f"{name} must be one of {allowed}, got {value!r}")
-        need(
-            self.kl_estimator is None or self.kl_estimator in KL_ESTIMATORS,
-            f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}",
-        )
-        need(
-            self.loss_agg is None or self.loss_agg in AGGS,
-            f"loss_agg must be one of {AGGS} or null, got {self.loss_agg!r}",
-        )
-        need(
-            self.batch_size is None or self.batch_size >= 1,
-            f"batch_size must be >= 1 or null, got {self.batch_size}",
-        )
-        need(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
-        for name in (
-            "steps",
-            "max_new_tokens",
-            "tiny_hidden",
-            "tiny_layers",
-            "ppo_epochs",
-            "minibatch_size",
-            "micro_batch_size",
-            "kl_horizon",
+        """Types, per-field checks and choices, then what fields say about each other."""
+        hints = _hints()
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name), hints[f.name])
+        _choice("agg", self.agg, AGG_MODES)
+        if self.kl_estimator is not None:  # a trailing "+": k2's gradient (straight-through)
+            _choice("kl_estimator", self.kl_estimator.rstrip("+"), KL_ESTIMATORS, self.kl_estimator)
+        self._check_loss()
+        if not self.is_ppo and self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 for {self.algo}, got {self.group_size}")
+        rollout = self.prompts_per_step * self.samples_per_prompt
+        if self.minibatch_size > rollout or rollout % self.minibatch_size:
+            raise ConfigError(
+                f"minibatch_size ({self.minibatch_size}) must divide the rollout batch "
+                f"(batch_size x samples per prompt = {rollout})"
+            )
+        if (
+            self.micro_batch_size > self.minibatch_size
+            or self.minibatch_size % self.micro_batch_size
         ):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "sft_steps",
-            "warmup_steps",
-            "eval_every",
-            "save_every",
-            "top_k",
-            "eval_prompts",
-        ):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "critic_lr", "temperature", "clip", "sft_lr", "kl_target", "adam_eps"):
-            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "entropy_coef", "vf_coef", "weight_decay", "max_grad_norm"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
-        need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
-        need(self.clip < 1, f"clip must be < 1, got {self.clip}")
-        need(
-            self.clip_high is None or self.clip_high > 0,
-            f"clip_high must be > 0, got {self.clip_high}",
-        )
-        need(
-            self.dual_clip is None or self.dual_clip > 1,
-            f"dual_clip must be > 1, got {self.dual_clip}",
-        )
-        need(self.value_clip is None or self.value_clip > 0, "value_clip must be > 0 or null")
-        need(self.chunk_size is None or self.chunk_size >= 1, "chunk_size must be >= 1 or null")
-        if not self.is_ppo:
-            need(
-                self.group_size >= 2,
-                f"group_size must be >= 2 for {self.algo}, got {self.group_size}",
+            raise ConfigError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide minibatch_size "
+                f"({self.minibatch_size})"
             )
         _check_device(self.device)
         _check_paths(self)
-        rollout = self.prompts_per_step * self.samples_per_prompt
-        need(
-            self.minibatch_size <= rollout and rollout % self.minibatch_size == 0,
-            f"minibatch_size ({self.minibatch_size}) must divide the rollout batch "
-            f"(batch_size x samples per prompt = {rollout})",
-        )
-        need(
-            self.micro_batch_size <= self.minibatch_size
-            and self.minibatch_size % self.micro_batch_size == 0,
-            f"micro_batch_size ({self.micro_batch_size}) must divide minibatch_size "
-            f"({self.minibatch_size})",
-        )
         return self
 
+    def _check_loss(self) -> None:
+        """The fields set must belong to ``loss_mode``'s spec, and make a valid spec."""
+        try:
+            self.loss  # noqa: B018  (builds the spec, which checks its fields)
+        except ValueError as e:
+            msg = str(e)
+            for k in LOSS_FIELDS:  # name the config key, e.g. "has no field 'tau_pos'"
+                if f"field {k!r}" in msg or f"{k} must" in msg:
+                    raise ConfigError(f"{k}: {msg} (loss_mode={self.loss_mode})") from None
+            raise ConfigError(f"loss_mode={self.loss_mode}: {msg}") from None
 
-def _check_types(cfg: RLConfig) -> None:
-    """Every field has its annotated type (an int where an int is due, never 1.5 or True), and
-    every float is finite (``lr=inf`` would turn the weights into NaN at the first step)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value, hint = getattr(cfg, f.name), hints[f.name]
+
+# ---------------------------------------------------------------------- types and checks
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _hints() -> dict:
+    return typing.get_type_hints(RLConfig)
+
+
+def _kinds(hint) -> tuple[tuple, bool]:
+    """(the non-None types of ``hint``, whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            continue
-        kinds = tuple(a for a in args if a is not type(None)) or (typing.get_origin(hint) or hint,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not ok:
-            want = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
-            raise ConfigError(f"{f.name} must be {want}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (typing.get_origin(hint) or hint,), False
+
+
+def _type_name(hint) -> str:
+    kinds, optional = _kinds(hint)
+    return " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
+
+
+def _convert(value, hint):
+    """A command-line string (or a YAML/JSON value) as the field's type; ValueError if not.
+    Ints stay ints: ``"1e3"`` is 1000, ``"1.5e0"`` and ``True`` are not ints."""
+    (kind,), optional = _kinds(hint)
+    if optional and (value is None or str(value).lower() in ("none", "null")):
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise ValueError
+    if isinstance(value, bool):
+        raise ValueError
+    if kind is int:
+        f = float(value) if isinstance(value, str) and "e" in value.lower() else value
+        if isinstance(f, float) and not f.is_integer():
+            raise ValueError
+        return int(f)
+    if kind is float:
+        return float(value)
+    if kind is dict:
+        value = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError
+        return value
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def _check_field(f: dataclasses.Field, value, hint) -> None:
+    """``value`` has the annotated type (an int where an int is due, never 1.5 or True), every
+    float is finite (``lr=inf`` would turn the weights into NaN), and the field's own check."""
+    kinds, optional = _kinds(hint)
+    if value is None and optional:
+        return
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ConfigError(f"{f.name} must be {_type_name(hint)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+    if f.metadata.get("choices"):
+        _choice(f.name, value, f.metadata["choices"])
+    check = f.metadata.get("check")
+    if check and not _passes(value, check):
+        where = "in " if check[0] in "[(" else ""
+        raise ConfigError(f"{f.name} must be {where}{check}, got {value!r}")
+
+
+def _passes(v, check: str) -> bool:
+    if check.startswith((">", "<")):
+        op, bound = check.split()
+        return {">": v > float(bound), ">=": v >= float(bound)}[op]
+    lo, hi = (float(s) for s in check[1:-1].split(","))
+    return (lo <= v if check[0] == "[" else lo < v) and (v <= hi if check[-1] == "]" else v < hi)
+
+
+def _choice(name: str, value, allowed: tuple, shown=None) -> None:
+    if value is not None and value not in allowed:
+        shown = value if shown is None else shown
+        raise ConfigError(f"{name} must be one of {allowed}, got {shown!r}")
 
 
 def _check_device(device: str) -> None:
@@ -323,62 +410,3 @@ def _check_paths(cfg: RLConfig) -> None:
         if name and name not in BUILTIN_MODELS and looks_local(name):
             if not os.path.exists(os.path.expanduser(name)):
                 raise ConfigError(f"{key} path {name} does not exist")
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _convert(key: str, value, hint):
-    """Convert ``value`` (often a string from the command line) to the annotated type."""
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    if optional and (
-        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-    ):
-        return None
-    target = (
-        args[0]
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None))
-        else hint
-    )
-    try:
-        if target is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s in _TRUE:
-                return True
-            if s in _FALSE:
-                return False
-            raise ValueError
-        if target is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            if isinstance(value, str) and "e" in value.lower():  # "1e3"; "1.5e0" is not an int
-                f = float(value)
-                if not f.is_integer():
-                    raise ValueError
-                return int(f)
-            return int(value)
-        if target is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if target is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-        if target is dict or typing.get_origin(target) is dict:
-            if isinstance(value, str):
-                value = json.loads(value)
-            if not isinstance(value, dict):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        name = getattr(target, "__name__", str(target))
-        raise ConfigError(
-            f"config key {key!r} expects {name}{' or null' if optional else ''}, got {value!r}"
-        ) from None
-    return value

@@ -215,42 +215,55 @@ class DecoderOptions:
 
 
 class PolicyScorer(DecoderOptions, nn.Module):
-    """Per-token log-probs (and entropy) of the response under a causal LM.
+    """The policy's response tokens, read from hidden states: per-token log-probs (and
+    entropy), or whatever a ``head`` function makes of the hidden states and the lm_head.
 
-    ``mode="fused"``: ``ppokernels.linear_logprobs(hidden[mask], lm_head.weight, tokens[mask])``.
-    ``mode="naive"``: full logits ``hidden[mask] @ W^T`` + ``log_softmax`` + gather, entropy from
-    the full softmax (the same loop, for comparison). Both divide logits by ``temperature``.
+    ``head=None``: log-probs and entropy [B, T], from ``ppokernels.linear_logprobs`` on the
+    masked tokens' hidden states (``naive=True``: full logits, ``log_softmax`` and a gather, for
+    comparison). Both divide logits by ``temperature``. ``head(hidden [B, T, H], weight [V, H],
+    bias [V] or None, labels [B, T])``: its result is returned; the training step passes the
+    policy loss here (:mod:`ppokernels.rl.algorithm`), so that under FSDP2 the loss runs inside
+    this module's forward, where the lm_head weight is the gathered plain tensor.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        mode: str = "fused",
         temperature: float = 1.0,
         chunk_size: int | None = None,
+        naive: bool = False,
     ):
         super().__init__()
         self.model = model
-        self.mode = mode
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.naive = naive
 
-    def forward(self, input_ids, attention_mask, mask, prompt_len: int, with_entropy: bool = True):
-        """input_ids/attention_mask [B, P + T], mask [B, T] (bool) -> logprobs, entropy [B, T]
-        (float32, 0 where ``mask`` is False)."""
+    def forward(
+        self, input_ids, attention_mask, mask, prompt_len: int, head=None, with_entropy=True
+    ):
+        """input_ids/attention_mask [B, P + T], mask [B, T] (bool) -> ``head``'s result, or
+        logprobs, entropy [B, T] (float32, 0 where ``mask`` is False)."""
         h = self.response_hidden(backbone(self.model), input_ids, attention_mask, prompt_len)
-        labels = input_ids[:, prompt_len:][mask]
-        hs = h[mask]  # [N, H]: only real response tokens reach the vocabulary projection
-        head = self.model.get_output_embeddings()
+        labels = input_ids[:, prompt_len:]
+        out_head = self.model.get_output_embeddings()
         # bf16 autocast leaves the head's parameters fp32: cast them (differentiably) so that
         # the head runs in the decoder's dtype, as autocast's own linear would.
-        weight = head.weight.to(hs.dtype)
-        bias = getattr(head, "bias", None)
-        bias = bias.to(hs.dtype) if bias is not None else None
-        if self.mode == "fused":
-            lp, ent = ppokernels.linear_logprobs(
-                hs,
+        weight = out_head.weight.to(h.dtype)
+        bias = getattr(out_head, "bias", None)
+        bias = bias.to(h.dtype) if bias is not None else None
+        if head is not None:
+            return head(h, weight, bias, labels)
+        lp, ent = self.logprobs(h[mask], weight, bias, labels[mask], with_entropy)
+        return unpack(lp, mask), (unpack(ent, mask) if ent is not None else None)
+
+    def logprobs(self, hidden, weight, bias, labels, with_entropy: bool) -> tuple:
+        """[N, H] hidden states of the tokens ``labels`` [N] -> log-probs, entropy [N] (only
+        these N rows reach the vocabulary projection)."""
+        if not self.naive:
+            return ppokernels.linear_logprobs(
+                hidden,
                 weight,
                 labels,
                 bias=bias,
@@ -258,15 +271,19 @@ class PolicyScorer(DecoderOptions, nn.Module):
                 with_entropy=with_entropy,
                 chunk_size=self.chunk_size,
             )
-        else:
-            logits = nn.functional.linear(hs, weight, bias).float() / self.temperature
-            logp = torch.log_softmax(logits, dim=-1)
-            lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
-        return _unpack(lp, mask), (_unpack(ent, mask) if ent is not None else None)
+        return full_logits_logprobs(hidden, weight, bias, labels, self.temperature, with_entropy)
 
 
-def _unpack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def full_logits_logprobs(hidden, weight, bias, labels, temperature: float, with_entropy: bool):
+    """The naive head, for comparison: ``[N, V]`` fp32 logits ``(hidden W^T + b) / T``,
+    ``log_softmax``, the labels' log-probs [N] and the entropy [N] of the full softmax."""
+    logits = nn.functional.linear(hidden, weight, bias).float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+
+
+def unpack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[N] values of the masked tokens -> [B, T] with zeros elsewhere (differentiable)."""
     return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
 

@@ -13,7 +13,9 @@ import torch
 class Batch:
     """One rollout batch. ``input_ids``/``attention_mask`` [B, P + T] (prompt left-padded to P,
     response right-padded to T); ``mask`` [B, T] bool response mask (includes the EOS);
-    ``scores`` [B] float32; ``group_index`` [B] int64 (prompt of each sample)."""
+    ``scores`` [B] float32; ``group_index`` [B] int64 (prompt of each sample);
+    ``rollout_logprobs`` [B, T] the sampler's log-probs (when asked for); ``extra`` the [B, ...]
+    tensors the step adds (old / reference log-probs, advantages, values, returns)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -24,6 +26,7 @@ class Batch:
     has_eos: torch.Tensor
     group_index: torch.Tensor
     scores: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -76,21 +79,23 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     group_index: torch.Tensor | None = None,
+    with_logprobs: bool = False,
 ) -> Batch:
     """Sample one response per prompt (repeat prompts for groups). Responses are padded to
-    exactly ``max_new_tokens`` so every batch has the same shape."""
+    exactly ``max_new_tokens`` so every batch has the same shape. ``with_logprobs``: also the
+    sampler's own log-prob of each sampled token (``Batch.rollout_logprobs`` [B, T], 0 on
+    padding), from the scores ``generate`` sampled from (after temperature, top-k, top-p)."""
     device = next(model.parameters()).device
     pids, pmask = encode_prompts(tokenizer, prompts, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     # A fresh GenerationConfig so a checkpoint's defaults (top_k=50, repetition penalty, ...)
-    # cannot change the sampling distribution behind the log-probs we train on.
-    sampling = (
-        dict(do_sample=False)
-        if greedy
-        else dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-    )
+    # cannot change the sampling distribution behind the log-probs we train on. Sampling
+    # applies our own warpers (temperature, top-k, top-p, in transformers' order): generate
+    # puts a caller's processors before its own warpers, and the recorder of the sampler's
+    # log-probs must come after them.
+    sampling = dict(do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
@@ -98,24 +103,72 @@ def generate(
         use_cache=True,
         **sampling,
     )
+    processors = [] if greedy else warpers(temperature, top_k, top_p)
+    record = SampledLogprobs() if with_logprobs and not greedy else None
+    if record is not None:
+        processors.append(record)
     # synced_gpus=False: under FSDP2 the caller gathers the parameters first (parallel.gathered),
     # so each process generates on its own; transformers would otherwise keep every process
     # stepping until all have finished, which deadlocks when only rank 0 evaluates.
     out = model.generate(
-        input_ids=pids, attention_mask=pmask, generation_config=gen, synced_gpus=False
+        input_ids=pids,
+        attention_mask=pmask,
+        generation_config=gen,
+        synced_gpus=False,
+        logits_processor=LogitsProcessorList(processors),
     )
     resp = out[:, pids.shape[1] :]
+    sampled = record.finish(resp) if record is not None else None
     if resp.shape[1] < max_new_tokens:  # generate stops early once every row has ended
-        fill = resp.new_full((resp.shape[0], max_new_tokens - resp.shape[1]), pad)
-        resp = torch.cat([resp, fill], dim=1)
+        width = max_new_tokens - resp.shape[1]
+        resp = torch.cat([resp, resp.new_full((resp.shape[0], width), pad)], dim=1)
+        if sampled is not None:
+            sampled = torch.cat([sampled, sampled.new_zeros(sampled.shape[0], width)], dim=1)
     resp, mask, has_eos = truncate_at_eos(resp, eos, pad)
     ids, am = join(pids, pmask, resp, mask)
     texts = tokenizer.batch_decode(resp.masked_fill(resp == eos, pad), skip_special_tokens=True)
     if group_index is None:
         group_index = torch.arange(len(prompts))
-    return Batch(
-        ids, am, mask, pids.shape[1], list(prompts), texts, has_eos, group_index.to(device)
-    )
+    b = Batch(ids, am, mask, pids.shape[1], list(prompts), texts, has_eos, group_index.to(device))
+    if sampled is not None:
+        b.rollout_logprobs = sampled * mask
+    return b
+
+
+def warpers(temperature: float, top_k: int, top_p: float) -> list:
+    """transformers' sampling warpers for these settings, in ``generate``'s order."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        out.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=top_p))
+    return out
+
+
+class SampledLogprobs:
+    """A logits processor, last in ``generate``'s list, that keeps the log-prob the sampler gave
+    each token it drew: at step t it sees the final scores of step t (after temperature, top-k,
+    top-p) and, in ``input_ids``, the token drawn at step t - 1. One ``[B, V]`` buffer at a
+    time, never the ``[B, T, V]`` of ``output_scores``."""
+
+    def __init__(self):
+        self.prev: torch.Tensor | None = None
+        self.picked: list = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.picked.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, resp: torch.Tensor) -> torch.Tensor:
+        """[B, n] log-probs of the n generated tokens ``resp`` [B, n]."""
+        if self.prev is not None:
+            self.picked.append(self.prev.gather(1, resp[:, len(self.picked)][:, None]).squeeze(1))
+        self.prev = None
+        return torch.stack(self.picked, dim=1)
 
 
 def supervised_batch(tokenizer, prompts: list, responses: list, device) -> Batch:

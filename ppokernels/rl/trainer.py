@@ -1,41 +1,26 @@
-"""The lean PPO / GRPO / RLOO / Dr.GRPO loop.
+"""The trainer: everything around the step. It builds the models and the
+:class:`~ppokernels.rl.state.TrainState`, runs the supervised warm-up, then calls
+:func:`ppokernels.rl.algorithm.train_step` ``steps`` times, with validation every
+``eval_every`` steps and the test split at the end (:class:`~ppokernels.rl.evaluation.HeldOut`),
+metrics (``metrics.jsonl``, TensorBoard, plots), checkpoints and ``OUT/model``, and Ctrl-C
+(finish the step, save, stop).
 
-One step: sample responses (``model.generate``) on training prompts, score them (task reward or
-reward model, checked to be one finite float per response, missing-EOS penalty), compute old /
-reference log-probs and values from hidden states, build advantages, then several epochs of
-shuffled minibatches (gradient accumulation over micro-batches, gradient clipping, LR schedule).
-Every token-level step is a ppokernels op:
-
-* log-probs, entropy: ``linear_logprobs`` on the response hidden states (never [N, V] logits);
-* PPO: ``kl_penalty`` into per-token rewards (score on the last valid token), ``masked_whiten``
-  of rewards (no mean shift), ``gae``, ``masked_whiten`` of advantages, ``ppo_policy_loss`` with
-  an entropy bonus, clipped ``value_loss``; fixed or adaptive KL coefficient;
-* GRPO / RLOO / Dr.GRPO: ``group_advantages`` over the samples of each prompt, no critic, KL in the
-  loss (``ppo_policy_loss(ref_logprobs=..., kl_coef=...)``).
-
-Validation every ``eval_every`` steps and test once at the end, on the task's held-out splits.
 Data parallel (torchrun): each process samples its own prompts, the models are wrapped in DDP
 or sharded with FSDP2 (:mod:`ppokernels.rl.parallel`, which also sets bf16 and activation
-checkpointing), and the loss denominators (tokens and sequences of the minibatch) are summed over
-processes, so the averaged gradient is the gradient of the global minibatch loss
-(:mod:`ppokernels.rl.losses`).
+checkpointing); rank 0 logs, evaluates and exports.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import time
 
 import torch
 
-import ppokernels
-from ppokernels.rl import checkpoint, distributed
+from ppokernels.rl import algorithm, checkpoint, distributed
 from ppokernels.rl.config import RLConfig
 from ppokernels.rl.evaluation import HeldOut
-from ppokernels.rl.experience import KLController, group_advantages, lr_lambda, ppo_advantages
 from ppokernels.rl.logger import MetricsLog, peak_mem_mb, plot
-from ppokernels.rl.losses import Metrics, micro_batch_loss, record, supervised_warmup
 from ppokernels.rl.models import (
     BUILTIN_MODELS,
     Critic,
@@ -46,8 +31,9 @@ from ppokernels.rl.models import (
     load_tokenizer,
 )
 from ppokernels.rl.parallel import Parallel
-from ppokernels.rl.rollout import Batch, generate
-from ppokernels.rl.tasks import RewardModelScorer, Task, check_rewards, get_task, reward_name
+from ppokernels.rl.state import TrainState
+from ppokernels.rl.tasks import RewardModelScorer, Task, get_task, reward_name
+from ppokernels.rl.warmup import supervised_warmup
 
 RUN_CONFIG = "run_config.json"
 
@@ -60,7 +46,7 @@ class Trainer:
     """Build with a validated :class:`RLConfig` (and optionally a :class:`Task` object), then
     :meth:`train`, then :meth:`close`. ``resume=True`` continues from ``cfg.out/checkpoint`` (an
     error when there is none); without it an existing run in ``cfg.out`` is only replaced when
-    ``overwrite=True``."""
+    ``overwrite=True``. ``self.state`` is the :class:`TrainState`."""
 
     def __init__(
         self, cfg: RLConfig, task: Task | None = None, *, resume: bool = False, overwrite=False
@@ -77,206 +63,102 @@ class Trainer:
         if self.device.type == "cpu" and (cfg.threads or cfg.model in BUILTIN_MODELS):
             # Tiny models: threads only add synchronisation (and stall badly on a shared CPU).
             torch.set_num_threads(cfg.threads or 1)
-        self.task = task or get_task(cfg.task)
+        self.task = task or get_task(cfg.task, **task_options(cfg))
         self.tokenizer = load_tokenizer(cfg.model, self.task.tokenizer, self.task.name)
-        self.reward_fn = (
-            RewardModelScorer(cfg.reward_model, str(self.device))
-            if cfg.reward_model
-            else self.task.reward
-        )
-        self.reward_source = source = f"task {self.task.name!r}: {reward_name(self.reward_fn)}"
+        fn = RewardModelScorer(cfg.reward_model, str(self.device)) if cfg.reward_model else None
+        fn = fn or self.task.reward
+        self.reward = (fn, f"task {self.task.name!r}: {reward_name(fn)}")
         names = ["policy", "ref"] + (["critic"] if cfg.is_ppo else [])
         where = dict(rank=self.rank, names=names, sharded=self.par.fsdp)
         checkpoint.check_out_dir(cfg.out, resume=resume, overwrite=overwrite, **where)
 
-        self._models_and_optimizers(resume)
-        # Each process samples different prompts and tokens: seed + rank * 100003.
-        rank_seed = cfg.seed + self.rank * 100003
-        self.prompt_rng = random.Random(rank_seed)
-        self.shuffle_gen = torch.Generator().manual_seed(rank_seed)
-        torch.manual_seed(rank_seed)
-        random.seed(rank_seed)
-        self.held_out = HeldOut(cfg, self.task, self.reward_fn, source)
-        self.step, self.elapsed = 0, 0.0
+        self.actors, self.state = self._build(resume)
+        self.held_out = HeldOut(cfg, self.task, *self.reward)
         if resume:
-            models = self._models()
-            state = checkpoint.load(
-                cfg.out, rank=self.rank, models=models, device=self.device, sharded=self.par.fsdp
+            checkpoint.load(
+                cfg.out,
+                self.state,
+                rank=self.rank,
+                world=self.world,
+                strategy=self.par.strategy,
+                device=self.device,
+                sharded=self.par.fsdp,
             )
-            checkpoint.restore_trainer(self, state)
-        self.train_scorer = self.par.train_module(self.scorer)
-        self.train_critic = self.par.train_module(self.critic)
         if distributed.any_true(self.stop.requested, self.world, self.device):
             raise Interrupted(f"interrupted during setup: nothing was written to {cfg.out}")
         self.log = None
         if self.rank == 0:
             cfg.save(os.path.join(cfg.out, RUN_CONFIG))
-            self.log = MetricsLog(
-                cfg.out, resume_step=self.step if resume else None, tensorboard=cfg.tensorboard
-            )
+            resume_step = self.state.step if resume else None
+            self.log = MetricsLog(cfg.out, resume_step=resume_step, tensorboard=cfg.tensorboard)
 
-    def _models_and_optimizers(self, resume: bool) -> None:
-        """Policy (warmed up unless resuming), frozen reference, critic (PPO), optimizers."""
-        cfg = self.cfg
+    def _build(self, resume: bool) -> tuple:
+        """Policy (warmed up unless resuming), frozen reference, critic (PPO), their scorers
+        prepared by :class:`Parallel`, then the optimizers (FSDP2 replaces the parameters)."""
+        cfg, par = self.cfg, self.par
         torch.manual_seed(cfg.seed)
-        self.policy = load_policy(
+        policy = load_policy(
             cfg.model, self.tokenizer, seed=cfg.seed, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers
-        ).to(self.par.build_device)
-        self.scorer = PolicyScorer(
-            self.policy, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
+        ).to(par.build_device)
+        head = dict(
+            temperature=cfg.temperature, chunk_size=cfg.chunk_size, naive=cfg.head == "naive"
         )
+        scorer = PolicyScorer(policy, **head)
         self.sft_loss = None
         if not resume and cfg.sft_steps and self.task.sft_example is not None:
-            self.sft_loss = self._warmup()
-        self.ref = frozen_copy(self.policy)
-        self.ref_scorer = PolicyScorer(
-            self.ref, mode=cfg.logprobs, temperature=cfg.temperature, chunk_size=cfg.chunk_size
+            self.sft_loss = supervised_warmup(
+                cfg, self.task, self.tokenizer, scorer, self._check_stop
+            )
+        ref = frozen_copy(policy)
+        ref_scorer = PolicyScorer(ref, **head)
+        critic = Critic(policy).to(par.build_device) if cfg.is_ppo else None
+        par.prepare(scorer, backbone(policy), policy)
+        par.prepare(ref_scorer, backbone(ref))
+        if critic is not None:
+            par.prepare(critic, critic.body, critic.body)
+        state = TrainState.create(cfg, policy, ref, critic, rank=self.rank)
+        actors = algorithm.Actors(
+            policy=policy,
+            tokenizer=self.tokenizer,
+            scorer=scorer,
+            ref_scorer=ref_scorer,
+            critic=critic,
+            train_scorer=par.train_module(scorer),
+            train_critic=par.train_module(critic),
+            par=par,
         )
-        self.critic = Critic(self.policy).to(self.par.build_device) if cfg.is_ppo else None
-        # Shard / set precision before the optimizers exist: FSDP2 replaces the parameters.
-        self.par.prepare(self.scorer, backbone(self.policy), self.policy)
-        self.par.prepare(self.ref_scorer, backbone(self.ref))
-        if self.critic is not None:
-            self.par.prepare(self.critic, self.critic.body, self.critic.body)
-        rollout = cfg.prompts_per_step * cfg.samples_per_prompt
-        total = cfg.steps * cfg.ppo_epochs * (rollout // cfg.minibatch_size)
-        adam = dict(weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, **adam)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total))
-        self.vopt = self.vsched = None
-        if self.critic is not None:
-            self.vopt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, **adam)
-            self.vsched = torch.optim.lr_scheduler.LambdaLR(self.vopt, lr_lambda(cfg, total))
-        self.kl_ctl = KLController(cfg)
+        return actors, state
+
+    def _check_stop(self, i: int) -> None:
+        """Ctrl-C during the warm-up (before the models are sharded): stop, write nothing."""
+        if distributed.any_true(self.stop.requested, self.world, self.device):
+            raise Interrupted(
+                f"interrupted during the supervised warm-up (step {i} of {self.cfg.sft_steps}): "
+                f"nothing was written to {self.cfg.out}"
+            )
 
     def close(self) -> None:
         """Leave the process group; the DDP wrappers (their reducers hold the group) are dropped
         first, so that gloo's threads are joined here, not at interpreter exit (SIGABRT)."""
-        self.train_scorer, self.train_critic = self.scorer, self.critic
+        self.actors.train_scorer, self.actors.train_critic = self.actors.scorer, self.actors.critic
         distributed.shutdown()
 
-    # ------------------------------------------------------------------------------ setup
-    def _warmup(self) -> float:
-        """Supervised warm-up (:func:`~ppokernels.rl.losses.supervised_warmup`) before the
-        models are sharded; Ctrl-C stops it and nothing is saved."""
-        cfg = self.cfg
+    # ------------------------------------------------------------------------------ shortcuts
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-        def check_stop(i: int) -> None:
-            if distributed.any_true(self.stop.requested, self.world, self.device):
-                raise Interrupted(
-                    f"interrupted during the supervised warm-up (step {i} of {cfg.sft_steps}): "
-                    f"nothing was written to {cfg.out}"
-                )
+    @property
+    def policy(self):
+        return self.state.policy
 
-        return supervised_warmup(cfg, self.task, self.tokenizer, self.scorer, check_stop)
+    @property
+    def critic(self):
+        return self.state.critic
 
-    # ------------------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def _score(self, b: Batch, module, *, critic: bool = False) -> tuple:
-        """Log-probs and entropy (or values) for the whole batch, in micro-batches."""
-        outs, ents = [], []
-        for idx in torch.arange(len(b), device=self.device).split(self.cfg.micro_batch_size):
-            ids, am, m = b.input_ids[idx], b.attention_mask[idx], b.mask[idx]
-            if critic:
-                outs.append(module(ids, am, m, b.prompt_len))
-            else:
-                lp, ent = module(ids, am, m, b.prompt_len, with_entropy=True)
-                outs.append(lp)
-                ents.append(ent)
-        return torch.cat(outs), (torch.cat(ents) if ents else None)
-
-    def _sample(self) -> tuple:
-        """Responses to this step's training prompts and their checked rewards [B]."""
-        cfg = self.cfg
-        k = cfg.samples_per_prompt
-        prompts = self.task.sample_train(self.prompt_rng, cfg.prompts_per_step)
-        rep = [p for p in prompts for _ in range(k)]
-        with self.par.gathered(self.scorer):
-            b = generate(
-                self.policy,
-                self.tokenizer,
-                rep,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                group_index=torch.arange(len(prompts)).repeat_interleave(k),
-            )
-        raw = check_rewards(self.reward_fn(rep, b.responses), len(rep), self.reward_source)
-        return b, torch.tensor(raw, dtype=torch.float32, device=self.device)
-
-    def rollout(self) -> tuple:
-        cfg = self.cfg
-        b, raw = self._sample()
-        scores = raw.clone()
-        if cfg.missing_eos_penalty:
-            scores = scores - cfg.missing_eos_penalty * (~b.has_eos).float()
-        b.scores = scores
-        m = b.mask.float()
-        # Scores from the sampling policy itself (temperature-scaled, as in training).
-        old_lp, ent = self._score(b, self.scorer)
-        ref_lp, _ = self._score(b, self.ref_scorer)
-        kl_tok = ppokernels.kl_penalty(old_lp, ref_lp, estimator=cfg.kl_kind) * m
-        if cfg.is_ppo:
-            values, _ = self._score(b, self.critic, critic=True)
-            adv, returns = ppo_advantages(cfg, scores, kl_tok, values, m, kl_coef=self.kl_ctl.value)
-            b.extra.update(values=values, returns=returns * m)
-        else:
-            adv = group_advantages(cfg, scores, b.group_index, m)
-        b.extra.update(old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv * m)
-        stats = {
-            "reward_mean": float(raw.mean()),
-            "score_mean": float(scores.mean()),
-            "kl": float(ppokernels.masked_mean(kl_tok, m)),
-            "entropy": float(ppokernels.masked_mean(ent, m)),
-            "response_len": float(m.sum(1).mean()),
-            "eos_frac": float(b.has_eos.float().mean()),
-            "response_tokens": float(m.sum()),
-        }
-        return b, stats
-
-    # ------------------------------------------------------------------------------ update
-    def update(self, b: Batch) -> dict:
-        """``ppo_epochs`` passes over shuffled minibatches; one optimizer step per minibatch."""
-        acc = Metrics()
-        for _ in range(self.cfg.ppo_epochs):
-            perm = torch.randperm(len(b), generator=self.shuffle_gen).to(self.device)
-            for mb in perm.split(self.cfg.minibatch_size):
-                self._minibatch(b, mb, acc)
-                acc.add("grad_norm", self._step(self.policy, self.opt, self.sched))
-                if self.critic is not None:
-                    acc.add("critic_grad_norm", self._step(self.critic, self.vopt, self.vsched))
-        out = acc.mean()
-        out["lr"] = self.sched.get_last_lr()[0]
-        return out
-
-    def _minibatch(self, b: Batch, mb: torch.Tensor, acc: Metrics) -> None:
-        """Accumulate the gradient of one minibatch (rows ``mb``) over its micro-batches."""
-        # Global denominators: the whole minibatch over every process (DDP averages gradients,
-        # so each process's loss is scaled by the world size).
-        num_tokens = float(distributed.all_sum(b.mask[mb].sum().float(), self.world))
-        micro = mb.split(self.cfg.micro_batch_size)
-        for i, idx in enumerate(micro):
-            with self.par.no_sync([self.train_scorer, self.train_critic], i < len(micro) - 1):
-                loss, pl, vl = micro_batch_loss(
-                    self.cfg,
-                    self.train_scorer,
-                    self.train_critic,
-                    b.select(idx),
-                    b.prompt_len,
-                    num_tokens=num_tokens,
-                    num_seqs=len(mb) * self.world,
-                    kl_coef=self.kl_ctl.value,
-                )
-                (loss * self.world).backward()
-            record(acc, pl, vl, len(micro) * self.world)
-
-    def _step(self, model, opt, sched) -> float:
-        norm = self.par.clip_grad_norm(model, self.cfg.max_grad_norm or 1e9)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return norm
+    @property
+    def scorer(self):
+        return self.actors.scorer
 
     @property
     def initial(self) -> dict:
@@ -284,8 +166,7 @@ class Trainer:
         return self.held_out.initial
 
     def evaluate(self, split: str = "validation") -> float:
-        """Mean task reward on the held-out ``split`` (see :class:`HeldOut`); every process
-        calls it under FSDP2."""
+        """Mean task reward on the held-out ``split``; every process calls it under FSDP2."""
         with self.par.gathered(self.scorer):
             return self.held_out.run(self.policy, self.tokenizer, split)
 
@@ -296,24 +177,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ loop
     def train_step(self) -> dict:
+        """One step (:func:`ppokernels.rl.algorithm.train_step`), then the evaluation due."""
         t0 = time.perf_counter()
-        self.step += 1
-        b, stats = self.rollout()
-        stats.update(self.update(b))
-        stats = distributed.mean_metrics(stats, self.world, self.device)
-        self.kl_ctl.update(stats["kl"], len(b) * self.world)
+        st = self.state
+        st.step += 1
+        stats = algorithm.train_step(self.cfg, st, self.actors, self.task, self.reward)
         dt = time.perf_counter() - t0
         stats["tokens_per_s"] = stats.pop("response_tokens") * self.world / dt
-        stats["kl_coef"] = self.kl_ctl.value
-        final = self.step == self.cfg.steps
-        if self.held_out.is_due(self.step, final=final):
-            stats.update(self._rank0_eval(self.held_out.due, self.step, final=final))
-        self.elapsed += time.perf_counter() - t0
-        stats.update(
-            step=self.step,
-            time_s=self.elapsed,
-            step_time_s=dt,
-            peak_mem_mb=peak_mem_mb(self.device),
+        final = st.step == self.cfg.steps
+        if self.held_out.is_due(st.step, final=final):
+            stats |= self._rank0_eval(self.held_out.due, st.step, final=final)
+        st.elapsed += time.perf_counter() - t0
+        stats |= dict(
+            step=st.step, time_s=st.elapsed, step_time_s=dt, peak_mem_mb=peak_mem_mb(self.device)
         )
         return stats
 
@@ -368,22 +244,20 @@ class Trainer:
         name = f"{self.cfg.algo} {self.task.name}"
         return tqdm(total=self.cfg.steps, initial=self.step, desc=name)
 
-    def _on_sigint(self, signum=None, frame=None) -> None:
-        """What Ctrl-C does (see :class:`~ppokernels.rl.distributed.StopFlag`)."""
-        self.stop(signum, frame)
+    def request_stop(self) -> None:
+        """What Ctrl-C does: finish the current step, save, stop (tests call it directly)."""
+        self.stop()
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _models(self) -> dict:
-        return {"policy": self.policy, "ref": self.ref, "critic": self.critic}
-
     def save(self, export: bool = False) -> str:
-        """Checkpoint (every process); with ``export``, also ``OUT/model`` (rank 0)."""
+        """Checkpoint the :class:`TrainState` (every process); with ``export``, also
+        ``OUT/model`` (rank 0)."""
         path = checkpoint.save(
             self.cfg.out,
+            self.state,
             rank=self.rank,
             world=self.world,
-            models=self._models(),
-            state=checkpoint.trainer_state(self),
+            strategy=self.par.strategy,
             barrier=distributed.barrier(self.world),
             sharded=self.par.fsdp,
         )
@@ -392,3 +266,9 @@ class Trainer:
             if self.rank == 0:
                 checkpoint.export_model(self.cfg.out, self.policy, self.tokenizer, full)
         return path
+
+
+def task_options(cfg: RLConfig) -> dict:
+    """The config's options for ``jsonl:PATH`` tasks (:func:`ppokernels.rl.tasks.jsonl_task`)."""
+    keys = ("reward", "prompt_field", "answer_field", "split_field", "reward_tolerance")
+    return {k: getattr(cfg, k) for k in keys} | {"reward_regex": cfg.reward_regex}

@@ -26,10 +26,8 @@ Or score with a reward model: ``--set reward_model=<path>`` loads an
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
-import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,37 +197,6 @@ def reward_name(fn) -> str:
     return f"reward function {mod + '.' if mod else ''}{name}"
 
 
-TASKS: dict = {}
-
-
-def register_task(task: Task) -> Task:
-    TASKS[task.name] = task
-    return task
-
-
-def get_task(name: str) -> Task:
-    """A registered task by name, or ``module:attribute`` naming a Task object (or a function
-    returning one). The working directory is importable, as with ``python -m``."""
-    if name in TASKS:
-        return TASKS[name]
-    if ":" in name:
-        mod, attr = name.split(":", 1)
-        if "" not in sys.path and "." not in sys.path:
-            sys.path.insert(0, "")  # the console script's sys.path lacks the working directory
-        try:
-            obj = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"task {name!r}: {e}") from None
-        task = obj() if callable(obj) and not isinstance(obj, Task) else obj
-        if not isinstance(task, Task):
-            raise ValueError(f"task {name!r} is not a ppokernels.rl.Task")
-        return task
-    raise ValueError(
-        f"unknown task {name!r}; built-in: {', '.join(sorted(TASKS))} "
-        "(or module:attribute of your own Task)"
-    )
-
-
 class RewardModelScorer:
     """Scores ``prompt + response`` with an ``AutoModelForSequenceClassification`` (logit 0)."""
 
@@ -249,8 +216,3 @@ class RewardModelScorer:
         enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
         with self.torch.no_grad():
             return self.model(**enc).logits[:, 0].float().tolist()
-
-
-from ppokernels.rl import builtin_tasks as _builtin  # noqa: E402  (registers the built-ins)
-
-_tok = _builtin._tok

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from ppokernels.rl.models import char_tokenizer
-from ppokernels.rl.tasks import Task, hash_split, register_task
+from ppokernels.rl.tasks.base import Task, hash_split
 
 DIGITS = "01234"
 LETTERS = "abcdefghij"
@@ -21,7 +21,8 @@ SFT_RIGHT = 0.25  # fraction of warm-up demonstrations that are correct
 CHARS = "0123456789abcdefghij=:"
 
 
-def _tok():
+def builtin_tokenizer():
+    """The character tokenizer of the built-in tasks (digits, letters, '=' and ':')."""
     return char_tokenizer(CHARS)
 
 
@@ -65,15 +66,13 @@ def _copy_sft(rng):
     return p, p[:-1] if rng.random() < SFT_RIGHT else _rand(rng, rng.randint(2, 4), LETTERS)
 
 
-register_task(
-    Task(
-        "copy",
-        _copy_prompts,
-        _copy_reward,
-        _tok,
-        _copy_sft,
-        description="copy 3 letters; reward: fraction of positions right; test prompts unseen",
-    )
+COPY_TASK = Task(
+    "copy",
+    _copy_prompts,
+    _copy_reward,
+    builtin_tokenizer,
+    _copy_sft,
+    description="copy 3 letters; reward: fraction of positions right; test prompts unseen",
 )
 
 
@@ -95,15 +94,13 @@ def _reverse_sft(rng):
     return p, p[:-1][::-1] if rng.random() < SFT_RIGHT else _rand(rng, len(p) - 1)
 
 
-register_task(
-    Task(
-        "reverse",
-        _reverse_prompts,
-        _reverse_reward,
-        _tok,
-        _reverse_sft,
-        description="reverse a 3-5 digit string; reward: fraction of positions right",
-    )
+REVERSE_TASK = Task(
+    "reverse",
+    _reverse_prompts,
+    _reverse_reward,
+    builtin_tokenizer,
+    _reverse_sft,
+    description="reverse a 3-5 digit string; reward: fraction of positions right",
 )
 
 
@@ -130,17 +127,15 @@ def _repeat_sft(rng):
     return p, _rand(rng, rng.randint(2, 6), LETTERS)
 
 
-register_task(
-    Task(
-        "repeat",
-        _repeat_prompts,
-        _repeat_reward,
-        _tok,
-        _repeat_sft,
-        description="repeat the prompt letter 4 times; reward: fraction of positions right",
-        validation=["i:"],
-        test=["j:"],
-    )
+REPEAT_TASK = Task(
+    "repeat",
+    _repeat_prompts,
+    _repeat_reward,
+    builtin_tokenizer,
+    _repeat_sft,
+    description="repeat the prompt letter 4 times; reward: fraction of positions right",
+    validation=["i:"],
+    test=["j:"],
 )
 
 
@@ -162,13 +157,13 @@ def _sum_sft(rng):
     return p, right if rng.random() < SFT_RIGHT else str(rng.randint(0, 18))
 
 
-register_task(
-    Task(
-        "sum",
-        _sum_prompts,
-        _sum_reward,
-        lambda: char_tokenizer(CHARS + "+"),
-        _sum_sft,
-        description="add two digits; reward 1 for the exact sum",
-    )
+SUM_TASK = Task(
+    "sum",
+    _sum_prompts,
+    _sum_reward,
+    lambda: char_tokenizer(CHARS + "+"),
+    _sum_sft,
+    description="add two digits; reward 1 for the exact sum",
 )
+
+BUILTIN_TASKS = (COPY_TASK, REVERSE_TASK, REPEAT_TASK, SUM_TASK)
