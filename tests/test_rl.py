@@ -1,12 +1,15 @@
-"""The lean loop (ppokernels.rl): config errors, EOS handling, fused vs naive log-probs (loss and
-gradients), learning on a built-in task, resume == uninterrupted, a 2-process DDP run, the CLI.
+"""The lean loop (ppokernels.rl): config errors, EOS handling, the three heads (fused, split,
+naive: same loss and gradients) under every loss mode, the rollout mismatch metrics, learning on
+a built-in task, resume == uninterrupted, a 2-process DDP run, the CLI.
 
 Everything runs on CPU with tiny models and few steps (the whole file takes a couple of minutes on
 2 cores)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,10 +19,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-import ppokernels  # noqa: E402
-from ppokernels.rl import ConfigError, RLConfig, Task, register_task  # noqa: E402
+from ppokernels.rl import ConfigError, RLConfig, Task, algorithm, register_task  # noqa: E402
+from ppokernels.rl.config import LOSS_MODES  # noqa: E402
 from ppokernels.rl.models import PolicyScorer  # noqa: E402
-from ppokernels.rl.rollout import truncate_at_eos  # noqa: E402
+from ppokernels.rl.rollout import Batch, truncate_at_eos  # noqa: E402
+from ppokernels.rl.tasks.builtin import builtin_tokenizer  # noqa: E402
 
 
 def free_port() -> str:
@@ -95,12 +99,16 @@ def trainer(cfg, **kw):
         ("lr", "-1", "lr must be > 0"),
         ("top_p", "1.5", r"top_p must be in \(0, 1\]"),
         ("gamma", "2", r"gamma must be in \[0, 1\]"),
-        ("clip", "1.5", "clip must be < 1"),
+        ("clip_low", "1.5", "clip_low: .*clip_low must be"),
         ("minibatch_size", "48", "minibatch_size .* must divide the rollout batch"),
         ("micro_batch_size", "24", "micro_batch_size .* must divide minibatch_size"),
-        ("dual_clip", "0.5", "dual_clip must be > 1"),
-        ("loss_agg", "mean", "loss_agg must be one of"),
-        ("logprobs", "fast", "logprobs must be one of"),
+        ("dual_clip", "0.5", "dual_clip: .*dual_clip must be > 1"),
+        ("agg", "mean", "agg must be one of"),
+        ("head", "fast", "head must be one of"),
+        ("loss_mode", "ppo2", "loss_mode must be one of"),
+        ("tau_pos", "2.0", "tau_pos: .*no field 'tau_pos'"),  # a SAPO field, loss_mode=vanilla
+        ("beta", "0.1", "beta: .*no field 'beta'"),
+        ("rollout_is_cap", "0", "rollout_is_cap must be > 0"),
     ],
 )
 def test_config_bad_values(key, value, match):
@@ -154,40 +162,99 @@ def test_truncate_at_eos():
     assert has_eos.tolist() == [True, False, True]
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
-def test_fused_equals_naive(tmp_path, model):
-    """One PPO step's policy loss and gradients are the same through linear_logprobs and through
-    full logits + log_softmax (untied Llama, tied Qwen2 and GPT-2)."""
-    cfg = tiny(tmp_path, model=model, temperature=0.7, entropy_coef=0.01)
+def _first_step(tmp_path, **kw):
+    """A trainer and its first rollout batch, scored, with advantages (no update yet)."""
+    cfg = tiny(tmp_path, **kw)
     tr = trainer(cfg)
-    b, _ = tr.rollout()
+    b, _ = algorithm.rollout(cfg, tr.state, tr.actors, tr.task, tr.reward)
+    stats = algorithm.score(cfg, tr.actors, b)
+    algorithm.advantages(cfg, tr.state, b)
+    return cfg, tr, b, stats
+
+
+def _head_loss_and_grads(cfg, tr, b, head: str, **loss_fields):
+    """The first step's policy loss through ``head`` (old log-probs perturbed so the ratio is
+    not 1 and clipping is exercised) and the gradients of the policy."""
+    cfg = dataclasses.replace(cfg, head=head, **loss_fields)
     d = b.select(torch.arange(len(b)))
     m = d["mask"].float()
-    out = {}
-    for mode in ("fused", "naive"):
-        tr.policy.zero_grad(set_to_none=True)
-        scorer = PolicyScorer(tr.policy, mode=mode, temperature=cfg.temperature)
-        lp, ent = scorer(d["input_ids"], d["attention_mask"], d["mask"], b.prompt_len)
-        # perturb the old log-probs so the ratio is not 1 and clipping is exercised
-        old = d["old_logprobs"] + 0.3 * torch.sin(torch.arange(m.numel()).view_as(m).float()) * m
-        pl = ppokernels.ppo_policy_loss(
-            lp, old, d["advantages"], m, entropy=ent, entropy_coef=cfg.entropy_coef
-        )
-        pl.loss.backward()
-        grads = {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
-        out[mode] = (lp.detach(), ent.detach(), pl.loss.detach(), grads)
-    (lp_f, ent_f, loss_f, g_f), (lp_n, ent_n, loss_n, g_n) = out["fused"], out["naive"]
-    torch.testing.assert_close(lp_f, lp_n, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ent_f, ent_n, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss_f, loss_n, rtol=1e-5, atol=1e-6)
-    assert g_f.keys() == g_n.keys() and len(g_f) > 0
-    for name in g_f:
-        torch.testing.assert_close(g_f[name], g_n[name], rtol=1e-4, atol=1e-6, msg=name)
+    d["old_logprobs"] = d["old_logprobs"] + 0.3 * torch.sin(torch.arange(m.numel()).view_as(m)) * m
+    tr.policy.zero_grad(set_to_none=True)
+    scorer = PolicyScorer(tr.policy, temperature=cfg.temperature, naive=head == "naive")
+    den = dict(num_tokens=float(m.sum()), num_seqs=len(b))
+    out = algorithm.policy_loss(cfg, scorer, d, b.prompt_len, kl_coef=0.05, **den)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _same(a, b, rtol=1e-5, atol=1e-6) -> None:
+    (out_a, g_a), (out_b, g_b) = a, b
+    torch.testing.assert_close(out_a.loss, out_b.loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out_a.clipfrac, out_b.clipfrac)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+def test_three_heads_same_first_step(tmp_path, model):
+    """The first step's policy loss and gradients are the same through linear_ppo_policy_loss
+    (fused), linear_logprobs + ppo_policy_loss (split) and full logits (naive), for untied
+    Llama, tied Qwen2 and GPT-2, with an entropy bonus and the KL in the loss."""
+    cfg, tr, b, _ = _first_step(
+        tmp_path, model=model, algo="grpo", group_size=2, temperature=0.7, entropy_coef=0.01
+    )
+    fused, split, naive = (_head_loss_and_grads(cfg, tr, b, h) for h in ("fused", "split", "naive"))
+    _same(fused, split)
+    _same(fused, naive)
     # the rollout's old log-probs equal a fresh scoring pass (ratio starts at exactly 1)
-    fused = PolicyScorer(tr.policy, mode="fused", temperature=cfg.temperature)
+    d = b.select(torch.arange(len(b)))
     with torch.no_grad():
-        lp, _ = fused(d["input_ids"], d["attention_mask"], d["mask"], b.prompt_len)
+        lp, _ = tr.scorer(d["input_ids"], d["attention_mask"], d["mask"], b.prompt_len)
     torch.testing.assert_close(lp, d["old_logprobs"], rtol=1e-5, atol=1e-5)
+
+
+LOSS_FIELDS = {
+    "dro": dict(beta=0.1),
+    "gspo": dict(seq_logratio_max=10.0),
+    "sapo": dict(tau_pos=0.9),
+}
+
+
+@pytest.mark.parametrize("loss_mode", LOSS_MODES)
+def test_every_loss_mode_fused_equals_split(tmp_path, loss_mode):
+    """Every loss mode trains through the fused head: its first-step loss and gradients are
+    those of linear_logprobs + ppo_policy_loss (seq-mean aggregation, as the group methods)."""
+    fields = dict(loss_mode=loss_mode, **LOSS_FIELDS.get(loss_mode, {}))
+    cfg, tr, b, _ = _first_step(tmp_path, algo="grpo", group_size=2, agg="seq-mean-token-mean")
+    fused = _head_loss_and_grads(cfg, tr, b, "fused", **fields)
+    split = _head_loss_and_grads(cfg, tr, b, "split", **fields)
+    _same(fused, split)
+    row = trainer(tiny(tmp_path / "run", algo="grpo", group_size=2, steps=1, **fields)).train()[0]
+    assert all(math.isfinite(row[k]) for k in ("policy_loss", "grad_norm", "clipfrac"))
+
+
+def test_rollout_mismatch_metrics(tmp_path):
+    """The sampler's log-probs (from generate's scores) match the trainer's at the sampling
+    temperature; top-k sampling is a real mismatch the metrics show; truncated IS weights."""
+    _, _, b, stats = _first_step(tmp_path / "a", temperature=0.7, sft_steps=5)
+    assert stats["mismatch_logprob_abs"] < 1e-5 and stats["mismatch_ratio_outside"] == 0.0
+    assert abs(stats["mismatch_kl_k3"]) < 1e-8 and "is_weights" not in b.extra
+    _, _, b, stats = _first_step(tmp_path / "b", top_k=3, sft_steps=5, rollout_is_cap=2.0)
+    assert stats["mismatch_logprob_abs"] > 0.05 and stats["mismatch_ratio_outside"] > 0
+    w = b.extra["is_weights"]
+    assert (w <= 2.0).all() and (w[~b.mask] == 0).all() and (w[b.mask] > 0).all()
+    # the metrics against an independent computation
+    lp, rlp, m = b.extra["old_logprobs"], b.rollout_logprobs, b.mask
+    ratio = torch.exp(lp - rlp)[m]
+    torch.testing.assert_close(
+        torch.tensor(stats["mismatch_logprob_abs"]), (lp - rlp)[m].abs().mean()
+    )
+    out = ((ratio < 0.9) | (ratio > 1.1)).float().mean()
+    assert stats["mismatch_ratio_outside"] == pytest.approx(float(out))
+    k3 = (ratio - 1 - torch.log(ratio)).mean()  # KL(sampler || trainer), samples from the sampler
+    assert stats["mismatch_kl_k3"] == pytest.approx(float(k3), rel=1e-4, abs=1e-7)
 
 
 def test_user_task_and_rollout_layout(tmp_path):
@@ -197,14 +264,14 @@ def test_user_task_and_rollout_layout(tmp_path):
             name="test_ones",
             sample_prompts=lambda rng, n: [f"{rng.randint(0, 4)}=" for _ in range(n)],
             reward=lambda prompts, responses: [r.count("1") / 6 for r in responses],
-            tokenizer=lambda: __import__("ppokernels.rl.tasks", fromlist=["_tok"])._tok(),
+            tokenizer=builtin_tokenizer,
         )
     )
     cfg = tiny(
         tmp_path, task="test_ones", algo="rloo", batch_size=4, group_size=2, minibatch_size=4
     )
     tr = trainer(cfg)
-    b, stats = tr.rollout()
+    b, stats = algorithm.rollout(cfg, tr.state, tr.actors, tr.task, tr.reward)
     assert len(b) == 8 and b.group_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     eos = tr.tokenizer.eos_token_id
     resp = b.input_ids[:, b.prompt_len :]
@@ -278,7 +345,7 @@ def test_resume_equals_uninterrupted(tmp_path, algo):
     def interrupt_after_two():  # what the SIGINT handler does: finish the step, save, stop
         row = step()
         if part.step == 2:
-            part._on_sigint(None, None)
+            part.request_stop()
         return row
 
     part.train_step = interrupt_after_two
@@ -324,9 +391,8 @@ def test_pretrained_path_and_reward_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ppokernels.rl.models import tiny_config
-    from ppokernels.rl.tasks import _tok
 
-    tok = _tok()
+    tok = builtin_tokenizer()
     cfg = tiny_config("gpt2", len(tok), hidden=32, layers=1)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
@@ -373,19 +439,19 @@ def test_ddp_replicas_stay_identical(tmp_path, algo):
 
 
 def test_ppo_advantages_and_kl_controller():
-    from ppokernels.rl.experience import KLController, ppo_advantages
-
     cfg = RLConfig(whiten_rewards=False, whiten_advantages=False, gamma=1.0, lam=1.0)
-    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
-    kl = torch.full_like(mask, 0.5) * mask
-    scores = torch.tensor([2.0, -1.0])
-    adv, ret = ppo_advantages(cfg, scores, kl, torch.zeros_like(mask), mask, kl_coef=0.1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    b = Batch(ids, ids, mask, 1, ["a", "b"], ["", ""], mask.any(1), torch.arange(2))
+    b.scores = torch.tensor([2.0, -1.0])
+    b.extra.update(kl=torch.full((2, 4), 0.5) * mask, values=torch.zeros(2, 4))
+    st = type("State", (), {"kl_coef": 0.1})()
+    algorithm.advantages(cfg, st, b)
     # the score sits on the last valid token, each valid token pays 0.1 * 0.5
-    torch.testing.assert_close(ret, torch.tensor([[1.85, 1.9, 1.95, 0], [-1.05, 0, 0, 0]]))
-    torch.testing.assert_close(adv, ret)
+    want = torch.tensor([[1.85, 1.9, 1.95, 0], [-1.05, 0, 0, 0]])
+    torch.testing.assert_close(b.extra["returns"], want)
+    torch.testing.assert_close(b.extra["advantages"], want)
     cfg = RLConfig(adaptive_kl=True, kl_coef=0.1, kl_target=1.0, kl_horizon=100)
-    ctl = KLController(cfg)
-    ctl.update(5.0, 10)  # KL far above target: +20% x 10/100
-    assert ctl.value == pytest.approx(0.1 * 1.02)
-    ctl.update(1.0, 10)
-    assert ctl.value == pytest.approx(0.1 * 1.02)
+    coef = algorithm.adapted_kl_coef(cfg, 0.1, 5.0, 10)  # KL far above target: +20% x 10/100
+    assert coef == pytest.approx(0.1 * 1.02)
+    assert algorithm.adapted_kl_coef(cfg, coef, 1.0, 10) == pytest.approx(0.1 * 1.02)

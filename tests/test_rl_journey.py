@@ -244,7 +244,7 @@ def test_bad_rewards_stop_before_any_update(tmp_path):
     before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
     with pytest.raises(RewardError, match=r"task 'nan': reward function .*nan_reward: reward 3 "):
         tr.train()
-    assert not tr.opt.state  # no optimizer step ran
+    assert not tr.state.opt.state  # no optimizer step ran
     for k, v in tr.policy.state_dict().items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(RewardError, match="returned 2 rewards for 3 responses"):

@@ -37,7 +37,7 @@ def run(name, resume=False, stop_after=None, **kw):
         def interrupting():
             row = step()
             if tr.step == stop_after:
-                tr._on_sigint()
+                tr.request_stop()
             return row
         tr.train_step = interrupting
     rows = tr.train()

@@ -137,7 +137,7 @@ def score(cfg: RLConfig, m: Actors, b: Batch) -> dict:
         stats |= rollout_mismatch(old, b.rollout_logprobs, b.mask)
         if cfg.rollout_is_cap is not None:  # truncated IS (off by default)
             w = torch.exp(old - b.rollout_logprobs).clamp(max=cfg.rollout_is_cap)
-            b.extra["is_weights"] = w * mask
+            b.extra["is_weights"] = torch.where(b.mask, w, 0.0)
     return stats
 
 

@@ -95,7 +95,11 @@ def generate(
     # applies our own warpers (temperature, top-k, top-p, in transformers' order): generate
     # puts a caller's processors before its own warpers, and the recorder of the sampler's
     # log-probs must come after them.
-    sampling = dict(do_sample=not greedy, temperature=1.0, top_k=0, top_p=1.0)
+    sampling = (
+        dict(do_sample=False)
+        if greedy
+        else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    )
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
@@ -131,7 +135,8 @@ def generate(
         group_index = torch.arange(len(prompts))
     b = Batch(ids, am, mask, pids.shape[1], list(prompts), texts, has_eos, group_index.to(device))
     if sampled is not None:
-        b.rollout_logprobs = sampled * mask
+        # where, not a product: a pad drawn after EOS can have log-prob -inf under top-k
+        b.rollout_logprobs = torch.where(mask, sampled, 0.0)
     return b
 
 

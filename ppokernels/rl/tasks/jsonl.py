@@ -1,6 +1,7 @@
 """A task from a JSONL file of prompts and reference answers (``--task jsonl:PATH``).
 
-One JSON object per line: ``{"prompt": "3+4=", "answer": "7"}`` (field names configurable),
+One JSON object per line: ``{"prompt": "3+4=", "answer": "7"}`` (field names configurable; a
+numeric answer such as ``7`` is read as its text),
 optionally with ``"split": "train" | "validation" | "test"``; lines without it are split by the
 hashed rule of the built-in tasks (:func:`~ppokernels.rl.tasks.base.hash_split`: a fixed 10% for
 validation and 10% for test, the same on every machine). The reward compares each response with
@@ -48,9 +49,12 @@ def read_jsonl(path: str, *, prompt_field: str, answer_field: str, split_field: 
         for key in (prompt_field, answer_field):
             if key not in obj:
                 raise JsonlError(f"{where}: missing field {key!r} (fields: {sorted(obj)})")
-            if not isinstance(obj[key], str) or not obj[key]:
-                raise JsonlError(f"{where}: field {key!r} must be a non-empty string")
         prompt, answer = obj[prompt_field], obj[answer_field]
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)  # {"answer": 72} as GSM8K-style files write numbers
+        for key, value in ((prompt_field, prompt), (answer_field, answer)):
+            if not isinstance(value, str) or not value:
+                raise JsonlError(f"{where}: field {key!r} must be a non-empty string")
         split = obj.get(split_field, hash_split(prompt))
         if split not in SPLITS:
             raise JsonlError(
