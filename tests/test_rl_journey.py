@@ -323,3 +323,97 @@ def test_docs_custom_task_example_runs_as_written(tmp_path):
         assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-3000:])
     report = json.loads((tmp_path / "runs" / "swap-test.json").read_text())
     assert report["split"] == "test" and report["results"]
+
+
+# ------------------------------------------------------------------------------- jsonl tasks
+EXAMPLE = ROOT / "examples" / "arithmetic.jsonl"
+
+
+def test_jsonl_task_trains_evaluates_and_exports(tmp_path, capsys):
+    """``--task jsonl:FILE --reward exact``: training prompts from the file, validation and
+    test by the hashed rule, the test reward at the end, OUT/model, and ``eval`` on the test
+    split with the run's reward."""
+    from ppokernels.rl.tasks import get_task
+
+    out = tmp_path / "run"
+    task_arg = f"jsonl:{EXAMPLE}"
+    assert train(out, "--task", task_arg, "--reward", "exact") == 0
+    assert "test reward" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "test_reward" in rows[-1] and (out / "model" / "config.json").exists()
+    assert json.loads((out / "run_config.json").read_text())["reward"] == "exact"
+    report = tmp_path / "eval.json"
+    args = ["eval", "--model", str(out / "model"), "--task", task_arg, "--out", str(report)]
+    assert main(args) == 0
+    res = json.loads(report.read_text())
+    task = get_task(task_arg)
+    lines = [json.loads(x) for x in EXAMPLE.read_text().splitlines()]
+    answers = {x["prompt"]: x["answer"] for x in lines}
+    assert {r["prompt"] for r in res["results"]} == set(task.split("test"))
+    for r in res["results"]:
+        assert r["reward"] == float(r["response"].strip() == answers[r["prompt"]])
+
+
+def test_jsonl_rewards_and_splits(tmp_path):
+    from ppokernels.rl.tasks import get_task, hash_split
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"q": f"{i}*2=", "a": 2 * i} for i in range(40)]
+    rows[0]["part"] = "test"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    kw = dict(prompt_field="q", answer_field="a", split_field="part")
+    task = get_task(f"jsonl:{path}", reward="numeric", reward_tolerance=0.5, **kw)
+    assert "0*2=" in task.split("test")
+    for r in rows[1:]:  # lines without a split field: the hashed rule of the built-ins
+        assert r["q"] in getattr(task, hash_split(r["q"]))
+    got = task.reward(["3*2=", "3*2=", "3*2=", "4*2="], ["6", "it is 6.4", "1,006", "8 or 9"])
+    assert got == [1.0, 1.0, 0.0, 0.0]  # the last number counts
+    task = get_task(f"jsonl:{path}", reward="regex", reward_regex=r"^{answer}\b", **kw)
+    assert task.reward(["3*2=", "3*2="], ["6 !", "16"]) == [1.0, 0.0]
+    (tmp_path / "myreward.py").write_text(
+        "def score(prompts, responses, answers):\n"
+        "    return [float(len(r) == len(a)) for r, a in zip(responses, answers)]\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        task = get_task(f"jsonl:{path}", reward="myreward:score", **kw)
+        assert task.reward(["3*2=", "5*2="], ["7", "7"]) == [1.0, 0.0]
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        ('{"prompt": "1+1=" "answer": "2"}', "not valid JSON"),
+        ('["1+1=", "2"]', "expected a JSON object, got list"),
+        ('{"prompt": "1+1="}', "missing field 'answer'"),
+        ('{"prompt": "", "answer": "2"}', "field 'prompt' must be a non-empty string"),
+        ('{"prompt": "1+1=", "answer": "2", "split": "dev"}', "field 'split' must be one of"),
+        ('{"prompt": "0+0=", "answer": "1"}', "already appears on line 1"),
+    ],
+)
+def test_jsonl_malformed_line_names_file_and_line(tmp_path, capsys, line, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "0+0=", "answer": "0"}\n\n' + line + "\n")
+    assert train(tmp_path / "run", "--task", f"jsonl:{path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}:3: " in err and re.search(match, err) and len(err.splitlines()) == 1
+
+
+def test_ppo_minimal_example_runs(tmp_path):
+    """examples/ppo_minimal.py, briefly: it trains and reports the test reward."""
+    script = ROOT / "examples" / "ppo_minimal.py"
+    args = ["--steps", "2", "--sft-steps", "5", "--batch-size", "16", "--minibatch-size", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, str(script), *args, "--eval-prompts", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    before, after = re.findall(r"test reward (?:before|after) PPO: ([0-9.]+)", res.stdout)
+    assert 0 <= float(before) <= 1 and 0 <= float(after) <= 1
+    assert "step 2: reward" in res.stdout
