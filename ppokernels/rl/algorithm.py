@@ -33,7 +33,6 @@ import torch
 
 import ppokernels
 from ppokernels.rl import distributed
-from ppokernels.rl._loss_api import loss_kwargs
 from ppokernels.rl.config import RLConfig
 from ppokernels.rl.models import full_logits_logprobs, unpack
 from ppokernels.rl.parallel import Parallel
@@ -213,7 +212,7 @@ def policy_loss(cfg: RLConfig, scorer, d: dict, prompt_len: int, *, num_tokens, 
         kl_estimator=cfg.kl_kind,
         entropy_coef=cfg.entropy_coef,
         is_weights=d.get("is_weights"),
-        **loss_kwargs(cfg.loss),
+        loss=cfg.loss,
     )
     old, adv = d["old_logprobs"], d["advantages"]
 

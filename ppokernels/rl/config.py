@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ppokernels.rl._loss_api import AGG_MODES, KL_ESTIMATORS, LOSS_MODES, loss_spec
+from ppokernels.losses import AGG_MODES, KL_ESTIMATORS, LOSS_MODES, loss_spec
 
 ALGOS = ("ppo", "grpo", "rloo", "drgrpo")
 HEADS = ("fused", "split", "naive")
