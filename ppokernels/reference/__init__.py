@@ -5,6 +5,7 @@ PPO-RLHF papers); the trainers' own formulas are in ``docs/semantics.md``.
 """
 
 from ppokernels.reference.advantages import group_advantages, masked_mean, masked_var, masked_whiten
+from ppokernels.reference.agg import agg_loss
 from ppokernels.reference.gae import discounted_returns, gae
 from ppokernels.reference.kl import kl_penalty
 from ppokernels.reference.linear_logprobs import linear_logprobs, linear_logprobs_stats
@@ -13,7 +14,6 @@ from ppokernels.reference.logprobs import token_logprobs
 from ppokernels.reference.ppo_loss import (
     PolicyLossOutput,
     ValueLossOutput,
-    agg_loss,
     ppo_policy_loss,
     value_loss,
 )

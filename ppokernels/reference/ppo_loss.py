@@ -23,6 +23,7 @@ from ppokernels.losses import (
     loss_spec,
 )
 from ppokernels.reference._clamp import clamp
+from ppokernels.reference.agg import agg_loss
 from ppokernels.reference.kl import kl_penalty
 
 
@@ -46,33 +47,6 @@ class ValueLossOutput(NamedTuple):
 
     loss: torch.Tensor
     clipfrac: torch.Tensor
-
-
-def agg_loss(values, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
-    """Aggregates a [B, T] per-token loss over the valid tokens (veRL's agg_loss).
-
-    token-mean: sum / (num_tokens or number of valid tokens); token-sum: sum;
-    seq-mean-token-mean: sum over rows with a valid token of the row's masked mean / (num_seqs or
-    B); seq-mean-token-sum: sum of row sums / (num_seqs or B); seq-mean-token-sum-norm: that / T.
-    No valid token gives 0.
-    """
-    m = mask.bool()
-    x = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    rows, width = x.shape
-    seqs = num_seqs if num_seqs is not None else max(rows, 1)
-    if agg == "token-mean":
-        d = m.sum().to(x.dtype) if num_tokens is None else num_tokens
-        return x.sum() / (d.clamp(min=1) if num_tokens is None else d)
-    if agg == "token-sum":
-        return x.sum()
-    row_sum = x.sum(-1)
-    if agg == "seq-mean-token-mean":
-        return (row_sum / m.sum(-1).clamp(min=1).to(x.dtype)).sum() / seqs
-    if agg == "seq-mean-token-sum":
-        return row_sum.sum() / seqs
-    if agg == "seq-mean-token-sum-norm":
-        return row_sum.sum() / (seqs * max(width, 1))
-    raise ValueError(f"agg_loss: unknown agg {agg!r}")
 
 
 def _masked_mean(x, m):
