@@ -8,8 +8,14 @@ csrc/include/ppokernels/logprobs.h, ``softmax_stats_tile`` of triton/_common.py)
 logit picked from the same accumulator. Tile columns past V are -inf. The tile shape never depends
 on N, so a row's bits do not depend on the batch it is in.
 
-Backward, per chunk of rows: ``_linear_logprobs_dz_kernel`` recomputes each tile and writes
-dlogits (csrc/include/ppokernels/linear_logprobs.h) into a [rows, V] workspace;
+Logits cache: with HAS_CACHE the forward also stores the raw tiles (before bias and temperature)
+of the first ``n_cache`` valid rows into a [n_cache, V] accumulator-dtype buffer, and the
+backward's dlogits kernel, launched with CACHED for those rows, loads them instead of recomputing
+the GEMM: the same values (the same tile code made them), three GEMMs instead of four.
+
+Backward, per chunk of rows: ``_linear_logprobs_dz_kernel`` recomputes each tile (or loads it
+from the cache) and writes dlogits (csrc/include/ppokernels/linear_logprobs.h) into a [rows, V]
+workspace;
 ``_linear_logprobs_grad_hidden_kernel`` (programs own row x H blocks, loop over the vocabulary)
 and ``_linear_logprobs_grad_weight_kernel`` (programs own vocab x H blocks, loop over rows, also
 summing grad_bias) are plain GEMMs with fp32 accumulators:
@@ -93,13 +99,16 @@ def _linear_logprobs_fwd_kernel(
     label_logit_ptr,  # [n]
     lse_ptr,  # [n]
     ent_ptr,  # [n]
+    cache_ptr,  # [n_cache, V] raw logits of the first n_cache rows (written when HAS_CACHE)
     # shapes and scalars
     n,
+    n_cache,
     V,
     H,
     inv_t,  # 1 / temperature
     # meta
     HAS_BIAS: tl.constexpr,
+    HAS_CACHE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -117,6 +126,9 @@ def _linear_logprobs_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         cmask = cols < V
         acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+        if HAS_CACHE:
+            keep = (rows < n_cache)[:, None] & cmask[None, :]
+            tl.store(cache_ptr + rows[:, None] * V + cols[None, :], acc, mask=keep)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
         z = tl.where(cmask[None, :], acc * inv_t, float("-inf"))  # padding is -inf, never 0
@@ -138,8 +150,9 @@ def _linear_logprobs_dz_kernel(
     lse_ptr,
     ent_ptr,  # [n] accumulator dtype, saved by the forward
     coef_ptr,  # [3, n] accumulator dtype: a (label logit), b (lse), c (-entropy) upstream grads
+    cache_ptr,  # [n_cache, V] accumulator dtype: the forward's raw logits (read when CACHED)
     # outputs
-    dz_ptr,  # [rows of this chunk, V] dlogits, dtype of hidden
+    dz_ptr,  # [r1 - r0, V] dlogits of rows [r0, r1), dtype of hidden
     # shapes and scalars
     r0,
     r1,
@@ -149,6 +162,7 @@ def _linear_logprobs_dz_kernel(
     inv_t,
     # meta
     HAS_BIAS: tl.constexpr,
+    CACHED: tl.constexpr,  # rows [r0, r1) are all cached: load their tiles, no GEMM
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -159,7 +173,14 @@ def _linear_logprobs_dz_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = rows < r1
     cmask = cols < V
-    acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+    if CACHED:
+        acc = tl.load(
+            cache_ptr + rows[:, None] * V + cols[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+    else:
+        acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
     y = tl.load(labels_ptr + rows, mask=rmask, other=-1)
