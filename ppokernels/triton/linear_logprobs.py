@@ -14,20 +14,25 @@ from ppokernels._dtypes import acc_dtype
 from ppokernels.triton._common import aot_table, dtype_name, launch
 from ppokernels.triton._linear_logprobs_kernels import (
     CONFIGS,
+    _linear_logprobs_dz_cached_kernel,
     _linear_logprobs_dz_kernel,
     _linear_logprobs_fwd_kernel,
     _linear_logprobs_grad_hidden_kernel,
     _linear_logprobs_grad_weight_kernel,
 )
 
-# The tile constexprs each kernel role takes from its dtype's CONFIGS entry.
-_TILES = {"logits": ("BLOCK_N", "BLOCK_V", "BLOCK_K"), "grad": ("BLOCK_N", "BLOCK_V", "BLOCK_H")}
+# The constexprs each kernel role takes from its dtype's CONFIGS entry.
+_TILES = {
+    "logits": ("BLOCK_N", "BLOCK_V", "BLOCK_K", "IEEE"),
+    "grad": ("BLOCK_N", "BLOCK_V", "BLOCK_H", "IEEE"),
+    "cached": ("BLOCK_N", "BLOCK_V"),
+}
 
 
 def _config(dt: str, role: str) -> dict:
     """Launch options of a ``role`` kernel for input dtype ``dt``: tiles, IEEE, warps, stages."""
     cfg = CONFIGS[dt][role]
-    return {k: cfg[k] for k in (*_TILES[role], "IEEE", "num_warps", "num_stages")}
+    return {k: cfg[k] for k in (*_TILES[role], "num_warps", "num_stages")}
 
 
 def _launch(kernel, grid, args, dtype, role, **constexprs):
@@ -141,11 +146,20 @@ def linear_logprobs_backward_triton(
             # rows [r0, cut) read their logits from the cache, [cut, r0 + cnt) recompute them;
             # each part writes its own rows of the chunk's workspace
             cut = min(max(n_cache, r0), r0 + cnt)
-            for s0, s1, cached in ((r0, cut, True), (cut, r0 + cnt, False)):
-                if s1 <= s0:
-                    continue
-                grid = (triton.cdiv(s1 - s0, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
-                args = (h, w, b, y, lse_c, ent_c, coef, logits_cache, dz[s0 - r0 :], s0, s1)
+            if cut > r0:
+                ccfg = CONFIGS[dtype_name(dt)]["cached"]
+                grid = (triton.cdiv(cut - r0, ccfg["BLOCK_N"]), triton.cdiv(V, ccfg["BLOCK_V"]))
+                _launch(
+                    _linear_logprobs_dz_cached_kernel,
+                    grid,
+                    (logits_cache, b, y, lse_c, ent_c, coef, dz, r0, cut, n, V, 1.0 / temperature),
+                    dt,
+                    "cached",
+                    HAS_BIAS=bias is not None,
+                )
+            if r0 + cnt > cut:
+                grid = (triton.cdiv(r0 + cnt - cut, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"]))
+                args = (h, w, b, y, lse_c, ent_c, coef, dz[cut - r0 :], cut, r0 + cnt)
                 _launch(
                     _linear_logprobs_dz_kernel,
                     grid,
@@ -153,7 +167,6 @@ def linear_logprobs_backward_triton(
                     dt,
                     "logits",
                     HAS_BIAS=bias is not None,
-                    CACHED=cached,
                 )
             if need_h:
                 grid = (triton.cdiv(cnt, gcfg["BLOCK_N"]), triton.cdiv(H, gcfg["BLOCK_H"]))
@@ -214,7 +227,6 @@ AOT = (
             "lse_ptr": "*A",
             "ent_ptr": "*A",
             "coef_ptr": "*A",
-            "cache_ptr": "*A",
             "dz_ptr": "*T",
             "r0": "i64",
             "r1": "i64",
@@ -222,11 +234,26 @@ AOT = (
             "inv_t": "fp32",
         },
         lambda dt: _config(dt, "logits"),
-        variants=[
-            dict(HAS_BIAS=True, CACHED=False),
-            dict(HAS_BIAS=False, CACHED=False),
-            dict(HAS_BIAS=False, CACHED=True),
-        ],
+        variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
+    )
+    + aot_table(
+        _linear_logprobs_dz_cached_kernel,
+        {
+            "cache_ptr": "*A",
+            "bias_ptr": "*A",
+            "labels_ptr": "*i64",
+            "lse_ptr": "*A",
+            "ent_ptr": "*A",
+            "coef_ptr": "*A",
+            "dz_ptr": "*T",
+            "r0": "i64",
+            "r1": "i64",
+            "n": "i64",
+            "V": "i64",
+            "inv_t": "fp32",
+        },
+        lambda dt: _config(dt, "cached"),
+        variants=[dict(HAS_BIAS=True), dict(HAS_BIAS=False)],
     )
     + aot_table(
         _linear_logprobs_grad_hidden_kernel,
