@@ -1,7 +1,9 @@
 """linear_logprobs: per-token log-probs and entropy from hidden states and the lm_head weight,
-never materialising the [N, V] logits. Backends: CPU C++ (csrc/cpu/linear_logprobs.cpp) and
-Triton (ppokernels/triton/linear_logprobs.py); there is no CUDA C++ kernel, so CUDA tensors take
-Triton under ``auto``."""
+never materialising the [N, V] logits (beyond the ``cache_bytes`` of logits kept for the
+backward). Backends: CPU C++ (csrc/cpu/linear_logprobs.cpp), CUDA C++ (csrc/cuda/linear_logprobs.cu,
+the same chunk loop: csrc/include/ppokernels/linear_logprobs_chunks.h), Triton
+(ppokernels/triton/linear_logprobs.py) and the reference; CUDA tensors take the one
+``ppokernels._backend.FASTEST_GPU`` names under ``auto``."""
 
 from __future__ import annotations
 
@@ -78,11 +80,11 @@ def linear_logprobs(
             beyond it; it lives until the backward frees the graph. Only taken when a gradient
             is wanted (grad mode on and hidden, weight or bias requiring one). ``0``: always
             recompute. The numbers are the same either way (the cached tiles are the GEMM's own
-            output, so the backward sees the same bits). Default 512 MiB: on the CPU, N = 1024
-            rows of a 151936 vocabulary (594 MiB of fp32 logits) need about 40% of their tiles
-            cached to beat the naive head's three GEMMs and all of them to gain the whole GEMM;
-            512 MiB gives most of that at a quarter of the naive head's [N, V] memory (the logits,
-            their log-softmax and its gradient).
+            output, so the backward sees the same bits). Default 512 MiB, from a CPU timing of
+            forward + backward at N = 1024, H = 512, V = 151936, fp32 (594 MiB of logits): with
+            256 MiB cached the head is level with the naive one (logits, log_softmax, gather,
+            three GEMMs), with 512 MiB it gets ~90% of what caching everything saves, at about a
+            third of the naive head's peak memory (its logits, their log-softmax and gradient).
         process_group: vocabulary-parallel group; rank r holds rows [v0, v1) of the full weight
             in rank order, labels are global ids, results equal the unsharded op, grad_hidden
             is summed over ranks, grad_weight / grad_bias are the local shard's.
