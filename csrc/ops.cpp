@@ -88,14 +88,18 @@ STABLE_TORCH_LIBRARY(ppokernels, m) {
   // --- linear_logprobs: per-token log-probs and entropy from hidden states and lm_head weight
   // label_logit, lse and entropy of z = (hidden @ weight.T + bias) / temperature per row over the
   // local vocabulary shard [vocab_start, vocab_start + V); rows labelled ignore_index give zeros.
+  // logits_cache: at most cache_bytes of the forward's logits (1-D, accumulation dtype, in the
+  // backend's own tile layout; [0] when cache_bytes is 0), saved for the backward, which reads
+  // those logits instead of recomputing their GEMM (an empty tensor: recompute all).
   m.def(
       "linear_logprobs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, "
-      "float temperature, int ignore_index, int vocab_start, int chunk_size) "
-      "-> (Tensor label_logit, Tensor lse, Tensor entropy)");
+      "float temperature, int ignore_index, int vocab_start, int chunk_size, int cache_bytes) "
+      "-> (Tensor label_logit, Tensor lse, Tensor entropy, Tensor logits_cache)");
   m.def(
       "linear_logprobs_backward(Tensor grad_label_logit, Tensor grad_lse, Tensor grad_entropy, "
       "Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor lse, Tensor entropy, "
-      "float temperature, int ignore_index, int vocab_start, int chunk_size, bool[3] output_mask) "
+      "Tensor logits_cache, float temperature, int ignore_index, int vocab_start, "
+      "int chunk_size, bool[3] output_mask) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // --- ppo_loss: the policy loss of every loss spec, and the clipped value loss

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ppokernels
 from ppokernels import reference
+from ppokernels.ops.linear_logprobs import CACHE_BYTES
 from ppokernels.testing import assert_close_to_reference, backend_params, binary_skip_reason
 
 PARAMS = backend_params()
@@ -202,20 +203,27 @@ def test_bf16_error_vs_eager(device, backend):
 
 
 @CPP
-def test_opcheck_and_compile():
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+def test_opcheck_and_compile(cache_bytes):
     hidden, weight, labels, b = _inputs(6, 8, 40, bias=True)
     args = (hidden.requires_grad_(), weight.requires_grad_(), labels, b, 0.7, -100, 0, 16)
-    torch.library.opcheck(torch.ops.ppokernels.linear_logprobs.default, args)
+    torch.library.opcheck(torch.ops.ppokernels.linear_logprobs.default, (*args, cache_bytes))
 
     def fn(h, w):
-        lp, ent = ppokernels.linear_logprobs(h, w, labels, with_entropy=True, backend="cpp")
+        lp, ent = ppokernels.linear_logprobs(
+            h, w, labels, with_entropy=True, cache_bytes=cache_bytes, backend="cpp"
+        )
         return lp.sum() + ent.sum()
 
     compiled = torch.compile(fn, fullgraph=True)
-    torch.testing.assert_close(compiled(hidden, weight), fn(hidden, weight))
+    got, want = compiled(hidden, weight), fn(hidden, weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
+    )
 
 
-def _tp_worker(rank, world, init_file, backend):
+def _tp_worker(rank, world, init_file, backend, cache_bytes):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -233,6 +241,7 @@ def _tp_worker(rank, world, init_file, backend):
         temperature=0.7,
         with_entropy=True,
         process_group=dist.group.WORLD,
+        cache_bytes=cache_bytes,
         backend=backend,
     )
     ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
@@ -249,12 +258,17 @@ def _tp_worker(rank, world, init_file, backend):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_tensor_parallel_gloo(backend):
+# cpp: no cache, a cache of one of the two row chunks (10 rows in chunks of 16: the budget holds
+# 16 x 140 fp32 on rank 0 only), and the default (all cached)
+@pytest.mark.parametrize(
+    "backend, cache_bytes",
+    [("cpp", 0), ("cpp", 16 * 140 * 4), ("cpp", CACHE_BYTES), ("reference", CACHE_BYTES)],
+)
+def test_tensor_parallel_gloo(backend, cache_bytes):
     if backend == "cpp" and binary_skip_reason():
         pytest.skip(binary_skip_reason())
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_tp_worker, args=(2, os.path.join(d, "init"), backend), nprocs=2)
+        mp.spawn(_tp_worker, args=(2, os.path.join(d, "init"), backend, cache_bytes), nprocs=2)
 
 
 def test_bad_input():
@@ -282,6 +296,14 @@ def test_bad_input():
         f(hidden, weight, labels, temperature=0.0)
     with pytest.raises(ValueError, match="linear_logprobs: chunk_size"):
         f(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="linear_logprobs: cache_bytes must be >= 0"):
+        f(hidden, weight, labels, cache_bytes=-1)
+    with pytest.raises(TypeError, match="linear_logprobs: cache_bytes must be an int"):
+        f(hidden, weight, labels, cache_bytes=1.5)
+    with pytest.raises(TypeError, match="linear_logprobs: cache_bytes must be an int"):
+        f(hidden, weight, labels, cache_bytes=True)
+    with pytest.raises(ValueError, match="linear_logprobs: cache_bytes must be an int >= 0"):
+        reference.linear_logprobs(hidden, weight, labels, cache_bytes=-1)
     assert f(hidden, weight, labels.int())[0].shape == (4,)  # int32 labels are fine
 
 
@@ -316,7 +338,169 @@ def test_cuda_cpp_matches_triton_and_reference(dtype):
         lp, ent = ppokernels.linear_logprobs(h, w, y, bias=b, with_entropy=True, backend=backend)
         torch.testing.assert_close(lp.double(), ref_lp, **tol)
         torch.testing.assert_close(ent.double(), ref_ent, **tol)
+    for backend in ("cpp", "triton"):  # logits cache: none, part of the rows (one tile), all
+        _check_cache(backend, "cuda", dtype, [0, 1024 * 1024 * 4, CACHE_BYTES])
     # a row's bits do not depend on the batch it is in (fixed GEMM shape)
     lp_all, _ = ppokernels.linear_logprobs(h, w, y, bias=b, backend="cpp")
     lp_one, _ = ppokernels.linear_logprobs(h[5:6], w, y[5:6], bias=b, backend="cpp")
     assert torch.equal(lp_all[5:6], lp_one)
+
+
+# ----------------------------------------------------------------------- the logits cache
+def _cache_elems(backend, device, dtype, n, V, cache_bytes, chunk_size):
+    """Entries of the forward's logits cache (the op's fourth output)."""
+    hidden, weight, labels, _ = _inputs(n, 8, V, dtype, device)
+    op = torch.ops.ppokernels.linear_logprobs if backend == "cpp" else None
+    op = op or torch.ops.ppokernels.linear_logprobs_triton
+    return op(hidden, weight, labels, None, 1.0, -100, 0, chunk_size, cache_bytes)[3].numel()
+
+
+def _run(backend, device, hidden, weight, labels, bias, cache_bytes, chunk_size):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    lp, ent = ppokernels.linear_logprobs(
+        leaves[0],
+        leaves[1],
+        labels,
+        bias=leaves[2],
+        temperature=0.7,
+        with_entropy=True,
+        chunk_size=chunk_size,
+        cache_bytes=cache_bytes,
+        backend=backend,
+    )
+    g = torch.linspace(-1, 1, lp.numel(), device=device, dtype=lp.dtype)
+    grads = torch.autograd.grad((lp, ent), leaves, (g, 0.3 * g.flip(0)))
+    return lp, ent, grads, leaves
+
+
+def _check_cache(backend, device, dtype, budgets, n=60, V=9000, chunk_size=16):
+    """Every budget gives the same bits as budget 0 (the cached tiles are the GEMM's own output),
+    forward and backward, and the fp64 reference's numbers."""
+    hidden, weight, labels, b = _inputs(n, 16, V, dtype, device, bias=True)
+    base = _run(backend, device, hidden, weight, labels, b, 0, chunk_size)
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, b))
+    e_lp, e_ent = reference.linear_logprobs(
+        h64, w64, labels, bias=b64, temperature=0.7, with_entropy=True, cache_bytes=budgets[-1]
+    )
+    g = torch.linspace(-1, 1, n, device=device, dtype=torch.float64)
+    want = torch.autograd.grad((e_lp, e_ent), (h64, w64, b64), (g, 0.3 * g.flip(0)))
+    tol = TOL32 if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-3)
+    for budget in budgets:
+        lp, ent, grads, _ = _run(backend, device, hidden, weight, labels, b, budget, chunk_size)
+        assert torch.equal(lp, base[0]) and torch.equal(ent, base[1]), budget
+        for got, ref in zip(grads, base[2], strict=True):
+            assert torch.equal(got, ref), budget
+        torch.testing.assert_close(lp.double(), e_lp, **tol)
+        torch.testing.assert_close(ent.double(), e_ent, **tol)
+        for got, ref in zip(grads, want, strict=True):
+            torch.testing.assert_close(got.double(), ref, **tol)
+        ignored = labels == -100
+        assert (grads[0][ignored] == 0).all() and (lp[ignored] == 0).all()
+
+
+# Budgets for n = 60 valid-or-ignored rows (40 valid, in row chunks of 16 padded rows), V = 9000
+# (vocabulary blocks of 4096, 4096, 808 in the C++ kernels): cpp: one [16, 4096] fp32 tile, one
+# whole chunk and two tiles of the next, all; Triton: 5 and 30 rows, all.
+CPP_BUDGETS = [16 * 4096 * 4, (16 * 9000 + 2 * 16 * 4096) * 4, CACHE_BYTES]
+TRITON_BUDGETS = [5 * 9000 * 4, 30 * 9000 * 4, CACHE_BYTES]
+
+
+@pytest.mark.parametrize("device, backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_cache_same_bits_as_recompute(device, backend, dtype):
+    budgets = CPP_BUDGETS if backend == "cpp" else TRITON_BUDGETS
+    _check_cache(backend, device, dtype, [0, *budgets])
+
+
+@pytest.mark.parametrize("device, backend", KERNELS)
+def test_logits_cache_size_follows_budget(device, backend):
+    """The cache is never over budget: whole tiles (C++) or rows (Triton), in order."""
+    budgets = CPP_BUDGETS if backend == "cpp" else TRITON_BUDGETS
+    sizes = [_cache_elems(backend, device, torch.float32, 60, 9000, c, 16) for c in budgets]
+    if backend == "cpp":  # 40 valid rows: 3 chunks of 16 rows (the last padded) x 9000
+        assert sizes == [16 * 4096, 16 * 9000 + 2 * 16 * 4096, 3 * 16 * 9000]
+    else:
+        assert sizes == [5 * 9000, 30 * 9000, 40 * 9000]
+    assert _cache_elems(backend, device, torch.float32, 60, 9000, 16 * 4096 * 4 - 1, 16) == (
+        0 if backend == "cpp" else 7 * 9000
+    )
+    assert _cache_elems(backend, device, torch.float32, 60, 9000, 0, 16) == 0
+
+
+@CPP
+@pytest.mark.parametrize("cache_bytes", [0, 48 * 4096 * 4, CACHE_BYTES])
+def test_logits_cache_saves_the_logits_gemm(cache_bytes):
+    """Backward GEMMs (aten::mm, counted by the profiler): three per [rows, block] tile without a
+    cache (logits, grad_hidden, grad_weight), two per cached tile. 40 rows in one chunk of 48
+    (the default), V = 9000: three vocabulary blocks."""
+    hidden, weight, labels, _ = _inputs(60, 16, 9000)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    lp, _ = ppokernels.linear_logprobs(hidden, weight, labels, cache_bytes=cache_bytes)
+    with torch.profiler.profile() as prof:
+        lp.sum().backward()
+    mm = sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+    cached = {0: 0, 48 * 4096 * 4: 1, CACHE_BYTES: 3}[cache_bytes]  # one tile is 48 x 4096
+    assert mm == 3 * 3 - cached
+
+
+@pytest.mark.parametrize("device, backend", PARAMS)
+def test_logits_cache_retain_graph(device, backend):
+    """backward(retain_graph=True) then backward(): the second reads the same intact cache."""
+    hidden, weight, labels, b = _inputs(20, 8, 300, device=device, bias=True)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    lp, ent = ppokernels.linear_logprobs(
+        hidden, weight, labels, bias=b, with_entropy=True, backend=backend
+    )
+    loss = (lp * torch.linspace(-1, 1, 20, device=device)).sum() + 0.1 * ent.sum()
+    once = torch.autograd.grad(loss, leaves, retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for leaf, g in zip(leaves, once, strict=True):
+        assert torch.equal(leaf.grad, 2 * g)
+
+
+class _RecordForward(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.budgets = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "linear_logprobs" in name and "backward" not in name:
+            self.budgets.append(args[-1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device, backend", KERNELS)
+def test_logits_cache_only_when_a_gradient_is_wanted(device, backend):
+    hidden, weight, labels, _ = _inputs(6, 8, 40, device=device)
+    f = ppokernels.linear_logprobs
+    with _RecordForward() as rec:
+        f(hidden, weight, labels, backend=backend)  # nothing requires grad
+        with torch.no_grad():
+            f(hidden.requires_grad_(), weight, labels, backend=backend)
+        f(hidden, weight, labels, backend=backend)
+        f(hidden, weight, labels, cache_bytes=123, backend=backend)
+    assert rec.budgets == [0, 0, CACHE_BYTES, 123]
+
+
+@CPP
+def test_logits_cache_large_vocab_partial_chunk():
+    """V = 151936 (38 blocks, the last 384 wide), 3 rows: a budget of 5 [16, 4096] tiles caches
+    the first 5 blocks and recomputes the other 33; the same bits as no cache, the reference's
+    numbers."""
+    _check_cache("cpp", "cpu", torch.float32, [0, 5 * 16 * 4096 * 4], n=3, V=151936, chunk_size=16)
+
+
+@CPP
+def test_logits_cache_rejects_a_foreign_cache():
+    hidden, weight, labels, _ = _inputs(20, 8, 300)
+    args = (hidden, weight, labels, None, 1.0, -100, 0, 16)
+    _, lse, ent, cache = torch.ops.ppokernels.linear_logprobs(*args, CACHE_BYTES)
+    g = torch.ones_like(lse)
+    bwd = torch.ops.ppokernels.linear_logprobs_backward
+    with pytest.raises(RuntimeError, match="logits_cache does not match"):
+        bwd(
+            g, g, g, hidden, weight, labels, None, lse, ent, cache[:-1], 1.0, -100, 0, 16, [1, 1, 0]
+        )

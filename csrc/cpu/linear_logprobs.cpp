@@ -3,7 +3,7 @@
 // The chunk loop is ppokernels/linear_logprobs_chunks.h (shared with the CUDA front end); this
 // file is its CPU policy: GEMMs by torch's BLAS (aten::mm) in the accumulation dtype (fp32,
 // fp64), and fused SIMD epilogues per row of each vocabulary block (statistics in the forward,
-// dlogits in place in the backward). Determinism: MKL's sgemm gives a row the same bits for
+// dlogits in the backward: in place, or from a tile of the logits cache). Determinism: MKL's sgemm gives a row the same bits for
 // every M that is a multiple of 16 (it switches to other kernels for M < 8), hence the
 // zero-padded row chunks.
 #include <cfloat>
@@ -58,12 +58,13 @@ SoftmaxStats<acc_t> block_stats(const acc_t* x, const acc_t* b, int64_t n, acc_t
   return {m, s, u};
 }
 
-// dlogits of one row of a block, in place: x_j -> dz_j / T (see linear_logprobs.h).
+// dlogits of one row of a block: out_j = dz_j / T of the logits x_j (see linear_logprobs.h); out
+// may be x (in place: the label's logit is read before the row is written).
 template <typename acc_t>
-void block_grad(acc_t* x, const acc_t* bias, int64_t n, int64_t label, acc_t inv_t, acc_t lse,
-                acc_t ent, acc_t a, acc_t b, acc_t c) {
+void block_grad(const acc_t* x, acc_t* out, const acc_t* bias, int64_t n, int64_t label,
+                acc_t inv_t, acc_t lse, acc_t ent, acc_t a, acc_t b, acc_t c) {
   if (a == acc_t(0) && b == acc_t(0) && c == acc_t(0)) {
-    std::fill(x, x + n, acc_t(0));
+    std::fill(out, out + n, acc_t(0));
     return;
   }
   acc_t logp_y = 0;
@@ -75,16 +76,15 @@ void block_grad(acc_t* x, const acc_t* bias, int64_t n, int64_t label, acc_t inv
       VecF v = VecF::loadu(x + j);
       if (bias) v = v + VecF::loadu(bias + j);
       const VecF logp = v * vt - vl;
-      (linear_logprobs_dz(logp, vb, vc, ve) * vt).store(x + j);
+      (linear_logprobs_dz(logp, vb, vc, ve) * vt).store(out + j);
     }
   }
   for (; j < n; ++j) {
     const acc_t logp = (x[j] + (bias ? bias[j] : acc_t(0))) * inv_t - lse;
-    x[j] = linear_logprobs_dz(logp, b, c, ent) * inv_t;
+    out[j] = linear_logprobs_dz(logp, b, c, ent) * inv_t;
   }
-  if (label >= 0 && label < n) x[label] = linear_logprobs_dz_label(logp_y, a, b, c, ent) * inv_t;
+  if (label >= 0 && label < n) out[label] = linear_logprobs_dz_label(logp_y, a, b, c, ent) * inv_t;
 }
-
 
 // Copies the hidden rows `rows` into buf [R, H] (acc_t), zeroing the padding rows.
 template <typename scalar_t, typename acc_t>
@@ -190,7 +190,8 @@ struct CpuDev {
   static void dz(DzArgs& d) {
     PPK_DISPATCH_FP32_FP64(d.logits.scalar_type(), "llp_dz", [&] {
       using acc_t = scalar_t;
-      acc_t* x = d.logits.mutable_data_ptr<acc_t>();
+      const acc_t* x = d.src.const_data_ptr<acc_t>();
+      acc_t* out = d.logits.mutable_data_ptr<acc_t>();
       const acc_t* bi = bias_ptr<acc_t>(d.bias);
       const int64_t* y = d.labels.const_data_ptr<int64_t>();
       const int64_t off = d.label_offset;
@@ -201,7 +202,8 @@ struct CpuDev {
       const int64_t vc = d.vc;
       torch::stable::parallel_for(0, d.cnt, 8, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
-          block_grad(x + i * vc, bi, vc, y[i] - off, inv_t, lse[i], ent[i], a[i], b[i], c[i]);
+          block_grad(x + i * vc, out + i * vc, bi, vc, y[i] - off, inv_t, lse[i], ent[i], a[i],
+                     b[i], c[i]);
         }
       });
     });

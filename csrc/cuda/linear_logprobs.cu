@@ -10,7 +10,8 @@
 //   an elementwise add: linear_logprobs_add).
 //   Epilogues (acc dtype A = float or double): fold (one block per row: SoftmaxStats of the tile's
 //   row in a fixed-order block reduction, merged into the row's running stats), finish (lse and
-//   entropy), dz (dlogits in place, elementwise, linear_logprobs.h).
+//   entropy), dz (dlogits, elementwise, linear_logprobs.h: in place, or from a tile of the
+//   logits cache the forward's GEMM wrote, which saves the backward's logits GEMM).
 //   Rows per chunk are fixed (never shrunk to the batch), so cuBLAS sees one GEMM shape and a row
 //   gets the same bits in any batch; column sums for grad_bias use torch's deterministic sum.
 #include "ppokernels/cuda_utils.cuh"
@@ -67,9 +68,11 @@ __global__ void linear_logprobs_finish_kernel(const SoftmaxStats<A>* __restrict_
   }
 }
 
-// dlogits of rows i < cnt in place: dz_ij / T (linear_logprobs.h), 0 for rows without gradient.
+// dlogits of rows i < cnt: dz_ij / T (linear_logprobs.h) of the logits src, 0 for rows without
+// gradient. src is x (in place) or a tile of the logits cache, so neither is __restrict__.
 template <typename A>
-__global__ void linear_logprobs_dz_kernel(A* __restrict__ x,  // [R, vc] logits in, dlogits out
+__global__ void linear_logprobs_dz_kernel(const A* src,  // [R, vc] logits
+                                          A* x,          // [R, vc] dlogits out
                                           const A* __restrict__ bias, const int64_t* labels,
                                           int64_t label_offset,
                                           const A* __restrict__ lse, const A* __restrict__ ent,
@@ -85,7 +88,7 @@ __global__ void linear_logprobs_dz_kernel(A* __restrict__ x,  // [R, vc] logits 
       x[i] = A(0);
       continue;
     }
-    const A logp = biased(x + row * vc, bias, j) * inv_t - lse[row];
+    const A logp = biased(src + row * vc, bias, j) * inv_t - lse[row];
     const A d = j == labels[row] - label_offset ? linear_logprobs_dz_label(logp, a, b, c, ent[row])
                                                 : linear_logprobs_dz(logp, b, c, ent[row]);
     x[i] = d * inv_t;
@@ -137,12 +140,13 @@ cudaError_t linear_logprobs_finish(const SoftmaxStats<A>* stats, A* lse, A* ent,
 }
 
 template <typename A>
-cudaError_t linear_logprobs_dz(A* x, const A* bias, const int64_t* labels, int64_t label_offset,
-                               const A* lse, const A* ent, const A* ga, const A* gb, const A* gc,
-                               int64_t cnt, int64_t vc, double inv_t, cudaStream_t stream) {
+cudaError_t linear_logprobs_dz(const A* src, A* x, const A* bias, const int64_t* labels,
+                               int64_t label_offset, const A* lse, const A* ent, const A* ga,
+                               const A* gb, const A* gc, int64_t cnt, int64_t vc, double inv_t,
+                               cudaStream_t stream) {
   if (cnt == 0 || vc == 0) return cudaSuccess;
   linear_logprobs_dz_kernel<A><<<elementwise_blocks(cnt * vc, kThreads), kThreads, 0, stream>>>(
-      x, bias, labels, label_offset, lse, ent, ga, gb, gc, cnt, vc, static_cast<A>(inv_t));
+      src, x, bias, labels, label_offset, lse, ent, ga, gb, gc, cnt, vc, static_cast<A>(inv_t));
   return cudaGetLastError();
 }
 
@@ -168,9 +172,9 @@ cudaError_t linear_logprobs_valid(const int64_t* labels, bool* mask, int64_t n,
                                                cudaStream_t);                                  \
   template cudaError_t linear_logprobs_finish<A>(const SoftmaxStats<A>*, A*, A*, int64_t,     \
                                                  cudaStream_t);                                \
-  template cudaError_t linear_logprobs_dz<A>(A*, const A*, const int64_t*, int64_t, const A*, \
-                                             const A*, const A*, const A*, const A*, int64_t,  \
-                                             int64_t, double, cudaStream_t);                   \
+  template cudaError_t linear_logprobs_dz<A>(const A*, A*, const A*, const int64_t*, int64_t,  \
+                                             const A*, const A*, const A*, const A*, const A*, \
+                                             int64_t, int64_t, double, cudaStream_t);          \
   template cudaError_t linear_logprobs_add<A>(A*, const A*, int64_t, cudaStream_t);
 PPK_INSTANTIATE(float)
 PPK_INSTANTIATE(double)
@@ -281,7 +285,8 @@ struct CudaDev {
     PPK_DISPATCH_FP32_FP64(d.logits.scalar_type(), "llp_dz_cuda", [&] {
       using A = scalar_t;
       PPK_CUDA_CHECK(cuda::linear_logprobs_dz<A>(
-          d.logits.mutable_data_ptr<A>(), bias_ptr<A>(d.bias), d.labels.const_data_ptr<int64_t>(),
+          d.src.const_data_ptr<A>(), d.logits.mutable_data_ptr<A>(), bias_ptr<A>(d.bias),
+          d.labels.const_data_ptr<int64_t>(),
           d.label_offset, d.lse.const_data_ptr<A>(), d.ent.const_data_ptr<A>(),
           d.a.const_data_ptr<A>(), d.b.const_data_ptr<A>(), d.c.const_data_ptr<A>(), d.cnt, d.vc,
           d.inv_t, cuda::stream()));

@@ -18,7 +18,7 @@ import torch
 from ppokernels._dtypes import acc_dtype
 from ppokernels.losses import LOSS_SPECS
 from ppokernels.ops._register import kernel, op
-from ppokernels.ops.linear_logprobs import default_chunk_size
+from ppokernels.ops.linear_logprobs import CACHE_BYTES, default_chunk_size
 from ppokernels.ops.ppo_loss import PolicyOptions
 
 PAD_LABEL = -1  # label of the zero rows that pad a chunk (no work, no gradient)
@@ -239,14 +239,17 @@ class Head:
         hs, y = self.h[idx], self.y[idx]
         chunk = default_chunk_size(hs.shape[0], self.weight.shape[0], hs.device)
         args = (self.temperature, -100, 0, chunk)
-        zy, lse, ent = fwd(hs, self.weight, y, self.bias, *args)
+        cache_bytes = CACHE_BYTES if any(self.need) else 0
+        zy, lse, ent, cache = fwd(hs, self.weight, y, self.bias, *args, cache_bytes)
         g = self._score(r, r + 1, None, idx, zy - lse, ent if self.ent_on else None)
         if g is None:
             return
         g_lp, g_ent = g
         g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
         mask = list(self.need)
-        gh, gw, gb = bwd(g_lp, -g_lp, g_ent, hs, self.weight, y, self.bias, lse, ent, *args, mask)
+        gh, gw, gb = bwd(
+            g_lp, -g_lp, g_ent, hs, self.weight, y, self.bias, lse, ent, cache, *args, mask
+        )
         if self.need[0]:
             self.gh.index_copy_(0, idx, gh.to(self.acc))
         if self.need[1]:

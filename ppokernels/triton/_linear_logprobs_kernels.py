@@ -8,6 +8,12 @@ csrc/include/ppokernels/logprobs.h, ``softmax_stats_tile`` of triton/_common.py)
 logit picked from the same accumulator. Tile columns past V are -inf. The tile shape never depends
 on N, so a row's bits do not depend on the batch it is in.
 
+Logits cache: with HAS_CACHE the forward also stores the raw tiles (before bias and temperature)
+of the first ``n_cache`` valid rows into a [n_cache, V] accumulator-dtype buffer, and the
+backward runs ``_linear_logprobs_dz_cached_kernel`` on those rows, which loads them instead of
+recomputing the GEMM: the same values (the same tile code made them), so the same dlogits bits
+(``_dz_tile``, shared), and three GEMMs instead of four.
+
 Backward, per chunk of rows: ``_linear_logprobs_dz_kernel`` recomputes each tile and writes
 dlogits (csrc/include/ppokernels/linear_logprobs.h) into a [rows, V] workspace;
 ``_linear_logprobs_grad_hidden_kernel`` (programs own row x H blocks, loop over the vocabulary)
@@ -33,15 +39,19 @@ from ppokernels.triton._common import expm1, softmax_stats_tile
 # 128 x 128 fp32 accumulator plus the softmax temporaries spilled with 8 warps, and triton 3.6
 # spilled the forward's 64 x 128 tile with a K step of 64 (bf16) or 32 (fp32) too. IEEE: fp32
 # and fp64 dots in full precision (no tf32), with the accumulator's out_dtype (triton <= 3.6
-# needs it). bf16/fp16 run on the tensor cores (wgmma on sm_90).
+# needs it). bf16/fp16 run on the tensor cores (wgmma on sm_90). "cached": the dlogits kernel of
+# cached rows (no GEMM, elementwise, so its tile shape changes no bit): 16 x 128 on 4 warps, whose
+# tile, int64 addresses and temporaries fit the registers in every dtype (64 x 128 on 8 warps
+# spilled in bf16, 32 x 128 on 4 in fp64).
+_CACHED = dict(BLOCK_N=16, BLOCK_V=128, num_warps=4, num_stages=1)
 _WIDE = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=16, BLOCK_H=64, IEEE=True, num_warps=8, num_stages=2)
 _HALF_LOGITS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, IEEE=False, num_warps=8, num_stages=3)
 _HALF_GRAD = dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, IEEE=False, num_warps=8, num_stages=3)
 CONFIGS = {
-    "fp32": {"logits": _WIDE, "grad": _WIDE},
-    "fp64": {"logits": _WIDE, "grad": _WIDE},
-    "bf16": {"logits": _HALF_LOGITS, "grad": _HALF_GRAD},
-    "fp16": {"logits": _HALF_LOGITS, "grad": _HALF_GRAD},
+    "fp32": {"logits": _WIDE, "grad": _WIDE, "cached": _CACHED},
+    "fp64": {"logits": _WIDE, "grad": _WIDE, "cached": _CACHED},
+    "bf16": {"logits": _HALF_LOGITS, "grad": _HALF_GRAD, "cached": _CACHED},
+    "fp16": {"logits": _HALF_LOGITS, "grad": _HALF_GRAD, "cached": _CACHED},
 }
 
 
@@ -93,20 +103,24 @@ def _linear_logprobs_fwd_kernel(
     label_logit_ptr,  # [n]
     lse_ptr,  # [n]
     ent_ptr,  # [n]
+    cache_ptr,  # [n_cache, V] raw logits of the first n_cache rows (written when HAS_CACHE)
     # shapes and scalars
     n,
+    n_cache,
     V,
     H,
     inv_t,  # 1 / temperature
     # meta
     HAS_BIAS: tl.constexpr,
+    HAS_CACHE: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     ACC = label_logit_ptr.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     rmask = rows < n
     y = tl.load(labels_ptr + rows, mask=rmask, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -117,6 +131,12 @@ def _linear_logprobs_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         cmask = cols < V
         acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+        if HAS_CACHE:
+            # int64 base of the tile, int32 offsets within it (BLOCK_N V < 2^31): int64 addresses
+            # per entry spilled 264 B on sm_80; now 104 B there, none on sm_90 (255 registers)
+            base = cache_ptr + row0 * V + v0
+            offs = tl.arange(0, BLOCK_N)[:, None] * V.to(tl.int32) + tl.arange(0, BLOCK_V)[None, :]
+            tl.store(base + offs, acc, mask=(rows < n_cache)[:, None] & cmask[None, :])
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
         z = tl.where(cmask[None, :], acc * inv_t, float("-inf"))  # padding is -inf, never 0
@@ -129,37 +149,26 @@ def _linear_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _linear_logprobs_dz_kernel(
-    # inputs
-    hidden_ptr,  # [n, H] valid rows only
-    weight_ptr,  # [V, H]
-    bias_ptr,  # [V] accumulator dtype
-    labels_ptr,  # [n] int64 local label ids
+def _dz_tile(
+    acc,  # [BLOCK_N, BLOCK_V] raw logits of rows x cols (no bias, no temperature)
+    bias_ptr,
+    labels_ptr,
     lse_ptr,
-    ent_ptr,  # [n] accumulator dtype, saved by the forward
-    coef_ptr,  # [3, n] accumulator dtype: a (label logit), b (lse), c (-entropy) upstream grads
-    # outputs
-    dz_ptr,  # [rows of this chunk, V] dlogits, dtype of hidden
-    # shapes and scalars
+    ent_ptr,
+    coef_ptr,
+    dz_ptr,
+    rows,
+    rmask,
+    cols,
+    cmask,
     r0,
-    r1,
     n,
     V,
-    H,  # this chunk holds rows [r0, r1)
     inv_t,
-    # meta
     HAS_BIAS: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    ACC = lse_ptr.dtype.element_ty
-    rows = r0 + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rmask = rows < r1
-    cmask = cols < V
-    acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+    """Writes the dlogits of one tile (csrc/include/ppokernels/linear_logprobs.h) to the
+    workspace rows ``rows - r0``: elementwise, so the same bits whatever the tile shape."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
     y = tl.load(labels_ptr + rows, mask=rmask, other=-1)
@@ -178,6 +187,79 @@ def _linear_logprobs_dz_kernel(
     mask = rmask[:, None] & cmask[None, :]
     out = dz_ptr + (rows - r0)[:, None] * V + cols[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_logprobs_dz_kernel(
+    # inputs
+    hidden_ptr,  # [n, H] valid rows only
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V] accumulator dtype
+    labels_ptr,  # [n] int64 local label ids
+    lse_ptr,
+    ent_ptr,  # [n] accumulator dtype, saved by the forward
+    coef_ptr,  # [3, n] accumulator dtype: a (label logit), b (lse), c (-entropy) upstream grads
+    # outputs
+    dz_ptr,  # [r1 - r0, V] dlogits of rows [r0, r1), dtype of hidden
+    # shapes and scalars
+    r0,
+    r1,
+    n,
+    V,
+    H,
+    inv_t,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dlogits of rows [r0, r1) from the recomputed logits tile."""
+    ACC = lse_ptr.dtype.element_ty
+    rows = r0 + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < r1
+    cmask = cols < V
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows, rmask, cols, cmask, H, IEEE, BLOCK_K, ACC)
+    args = (bias_ptr, labels_ptr, lse_ptr, ent_ptr, coef_ptr, dz_ptr, rows, rmask, cols, cmask)
+    _dz_tile(acc, *args, r0, n, V, inv_t, HAS_BIAS)
+
+
+@triton.jit
+def _linear_logprobs_dz_cached_kernel(
+    # inputs
+    cache_ptr,  # [n_cache, V] accumulator dtype: the forward's raw logits of the first rows
+    bias_ptr,  # [V] accumulator dtype
+    labels_ptr,  # [n] int64 local label ids
+    lse_ptr,
+    ent_ptr,  # [n] accumulator dtype, saved by the forward
+    coef_ptr,  # [3, n] accumulator dtype, as _linear_logprobs_dz_kernel
+    # outputs
+    dz_ptr,  # [r1 - r0, V] dlogits of rows [r0, r1) (r1 <= n_cache), dtype of hidden
+    # shapes and scalars
+    r0,
+    r1,
+    n,
+    V,
+    inv_t,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """dlogits of cached rows [r0, r1): reads 4 (8) bytes and writes 2-4 per entry, no GEMM."""
+    rows = r0 + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = rows < r1
+    cmask = cols < V
+    acc = tl.load(
+        cache_ptr + rows[:, None] * V + cols[None, :],
+        mask=rmask[:, None] & cmask[None, :],
+        other=0.0,
+    )
+    args = (bias_ptr, labels_ptr, lse_ptr, ent_ptr, coef_ptr, dz_ptr, rows, rmask, cols, cmask)
+    _dz_tile(acc, *args, r0, n, V, inv_t, HAS_BIAS)
 
 
 @triton.jit

@@ -2,7 +2,10 @@
 vs the naive path that materialises the logits and vs the published fused heads.
 
 Providers: ``naive`` (hidden @ weight.T, log_softmax, gather, entropy), each built ppokernels
-backend, and, when importable (``ppokernels.bench.peers``; skipped at collection with the reason
+backend twice: ``ppokernels-<backend>`` with the default logits cache
+(``ppokernels.ops.linear_logprobs.CACHE_BYTES``: the backward reads the forward's logits where they
+fit it) and ``ppokernels-<backend>-nocache`` (``cache_bytes=0``: the backward recomputes every
+logit), and, when importable (``ppokernels.bench.peers``; skipped at collection with the reason
 otherwise):
 
 - ``verl-fused-linear``: veRL ``FusedLinearForPPO`` (torch, 512-token chunks; always computes
@@ -18,7 +21,8 @@ otherwise):
 
 Shapes are (N, H, V); the llm ones are the published competition's (N=8192, H=4096, V=128256 and
 151936, bf16). FLOPs counted: 2NHV forward, 6NHV forward + backward (the naive path's three
-GEMMs; the fused heads recompute the logits, 8NHV of work, so all rates are on equal terms).
+GEMMs; a fused head without a cache recomputes the logits, 8NHV of work, and with one recomputes
+only the tiles past its budget, so all rates are on equal terms).
 ``pct_matmul`` is that rate over the measured dense matmul rate of the same dtype. Peak memory is
 what one call allocates above the live inputs; gradients are returned by ``torch.autograd.grad``
 so each call allocates (and frees) its own.
@@ -52,9 +56,13 @@ PEER_PROVIDERS = {
 NO_ENTROPY = ("liger-grpo", "liger-flce", "cce")
 
 
+NO_CACHE = "-nocache"  # provider suffix: cache_bytes=0
+
+
 def providers(device):
     params = [peers.provider(name, *deps) for name, deps in PEER_PROVIDERS.items()]
-    return ["naive", *ppokernels_providers(device), *params]
+    ours = [p for b in ppokernels_providers(device) for p in (b, b + NO_CACHE)]
+    return ["naive", *ours, *params]
 
 
 def naive(hidden, weight, labels, with_entropy):
@@ -103,7 +111,8 @@ def _fn(provider, device, with_entropy):
         return lambda h, w, y: naive(h, w, y, with_entropy)
     if provider in PEER_PROVIDERS:
         return _peer_fn(provider, device, with_entropy)
-    backend = provider.removeprefix("ppokernels-")
+    backend = provider.removeprefix("ppokernels-").removesuffix(NO_CACHE)
+    cache = {"cache_bytes": 0} if provider.endswith(NO_CACHE) else {}
 
     def fused(hidden, weight, labels):
         return ppokernels.linear_logprobs(
@@ -113,6 +122,7 @@ def _fn(provider, device, with_entropy):
             temperature=TEMPERATURE,
             with_entropy=with_entropy,
             backend=backend,
+            **cache,
         )
 
     return fused
@@ -124,6 +134,8 @@ def test_linear_logprobs(benchmark, shape, provider, device, mode, entropy):
     with_entropy = entropy == "with-entropy"
     if with_entropy and provider in NO_ENTROPY:
         pytest.skip(f"{provider}: computes no entropy")
+    if mode == "forward" and provider.endswith(NO_CACHE):
+        pytest.skip(f"{provider}: a forward without gradients keeps no cache in any setting")
     n, h, v = shape
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     grad = mode != "forward"
