@@ -233,7 +233,8 @@ class Head:
 
     def _unfused_row(self, r, idx):
         """A sequence-mode row longer than a chunk: linear_logprobs forward (one GEMM) and, with
-        the loss's gradients, its backward (which recomputes the logits): four GEMMs."""
+        the loss's gradients, its backward (which reuses the logits that fit linear_logprobs'
+        cache budget and recomputes the rest): three to four GEMMs."""
         fwd = kernel("linear_logprobs", self.b_lin)
         bwd = kernel("linear_logprobs_backward", self.b_lin)
         hs, y = self.h[idx], self.y[idx]

@@ -2,8 +2,10 @@
 that computes the gradients during the forward, so the head costs three GEMMs, not four.
 
 ``linear_logprobs`` followed by ``ppo_policy_loss`` runs four GEMMs (logits in the forward; the
-logits again, grad_hidden and grad_weight in the backward) because when the log-probs are made the
-loss is not known yet. Here it is: for each chunk of tokens
+logits again, grad_hidden and grad_weight in the backward) wherever the logits do not fit
+linear_logprobs' cache budget, or keeps up to ``cache_bytes`` of logits alive between the two
+passes, because when the log-probs are made the loss is not known yet. Here it is: for each
+chunk of tokens
 
     z = h_c W^T + b                          GEMM 1, an fp32 [R, V] buffer (R = chunk rows)
     lp, ent = token_logprobs(z)              one fused pass per row (CPU C++, CUDA C++, Triton)
@@ -24,7 +26,7 @@ whole rows of the ``[B, T]`` batch, scored with ``num_tokens`` = the global toke
 into segments, each scored with ``agg="token-sum"`` times that row's aggregation weight (1 /
 num_tokens, 1 / num_seqs, 1 / (n_row num_seqs), 1 / (num_seqs T)): exact for the per-token modes;
 the sequence modes (gspo, geo_mean, vespo) need the whole row at once, so such a long row takes
-``linear_logprobs`` + ``ppo_policy_loss`` (four GEMMs, still O(chunk) memory) instead.
+``linear_logprobs`` + ``ppo_policy_loss`` (its logits cache, then four GEMMs) instead.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Providers:
 - ``naive``: ``hidden @ weight.T`` into full ``[N, V]`` logits, ``log_softmax``, gather, then the
   fused ``ppokernels.ppo_policy_loss`` (so the head, not the loss, is what differs): 3 GEMMs.
 - ``linear_logprobs``: ``ppokernels.linear_logprobs`` then ``ppo_policy_loss``: blockwise, no
-  ``[N, V]``, but its backward recomputes the logits: 4 GEMMs.
+  ``[N, V]``; its backward reuses the logits within ``cache_bytes`` (default 512 MiB) and
+  recomputes the rest: 3 GEMMs where they fit, 4 beyond.
 - ``ppokernels-<backend>``: ``ppokernels.linear_ppo_policy_loss``, the gradients made during the
   forward: 3 GEMMs and an fp32 ``[chunk, V]`` buffer.
 - ``ppokernels-cpp-chunk<R>`` (CPU): the same with ``chunk_size=R``: the time / memory trade-off of
