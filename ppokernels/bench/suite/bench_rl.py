@@ -6,7 +6,8 @@ heads differ (``ppokernels.rl.algorithm.policy_loss``, ``--set head=...``):
 
 * ``fused``: ``linear_ppo_policy_loss`` on the response hidden states (3 GEMMs, gradients made in
   the forward, never [N, V] logits), the training default;
-* ``split``: ``linear_logprobs`` then ``ppo_policy_loss`` (4 GEMMs, never [N, V] logits);
+* ``split``: ``linear_logprobs`` then ``ppo_policy_loss`` (3 GEMMs within its logits cache,
+  4 beyond);
 * ``naive``: ``lm_head`` on the same hidden states, ``log_softmax`` + gather, entropy from the
   full softmax, then ``ppo_policy_loss``.
 
