@@ -14,8 +14,8 @@ loss -> update. Every token-level operation is a ppokernels op, called here.
 4. **Loss**: the policy loss of any loss spec (``cfg.loss``) from hidden states, by the head
    ``cfg.head``: ``linear_ppo_policy_loss`` (fused: 3 GEMMs, never ``[N, V]`` logits), or
    ``linear_logprobs`` + ``ppo_policy_loss`` (split: 3 GEMMs within its logits cache, 4 beyond),
-   or full logits + ``log_softmax`` + ``ppo_policy_loss`` (naive); plus ``vf_coef`` x ``value_loss`` for PPO. KL in the loss for
-   the group methods (``kl_in_reward=false``).
+   or full logits + ``log_softmax`` + ``ppo_policy_loss`` (naive); plus ``vf_coef`` x
+   ``value_loss`` for PPO. KL in the loss for the group methods (``kl_in_reward=false``).
 5. **Update**: ``ppo_epochs`` passes over shuffled minibatches, gradient accumulation over
    micro-batches, gradient clipping, AdamW, the LR schedule; then the adaptive KL coefficient.
 
