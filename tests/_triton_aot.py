@@ -81,9 +81,17 @@ def main(argv: list[str]) -> None:
     only_dot = "--dot-only" in argv
     jobs = [(i, a) for i, s in enumerate(specs()) for a in archs]
     if only_dot:
-        # kernels of modules with a tl.dot (the dot may sit in a jitted helper the kernel calls)
+        # kernels with a tl.dot in their own source or in a jitted helper of their module that
+        # they call (a module may also hold kernels without one, e.g. a GEMM-free epilogue)
         def has_dot(kernel) -> bool:
-            return "tl.dot" in inspect.getsource(sys.modules[kernel.fn.__module__])
+            module = sys.modules[kernel.fn.__module__]
+            helpers = [
+                name
+                for name, obj in vars(module).items()
+                if hasattr(obj, "fn") and "tl.dot" in inspect.getsource(obj.fn)
+            ]
+            own = inspect.getsource(kernel.fn)
+            return "tl.dot" in own or any(f"{name}(" in own for name in helpers)
 
         jobs = [(i, a) for i, a in jobs if has_dot(specs()[i].kernel)]
     workers = max(1, min(len(jobs), os.cpu_count() or 1))

@@ -99,7 +99,7 @@ def test_per_call(benchmark, shape, provider, device, op):
         args,
         "forward+backward",
         grad=grad,
-        group=f"per-call {op} forward+backward {shape}",
+        group=f"per_call {op} forward+backward {shape}",
         device=device,
         provider=provider,
         measure_memory=False,
