@@ -1,0 +1,135 @@
+// Rollout correction: the per-token math of the importance weights between the trainer's and the
+// sampler's log-probs, the rejection criteria, and the per-row statistics their metrics are
+// reduced from. The specification is ppokernels/reference/rollout_correction.py, which holds the
+// same vocabularies (tests/test_rollout_correction.py checks these tables against it).
+// Written over T = float, double or a SIMD vector of floats (common.h), for the CPU and CUDA loops.
+#pragma once
+#include <cmath>
+#include <cstring>
+
+#include "ppokernels/common.h"
+
+namespace ppokernels {
+
+// ---------------------------------------------------------------- vocabularies (codes = index)
+// level: "token" (per-token ratio), "sequence" (geometric mean of the row's token ratios),
+// "sequence_sum" (their product: exp of the summed log-ratio, veRL's and TRL's "sequence").
+inline constexpr const char* kRcLevels[] = {"token", "sequence", "sequence_sum"};
+// mode: "truncate" (clamp the weight to [L, U], TIS), "mask" (zero outside [L, U], IcePop / MIS)
+inline constexpr const char* kRcModes[] = {"truncate", "mask"};
+// rejection criterion = "<agg>_<estimator>"
+inline constexpr const char* kRcAggs[] = {"token", "seq_sum", "seq_mean", "seq_max"};
+inline constexpr const char* kRcEstimators[] = {"k1", "k2", "k3", "binary_kl", "tv"};
+constexpr int kRcNumAggs = 4;
+constexpr int kRcNumEstimators = 5;
+constexpr int kRcMaxCriteria = 16;
+// the probability clamp of binary_kl and tv
+constexpr double kRcProbEps = 1e-6;
+
+enum RcLevel : int { kRcToken = 0, kRcSequence = 1, kRcSequenceSum = 2 };
+enum RcMode : int { kRcTruncate = 0, kRcMask = 1 };
+enum RcAgg : int { kRcAggToken = 0, kRcAggSeqSum = 1, kRcAggSeqMean = 2, kRcAggSeqMax = 3 };
+enum RcEstimator : int { kRcK1 = 0, kRcK2 = 1, kRcK3 = 2, kRcBinaryKL = 3, kRcTV = 4 };
+
+// Columns of row_stats (reference ROW_STATS), then kRcCritStats per criterion (CRITERION_STATS).
+enum RcRowStat : int {
+  kRsCount = 0,
+  kRsSumLogratio,
+  kRsSumLogprobs,
+  kRsSumRolloutLogprobs,
+  kRsSumK3,
+  kRsSumRatioSq,
+  kRsSumAbsLogratio,
+  kRsMaxAbsLogratio,
+  kRsSeqLogratio,
+  kRsSeqWeight,
+  kRsSumWeights,
+  kRsSumWeightsSq,
+  kRsMaxWeight,
+  kRsMinWeight,
+  kRsCountHigh,
+  kRsCountLow,
+  kRsSumRawWeights,
+  kRsCountRejected,
+  kRcRowStats  // = 18
+};
+enum RcCritStat : int {
+  kCsValue = 0,
+  kCsSum,
+  kCsMax,
+  kCsMin,
+  kCsCountHigh,
+  kCsCountLow,
+  kCsSumClamped,
+  kCsSumClampedSq,
+  kCsCountRejected,
+  kRcCritStats  // = 9
+};
+
+// Everything a kernel needs besides the tensors (host-side parsed, passed by value to CUDA).
+struct RcParams {
+  int level, mode, n_crit;
+  double lower, upper;  // bounds of the weights (-inf / +inf: none)
+  double report_low;    // "low" of the metrics: lower, or 1 / upper without a lower bound
+  double clamp;         // of the log-ratio before exp (+inf: none)
+  int agg[kRcMaxCriteria], est[kRcMaxCriteria];
+  double lo[kRcMaxCriteria], hi[kRcMaxCriteria];  // criterion bounds
+  double clo[kRcMaxCriteria];                      // std clamp floor: lo, or 0 without one
+  int n_cols() const { return kRcRowStats + kRcCritStats * n_crit; }
+};
+
+// ---------------------------------------------------------------- per-token math
+// The statistic of estimator `est` at a token: xc the clamped log-ratio log pi_train/pi_rollout,
+// lp / rlp the trainer's / sampler's log-prob (for binary_kl and tv).
+template <typename T>
+PPK_HOST_DEVICE T rc_estimator(int est, T xc, T lp, T rlp) {
+  switch (est) {
+    case kRcK1: return T(0) - xc;
+    case kRcK2: return T(0.5) * xc * xc;
+    case kRcK3: return expm1_minus_y(xc);  // exp(xc) - 1 - xc without cancellation near 0
+    default: break;
+  }
+  const T eps = T(kRcProbEps), one = T(1);
+  const T p = vclamp(vexp(rlp), eps, one - eps);
+  const T q = vclamp(vexp(lp), eps, one - eps);
+  if (est == kRcTV) return vabs(p - q);
+  return p * vlog(p / q) + (one - p) * vlog((one - p) / (one - q));
+}
+
+// The weight from the raw ratio: clamp to [lo, hi] (truncate) or keep inside [lo, hi], else 0.
+template <typename T, typename S>
+PPK_HOST_DEVICE T rc_bound(T raw, int mode, S lo, S hi) {
+  if (mode == kRcTruncate) return vclamp(raw, T(lo), T(hi));
+  return vselect(raw >= T(lo), vselect(raw <= T(hi), raw, T(0)), T(0));
+}
+
+// 1 where lo <= v <= hi, else 0 (NaN gives 0), as T.
+template <typename T, typename S>
+PPK_HOST_DEVICE T rc_inside(T v, S lo, S hi) {
+  return vselect(v >= T(lo), vselect(v <= T(hi), T(1), T(0)), T(0));
+}
+
+// ---------------------------------------------------------------- host-side parsing
+inline int rc_find(const char* name, const char* const* names, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (std::strcmp(name, names[i]) == 0) return i;
+  }
+  return -1;
+}
+// "<agg>_<estimator>" -> (agg, estimator); false if unknown.
+inline bool rc_parse_criterion(const char* name, int* agg, int* est) {
+  for (int a = 0; a < kRcNumAggs; ++a) {
+    const size_t n = std::strlen(kRcAggs[a]);
+    if (std::strncmp(name, kRcAggs[a], n) != 0 || name[n] != '_') continue;
+    const int e = rc_find(name + n + 1, kRcEstimators, kRcNumEstimators);
+    // "seq_sum_k1" must not match agg "seq" (none exists), and "token_k1" only "token"
+    if (e >= 0) {
+      *agg = a;
+      *est = e;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace ppokernels
