@@ -5,14 +5,14 @@ masked positions, determinism, bad input."""
 import math
 import os
 import re
+import sys
 
 import pytest
 import torch
 
 import ppokernels
-from ppokernels import reference
 import ppokernels.reference.rollout_correction  # noqa: F401
-import sys
+from ppokernels import reference
 from ppokernels.testing import backend_params, binary_skip_reason
 
 PARAMS = backend_params()
@@ -62,7 +62,9 @@ CRITERIA = [
 
 def _reference(lp, rlp, m, cfg, criteria, dtype=torch.float64):
     names = tuple(criteria)
-    crit_bounds = tuple(ppokernels.ops.rollout_correction._bounds("t", "c", b) for b in criteria.values())
+    crit_bounds = tuple(
+        ppokernels.ops.rollout_correction._bounds("t", "c", b) for b in criteria.values()
+    )
     return reference.rollout_correction(
         lp.to(dtype), rlp.to(dtype), m, criteria=names, criteria_bounds=crit_bounds, **cfg
     )
@@ -106,8 +108,16 @@ def test_against_reference(device, backend, cfg, criteria):
 @pytest.mark.parametrize("device, backend", PARAMS)
 @pytest.mark.parametrize(
     "mask_dtype",
-    [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64,
-     torch.bfloat16, torch.float16],
+    [
+        torch.bool,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+        torch.float32,
+        torch.float64,
+        torch.bfloat16,
+        torch.float16,
+    ],
 )
 def test_mask_dtypes(device, backend, mask_dtype):
     lp, rlp, m = _data(nan_masked=False)
@@ -158,7 +168,9 @@ def test_empty(device, backend):
     for B, T in [(0, 5), (3, 0)]:
         lp = torch.zeros(B, T, device=device)
         m = torch.ones(B, T, dtype=torch.bool, device=device)
-        out = ppokernels.rollout_correction(lp, lp, m, criteria={"seq_max_k2": 1.0}, backend=backend)
+        out = ppokernels.rollout_correction(
+            lp, lp, m, criteria={"seq_max_k2": 1.0}, backend=backend
+        )
         assert out.weights.shape == (B, T) and out.mask.shape == (B, T)
         assert out.row_stats.shape == (B, len(rc.ROW_STATS) + len(rc.CRITERION_STATS))
         assert not torch.isnan(torch.stack(list(out.metrics.values()))).any()
@@ -200,7 +212,10 @@ def test_every_criterion_name_is_parsed(device, backend):
         out = ppokernels.rollout_correction(
             lp.to(device), rlp.to(device), m.to(device), criteria=crit, backend=backend
         )
-        _check(out, _reference(lp, rlp, m, {}, crit))
+        if "binary_kl" in name:  # see test_against_reference
+            _check(out, _reference(lp, rlp, m, {}, crit, torch.float32), rtol=1e-3, atol=1e-5)
+        else:
+            _check(out, _reference(lp, rlp, m, {}, crit))
 
 
 def test_opcheck_and_compile():

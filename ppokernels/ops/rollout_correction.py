@@ -167,23 +167,23 @@ def rollout_correction(
         list(names),
         _flat(crit_bounds),
     )
-    vec = rollout_correction_metrics(
-        row_stats, criteria=names, criteria_bounds=crit_bounds, **cfg
-    )
+    vec = rollout_correction_metrics(row_stats, criteria=names, criteria_bounds=crit_bounds, **cfg)
     names_out = metric_names(names)
     if batch_normalize:
         factor = batch_norm_factor(row_stats, level)
-        if factor > 1e-8:
-            weights.div_(factor)  # in place: the output itself, no second [B, T] tensor
+        # in place: the output itself, no second [B, T] tensor (veRL divides above 1e-8 only)
+        weights.div_(torch.where(factor > 1e-8, factor, 1.0))
         vec = torch.cat([vec, factor.reshape(1).double()])
         names_out = names_out + ("batch_norm_factor",)
-    return RolloutCorrectionOutput(weights, keep, dict(zip(names_out, vec.unbind())), row_stats)
+    return RolloutCorrectionOutput(
+        weights, keep, dict(zip(names_out, vec.unbind(), strict=True)), row_stats
+    )
 
 
 def metrics_to_floats(out: RolloutCorrectionOutput) -> dict[str, float]:
     """The metrics as Python floats, read with one host sync."""
     values = torch.stack(list(out.metrics.values())).tolist() if out.metrics else []
-    return dict(zip(out.metrics, values))
+    return dict(zip(out.metrics, values, strict=True))
 
 
 # ------------------------------------------------------------------ fake kernel (C++ op)

@@ -11,13 +11,13 @@ from ppokernels.reference.kl import kl_penalty
 from ppokernels.reference.linear_logprobs import linear_logprobs, linear_logprobs_stats
 from ppokernels.reference.linear_ppo_policy_loss import linear_ppo_policy_loss
 from ppokernels.reference.logprobs import token_logprobs
-from ppokernels.reference.rollout_correction import RolloutCorrectionOutput, rollout_correction
 from ppokernels.reference.ppo_loss import (
     PolicyLossOutput,
     ValueLossOutput,
     ppo_policy_loss,
     value_loss,
 )
+from ppokernels.reference.rollout_correction import RolloutCorrectionOutput, rollout_correction
 
 __all__ = [
     "PolicyLossOutput",

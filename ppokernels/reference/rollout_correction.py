@@ -188,7 +188,7 @@ def rollout_correction_rows(
 
     keep = m.clone()
     crit_cols = []
-    for name, (c_lo, c_hi) in zip(criteria, criteria_bounds):
+    for name, (c_lo, c_hi) in zip(criteria, criteria_bounds, strict=True):
         agg, est = CRITERION_AGGS[criterion_code(name)[0]], ESTIMATORS[criterion_code(name)[1]]
         c_lo = -inf if c_lo is None else float(c_lo)
         c_hi = inf if c_hi is None else float(c_hi)
@@ -316,15 +316,26 @@ def criterion_metric_names(criterion: str) -> tuple[str, ...]:
 
 
 def _std_rows(v):
+    """Unbiased std over all rows (0 for one row)."""
     return v.std() if v.numel() > 1 else torch.zeros((), dtype=v.dtype, device=v.device)
 
 
-def _max(v, empty=0.0):
-    return v.max() if v.numel() else torch.tensor(empty, dtype=v.dtype, device=v.device)
+def _extreme(v, keep, largest=True):
+    """Max (min) of v over the rows where keep is set, 0 when none is (branch-free)."""
+    if v.numel() == 0:
+        return torch.zeros((), dtype=v.dtype, device=v.device)
+    fill = -math.inf if largest else math.inf
+    m = torch.where(keep, v, fill)
+    m = m.max() if largest else m.min()
+    return torch.where(keep.any(), m, 0.0)
 
 
-def _min(v, empty=0.0):
-    return v.min() if v.numel() else torch.tensor(empty, dtype=v.dtype, device=v.device)
+def _masked_std(v, keep, count):
+    """Unbiased std of v over the rows where keep is set, 0 for fewer than two."""
+    k = keep.to(v.dtype)
+    mean = (v * k).sum() / count.clamp(min=1)
+    var = ((v - mean).square() * k).sum() / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.clamp(min=0).sqrt(), 0.0)
 
 
 def rollout_correction_metrics(
@@ -336,8 +347,9 @@ def rollout_correction_metrics(
     criteria_bounds=(),
 ):
     """The batch metrics (:data:`METRICS`, then :func:`criterion_metric_names` per criterion)
-    from ``row_stats``, as one fp64 vector. Plain torch on ``[B]`` columns, in a fixed order:
-    the same for every backend, deterministic. Means over no token or no row are 0."""
+    from ``row_stats``, as one fp64 vector. Plain torch on ``[B]`` columns, in a fixed order and
+    without data-dependent branches (it runs under torch.compile): the same for every backend,
+    deterministic. Means over no token or no row are 0."""
     r = row_stats.double()
     col = {k: r[:, i] for i, k in enumerate(ROW_STATS)}
     inf = math.inf
@@ -348,8 +360,9 @@ def rollout_correction_metrics(
     n = col["count"]
     N = n.sum()
     rows = max(r.shape[0], 1)
+    every = torch.ones_like(n, dtype=torch.bool)
     valid = n > 0
-    n_valid = valid.sum()
+    n_valid = valid.sum().double()
 
     def per_token(x):
         return x.sum() / N.clamp(min=1)
@@ -357,9 +370,15 @@ def rollout_correction_metrics(
     def row_mean(x):  # veRL's masked_mean per row: sum / (count + 1e-8), 0 for an empty row
         return x / (n + 1e-8)
 
+    def rows_where(c):
+        return c.sum().double() / rows
+
+    def valid_where(c):
+        return (c & valid).sum().double() / n_valid.clamp(min=1)
+
     mean_w = per_token(col["sum_weights"])
     var_w = per_token(col["sum_weights_sq"]) - mean_w.square()
-    std_w = var_w.clamp(min=0).sqrt() if N > 1 else mean_w * 0
+    std_w = torch.where(N > 1, var_w.clamp(min=0).sqrt(), 0.0)
     ess = 1.0 / (per_token(col["sum_weights_sq"]) / (mean_w + 1e-8).square())
     seq_w = row_mean(col["sum_weights"])
     seq_raw = row_mean(col["sum_raw_weights"])
@@ -372,27 +391,27 @@ def rollout_correction_metrics(
     bounded = col["count_high"] + col["count_low"] if lower > -inf else col["count_high"]
     values = [
         mean_w,
-        _max(col["max_weight"][valid]),
-        _min(col["min_weight"][valid]),
+        _extreme(col["max_weight"], valid),
+        _extreme(col["min_weight"], valid, largest=False),
         std_w,
         ess,
         per_token(col["count_high"]),
         per_token(col["count_low"]),
         per_token(bounded),
-        seq_w.mean() if r.shape[0] else mean_w * 0,
+        seq_w.sum() / rows,
         _std_rows(seq_w),
-        _max(seq_w),
-        _min(seq_w),
-        _max((seq_w - 1).abs()),
-        (seq_raw > upper).sum() / rows,
-        (seq_raw < report_low).sum() / rows,
-        _max(s),
-        _min(s),
-        (s > log_hi).sum() / rows,
-        (s < log_lo).sum() / rows,
+        _extreme(seq_w, every),
+        _extreme(seq_w, every, largest=False),
+        _extreme((seq_w - 1).abs(), every),
+        rows_where(seq_raw > upper),
+        rows_where(seq_raw < report_low),
+        _extreme(s, every),
+        _extreme(s, every, largest=False),
+        rows_where(s > log_hi),
+        rows_where(s < log_lo),
         col["seq_weight"].sum() / rows,
-        _min(col["seq_weight"]),
-        _max(col["seq_weight"]),
+        _extreme(col["seq_weight"], every, largest=False),
+        _extreme(col["seq_weight"], every),
         (-lp_mean).exp().sum() / rows,
         (-lp_mean).sum() / rows,
         (-rlp_mean).exp().sum() / rows,
@@ -401,43 +420,42 @@ def rollout_correction_metrics(
         per_token(col["sum_k3"]),
         d.sum() / rows,
         d.abs().sum() / rows,
-        _max(d),
-        _min(d),
+        _extreme(d, every),
+        _extreme(d, every, largest=False),
         d.exp().sum() / rows,
         per_token(col["sum_ratio_sq"]) - 1.0,
         (2.0 * col["sum_logratio"].clamp(-clamp, clamp)).exp().sum() / rows - 1.0,
         per_token(col["sum_abs_logratio"]),
-        _max(col["max_abs_logratio"][valid]),
+        _extreme(col["max_abs_logratio"], valid),
         per_token(col["count_rejected"]),
-        (col["count_rejected"] > 0).sum() / rows,
+        rows_where(col["count_rejected"] > 0),
     ]
     base = len(ROW_STATS)
     width = len(CRITERION_STATS)
-    for i, (name, (c_lo, c_hi)) in enumerate(zip(criteria, criteria_bounds)):
+    for i, (name, (c_lo, c_hi)) in enumerate(zip(criteria, criteria_bounds, strict=True)):
         c = {k: r[:, base + i * width + j] for j, k in enumerate(CRITERION_STATS)}
         c_lo = -inf if c_lo is None else float(c_lo)
         c_hi = inf if c_hi is None else float(c_hi)
         token = name.startswith("token_")
-        v = c["value"][valid]
-        nv = max(int(v.numel()), 1)
+        v = c["value"]
         mean_c = per_token(c["sum_clamped"])
         var_c = per_token(c["sum_clamped_sq"]) - mean_c.square()
         values += [
             per_token(c["sum"]),
-            _max(c["max"][valid]) if token else _max(v),
-            _min(c["min"][valid]) if token else _min(v),
-            per_token(c["count_high"]) if token else (v > c_hi).sum() / nv,
-            per_token(c["count_low"]) if token else (v < c_lo).sum() / nv,
-            var_c.clamp(min=0).sqrt() if N > 1 else mean_c * 0,
-            v.sum() / nv,
-            _std_rows(v),
-            _max(v),
-            _min(v),
-            _max(v.abs()),
-            (v > c_hi).sum() / nv,
-            (v < c_lo).sum() / nv,
+            _extreme(c["max"] if token else v, valid),
+            _extreme(c["min"] if token else v, valid, largest=False),
+            per_token(c["count_high"]) if token else valid_where(v > c_hi),
+            per_token(c["count_low"]) if token else valid_where(v < c_lo),
+            torch.where(N > 1, var_c.clamp(min=0).sqrt(), 0.0),
+            (v * valid).sum() / n_valid.clamp(min=1),
+            _masked_std(v, valid, n_valid),
+            _extreme(v, valid),
+            _extreme(v, valid, largest=False),
+            _extreme(v.abs(), valid),
+            valid_where(v > c_hi),
+            valid_where(v < c_lo),
             per_token(c["count_rejected"]),
-            (c["count_rejected"][valid] > 0).sum() / nv,
+            valid_where(c["count_rejected"] > 0),
         ]
     dev = row_stats.device
     return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev) for v in values])
@@ -494,10 +512,10 @@ def rollout_correction(
         names = metric_names(criteria)
         if batch_normalize:
             factor = batch_norm_factor(row_stats, level)
-            w = w / factor.to(w.dtype) if factor > 1e-8 else w
+            w = w / torch.where(factor > 1e-8, factor, 1.0).to(w.dtype)
             vec = torch.cat([vec, factor.reshape(1).double()])
             names = names + ("batch_norm_factor",)
-    return RolloutCorrectionOutput(w, keep, dict(zip(names, vec.unbind())), row_stats)
+    return RolloutCorrectionOutput(w, keep, dict(zip(names, vec.unbind(), strict=True)), row_stats)
 
 
 def batch_norm_factor(row_stats, level):
