@@ -2,7 +2,10 @@
 TRL 1.16's vLLM importance sampling (its own lines of GRPOTrainer), OpenRLHF 0.11.2's
 PolicyLoss gating. Inputs with holes, an all-masked row, |delta| up to 50."""
 
+import inspect
 import itertools
+import math
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -248,3 +251,145 @@ def test_verl_loss_with_correction(loss_agg_mode):
         loss, _ = core_algos.compute_policy_loss_vanilla(old, lp, adv, mask, loss_agg_mode, cfg, w)
         losses.append(loss)
     torch.testing.assert_close(losses[0], losses[1], **TOL)
+
+
+# ---------------------------------------------------------------------------- TRL 1.16
+def _trl_block(start, end):
+    """The lines of the installed TRL's GRPOTrainer._generate_and_score_completions from the one
+    containing ``start`` to the one before ``end``, dedented: run as TRL's own code."""
+    from trl.trainer import grpo_trainer
+
+    src = inspect.getsource(grpo_trainer.GRPOTrainer._generate_and_score_completions)
+    lines = src.splitlines()
+    i = next(k for k, line in enumerate(lines) if start in line)
+    j = next(k for k, line in enumerate(lines) if k > i and end in line)
+    return textwrap.dedent("\n".join(lines[i:j])), grpo_trainer
+
+
+VLLM_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+@pytest.mark.parametrize("mode", VLLM_MODES)
+@pytest.mark.parametrize("clip", [(None, 3.0), (0.5, 2.0), (0.2, None), (1.5, 4.0)])
+@pytest.mark.parametrize("nan", [False, True])
+def test_trl_vllm_importance_sampling(mode, clip, nan):
+    from collections import defaultdict
+
+    import ppokernels.compat.trl as ct
+
+    ratio_src, grpo = _trl_block(
+        "# Compute the importance sampling ratio when using vLLM",
+        "# Compute the per-token log probabilities for the reference model",
+    )
+    metric_src, _ = _trl_block("delta = torch.abs(old_per_token_logps", "output = {")
+    metric_src = "if True:\n" + textwrap.indent(metric_src, "    ")
+    old, rollout, m = _data(seed=5, big=30.0)
+    completion_mask = m.long()
+    tool_mask = (torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) > 0.1).long()
+    if nan:  # vLLM could not score some tokens
+        rollout[0, 1] = rollout[5, 0] = float("nan")
+    trainer = SimpleNamespace(
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=clip[0],
+        vllm_importance_sampling_clip_max=clip[1],
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=SimpleNamespace(gather=lambda t: t.reshape(1)),
+    )
+    ns = dict(
+        self=trainer,
+        torch=torch,
+        math=math,
+        completion_mask=completion_mask,
+        tool_mask=tool_mask,
+        old_per_token_logps=old,
+        sampling_per_token_logps=rollout,
+        nanmin=grpo.nanmin,
+        nanmax=grpo.nanmax,
+        device=old.device,
+        mode="train",
+    )
+    exec(ratio_src, ns)  # noqa: S102  (TRL's own lines)
+    exec(metric_src, ns)  # noqa: S102
+    want = ns["vllm_importance_sampling_ratio"]
+    got, metrics = ct.vllm_importance_sampling_ratio(
+        old, rollout, completion_mask * tool_mask, mode=mode, clip_min=clip[0], clip_max=clip[1]
+    )
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, **TOL)
+    logged = {k: v[0] for k, v in trainer._metrics["train"].items()}
+    assert set(logged) == set(metrics)
+    _same_dict({k: v.item() for k, v in metrics.items()}, logged)
+
+
+@pytest.mark.parametrize("mode", VLLM_MODES)
+def test_trl_loss_with_correction(mode):
+    """TRL's GRPO loss with the op's ratio equals it with TRL's own ratio (grpo_loss parity
+    with TRL's _compute_loss is tests/test_compat_trl.py's)."""
+    import ppokernels.compat.trl as ct
+
+    ratio_src, _ = _trl_block(
+        "# Compute the importance sampling ratio when using vLLM",
+        "# Compute the per-token log probabilities for the reference model",
+    )
+    old, rollout, m = _data(seed=6, big=5.0)
+    trainer = SimpleNamespace(
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=0.5,
+        vllm_importance_sampling_clip_max=2.0,
+    )
+    ns = dict(
+        self=trainer,
+        torch=torch,
+        math=math,
+        completion_mask=m.long(),
+        tool_mask=None,
+        old_per_token_logps=old,
+        sampling_per_token_logps=rollout,
+    )
+    exec(ratio_src, ns)  # noqa: S102
+    want = ns["vllm_importance_sampling_ratio"]
+    got, _ = ct.vllm_importance_sampling_ratio(
+        old, rollout, m, mode=mode, clip_min=0.5, clip_max=2.0
+    )
+    g = torch.Generator().manual_seed(3)
+    lp = old + 0.1 * torch.randn(old.shape, generator=g)
+    adv = torch.randn(old.shape[0], generator=g)
+    losses = [
+        ct.grpo_loss(
+            lp, old, adv, m.float(), loss_type="grpo", importance_sampling_ratio=r.expand_as(lp)
+        )
+        for r in (got, want)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], **TOL)
+
+
+# ---------------------------------------------------------------------------- OpenRLHF
+GATES = [
+    (level, mode, gating)
+    for level in ("token", "seq")
+    for mode in ("mask", "clip")
+    for gating in ("ratio", "binary_kl", "tv")
+    if mode == "mask" or (level == "token" and gating == "ratio")
+]
+
+
+@pytest.mark.parametrize("level,mode,gating", GATES)
+def test_openrlhf_gating(level, mode, gating):
+    import ppokernels.compat.openrlhf as co
+    from test_compat_openrlhf import orl_loss  # OpenRLHF imported with its GPU stubs
+
+    old, rollout, m = _data(seed=7, big=50.0)
+    m = m.float()
+    g = torch.Generator().manual_seed(2)
+    lp = old + 0.1 * torch.randn(old.shape, generator=g)
+    adv = torch.randn(old.shape, generator=g)
+    thr = (0.5, 2.0) if gating == "ratio" else (0.0, 0.02 if gating == "binary_kl" else 0.1)
+    args = (0.2, 0.28, None, True, "ppo", level, mode, gating, thr)
+    want = orl_loss.PolicyLoss(*args)(lp, old, adv, m, rollout)
+    got = co.PolicyLoss(*args)(lp, old, adv, m, rollout)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
