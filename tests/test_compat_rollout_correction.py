@@ -379,8 +379,9 @@ GATES = [
 
 @pytest.mark.parametrize("level,mode,gating", GATES)
 def test_openrlhf_gating(level, mode, gating):
-    import ppokernels.compat.openrlhf as co
     from test_compat_openrlhf import orl_loss  # OpenRLHF imported with its GPU stubs
+
+    import ppokernels.compat.openrlhf as co
 
     old, rollout, m = _data(seed=7, big=50.0)
     m = m.float()

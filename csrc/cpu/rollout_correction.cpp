@@ -257,7 +257,7 @@ constexpr int64_t kTokenCost = 8;
 std::tuple<Tensor, Tensor, Tensor> rollout_correction_cpu(
     const Tensor& logprobs, const Tensor& rollout_logprobs, const Tensor& mask,
     const std::string& level, const std::string& mode, std::vector<double> bounds,
-    std::optional<double> logratio_clamp, std::vector<std::string> criteria,
+    std::optional<double> logratio_clamp, std::vector<int64_t> criteria,
     std::vector<double> criteria_bounds) {
   RcArgs k = rollout_correction_args(logprobs, rollout_logprobs, mask, level, mode, bounds,
                                      logratio_clamp, criteria, criteria_bounds);

@@ -37,9 +37,9 @@ import torch
 
 import ppokernels as ppk
 from ppokernels.compat import Patcher
-from ppokernels.reference.rollout_correction import ROW_STATS
 from ppokernels.compat.trl_liger import LigerFusedLinearGRPOLoss
 from ppokernels.losses import CISPO, SAPO, Clip, Vespo
+from ppokernels.reference.rollout_correction import ROW_STATS
 
 __all__ = [
     "ChunkedLogProbFunction",

@@ -26,6 +26,9 @@ from ppokernels.reference.rollout_correction import (
 )
 from ppokernels.reference.rollout_correction import rollout_correction as _reference
 
+if _backend.HAS_TRITON:
+    import ppokernels.triton.rollout_correction  # noqa: F401  (registers the _triton op)
+
 NAME = "rollout_correction"
 
 
@@ -164,7 +167,7 @@ def rollout_correction(
         mode,
         _flat([bounds]),
         logratio_clamp,
-        list(names),
+        [CRITERIA.index(c) for c in names],
         _flat(crit_bounds),
     )
     vec = rollout_correction_metrics(row_stats, criteria=names, criteria_bounds=crit_bounds, **cfg)

@@ -17,7 +17,7 @@ namespace ppokernels {
 inline constexpr const char* kRcLevels[] = {"token", "sequence", "sequence_sum"};
 // mode: "truncate" (clamp the weight to [L, U], TIS), "mask" (zero outside [L, U], IcePop / MIS)
 inline constexpr const char* kRcModes[] = {"truncate", "mask"};
-// rejection criterion = "<agg>_<estimator>"
+// rejection criterion = "<agg>_<estimator>", code = agg * kRcNumEstimators + estimator
 inline constexpr const char* kRcAggs[] = {"token", "seq_sum", "seq_mean", "seq_max"};
 inline constexpr const char* kRcEstimators[] = {"k1", "k2", "k3", "binary_kl", "tv"};
 constexpr int kRcNumAggs = 4;
@@ -116,20 +116,4 @@ inline int rc_find(const char* name, const char* const* names, int n) {
   }
   return -1;
 }
-// "<agg>_<estimator>" -> (agg, estimator); false if unknown.
-inline bool rc_parse_criterion(const char* name, int* agg, int* est) {
-  for (int a = 0; a < kRcNumAggs; ++a) {
-    const size_t n = std::strlen(kRcAggs[a]);
-    if (std::strncmp(name, kRcAggs[a], n) != 0 || name[n] != '_') continue;
-    const int e = rc_find(name + n + 1, kRcEstimators, kRcNumEstimators);
-    // "seq_sum_k1" must not match agg "seq" (none exists), and "token_k1" only "token"
-    if (e >= 0) {
-      *agg = a;
-      *est = e;
-      return true;
-    }
-  }
-  return false;
-}
-
 }  // namespace ppokernels

@@ -31,7 +31,7 @@ inline RcArgs rollout_correction_args(const Tensor& logprobs, const Tensor& roll
                                       const Tensor& mask, const std::string& level,
                                       const std::string& mode, const std::vector<double>& bounds,
                                       std::optional<double> logratio_clamp,
-                                      const std::vector<std::string>& criteria,
+                                      const std::vector<int64_t>& criteria,
                                       const std::vector<double>& criteria_bounds) {
   const char* op = "rollout_correction";
   constexpr double inf = std::numeric_limits<double>::infinity();
@@ -61,8 +61,10 @@ inline RcArgs rollout_correction_args(const Tensor& logprobs, const Tensor& roll
             ": criteria_bounds must hold [lower, upper] per criterion");
   p.n_crit = static_cast<int>(criteria.size());
   for (int c = 0; c < p.n_crit; ++c) {
-    PPK_CHECK(rc_parse_criterion(criteria[c].c_str(), &p.agg[c], &p.est[c]), op,
-              ": unknown criterion '", criteria[c], "'");
+    PPK_CHECK(criteria[c] >= 0 && criteria[c] < kRcNumAggs * kRcNumEstimators, op,
+              ": unknown criterion code ", criteria[c]);
+    p.agg[c] = static_cast<int>(criteria[c] / kRcNumEstimators);
+    p.est[c] = static_cast<int>(criteria[c] % kRcNumEstimators);
     p.lo[c] = rc_bound_value(criteria_bounds, 2 * c, -inf);
     p.hi[c] = rc_bound_value(criteria_bounds, 2 * c + 1, inf);
     p.clo[c] = p.lo[c] > -inf ? p.lo[c] : 0.0;
