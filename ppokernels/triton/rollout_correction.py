@@ -28,7 +28,7 @@ from ppokernels.reference.rollout_correction import (
 )
 from ppokernels.triton._common import aot_table, expm1_minus_y, launch
 
-CONFIG = dict(BLOCK=512, num_warps=4, num_stages=1)
+CONFIG = dict(BLOCK=512, num_warps=8, num_stages=1)
 _NR = len(ROW_STATS)
 _EPS: tl.constexpr = tl.constexpr(PROB_EPS)
 _ONE_BITS = {torch.float16: 0x3C00, torch.bfloat16: 0x3F80}
@@ -66,7 +66,7 @@ def _bound(raw, lower, upper, MODE: tl.constexpr):
 
 
 @triton.jit
-def _rc_kernel(
+def _rollout_correction_row_kernel(
     # inputs
     lp_ptr,  # [B, T] fp32/fp64/bf16/fp16, the trainer's log-probs
     rlp_ptr,  # [B, T] same dtype, the sampler's
@@ -289,7 +289,7 @@ def rollout_correction_triton(
     clamp = math.inf if logratio_clamp is None else logratio_clamp
     table, nc = _codes(criteria, criteria_bounds, lp.device, acc)
     if B > 0:
-        launch(_rc_kernel)[(B,)](
+        launch(_rollout_correction_row_kernel)[(B,)](
             lp,
             rlp,
             m_k,
@@ -331,7 +331,7 @@ _SIG = {
     "one_bits": "i32",
 }
 AOT = aot_table(
-    _rc_kernel,
+    _rollout_correction_row_kernel,
     _SIG,
     lambda dt: CONFIG,
     variants=[
