@@ -2,6 +2,7 @@
 the Python tables, masks of every dtype, holes, all-masked rows, extreme log-ratios, NaN at
 masked positions, determinism, bad input."""
 
+import glob
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import torch
 
 import ppokernels
 import ppokernels.reference.rollout_correction  # noqa: F401
-from ppokernels import reference
+from ppokernels import _backend, cli, reference
 from ppokernels.testing import backend_params, binary_skip_reason
 
 PARAMS = backend_params()
@@ -204,6 +205,33 @@ def test_tables_match_cpp_header():
     crit = re.search(r"enum RcCritStat : int \{(.*?)\};", header, re.S).group(1)
     assert len(re.findall(r"^\s*kRs\w+", row, re.M)) == len(rc.ROW_STATS)
     assert len(re.findall(r"^\s*kCs\w+", crit, re.M)) == len(rc.CRITERION_STATS)
+
+
+def _impls(folder):
+    """The op names a folder of csrc registers kernels for (``m.impl("<op>", ...)``)."""
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "csrc", folder, "*.c*")):
+        with open(path) as f:
+            names |= set(re.findall(r'm\.impl\("(\w+)"', f.read()))
+    return names
+
+
+def test_cuda_kernel_is_registered_and_listed(capsys):
+    """csrc/cuda/rollout_correction.cu implements the schema for the CUDA key (it compiles in
+    tests/test_nvcc.py; on a GPU the tests above run it against the reference), as every CPU
+    kernel has its CUDA twin; ``ppokernels info`` lists the op with the backends it has here."""
+    assert "rollout_correction" in _impls("cuda")
+    assert _impls("cpu") <= _impls("cuda")
+    assert cli.main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(ln for ln in lines if ln.split()[:1] == ["rollout_correction"])
+    columns = [set(col.split(",")) for col in line.split()[1:]]
+    for dev, col in zip(("cpu", "cuda"), columns, strict=True):
+        assert "reference" in col
+        assert ("cpp" in col) == _backend.has_cpp(dev, "rollout_correction")
+        assert ("triton" in col) == _backend.has_triton(dev)
+    if not binary_skip_reason():
+        assert "cpp" in columns[0]
 
 
 @pytest.mark.parametrize("device, backend", [p for p in PARAMS if p[1] != "reference"])

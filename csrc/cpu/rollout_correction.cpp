@@ -62,11 +62,11 @@ struct Sweep1 {
 template <typename V>
 struct Sweep2 {
   V sw, sw2, mw, nw, nh, nl, sr, nrej;
-  V c[kRcMaxCriteria][8];  // sum, max, min, high, low, sum_clamped, sum_clamped_sq, rejected
+  V c[kRcMaxCriteria][kRcTokAcc];  // in the order of rc_token_criterion_stats
   Sweep2()
       : sw(0.f), sw2(0.f), mw(-kInf), nw(kInf), nh(0.f), nl(0.f), sr(0.f), nrej(0.f) {
     for (int i = 0; i < kRcMaxCriteria; ++i) {
-      for (int k = 0; k < 8; ++k) c[i][k] = V(k == 1 ? -kInf : (k == 2 ? kInf : 0));
+      for (int k = 0; k < kRcTokAcc; ++k) c[i][k] = V(k == 1 ? -kInf : (k == 2 ? kInf : 0));
     }
   }
 };
@@ -111,7 +111,7 @@ void sweep1(const RcParams& p, const scalar_t* a, const scalar_t* b, const uint8
 template <typename acc_t>
 struct RowScalars {
   acc_t n, s, raw, weight;
-  acc_t v[kRcMaxCriteria], keep[kRcMaxCriteria];
+  acc_t keep[kRcMaxCriteria];
 };
 
 template <typename V, typename scalar_t, typename acc_t>
@@ -180,30 +180,16 @@ void run_row(const RcParams& p, const scalar_t* a, const scalar_t* b, const uint
   RowScalars<acc_t> r;
   r.n = sum1(v1.n, s1.n);
   const acc_t sx = sum1(v1.sx, s1.sx);
-  r.s = p.level == kRcSequenceSum ? sx : (r.n > 0 ? sx / r.n : acc_t(0));
-  const acc_t sc = std::min<acc_t>(std::max<acc_t>(r.s, -p.clamp), p.clamp);
-  r.raw = std::exp(sc);
+  r.s = rc_row_logratio(p.level, r.n, sx);
+  r.raw = rc_row_raw(r.s, p.clamp);
   r.weight = rc_bound(r.raw, p.mode, p.lower, p.upper);
   acc_t* cstats = stats + kRcRowStats;
   for (int c = 0; c < p.n_crit; ++c) {
     if (p.agg[c] == kRcAggToken) continue;
     const acc_t sum = sum1(v1.cs[c], s1.cs[c]);
     const acc_t mx = static_cast<acc_t>(lane_max(v1.cm[c], s1.cm[c], true));
-    acc_t v = p.agg[c] == kRcAggSeqSum ? sum : (p.agg[c] == kRcAggSeqMean ? sum / r.n : mx);
-    if (!(r.n > 0)) v = 0;
-    r.v[c] = v;
-    r.keep[c] = rc_inside(v, p.lo[c], p.hi[c]);
-    const acc_t vc = std::min<acc_t>(std::max<acc_t>(v, p.clo[c]), p.hi[c]);
-    acc_t* q = cstats + kRcCritStats * c;
-    q[kCsValue] = v;
-    q[kCsSum] = r.n * v;
-    q[kCsMax] = r.n > 0 ? v : -kInf;
-    q[kCsMin] = r.n > 0 ? v : kInf;
-    q[kCsCountHigh] = v > p.hi[c] ? r.n : 0;
-    q[kCsCountLow] = v < p.lo[c] ? r.n : 0;
-    q[kCsSumClamped] = r.n * vc;
-    q[kCsSumClampedSq] = r.n * vc * vc;
-    q[kCsCountRejected] = r.keep[c] > 0 ? 0 : r.n;
+    const acc_t v = rc_seq_value(p.agg[c], r.n, sum, mx);
+    r.keep[c] = rc_seq_criterion_stats(p, c, v, r.n, cstats + kRcCritStats * c);
   }
   // ---- sweep 2
   Sweep2<SimdF> v2;
@@ -235,17 +221,12 @@ void run_row(const RcParams& p, const scalar_t* a, const scalar_t* b, const uint
   stats[kRsCountRejected] = sum1(v2.nrej, s2.nrej);
   for (int c = 0; c < p.n_crit; ++c) {
     if (p.agg[c] != kRcAggToken) continue;
-    acc_t* q = cstats + kRcCritStats * c;
-    const acc_t sum = sum1(v2.c[c][0], s2.c[c][0]);
-    q[kCsValue] = r.n > 0 ? sum / r.n : acc_t(0);
-    q[kCsSum] = sum;
-    q[kCsMax] = max2(v2.c[c][1], s2.c[c][1], true);
-    q[kCsMin] = max2(v2.c[c][2], s2.c[c][2], false);
-    q[kCsCountHigh] = sum1(v2.c[c][3], s2.c[c][3]);
-    q[kCsCountLow] = sum1(v2.c[c][4], s2.c[c][4]);
-    q[kCsSumClamped] = sum1(v2.c[c][5], s2.c[c][5]);
-    q[kCsSumClampedSq] = sum1(v2.c[c][6], s2.c[c][6]);
-    q[kCsCountRejected] = sum1(v2.c[c][7], s2.c[c][7]);
+    acc_t acc[kRcTokAcc];
+    for (int k = 0; k < kRcTokAcc; ++k) {
+      acc[k] = k == 1 || k == 2 ? max2(v2.c[c][k], s2.c[c][k], k == 1)
+                                : sum1(v2.c[c][k], s2.c[c][k]);
+    }
+    rc_token_criterion_stats(r.n, acc, cstats + kRcCritStats * c);
   }
 }
 

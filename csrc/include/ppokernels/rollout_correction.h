@@ -109,6 +109,62 @@ PPK_HOST_DEVICE T rc_inside(T v, S lo, S hi) {
   return vselect(v >= T(lo), vselect(v <= T(hi), T(1), T(0)), T(0));
 }
 
+// ---------------------------------------------------------------- per-row math
+// Between and after the sweeps, in the accumulation type A (float or double), the same for the
+// CPU and the CUDA kernel.
+
+// s_b: the row's summed log-ratio (level "sequence_sum") or its mean over the n valid tokens
+// (the other levels); 0 for an empty row.
+template <typename A>
+PPK_HOST_DEVICE A rc_row_logratio(int level, A n, A sum_x) {
+  return level == kRcSequenceSum ? sum_x : (n > A(0) ? sum_x / n : A(0));
+}
+
+// The row's raw weight of the sequence levels, exp(clamp(s_b, -C, C)).
+template <typename A>
+PPK_HOST_DEVICE A rc_row_raw(A s, double clamp) {
+  return vexp(vclamp(s, A(-clamp), A(clamp)));
+}
+
+// The row value of a sequence criterion from the sum and the max of its statistic over the row's
+// n valid tokens (0 for an empty row).
+template <typename A>
+PPK_HOST_DEVICE A rc_seq_value(int agg, A n, A sum, A max) {
+  if (!(n > A(0))) return A(0);
+  return agg == kRcAggSeqSum ? sum : (agg == kRcAggSeqMean ? sum / n : max);
+}
+
+// The CRITERION_STATS q[0..8] of sequence criterion c with row value v, which stands for each of
+// the row's n valid tokens; returns 1 when the row passes the criterion, else 0.
+template <typename A>
+PPK_HOST_DEVICE A rc_seq_criterion_stats(const RcParams& p, int c, A v, A n, A* q) {
+  const A keep = rc_inside(v, p.lo[c], p.hi[c]);
+  const A vc = vclamp(v, A(p.clo[c]), A(p.hi[c]));
+  const bool has = n > A(0);
+  q[kCsValue] = v;
+  q[kCsSum] = n * v;
+  q[kCsMax] = has ? v : A(-INFINITY);
+  q[kCsMin] = has ? v : A(INFINITY);
+  q[kCsCountHigh] = v > A(p.hi[c]) ? n : A(0);
+  q[kCsCountLow] = v < A(p.lo[c]) ? n : A(0);
+  q[kCsSumClamped] = n * vc;
+  q[kCsSumClampedSq] = n * vc * vc;
+  q[kCsCountRejected] = keep > A(0) ? A(0) : n;
+  return keep;
+}
+
+// Accumulators of a token criterion over a row, in this order (the CRITERION_STATS after
+// "value"): sum, max, min, count_high, count_low, sum_clamped, sum_clamped_sq, count_rejected.
+constexpr int kRcTokAcc = 8;
+
+// The CRITERION_STATS q[0..8] of a token criterion from its accumulators over the row's n valid
+// tokens.
+template <typename A>
+PPK_HOST_DEVICE void rc_token_criterion_stats(A n, const A* s, A* q) {
+  q[kCsValue] = n > A(0) ? s[0] / n : A(0);
+  for (int k = 0; k < kRcTokAcc; ++k) q[kCsSum + k] = s[k];
+}
+
 // ---------------------------------------------------------------- host-side parsing
 inline int rc_find(const char* name, const char* const* names, int n) {
   for (int i = 0; i < n; ++i) {
