@@ -207,6 +207,46 @@ def test_tables_match_cpp_header():
     assert len(re.findall(r"^\s*kCs\w+", crit, re.M)) == len(rc.CRITERION_STATS)
 
 
+@pytest.mark.parametrize("B", [0, 1, 2, 7])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(bounds=(None, 2.0), logratio_clamp=20.0),
+        dict(bounds=(0.5, 5.0), logratio_clamp=None),
+        dict(bounds=(None, None), logratio_clamp=3.0),
+        dict(bounds=(0.8, None), logratio_clamp=1.0),
+    ],
+)
+def test_fast_metrics_match_the_spec(B, cfg):
+    """The op's metric reduction (ppokernels/ops/_rollout_correction_metrics.py, by reduction
+    type) gives the spec's values (reference rollout_correction_metrics, metric by metric), on
+    the row statistics of random rows (empty rows included) and with NaN / inf entries."""
+    from ppokernels.ops._rollout_correction_metrics import rollout_correction_metrics as fast
+
+    lp, rlp, m = _data(B=7, T=29, seed=B)
+    lp, rlp, m = lp[:B], rlp[:B], m[:B]
+    for names, crit_bounds in [
+        ((), ()),
+        (
+            ("token_k3", "seq_mean_k1", "seq_max_tv", "token_k1"),
+            ((None, 0.2), (-0.1, 0.1), (0.0, None), (math.log(0.5), math.log(2.0))),
+        ),
+    ]:
+        kw = dict(cfg, criteria=names, criteria_bounds=crit_bounds)
+        _, _, rows = rc.rollout_correction_rows(lp.double(), rlp.double(), m, **kw)
+        variants = [rows]
+        if B > 1:
+            odd = rows.clone()
+            odd[1, 1:] = float("nan")  # a row whose statistics are NaN
+            odd[0, rc.ROW_STATS.index("seq_logratio")] = float("inf")
+            variants.append(odd)
+        for r in variants:
+            want = rc.rollout_correction_metrics(r, **kw)
+            got = fast(r, **kw)
+            assert got.dtype == torch.float64 and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
 def _impls(folder):
     """The op names a folder of csrc registers kernels for (``m.impl("<op>", ...)``)."""
     names = set()

@@ -1,7 +1,9 @@
 // CPU kernel of rollout_correction: importance weights, rejection mask and per-row statistics of
-// the trainer/sampler log-prob mismatch. One row per task: a first sweep gathers the row sums
-// the sequence-level weights and criteria need, a second (from cache) writes the weights and the
-// rejection mask and gathers the rest. SIMD over kVecF tokens for fp32 / bf16 / fp16 inputs
+// the trainer/sampler log-prob mismatch. One row per task: for the sequence levels and the
+// sequence criteria a first sweep gathers what every token's weight and verdict depend on (the
+// row's summed log-ratio, the criteria's row values); one sweep (from cache for the second)
+// writes the weights and the rejection mask and gathers the rest, with one exp per token. Runs
+// of padding (a vector of masked tokens) are skipped. SIMD over kVecF tokens for fp32 / bf16 / fp16 inputs
 // (fp64 runs the same code on doubles), per-lane accumulators summed in lane order: the same
 // bits whatever the batch or the thread count. Setup in ppokernels/rollout_correction_args.h,
 // the per-token math in ppokernels/rollout_correction.h.
@@ -46,33 +48,8 @@ double lane_max(const V& v, double init, bool is_max) {
   }
 }
 
-// First sweep: counts and sums over the row's valid tokens, and the sums / maxima of the
-// sequence-level criteria.
-template <typename V>
-struct Sweep1 {
-  V n, sx, slp, srlp, sk3, srho, sabs, mabs;
-  V cs[kRcMaxCriteria], cm[kRcMaxCriteria];
-  Sweep1() : n(0.f), sx(0.f), slp(0.f), srlp(0.f), sk3(0.f), srho(0.f), sabs(0.f), mabs(0.f) {
-    for (int c = 0; c < kRcMaxCriteria; ++c) cs[c] = V(0.f), cm[c] = V(-kInf);
-  }
-};
-
-// Second sweep: the weights' sums and extremes, the bound counts, and per token criterion its
-// statistic's sums, extremes, counts and rejections.
-template <typename V>
-struct Sweep2 {
-  V sw, sw2, mw, nw, nh, nl, sr, nrej;
-  V c[kRcMaxCriteria][kRcTokAcc];  // in the order of rc_token_criterion_stats
-  Sweep2()
-      : sw(0.f), sw2(0.f), mw(-kInf), nw(kInf), nh(0.f), nl(0.f), sr(0.f), nrej(0.f) {
-    for (int i = 0; i < kRcMaxCriteria; ++i) {
-      for (int k = 0; k < kRcTokAcc; ++k) c[i][k] = V(k == 1 ? -kInf : (k == 2 ? kInf : 0));
-    }
-  }
-};
-
-// The row's valid tokens at [t, t + width(V)): mask as 1 / 0, the log-probs with masked lanes
-// read as 0 (whatever they hold: NaN there must not reach a sum).
+// The row's tokens at [t, t + width(V)): the mask as 1 / 0, the log-probs with masked lanes
+// read as 0 (whatever they hold: NaN there must not reach a sum), the log-ratio and its clamp.
 template <typename V, typename scalar_t>
 struct Tok {
   V mv, lp, rlp, x, xc;
@@ -86,19 +63,25 @@ struct Tok {
   }
 };
 
+// Sweep A, only for the sequence levels and the sequence criteria (what the weights and the
+// rejection mask of every token depend on): the row's count and summed log-ratio, the sums and
+// maxima of the sequence criteria's statistics.
+template <typename V>
+struct SweepA {
+  V n = V(0.f), sx = V(0.f);
+  V cs[kRcMaxCriteria], cm[kRcMaxCriteria];
+  SweepA() {
+    for (int c = 0; c < kRcMaxCriteria; ++c) cs[c] = V(0.f), cm[c] = V(-kInf);
+  }
+};
+
 template <typename V, typename scalar_t>
-void sweep1(const RcParams& p, const scalar_t* a, const scalar_t* b, const uint8_t* m, int64_t t,
-            Sweep1<V>& s) {
+PPK_HOST_DEVICE void sweep_a(const RcParams& p, const scalar_t* a, const scalar_t* b,
+                             const uint8_t* m, int64_t t, SweepA<V>& s) {
   const Tok<V, scalar_t> k(a, b, m, t, p.clamp);
   const auto valid = k.mv > V(0);
   s.n = s.n + k.mv;
   s.sx = s.sx + k.x;
-  s.slp = s.slp + k.lp;
-  s.srlp = s.srlp + k.rlp;
-  s.sk3 = s.sk3 + expm1_minus_y(k.x);  // 0 on masked lanes (x = 0 there)
-  s.srho = vadd_where(valid, s.srho, vexp(k.xc + k.xc));
-  s.sabs = s.sabs + vabs(k.x);
-  s.mabs = vmax(s.mabs, vabs(k.x));
   for (int c = 0; c < p.n_crit; ++c) {
     if (p.agg[c] == kRcAggToken) continue;
     const V st = rc_estimator(p.est[c], k.xc, k.lp, k.rlp);
@@ -107,43 +90,74 @@ void sweep1(const RcParams& p, const scalar_t* a, const scalar_t* b, const uint8
   }
 }
 
-// Row quantities between the sweeps (in the accumulation type, as the reference computes them).
-template <typename acc_t>
-struct RowScalars {
-  acc_t n, s, raw, weight;
-  acc_t keep[kRcMaxCriteria];
+// Sweep B, every row: the weights and the rejection mask (written), and every sum and extreme of
+// ROW_STATS. The accumulators are locals of run_row (registers); the token criteria's, indexed
+// by the criterion, sit apart in TokCrit.
+template <typename V>
+struct SweepB {
+  V n = V(0.f), sx = V(0.f), slp = V(0.f), srlp = V(0.f), sk3 = V(0.f), srho = V(0.f);
+  V sabs = V(0.f), mabs = V(0.f), sw = V(0.f), sw2 = V(0.f), mw = V(-kInf), nw = V(kInf);
+  V nh = V(0.f), nl = V(0.f), sr = V(0.f), nrej = V(0.f);
+};
+template <typename V>
+struct TokCrit {
+  V q[kRcMaxCriteria][kRcTokAcc];  // in the order of rc_token_criterion_stats
+  TokCrit() {
+    for (int i = 0; i < kRcMaxCriteria; ++i) {
+      for (int k = 0; k < kRcTokAcc; ++k) q[i][k] = V(k == 1 ? -kInf : (k == 2 ? kInf : 0));
+    }
+  }
+};
+
+// Row constants of sweep B: the sequence levels' raw row weight, the sequence criteria's
+// verdicts, exp(+-C) (the clamped exp of a token beyond the clamp, made by the same vexp).
+template <typename V>
+struct RowConst {
+  V raw_row, e_hi, e_lo;
+  bool any_seq_reject;
 };
 
 template <typename V, typename scalar_t, typename acc_t>
-void sweep2(const RcParams& p, const RowScalars<acc_t>& r, const scalar_t* a, const scalar_t* b,
-            const uint8_t* m, int64_t t, acc_t* w_out, float* keep_out, Sweep2<V>& s) {
+PPK_HOST_DEVICE void sweep_b(const RcParams& p, const RowConst<V>& r, const scalar_t* a,
+                             const scalar_t* b, const uint8_t* m, int64_t t, acc_t* w_out,
+                             float* keep_out, SweepB<V>& s, TokCrit<V>& tc) {
   const Tok<V, scalar_t> k(a, b, m, t, p.clamp);
   const auto valid = k.mv > V(0);
-  const V raw = vselect(valid, p.level == kRcToken ? vexp(k.xc) : V(r.raw), V(0));
+  // one exp per token: exp(xc) is exp(x) inside the clamp, exp(+-C) beyond it
+  const V ex = vexp(k.x);
+  const V etok = vselect(k.x > V(p.clamp), r.e_hi, vselect(k.x < V(-p.clamp), r.e_lo, ex));
+  const V raw = vselect(valid, p.level == kRcToken ? etok : r.raw_row, V(0));
   const V w = vselect(valid, rc_bound(raw, p.mode, p.lower, p.upper), V(0));
   vstore(w_out + t, w);
+  s.n = s.n + k.mv;
+  s.sx = s.sx + k.x;
+  s.slp = s.slp + k.lp;
+  s.srlp = s.srlp + k.rlp;
+  // exp(x) - 1 - x as expm1_minus_y (common.h) computes it, from the exp above; 0 where masked
+  s.sk3 = s.sk3 + vselect(vabs(k.x) < V(kExpSeriesBound),
+                          k.x * k.x * (V(0.5) * exp_series_tail(k.x)), ex - V(1) - k.x);
+  s.srho = vadd_where(valid, s.srho, etok * etok);
+  s.sabs = s.sabs + vabs(k.x);
+  s.mabs = vmax(s.mabs, vabs(k.x));
   s.sw = s.sw + w;
   s.sw2 = s.sw2 + w * w;
   s.mw = vselect(valid, vmax(s.mw, w), s.mw);
   s.nw = vselect(valid, vmin(s.nw, w), s.nw);
-  s.nh = s.nh + k.mv * vselect(raw > V(p.upper), V(1), V(0));
-  s.nl = s.nl + k.mv * vselect(raw < V(p.report_low), V(1), V(0));
+  s.nh = vadd_where(valid & (raw > V(p.upper)), s.nh, V(1));
+  s.nl = vadd_where(valid & (raw < V(p.report_low)), s.nl, V(1));
   s.sr = s.sr + raw;
-  V kp = k.mv;
+  V kp = r.any_seq_reject ? V(0) : k.mv;
   for (int c = 0; c < p.n_crit; ++c) {
-    if (p.agg[c] != kRcAggToken) {
-      kp = kp * V(r.keep[c]);
-      continue;
-    }
+    if (p.agg[c] != kRcAggToken) continue;
     const V st = rc_estimator(p.est[c], k.xc, k.lp, k.rlp);
     const V in = k.mv * rc_inside(st, p.lo[c], p.hi[c]);
     const V sc = vclamp(st, V(p.clo[c]), V(p.hi[c]));
-    V* q = s.c[c];
+    V* q = tc.q[c];
     q[0] = vadd_where(valid, q[0], st);
     q[1] = vselect(valid, vmax(q[1], st), q[1]);
     q[2] = vselect(valid, vmin(q[2], st), q[2]);
-    q[3] = q[3] + k.mv * vselect(st > V(p.hi[c]), V(1), V(0));
-    q[4] = q[4] + k.mv * vselect(st < V(p.lo[c]), V(1), V(0));
+    q[3] = vadd_where(valid & (st > V(p.hi[c])), q[3], V(1));
+    q[4] = vadd_where(valid & (st < V(p.lo[c])), q[4], V(1));
     q[5] = vadd_where(valid, q[5], sc);
     q[6] = vadd_where(valid, q[6], sc * sc);
     q[7] = q[7] + (k.mv - in);
@@ -153,14 +167,10 @@ void sweep2(const RcParams& p, const RowScalars<acc_t>& r, const scalar_t* a, co
   vstore(keep_out + t, kp);
 }
 
-// The row's mask as 0 / 1 bytes, from any mask dtype (a float mask: any bit but the sign).
-void load_mask_row(const uint8_t* src, int width, bool floating, int64_t T, uint8_t* out) {
-  const uint64_t nosign = floating ? ~(uint64_t(1) << (8 * width - 1)) : ~uint64_t(0);
-  for (int64_t t = 0; t < T; ++t) {
-    uint64_t v = 0;
-    std::memcpy(&v, src + t * width, width);
-    out[t] = (v & nosign) != 0;
-  }
+// True when the kVecF mask bytes at m + t are all 0 (padding: nothing to read; in sweep B
+// the weights and the rejection mask there are 0).
+inline bool chunk_empty(const uint8_t* m, int64_t t) {
+  return mask_chunk_empty(reinterpret_cast<const bool*>(m + t));
 }
 
 template <typename scalar_t>
@@ -168,66 +178,96 @@ void run_row(const RcParams& p, const scalar_t* a, const scalar_t* b, const uint
              acc_type<scalar_t>* w_out, float* keep_out, acc_type<scalar_t>* stats) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool simd = !std::is_same_v<scalar_t, double>;
+  using V = std::conditional_t<simd, SimdF, acc_t>;
   const int64_t vec_end = simd ? T / kVecF * kVecF : 0;
-  // ---- sweep 1
-  Sweep1<SimdF> v1;
-  Sweep1<acc_t> s1;
-  if constexpr (simd) {
-    for (int64_t t = 0; t < vec_end; t += kVecF) sweep1(p, a, b, m, t, v1);
-  }
-  for (int64_t t = vec_end; t < T; ++t) sweep1(p, a, b, m, t, s1);
-  auto sum1 = [&](const SimdF& v, acc_t s) { return static_cast<acc_t>(lane_sum(v) + s); };
-  RowScalars<acc_t> r;
-  r.n = sum1(v1.n, s1.n);
-  const acc_t sx = sum1(v1.sx, s1.sx);
-  r.s = rc_row_logratio(p.level, r.n, sx);
-  r.raw = rc_row_raw(r.s, p.clamp);
-  r.weight = rc_bound(r.raw, p.mode, p.lower, p.upper);
-  acc_t* cstats = stats + kRcRowStats;
-  for (int c = 0; c < p.n_crit; ++c) {
-    if (p.agg[c] == kRcAggToken) continue;
-    const acc_t sum = sum1(v1.cs[c], s1.cs[c]);
-    const acc_t mx = static_cast<acc_t>(lane_max(v1.cm[c], s1.cm[c], true));
-    const acc_t v = rc_seq_value(p.agg[c], r.n, sum, mx);
-    r.keep[c] = rc_seq_criterion_stats(p, c, v, r.n, cstats + kRcCritStats * c);
-  }
-  // ---- sweep 2
-  Sweep2<SimdF> v2;
-  Sweep2<acc_t> s2;
-  if constexpr (simd) {
-    for (int64_t t = 0; t < vec_end; t += kVecF) sweep2(p, r, a, b, m, t, w_out, keep_out, v2);
-  }
-  for (int64_t t = vec_end; t < T; ++t) sweep2(p, r, a, b, m, t, w_out, keep_out, s2);
-  auto max2 = [&](const SimdF& v, acc_t s, bool is_max) {
+  auto sum = [&](const V& v, acc_t s) { return static_cast<acc_t>(lane_sum(v) + s); };
+  auto ext = [&](const V& v, acc_t s, bool is_max) {
     return static_cast<acc_t>(lane_max(v, s, is_max));
   };
-  stats[kRsCount] = r.n;
+  acc_t* cstats = stats + kRcRowStats;
+  bool seq_crit = false;
+  for (int c = 0; c < p.n_crit; ++c) seq_crit = seq_crit || p.agg[c] != kRcAggToken;
+  // ---- sweep A (sequence levels, sequence criteria): the row value s_b and the verdicts
+  RowConst<V> rv;
+  RowConst<acc_t> rs;
+  acc_t raw_row = 0;
+  rv.any_seq_reject = rs.any_seq_reject = false;
+  if (p.level != kRcToken || seq_crit) {
+    SweepA<V> va;
+    SweepA<acc_t> sa;
+    for (int64_t t = 0; t < vec_end; t += kVecF) {
+      if (!chunk_empty(m, t)) sweep_a(p, a, b, m, t, va);
+    }
+    for (int64_t t = vec_end; t < T; ++t) sweep_a(p, a, b, m, t, sa);
+    const acc_t n = sum(va.n, sa.n);
+    raw_row = rc_row_raw(rc_row_logratio(p.level, n, sum(va.sx, sa.sx)), p.clamp);
+    for (int c = 0; c < p.n_crit; ++c) {
+      if (p.agg[c] == kRcAggToken) continue;
+      const acc_t v = rc_seq_value(p.agg[c], n, sum(va.cs[c], sa.cs[c]),
+                                   ext(va.cm[c], sa.cm[c], true));
+      const bool keep = rc_seq_criterion_stats(p, c, v, n, cstats + kRcCritStats * c) > 0;
+      rv.any_seq_reject = rs.any_seq_reject = rv.any_seq_reject || !keep;
+    }
+  }
+  // ---- sweep B: weights, rejection mask, the sums and extremes
+  rv.raw_row = V(raw_row);
+  rs.raw_row = raw_row;
+  rv.e_hi = vexp(V(p.clamp));
+  rv.e_lo = vexp(V(-p.clamp));
+  rs.e_hi = vexp(acc_t(p.clamp));
+  rs.e_lo = vexp(acc_t(-p.clamp));
+  SweepB<V> vb;
+  SweepB<acc_t> sb;
+  TokCrit<V> vt;
+  TokCrit<acc_t> st;
+  for (int64_t t = 0; t < vec_end; t += kVecF) {
+    if (chunk_empty(m, t)) {
+      vstore(w_out + t, V(0));
+      vstore(keep_out + t, V(0));
+      continue;
+    }
+    sweep_b(p, rv, a, b, m, t, w_out, keep_out, vb, vt);
+  }
+  for (int64_t t = vec_end; t < T; ++t) sweep_b(p, rs, a, b, m, t, w_out, keep_out, sb, st);
+  const acc_t n = sum(vb.n, sb.n), sx = sum(vb.sx, sb.sx);
+  const acc_t s = rc_row_logratio(p.level, n, sx);
+  stats[kRsCount] = n;
   stats[kRsSumLogratio] = sx;
-  stats[kRsSumLogprobs] = sum1(v1.slp, s1.slp);
-  stats[kRsSumRolloutLogprobs] = sum1(v1.srlp, s1.srlp);
-  stats[kRsSumK3] = sum1(v1.sk3, s1.sk3);
-  stats[kRsSumRatioSq] = sum1(v1.srho, s1.srho);
-  stats[kRsSumAbsLogratio] = sum1(v1.sabs, s1.sabs);
-  stats[kRsMaxAbsLogratio] = max2(v1.mabs, s1.mabs, true);
-  stats[kRsSeqLogratio] = r.s;
-  stats[kRsSeqWeight] = r.weight;
-  stats[kRsSumWeights] = sum1(v2.sw, s2.sw);
-  stats[kRsSumWeightsSq] = sum1(v2.sw2, s2.sw2);
-  stats[kRsMaxWeight] = max2(v2.mw, s2.mw, true);
-  stats[kRsMinWeight] = max2(v2.nw, s2.nw, false);
-  stats[kRsCountHigh] = sum1(v2.nh, s2.nh);
-  stats[kRsCountLow] = sum1(v2.nl, s2.nl);
-  stats[kRsSumRawWeights] = sum1(v2.sr, s2.sr);
-  stats[kRsCountRejected] = sum1(v2.nrej, s2.nrej);
+  stats[kRsSumLogprobs] = sum(vb.slp, sb.slp);
+  stats[kRsSumRolloutLogprobs] = sum(vb.srlp, sb.srlp);
+  stats[kRsSumK3] = sum(vb.sk3, sb.sk3);
+  stats[kRsSumRatioSq] = sum(vb.srho, sb.srho);
+  stats[kRsSumAbsLogratio] = sum(vb.sabs, sb.sabs);
+  stats[kRsMaxAbsLogratio] = ext(vb.mabs, sb.mabs, true);
+  stats[kRsSeqLogratio] = s;
+  stats[kRsSeqWeight] = rc_bound(rc_row_raw(s, p.clamp), p.mode, p.lower, p.upper);
+  stats[kRsSumWeights] = sum(vb.sw, sb.sw);
+  stats[kRsSumWeightsSq] = sum(vb.sw2, sb.sw2);
+  stats[kRsMaxWeight] = ext(vb.mw, sb.mw, true);
+  stats[kRsMinWeight] = ext(vb.nw, sb.nw, false);
+  stats[kRsCountHigh] = sum(vb.nh, sb.nh);
+  stats[kRsCountLow] = sum(vb.nl, sb.nl);
+  stats[kRsSumRawWeights] = sum(vb.sr, sb.sr);
+  stats[kRsCountRejected] = sum(vb.nrej, sb.nrej);
   for (int c = 0; c < p.n_crit; ++c) {
     if (p.agg[c] != kRcAggToken) continue;
     acc_t acc[kRcTokAcc];
     for (int k = 0; k < kRcTokAcc; ++k) {
-      acc[k] = k == 1 || k == 2 ? max2(v2.c[c][k], s2.c[c][k], k == 1)
-                                : sum1(v2.c[c][k], s2.c[c][k]);
+      acc[k] = k == 1 || k == 2 ? ext(vt.q[c][k], st.q[c][k], k == 1) : sum(vt.q[c][k], st.q[c][k]);
     }
-    rc_token_criterion_stats(r.n, acc, cstats + kRcCritStats * c);
+    rc_token_criterion_stats(n, acc, cstats + kRcCritStats * c);
   }
+}
+
+// The row's mask as 0 / 1 bytes, from a mask of U (a floating mask: any bit but the sign).
+template <typename U>
+void load_mask_row(const U* src, U nosign, int64_t T, uint8_t* out) {
+  for (int64_t t = 0; t < T; ++t) out[t] = (src[t] & nosign) != 0;
+}
+// The rejection mask's row in U: `one` (the bits of 1) where kept.
+template <typename U>
+void store_keep_row(const float* keep, U one, int64_t T, U* out) {
+  for (int64_t t = 0; t < T; ++t) out[t] = keep[t] != 0.f ? one : U(0);
 }
 
 // Two sweeps, a handful of exps and a few dozen operations per token.
@@ -242,9 +282,12 @@ std::tuple<Tensor, Tensor, Tensor> rollout_correction_cpu(
     std::vector<double> criteria_bounds) {
   RcArgs k = rollout_correction_args(logprobs, rollout_logprobs, mask, level, mode, bounds,
                                      logratio_clamp, criteria, criteria_bounds);
-  const int width = rc_mask_width(k.mask.scalar_type());
-  const bool floating = rc_mask_floating(k.mask.scalar_type());
-  const uint64_t one = rc_one_bits(k.mask.scalar_type());
+  const ScalarType mt = k.mask.scalar_type();
+  const int width = rc_mask_width(mt);
+  // a bool mask is read and written in place (its bytes are 0 / 1); others through row buffers
+  const bool direct = mt == kBool;
+  const uint64_t one = rc_one_bits(mt);
+  const uint64_t nosign = rc_mask_floating(mt) ? ~(uint64_t(1) << (8 * width - 1)) : ~uint64_t(0);
   const int64_t T = k.T, cols = k.p.n_cols();
   const uint8_t* mask_bytes = static_cast<const uint8_t*>(k.mask.const_data_ptr());
   uint8_t* keep_bytes = static_cast<uint8_t*>(k.keep.mutable_data_ptr());
@@ -256,17 +299,28 @@ std::tuple<Tensor, Tensor, Tensor> rollout_correction_cpu(
     acc_t* st = k.row_stats.mutable_data_ptr<acc_t>();
     parallel_for_work(k.B, std::max<int64_t>(T, 1) * kTokenCost, [&](int64_t begin, int64_t end) {
       // row buffers, padded to whole vectors (never a [B, T] tensor)
-      std::vector<uint8_t> m(T + kVecF, 0);
+      std::vector<uint8_t> mbuf(direct ? 0 : T + kVecF, 0);
       std::vector<float> kb(T + kVecF, 0.f);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t off = row * T;
-        load_mask_row(mask_bytes + off * width, width, floating, T, m.data());
-        run_row<scalar_t>(k.p, a + off, b + off, m.data(), T, w + off, kb.data(),
-                          st + row * cols);
+        const uint8_t* m = mask_bytes + off;
+        if (!direct) {
+          const uint8_t* src = mask_bytes + off * width;
+          switch (width) {
+            case 1: load_mask_row(src, uint8_t(nosign), T, mbuf.data()); break;
+            case 2: load_mask_row(reinterpret_cast<const uint16_t*>(src), uint16_t(nosign), T, mbuf.data()); break;
+            case 4: load_mask_row(reinterpret_cast<const uint32_t*>(src), uint32_t(nosign), T, mbuf.data()); break;
+            default: load_mask_row(reinterpret_cast<const uint64_t*>(src), nosign, T, mbuf.data());
+          }
+          m = mbuf.data();
+        }
+        run_row<scalar_t>(k.p, a + off, b + off, m, T, w + off, kb.data(), st + row * cols);
         uint8_t* out = keep_bytes + off * width;
-        for (int64_t t = 0; t < T; ++t) {
-          const uint64_t bits = kb[t] != 0.f ? one : 0;
-          std::memcpy(out + t * width, &bits, width);
+        switch (width) {
+          case 1: store_keep_row(kb.data(), uint8_t(one), T, out); break;
+          case 2: store_keep_row(kb.data(), uint16_t(one), T, reinterpret_cast<uint16_t*>(out)); break;
+          case 4: store_keep_row(kb.data(), uint32_t(one), T, reinterpret_cast<uint32_t*>(out)); break;
+          default: store_keep_row(kb.data(), one, T, reinterpret_cast<uint64_t*>(out));
         }
       }
     });

@@ -12,6 +12,7 @@ from ppokernels import _backend
 from ppokernels._dtypes import acc_dtype
 from ppokernels.ops import _checks
 from ppokernels.ops._register import kernel, register_fake_cpp
+from ppokernels.ops._rollout_correction_metrics import rollout_correction_metrics
 from ppokernels.reference.rollout_correction import (
     CRITERIA,
     CRITERION_STATS,
@@ -22,7 +23,6 @@ from ppokernels.reference.rollout_correction import (
     RolloutCorrectionOutput,
     batch_norm_factor,
     metric_names,
-    rollout_correction_metrics,
 )
 from ppokernels.reference.rollout_correction import rollout_correction as _reference
 
