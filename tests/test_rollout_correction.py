@@ -363,3 +363,12 @@ def test_bad_input():
         f(lp, rlp, m, batch_normalize=1)
     with pytest.raises(ValueError, match="rollout_correction: logprobs is on the meta device"):
         f(lp.to("meta"), rlp.to("meta"), m.to("meta"))
+
+
+def test_docs_page_examples_run_as_written():
+    """Every python block of docs/rollout_correction.md runs as is (its asserts included)."""
+    with open(os.path.join(ROOT, "docs", "rollout_correction.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/rollout_correction.md", "exec"), {})  # noqa: S102
