@@ -11,7 +11,6 @@ shapes. Branch-free on data (it runs under torch.compile); fp64.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -104,12 +103,18 @@ _CRIT_ORDER = (
 )
 
 
-@functools.lru_cache(maxsize=64)
-def _permutation(criteria: tuple[str, ...]) -> tuple[int, ...]:
-    """Positions, in the concatenation, of the metrics in :func:`metric_names` order."""
-    cat = list(_ORDER) + [f"{c}/{m}" for m in _CRIT_ORDER for c in criteria]
-    pos = {name: i for i, name in enumerate(cat)}
-    return tuple(pos[name] for name in metric_names(criteria))
+_PERMUTATIONS: dict[tuple[str, ...], list[int]] = {}
+
+
+def _permutation(criteria: tuple[str, ...]) -> list[int]:
+    """Positions, in the concatenation, of the metrics in :func:`metric_names` order (cached per
+    criteria tuple in a plain dict: torch.compile traces through it, not through lru_cache)."""
+    perm = _PERMUTATIONS.get(criteria)
+    if perm is None:
+        cat = list(_ORDER) + [f"{c}/{m}" for m in _CRIT_ORDER for c in criteria]
+        pos = {name: i for i, name in enumerate(cat)}
+        perm = _PERMUTATIONS[criteria] = [pos[name] for name in metric_names(criteria)]
+    return perm
 
 
 def _extremes(x: torch.Tensor, keep: torch.Tensor | None, largest: bool) -> torch.Tensor:
