@@ -141,4 +141,15 @@ STABLE_TORCH_LIBRARY(ppokernels, m) {
   m.def(
       "value_loss_backward(Tensor grad, Tensor values, Tensor old_values, Tensor returns, "
       "Tensor mask, Tensor row_scale, float? clip) -> Tensor");
+
+  // --- rollout_correction: importance weights between trainer and sampler log-probs (token,
+  // sequence = geometric mean, sequence_sum = product; truncate or mask to bounds [L, U]), the
+  // rejection mask of the criteria "<agg>_<estimator>" (int codes agg * 5 + estimator, from the
+  // table of ppokernels/reference/rollout_correction.py; each with [lower, upper]), and per-row
+  // statistics (its ROW_STATS) the metrics come from. A NaN in bounds / criteria_bounds means
+  // no bound. Constants: no backward.
+  m.def(
+      "rollout_correction(Tensor logprobs, Tensor rollout_logprobs, Tensor mask, str level, "
+      "str mode, float[] bounds, float? logratio_clamp, int[] criteria, float[] criteria_bounds) "
+      "-> (Tensor weights, Tensor keep, Tensor row_stats)");
 }

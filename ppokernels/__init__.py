@@ -23,6 +23,7 @@ from ppokernels.ops.ppo_loss import (
     ppo_policy_loss,
     value_loss,
 )
+from ppokernels.ops.rollout_correction import RolloutCorrectionOutput, rollout_correction
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,6 @@ __all__ = [
     "ValueLossOutput",
     "ppo_policy_loss",
     "value_loss",
+    "RolloutCorrectionOutput",
+    "rollout_correction",
 ]

@@ -193,7 +193,33 @@ CASES = {
             x["values"], x["old_values"], x["returns"], x["mask"], clip=0.2, backend=b
         ),
     ),
+    "rollout_correction_token": (
+        [],
+        lambda x, b: _rollout_correction(
+            x, x["mask"], b, criteria={"token_k3": 0.05, "seq_mean_k1": (-0.1, 0.1)}
+        ),
+    ),
+    "rollout_correction_sequence_half_mask": (
+        [],
+        lambda x, b: _rollout_correction(
+            x,
+            x["mask"].half(),
+            b,
+            level="sequence",
+            mode="mask",
+            bounds=(0.5, 2.0),
+            criteria={"token_tv": 0.2, "seq_max_k2": 0.5},
+        ),
+    ),
 }
+
+
+def _rollout_correction(x, mask, backend, **kw):
+    """Weights, rejection mask and metrics of rollout_correction (constants: no gradient), as
+    fp32 (the reference's fp64 metrics are compared with these)."""
+    out = ppokernels.rollout_correction(x["old"], x["ref"], mask, backend=backend, **kw)
+    metrics = torch.stack(list(out.metrics.values()))
+    return out.weights, out.mask.to(out.weights.dtype), metrics.to(out.weights.dtype)
 
 
 def run(x: dict[str, torch.Tensor], backend: str) -> dict[str, torch.Tensor]:
@@ -213,7 +239,8 @@ def run(x: dict[str, torch.Tensor], backend: str) -> dict[str, torch.Tensor]:
             if o.requires_grad:
                 w = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
                 total = total + (o * w).sum()
-        total.backward()
+        if isinstance(total, torch.Tensor):  # not for ops whose outputs are constants
+            total.backward()
         for n in grad_names:
             results[f"{name}/d{n}"] = xs[n].grad
     return results

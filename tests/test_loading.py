@@ -61,6 +61,7 @@ calls = {
     "linear_logprobs": lambda m: m.linear_logprobs(hidden, weight, labels),
     "ppo_policy_loss": lambda m: m.ppo_policy_loss(lp, old, adv, mask),
     "value_loss": lambda m: m.value_loss(values, old, rewards, mask, clip=0.2),
+    "rollout_correction": lambda m: m.rollout_correction(lp, old, mask, bounds=(0.5, 2.0)),
 }
 ran = {}
 for name, call in calls.items():

@@ -255,6 +255,26 @@ def test_rollout_mismatch_metrics(tmp_path):
     assert stats["mismatch_ratio_outside"] == pytest.approx(float(out))
     k3 = (ratio - 1 - torch.log(ratio)).mean()  # KL(sampler || trainer), samples from the sampler
     assert stats["mismatch_kl_k3"] == pytest.approx(float(k3), rel=1e-4, abs=1e-7)
+    torch.testing.assert_close(w, torch.where(m, torch.exp(lp - rlp).clamp(max=2.0), 0.0))
+
+
+def test_rollout_is_weights_reach_every_head(tmp_path):
+    """rollout_is_cap's weights (rollout_correction's) scale the policy loss of the fused, split
+    and naive heads alike: the three agree, and differ from the loss without the weights."""
+    cfg, tr, b, _ = _first_step(tmp_path, top_k=3, sft_steps=5, rollout_is_cap=2.0)
+    assert "is_weights" in b.extra
+    # a cap at the median ratio, so that half the tokens are truncated
+    lp, rlp, m = b.extra["old_logprobs"], b.rollout_logprobs, b.mask
+    cap = float(torch.exp(lp - rlp)[m].median())
+    _, w = algorithm.rollout_mismatch(lp, rlp, m, cap)
+    assert (w[m] < cap).any() and (w[m] == cap).any()
+    b.extra["is_weights"] = w
+    fused, split, naive = (_head_loss_and_grads(cfg, tr, b, h) for h in ("fused", "split", "naive"))
+    _same(fused, split)
+    _same(fused, naive)
+    del b.extra["is_weights"]
+    plain, _ = _head_loss_and_grads(cfg, tr, b, "fused")
+    assert not torch.allclose(plain.loss, fused[0].loss)
 
 
 def test_user_task_and_rollout_layout(tmp_path):

@@ -16,7 +16,15 @@ import pytest
 
 pytest.importorskip("triton")
 
-STEMS = ("logprobs", "linear_logprobs", "kl", "ppo_loss", "gae", "advantages")
+STEMS = (
+    "logprobs",
+    "linear_logprobs",
+    "kl",
+    "ppo_loss",
+    "gae",
+    "advantages",
+    "rollout_correction",
+)
 
 
 def _aot(*args: str) -> dict:

@@ -22,11 +22,14 @@ per row (no chunked logsumexp loop, no flash-attn needed) and returned in OpenRL
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import ppokernels as ppk
 from ppokernels.compat import Patcher, float_dtype
 from ppokernels.losses import Clip
+from ppokernels.reference.rollout_correction import CRITERION_STATS, ROW_STATS
 
 TARGET_VERSION = "0.11.2"
 
@@ -137,28 +140,39 @@ class PolicyLoss(torch.nn.Module):
         self.is_correction_threshold = is_correction_threshold
 
     def _is_weights(self, old, rollout, mask):
-        """Train/rollout importance weights (detached), their filter fraction and vllm_kl."""
+        """Train/rollout importance weights (detached), their filter fraction and vllm_kl, from
+        one :func:`ppokernels.rollout_correction` call: the gate is the op's bounds (ratio at
+        token level) or a rejection criterion (the row's geometric mean ratio, as ``seq_mean_k1``
+        of ``-log ratio``; binary_kl / tv, per token or row mean); survivors keep their token
+        ratio ``exp(old - rollout)`` (no log-ratio clamp, as OpenRLHF)."""
         low, high = self.is_correction_threshold
         seq = self.is_correction_level == "seq"
-        log_ratio = (old - rollout).detach()
-        if self.is_correction_gating == "ratio":
-            stat = (masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1) if seq else log_ratio).exp()
+        gating = self.is_correction_gating
+        kw = dict(level="token", logratio_clamp=None)
+        if gating == "ratio" and not seq:
+            kw.update(mode="truncate" if self.is_correction_mode == "clip" else "mask")
+            kw.update(bounds=(low, high))
+        elif gating == "ratio":  # gate on exp(mean x) in [low, high]: -mean x in [-log h, -log l]
+            lo = -math.log(high) if high > 0 else math.inf
+            hi = -math.log(low) if low > 0 else math.inf
+            kw.update(mode="mask", bounds=(None, None), criteria={"seq_mean_k1": (lo, hi)})
         else:
-            p, q = rollout.exp().clamp(1e-6, 1 - 1e-6), old.exp().clamp(1e-6, 1 - 1e-6)
-            if self.is_correction_gating == "binary_kl":
-                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-            else:
-                stat = (p - q).abs()
-            if seq:
-                stat = masked_mean(stat, mask, dim=-1).unsqueeze(-1)
-        if self.is_correction_mode == "clip":
-            weights, dropped = stat.clamp(min=low, max=high), (stat < low) | (stat > high)
-        else:
-            keep = (stat >= low) & (stat <= high)
-            weights, dropped = torch.where(keep, log_ratio.exp(), 0.0), ~keep
-        frac = dropped.float().mean() if seq else masked_mean(dropped.float(), mask)
-        vllm_kl = masked_mean(rollout - old, mask)
-        return weights.expand_as(old).detach(), frac, vllm_kl
+            agg = "seq_mean" if seq else "token"
+            kw.update(mode="mask", bounds=(None, None), criteria={f"{agg}_{gating}": (low, high)})
+        out = ppk.rollout_correction(old.detach(), rollout.detach(), mask, **kw)
+        dtype = float_dtype(old, rollout)
+        weights = out.weights
+        if "criteria" in kw:
+            weights = weights * out.mask.to(weights.dtype)
+        if not seq:
+            frac = out.metrics["fraction_bounded" if "criteria" not in kw else "rejected_fraction"]
+        else:  # over all rows; a row without a valid token has a NaN statistic there: filtered
+            rs = out.row_stats
+            filtered = (rs[:, len(ROW_STATS) + CRITERION_STATS.index("count_rejected")] > 0) | (
+                rs[:, 0] == 0
+            )
+            frac = filtered.to(dtype).mean()
+        return weights.to(dtype), frac.to(dtype), out.metrics["kl"].to(dtype)
 
     def forward(
         self,

@@ -17,6 +17,10 @@ Switch on (one process per GPU, no Ray)::
     import ppokernels.compat.trl as ppk_trl
     ppk_trl.patch()           # before building the GRPOTrainer
 
+- ``vllm_importance_sampling_ratio``: the ratio ``GRPOTrainer._generate_and_score_completions``
+  computes between the recomputed and the vLLM log-probs for each ``vllm_importance_sampling_mode``
+  (token_truncate, token_mask, sequence_truncate, sequence_mask) and the ``sampling/*`` metrics
+  it logs, from one :func:`ppokernels.rollout_correction` call; pass the ratio to ``grpo_loss``.
 - ``LigerFusedLinearGRPOLoss`` (:mod:`ppokernels.compat.trl_liger`): Liger-Kernel 0.8.5's fused
   lm_head + GRPO loss, same interface, on :func:`ppokernels.linear_ppo_policy_loss`.
 
@@ -35,6 +39,7 @@ import ppokernels as ppk
 from ppokernels.compat import Patcher
 from ppokernels.compat.trl_liger import LigerFusedLinearGRPOLoss
 from ppokernels.losses import CISPO, SAPO, Clip, Vespo
+from ppokernels.reference.rollout_correction import ROW_STATS
 
 __all__ = [
     "ChunkedLogProbFunction",
@@ -45,6 +50,7 @@ __all__ = [
     "selective_log_softmax",
     "selective_log_softmax_and_entropy",
     "unpatch",
+    "vllm_importance_sampling_ratio",
 ]
 
 TARGET_VERSION = "1.16.0"
@@ -298,6 +304,82 @@ def grpo_loss(
             normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
         return loss / normalizer
     return loss / G
+
+
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def vllm_importance_sampling_ratio(
+    old_per_token_logps,
+    sampling_per_token_logps,
+    mask,
+    *,
+    mode="sequence_mask",
+    clip_min=None,
+    clip_max=3.0,
+):
+    """``(ratio, metrics)`` as TRL 1.16 ``GRPOTrainer._generate_and_score_completions`` computes
+    them with ``vllm_importance_sampling_correction`` (``mask`` = completion mask times tool mask).
+
+    ``x = (old - sampling) * mask`` with NaN set to 0 (a token vLLM could not score weighs 1);
+    token modes ``exp(x)`` [B, T] (1 before the bounds on masked tokens), sequence modes
+    ``exp(sum_t x)`` [B, 1]: TRL's sequence ratio is the *product* of the token ratios (ppokernels
+    level "sequence_sum"), no log-ratio clamp. ``*_truncate`` clamps to [clip_min, clip_max],
+    ``*_mask`` sets ratios outside to 0 (None: no bound on that side). ``metrics`` holds the
+    process-local values TRL logs: ``sampling/sampling_logp_difference/{mean,max}`` (|old -
+    sampling| over valid, non-NaN tokens) and ``sampling/importance_sampling_ratio/{min,mean,
+    max}`` (over valid tokens, or over rows), as 0-d tensors (0 when empty)."""
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(
+            f"Unknown vLLM importance sampling level: {mode}. Possible values are "
+            "'token_truncate', 'token_mask', 'sequence_truncate', and 'sequence_mask'."
+        )
+    old, sampling = old_per_token_logps, sampling_per_token_logps
+    valid = mask.bool()
+    nan = bool(torch.isnan(old.sum() + sampling.sum()))  # one reduction, no [B, T] temporary
+    if nan:  # TRL zeroes a NaN difference (ratio 1) and leaves it out of the |delta| metrics
+        bad = torch.isnan(old - sampling)
+        delta = (old - sampling).abs()[valid & ~bad]
+        old, sampling = old.masked_fill(bad, 0.0), sampling.masked_fill(bad, 0.0)
+    token = mode.startswith("token")
+    out = ppk.rollout_correction(
+        old,
+        sampling,
+        mask,
+        level="token" if token else "sequence_sum",
+        mode="truncate" if mode.endswith("truncate") else "mask",
+        bounds=(clip_min, clip_max),
+        logratio_clamp=None,
+    )
+    m = out.metrics
+    dtype = torch.promote_types(old.dtype, sampling.dtype)
+    if token:  # masked tokens carry exp(0) = 1, bounded
+        one = 1.0
+        if mode.endswith("truncate"):  # torch.clamp(1, clip_min, clip_max)
+            one = one if clip_min is None else max(one, clip_min)
+            one = one if clip_max is None else min(one, clip_max)
+        else:
+            inside = (clip_min is None or clip_min <= 1.0) and (clip_max is None or 1.0 <= clip_max)
+            one = 1.0 if inside else 0.0
+        ratio = torch.where(valid, out.weights, one).to(dtype)
+        stats = ("weights_min", "weights_mean", "weights_max")
+    else:
+        ratio = out.row_stats[:, ROW_STATS.index("seq_weight")].unsqueeze(-1).to(dtype)
+        stats = ("seq_weight_min", "seq_weight_mean", "seq_weight_max")
+    f32 = torch.float32
+    if nan:
+        empty = delta.numel() == 0
+        zero = torch.zeros((), device=old.device)
+        diff = (zero if empty else delta.mean(), zero if empty else delta.max())
+    else:
+        diff = (m["logratio_abs_mean"], m["logratio_abs_max"])
+    metrics = {
+        "sampling/sampling_logp_difference/mean": diff[0].to(f32),
+        "sampling/sampling_logp_difference/max": diff[1].to(f32),
+    }
+    for key, name in zip(("min", "mean", "max"), stats, strict=True):
+        metrics[f"sampling/importance_sampling_ratio/{key}"] = m[name].to(f32)
+    return ratio, metrics
 
 
 _PATCHER = Patcher()

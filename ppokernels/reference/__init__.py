@@ -17,6 +17,7 @@ from ppokernels.reference.ppo_loss import (
     ppo_policy_loss,
     value_loss,
 )
+from ppokernels.reference.rollout_correction import RolloutCorrectionOutput, rollout_correction
 
 __all__ = [
     "PolicyLossOutput",
@@ -33,6 +34,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "ppo_policy_loss",
+    "RolloutCorrectionOutput",
+    "rollout_correction",
     "token_logprobs",
     "value_loss",
 ]

@@ -27,6 +27,7 @@ global minibatch loss; DDP averages gradients over ``world`` processes, hence th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -133,29 +134,42 @@ def score(cfg: RLConfig, m: Actors, b: Batch) -> dict:
         "entropy": float(ppokernels.masked_mean(ent, mask)),
     }
     if b.rollout_logprobs is not None:
-        stats |= rollout_mismatch(old, b.rollout_logprobs, b.mask)
+        mismatch, weights = rollout_mismatch(old, b.rollout_logprobs, b.mask, cfg.rollout_is_cap)
+        stats |= mismatch
         if cfg.rollout_is_cap is not None:  # truncated IS (off by default)
-            w = torch.exp(old - b.rollout_logprobs).clamp(max=cfg.rollout_is_cap)
-            b.extra["is_weights"] = torch.where(b.mask, w, 0.0)
+            b.extra["is_weights"] = weights
     return stats
 
 
-def rollout_mismatch(logprobs, rollout_logprobs, mask) -> dict:
+# The band of the ratio exp(logprobs - rollout_logprobs) outside which a token counts as
+# mismatched, as a rejection criterion of rollout_correction: k1 = -log ratio within
+# [-log 1.1, -log 0.9].
+_MISMATCH_BAND = {"token_k1": (-math.log(1.1), -math.log(0.9))}
+
+
+def rollout_mismatch(logprobs, rollout_logprobs, mask, is_cap=None) -> tuple[dict, torch.Tensor]:
     """How far the sampler's log-probs (``generate``'s scores) are from the trainer's
-    recomputed ones on the same tokens, [B, T] each: the mean ``|logprobs - rollout_logprobs|``,
-    the fraction of tokens whose ratio ``exp(logprobs - rollout_logprobs)`` leaves [0.9, 1.1],
-    and the k3 estimate of KL(sampler || trainer) (``kl_penalty(rollout_logprobs, logprobs)``),
-    masked means over valid tokens."""
-    m = mask.float()
-    delta = (logprobs - rollout_logprobs) * m
-    ratio = torch.exp(delta)
-    outside = ((ratio < 0.9) | (ratio > 1.1)).float() * m
-    k3 = ppokernels.kl_penalty(rollout_logprobs, logprobs, estimator="k3")
-    return {
-        "mismatch_logprob_abs": float(ppokernels.masked_mean(delta.abs(), m)),
-        "mismatch_ratio_outside": float(ppokernels.masked_mean(outside, m)),
-        "mismatch_kl_k3": float(ppokernels.masked_mean(k3, m)),
-    }
+    recomputed ones on the same tokens, [B, T] each, from one ``rollout_correction`` call:
+    the mean ``|logprobs - rollout_logprobs|``, the fraction of tokens whose ratio
+    ``exp(logprobs - rollout_logprobs)`` leaves [0.9, 1.1] (the ``token_k1`` criterion's
+    rejected fraction; the rejection mask itself is not used) and the k3 estimate of
+    KL(sampler || trainer), ``mean exp(x) - 1 - x``, means over valid tokens. Also returns the
+    op's truncated IS weights ``min(exp(logprobs - rollout_logprobs), is_cap)`` [B, T] (0 on
+    padding; unbounded without ``is_cap``), constants."""
+    out = ppokernels.rollout_correction(
+        logprobs,
+        rollout_logprobs,
+        mask,
+        level="token",
+        mode="truncate",
+        bounds=(None, is_cap),
+        logratio_clamp=None,
+        criteria=_MISMATCH_BAND,
+    )
+    keys = ("logratio_abs_mean", "token_k1/masked_fraction", "k3_kl")
+    values = torch.stack([out.metrics[k] for k in keys]).tolist()  # one host sync
+    names = ("mismatch_logprob_abs", "mismatch_ratio_outside", "mismatch_kl_k3")
+    return dict(zip(names, values, strict=True)), out.weights
 
 
 def _in_micro_batches(b: Batch, size: int, module):

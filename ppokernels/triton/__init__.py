@@ -17,4 +17,5 @@ MODULES = (
     "ppokernels.triton.logprobs",
     "ppokernels.triton.ppo_loss",
     "ppokernels.triton.ppo_loss_value",
+    "ppokernels.triton.rollout_correction",
 )

@@ -39,7 +39,8 @@
   X(linear_logprobs)     \
   X(logprobs)            \
   X(ppo_loss)            \
-  X(ppo_loss_value)
+  X(ppo_loss_value)      \
+  X(rollout_correction)
 
 #define PPK_DECLARE_REGISTER(stem) void register_##stem(torch::stable::detail::StableLibrary& m);
 

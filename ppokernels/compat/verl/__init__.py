@@ -65,6 +65,13 @@ from ppokernels.compat.verl.policy_losses import (  # noqa: F401
     compute_policy_loss_kl_cov,
     compute_policy_loss_sapo,
 )
+from ppokernels.compat.verl.rollout_corr import (  # noqa: F401
+    compute_offpolicy_metrics,
+    compute_rollout_corr_metrics_from_logprobs,
+    compute_rollout_correction_and_rejection_mask,
+    compute_rollout_correction_weights,
+    compute_rollout_rejection_mask,
+)
 from ppokernels.compat.verl.torch_functional import (  # noqa: F401
     entropy_from_logits,
     entropy_from_logits_with_chunking,
@@ -98,6 +105,13 @@ _ADV = {
     "rloo": "compute_rloo_outcome_advantage",
     "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
 }
+_ROLLOUT_CORR = (
+    "compute_rollout_correction_weights",
+    "compute_rollout_rejection_mask",
+    "compute_rollout_correction_and_rejection_mask",
+    "compute_offpolicy_metrics",
+    "compute_rollout_corr_metrics_from_logprobs",
+)
 _TF = (
     "logprobs_from_logits",
     "entropy_from_logits",
@@ -114,8 +128,9 @@ def patch() -> None:
     calls GAE/GRPO by attribute), the advantage-estimator registry (``_ADV`` and every estimator
     of ``ESTIMATORS``, the optimal-token-baseline ones included) and the policy-loss
     registry ("vanilla" and every mode of ``POLICY_LOSSES``, bypass_mode included),
-    the ``torch_functional`` helpers and the fused linear log-prob; every veRL module that
-    imported one of them by name is updated too."""
+    the ``torch_functional`` helpers, the fused linear log-prob and the rollout correction of
+    ``rollout_corr_helper`` (weights, rejection mask, their combination, off-policy metrics);
+    every veRL module that imported one of them by name is updated too."""
     if _PATCHER.active:
         return
     from verl.trainer.ppo import core_algos
@@ -141,6 +156,8 @@ def patch() -> None:
     _PATCHER.everywhere(
         "verl", "verl.utils.experimental.torch_functional", "FusedLinearForPPO", FusedLinearForPPO
     )
+    for name in _ROLLOUT_CORR:
+        _PATCHER.everywhere("verl", "verl.trainer.ppo.rollout_corr_helper", name, g[name])
 
 
 def unpatch() -> None:

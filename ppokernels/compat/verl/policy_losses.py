@@ -417,10 +417,9 @@ def compute_policy_loss_bypass_mode(
     ``w`` (truncated or IcePop IS weights of ``pi / pi_rollout``, per token or per sequence,
     batch-normalised or not) and the rejection mask come from veRL's
     ``rollout_corr_helper.compute_rollout_correction_and_rejection_mask``, called as veRL calls
-    it: the weights, the mask and its ``rollout_corr/*`` diagnostics (some forty scalars, each
-    defined by that helper and read with a host sync) are one computation there, so it stays
-    veRL's (after :func:`patch` its masked means and sums run on ppokernels). The metrics are
-    the loss's updated with those; ``rollout_is_weights`` is ignored (recomputed), as in veRL.
+    it, here the fused drop-in of :mod:`ppokernels.compat.verl.rollout_corr` (one op call, one
+    host sync for its ``rollout_corr/*`` diagnostics). The metrics are the loss's updated with
+    those; ``rollout_is_weights`` is ignored (recomputed), as in veRL.
     """
     assert config is not None, "config is required for bypass_mode loss"
     policy_loss = _cfg(config, "policy_loss", None)
@@ -433,7 +432,7 @@ def compute_policy_loss_bypass_mode(
     loss_type = _cfg(rc, "loss_type", "ppo_clip")
     if loss_type not in ("reinforce", "ppo_clip"):  # veRL raises after the correction; same error
         raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
-    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+    from ppokernels.compat.verl.rollout_corr import compute_rollout_correction_and_rejection_mask
 
     with torch.no_grad():
         weights, mask, rollout_metrics = compute_rollout_correction_and_rejection_mask(
