@@ -37,15 +37,16 @@ from ppokernels.triton._common import expm1, softmax_stats_tile
 # compile for sm_90 without register spills at these warps/stages (tests/test_triton_audit.py
 # checks it for bf16, under triton 3.6 on the GPU machine's stack and the newest triton here): a
 # 128 x 128 fp32 accumulator plus the softmax temporaries spilled with 8 warps, and triton 3.6
-# spilled the forward's 64 x 128 tile with a K step of 64 (bf16) or 32 (fp32) too. IEEE: fp32
-# and fp64 dots in full precision (no tf32), with the accumulator's out_dtype (triton <= 3.6
-# needs it). bf16/fp16 run on the tensor cores (wgmma on sm_90). "cached": the dlogits kernel of
-# cached rows (no GEMM, elementwise, so its tile shape changes no bit): 16 x 128 on 4 warps, whose
-# tile, int64 addresses and temporaries fit the registers in every dtype (64 x 128 on 8 warps
-# spilled in bf16, 32 x 128 on 4 in fp64).
+# spilled the forward's 64 x 128 tile with a K step of 64 (bf16) or 32 (fp32) too, and the
+# caching forward's 64 x 128 bf16 tile with a K step of 32 (56 B), hence 64 x 64 in half dtypes.
+# IEEE: fp32 and fp64 dots in full precision (no tf32), with the accumulator's out_dtype
+# (triton <= 3.6 needs it). bf16/fp16 run on the tensor cores (wgmma on sm_90). "cached": the
+# dlogits kernel of cached rows (no GEMM, elementwise, so its tile shape changes no bit):
+# 16 x 128 on 4 warps, whose tile, int64 addresses and temporaries fit the registers in every
+# dtype (64 x 128 on 8 warps spilled in bf16, 32 x 128 on 4 in fp64).
 _CACHED = dict(BLOCK_N=16, BLOCK_V=128, num_warps=4, num_stages=1)
 _WIDE = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=16, BLOCK_H=64, IEEE=True, num_warps=8, num_stages=2)
-_HALF_LOGITS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=32, IEEE=False, num_warps=8, num_stages=3)
+_HALF_LOGITS = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, IEEE=False, num_warps=8, num_stages=3)
 _HALF_GRAD = dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, IEEE=False, num_warps=8, num_stages=3)
 CONFIGS = {
     "fp32": {"logits": _WIDE, "grad": _WIDE, "cached": _CACHED},
