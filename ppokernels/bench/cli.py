@@ -43,7 +43,7 @@ PRESET_ARGS = {
 # GRPO loss; TRL's and veRL's chunked log-prob functions followed by the same loss), one policy
 # loss against veRL's eager formula, and GAE against the trainers' Python loop.
 DEMO_CASES = {
-    "bench_linear_ppo_loss": "not chunk and not linear_logprobs",
+    "bench_linear_ppo_loss": "not cpp-chunk and not linear_logprobs",
     "bench_ppo_loss": "test_ppo_policy_loss and forward+backward",
     "bench_gae": "test_gae_forward and not backward",
 }
