@@ -121,11 +121,19 @@ def describe_machine(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+            fields = dict(
+                ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln
+            )
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields:  # a VM's model name may be as short as "AMD EPYC"
+            cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+    from ppokernels import _backend
+
+    isa = f", CPU kernels at {_backend.cpu_isa()}" if _backend.cpu_isa() else ""
+    return f"{cpu}, {os.cpu_count()} cores{isa}, torch {torch.__version__} (CPU)"
 
 
 def _read_json(path: Path, default):
