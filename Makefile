@@ -12,10 +12,19 @@ install:
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[all]"
 	$(PIP) install --no-deps -r requirements-compat.txt
 
+# After the install, about 2 minutes on 2 CPU cores: what is built, PPO on the copy task (reward
+# rising, the test split evaluated, the model exported to runs/demo/model), one generate call on
+# that model, and the headline benchmark with its plot (bench-results/summary.png). Each step
+# prints progress; `ppokernels bench --preset quick` is the whole suite.
 demo: install
+	@echo "== demo 1/4: ppokernels info (what is built and loaded)"
 	$(PYTHON) -m ppokernels.cli info
-	$(PYTHON) -m ppokernels.cli train --algo ppo --out runs/demo
-	$(PYTHON) -m ppokernels.cli bench --preset quick --out bench-results
+	@echo "== demo 2/4: PPO on the copy task (tiny Llama built in code, no download)"
+	$(PYTHON) -m ppokernels.cli train --algo ppo --out runs/demo --overwrite
+	@echo "== demo 3/4: generate with the exported model runs/demo/model"
+	$(PYTHON) -m ppokernels.cli generate --model runs/demo/model --prompt abc: --prompt jig:
+	@echo "== demo 4/4: the headline benchmark (about a minute)"
+	$(PYTHON) -m ppokernels.cli bench --preset demo --out bench-results
 
 test: install
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider

@@ -8,7 +8,8 @@
 #   2. gates   no undefined at::/c10::/torch:: C++ symbol in either binary (nm), abi3audit clean,
 #              the platform tag auditwheel grants, the wheel's size and Requires-Dist
 #   3. torch 2.11 (Python 3.12, the GPU machine's stack): the binary wheel installed (no build),
-#              the whole suite against it, `ppokernels bench` from outside any checkout
+#              the whole suite against it, `ppokernels bench` from outside any checkout, the
+#              rehearsal of the GPU check from a checkout beside that install
 #   4. torch 2.13 and 2.15 (Python 3.11): the SAME wheel, timed `pip install`, `ppokernels info`
 #              (_C loaded, the CPU ISA level), the op tests on the C++ and reference paths (forced
 #              scalar / avx2 levels included)
@@ -115,6 +116,13 @@ ok = [r for r in recs if r.get("op") == "gae" and r.get("median_ms") is not None
 assert ok, f"no gae timings in results.json: {recs[:3]}"
 print(f"bench from the installed wheel: {len(ok)} gae records")
 PYEOF
+
+# the GPU check's rehearsal beside this non-editable install: run from the copy of the tree (no
+# binaries in its ppokernels/), every step must use the installed wheel
+(cd "$WORK/src" && PYTHON="$V211/bin/python" benchmarks/gpu_check.sh --rehearse "$WORK/rehearse")
+"$V211/bin/python" "$WORK/src/benchmarks/check_gpu_out.py" "$WORK/rehearse"
+grep -q "site-packages/ppokernels/_C" <(tar xzOf "$WORK/rehearse/logs.tar.gz" logs/build.log) \
+  || { echo "FAIL: the rehearsal did not use the installed wheel"; exit 1; }
 
 # info --json must report _C loaded with the CPU's ISA level
 check_info() {

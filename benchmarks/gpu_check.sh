@@ -32,7 +32,14 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ppk-gpu-check.XXXXXX")
 mkdir -p "$OUT" "$WORK/logs"
-cd "$ROOT"
+# Which ppokernels every step imports, whatever way it is installed: the GPU check runs the source
+# tree (its binaries come from the carried wheel or an in-place build), put first on PYTHONPATH;
+# the rehearsal runs the package this Python imports outside the tree (an editable install of this
+# checkout or another, or a wheel). Either way every step runs from WORK, never from the tree, so
+# the tree's ppokernels/ (no binaries in a checkout beside a wheel install) cannot shadow the
+# installed one, and pytest never meets two copies of one benchmark module.
+if ((!REHEARSE)); then export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"; fi
+cd "$WORK"
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # sm_90 only, whatever the image sets (setup.py takes PPOKERNELS_CUDA_ARCHS)
@@ -114,6 +121,7 @@ build() {
     "$PY" -c "import ppokernels._C, ppokernels; print('extension', ppokernels._C.__file__)"
     return
   fi
+  cd "$ROOT" || return
   # The binary wheel built on the CPU machine (`make wheel`, carried with run(carry=["dist"])):
   # its binaries go beside the sources, as an in-place build would put them; no GPU minute is
   # spent compiling. Without a wheel: build in place.
@@ -131,10 +139,10 @@ build() {
 
 tests() {
   if ((REHEARSE)); then
-    "$PY" -m pytest tests/test_kl.py -q -p no:cacheprovider -k "not compile and not opcheck" \
-      --junitxml="$WORK/junit.xml"
+    "$PY" -m pytest "$ROOT/tests/test_kl.py" -q -p no:cacheprovider \
+      -k "not compile and not opcheck" --junitxml="$WORK/junit.xml"
   else  # the CUDA-parametrised and CUDA-only tests (their ids contain "cuda")
-    "$PY" -m pytest tests -q -p no:cacheprovider -k cuda --maxfail=20 \
+    "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider -k cuda --maxfail=20 \
       --junitxml="$WORK/junit.xml"
   fi
 }
@@ -181,5 +189,5 @@ done
 mv "$WORK/logs/machine.log" "$WORK/machine.txt" 2>/dev/null
 tar czf "$OUT/logs.tar.gz" -C "$WORK" logs machine.txt \
   $(cd "$WORK" && ls -d junit.xml bench/*.png bench/raw bench/logs 2>/dev/null)
-rm -rf "$WORK"
+cd / && rm -rf "$WORK"
 cat "$OUT/summary.txt"

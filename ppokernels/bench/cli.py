@@ -28,13 +28,24 @@ import time
 from pathlib import Path
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
-# pytest-benchmark options per preset: quick bounds each measurement so the suite fits 5 minutes;
-# smoke (the tiny shapes, one round each) checks that every case runs, in seconds
+# pytest-benchmark options per preset: quick bounds each measurement (the whole suite, about 15
+# minutes on 2 CPU cores); demo runs only the headline cases (DEMO_CASES) at small shapes, about a
+# minute; smoke (the tiny shapes, one round each) checks that every case runs, in seconds
 PRESET_ARGS = {
     "smoke": ["--benchmark-max-time=0", "--benchmark-min-rounds=1", "--benchmark-warmup=off"],
+    "demo": ["--benchmark-max-time=0.1", "--benchmark-min-rounds=3", "--benchmark-warmup=off"],
     "quick": ["--benchmark-max-time=0.2", "--benchmark-min-rounds=3", "--benchmark-warmup=off"],
     "cpu": ["--benchmark-max-time=1.0", "--benchmark-min-rounds=5"],
     "llm": ["--benchmark-max-time=0.5", "--benchmark-min-rounds=10"],
+}
+# The demo preset's cases, the README's headline table: benchmark file -> pytest -k expression.
+# The fused policy-loss head against the naive full-logits path and the trainers' heads (Liger's
+# GRPO loss; TRL's and veRL's chunked log-prob functions followed by the same loss), one policy
+# loss against veRL's eager formula, and GAE against the trainers' Python loop.
+DEMO_CASES = {
+    "bench_linear_ppo_loss": "not cpp-chunk and not linear_logprobs",
+    "bench_ppo_loss": "test_ppo_policy_loss and forward+backward",
+    "bench_gae": "test_gae_forward and not backward",
 }
 # `benchmark.group = f"<op> ..."`, or `group=f"<op> ..."` passed to _common.run_mode
 GROUP_RE = re.compile(r'(?:benchmark\.group\s*=\s*\(?|\bgroup=)\s*f"([a-z_]+) ')
@@ -64,8 +75,9 @@ def add_parser(sub) -> None:
         "--preset",
         choices=sorted(PRESET_ARGS),
         default=None,
-        help="smoke (tiny shapes, one round), quick (CPU, < 5 min), cpu (the CPU targets' shapes) "
-        "or llm (GPU shapes); default: llm on a GPU, quick on the CPU",
+        help="demo (the headline cases only, about a minute), smoke (tiny shapes, one round), "
+        "quick (every op, about 15 min on 2 CPU cores), cpu (the CPU targets' shapes) or llm "
+        "(GPU shapes); default: llm on a GPU, quick on the CPU",
     )
     p.add_argument("--ops", nargs="+", default=None, help="public op names to run (default all)")
     p.add_argument("--out", default="bench-results", help="output folder")
@@ -109,11 +121,19 @@ def describe_machine(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+            fields = dict(
+                ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln
+            )
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields:  # a VM's model name may be as short as "AMD EPYC"
+            cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+    from ppokernels import _backend
+
+    isa = f", CPU kernels at {_backend.cpu_isa()}" if _backend.cpu_isa() else ""
+    return f"{cpu}, {os.cpu_count()} cores{isa}, torch {torch.__version__} (CPU)"
 
 
 def _read_json(path: Path, default):
@@ -134,10 +154,51 @@ def _stop(proc: subprocess.Popen, grace: float, signal_first: bool = True) -> No
         proc.wait()
 
 
+def _child_env(env: dict) -> dict:
+    """``env`` with this process's ppokernels first on PYTHONPATH: the pytest child imports the
+    same package as the suite files it runs (an editable checkout, a source tree on the path or an
+    installed wheel), never another copy (pytest's "import file mismatch")."""
+    import ppokernels
+
+    home = str(Path(ppokernels.__file__).resolve().parent.parent)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != home]
+    return dict(env, PYTHONPATH=os.pathsep.join([home, *rest]))
+
+
+class _Progress:
+    """Prints the lines the plugin appends to the progress file (PPK_BENCH_PROGRESS): one per
+    case, numbered, as the child runs them."""
+
+    def __init__(self, path: Path, stem: str):
+        self.path, self.stem, self.pos, self.total, self.done = path, stem, 0, "?", 0
+        path.write_text("")
+
+    def poll(self) -> None:
+        with open(self.path) as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        end = chunk.rfind("\n") + 1  # a line still being written waits for the next poll
+        self.pos += end
+        for line in chunk[:end].splitlines():
+            event = json.loads(line)
+            if "collected" in event:
+                self.total = event["collected"]
+                continue
+            self.done += 1
+            mark = "" if event["outcome"] == "passed" else f" {event['outcome']}"
+            print(
+                f"    {self.stem} [{self.done}/{self.total}] {event['case']} "
+                f"{event['seconds']} s{mark}",
+                flush=True,
+            )
+
+
 def _run_file(path: Path, out: Path, preset: str, env: dict, timeout: float | None):
-    """Runs one benchmark file in its own pytest process; returns (raw JSON, outcomes, rc)."""
+    """Runs one benchmark file in its own pytest process, printing a line per case as it ends;
+    returns (raw JSON, outcomes, rc)."""
     stem = path.stem
     raw_path, outcomes_path = out / "raw" / f"{stem}.json", out / "raw" / f"{stem}.outcomes.json"
+    select = ["-k", DEMO_CASES[stem]] if preset == "demo" and stem in DEMO_CASES else []
     cmd = [
         sys.executable,
         "-m",
@@ -161,20 +222,31 @@ def _run_file(path: Path, out: Path, preset: str, env: dict, timeout: float | No
         "--benchmark-disable-gc",
         "--benchmark-quiet",
         *PRESET_ARGS[preset],
+        *select,
     ]
-    env = dict(env, PPK_BENCH_OUTCOMES=str(outcomes_path))
+    progress = _Progress(out / "raw" / f"{stem}.progress.jsonl", stem)
+    env = dict(env, PPK_BENCH_OUTCOMES=str(outcomes_path), PPK_BENCH_PROGRESS=str(progress.path))
     log = out / "logs" / f"{stem}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = None if timeout is None else time.time() + timeout
         try:
             try:
-                rc = proc.wait(timeout=timeout)
+                while True:
+                    try:
+                        rc = proc.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        progress.poll()
+                        if deadline is not None and time.time() > deadline:
+                            raise
             except subprocess.TimeoutExpired:
                 rc = "timeout"
                 _stop(proc, grace=15)  # SIGINT first: pytest still writes what it measured
         except KeyboardInterrupt:  # our own time limit (gpu_check.sh): seconds are left
             rc = "interrupted"  # the child got the same SIGINT (one process group)
             _stop(proc, grace=2, signal_first=False)
+    progress.poll()
     raw, outcomes = _read_json(raw_path, {}), _read_json(outcomes_path, [])
     for o in outcomes:  # ids are relative to the rootdir (OUT), which does not hold the file
         o["nodeid"] = path.name + (
@@ -216,7 +288,13 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     files = list(dict.fromkeys(f for op in ops for f in by_op[op]))  # in the order of --ops
-    print(f"ppokernels bench: preset {preset} on {device}; measuring the machine's limits ...")
+    if preset == "demo":
+        files = [f for f in files if f.stem in DEMO_CASES]
+    print(
+        f"ppokernels bench: preset {preset} on {device}, {len(files)} benchmark files; "
+        "measuring the machine's limits ...",
+        flush=True,
+    )
     machine = {"description": describe_machine(device), "device": device, "preset": preset}
     start = time.time()
     try:
@@ -230,7 +308,7 @@ def main(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()  # the benchmark processes get the whole device
     print("  " + ", ".join(f"{k} = {v}" for k, v in machine["limits"].items()), flush=True)
     env = dict(
-        os.environ,
+        _child_env(os.environ),
         PPK_BENCH_PRESET=preset,
         PYTHONDONTWRITEBYTECODE="1",
         PPK_BENCH_LIMITS=json.dumps(machine["limits"]),
@@ -257,16 +335,21 @@ def main(args: argparse.Namespace) -> int:
         if rc == "interrupted":
             return 1
     try:
-        images = plots(rows, out)
+        images = plots(rows, out, summary=preset == "demo")
     except Exception as e:  # a plot must not lose the results above
         images = []
         print(f"ppokernels bench: plots failed: {e!r}", file=sys.stderr)
     print(report)
     failed = [o for o in outcomes if o["outcome"] == "failed"]
     print(
-        f"wrote {out}/results.json, {out}/report.md and {len(images)} plots in "
-        f"{machine['wall_s']} s; {len(failed)} failed"
+        f"wrote {out}/results.json, {out}/report.md and {len(images)} plots "
+        f"({', '.join(images)}) in {machine['wall_s']} s; {len(failed)} failed"
     )
+    if preset == "demo":
+        print(
+            "This was the headline only. Every op against the reference and the trainers' code: "
+            "ppokernels bench --preset quick (about 15 minutes on 2 CPU cores; --ops to choose)"
+        )
     return 1 if failed else 0
 
 

@@ -7,12 +7,16 @@ function; tests take ``shape``, ``provider`` and ``device`` arguments.
 
 Presets: "tiny" under ``--benchmark-disable`` (CI runs every case once so none rots) and for
 ``PPK_BENCH_PRESET=smoke``; else ``PPK_BENCH_PRESET``, else "llm" on a GPU and "cpu" on the CPU.
-"cpu" holds the shapes of the CPU targets; "quick" is a module's ``SHAPES["quick"]`` when it has
-one, else the first "cpu" shape.
+"cpu" holds the shapes of the CPU targets; "quick" and "demo" are a module's ``SHAPES["quick"]`` /
+``SHAPES["demo"]`` when it has one, else the first "cpu" shape.
 
 ``PPK_BENCH_OUTCOMES=path``: at the end of the session the plugin writes there a JSON list of
 every failed, errored or skipped case (node id, phase, outcome, the reason in one line), so that
 ``ppokernels bench`` can report failures and skips beside the timings.
+
+``PPK_BENCH_PROGRESS=path``: one JSON line per event, appended as it happens (``{"collected": n}``,
+then ``{"case": nodeid, "outcome": ..., "seconds": ...}`` per case), which ``ppokernels bench``
+prints while the file runs, so a long file never looks hung.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -36,7 +41,7 @@ def preset(config) -> str:
 def preset_shapes(table: dict, config) -> list:
     """The shapes of ``table`` (a SHAPES-like dict) for the run's preset."""
     name = preset(config)
-    if name == "quick" and "quick" not in table:
+    if name in ("quick", "demo") and name not in table:
         return table["cpu"][:1]
     return table[name]
 
@@ -70,7 +75,34 @@ def _reason(report) -> str:
     return " | ".join(ln[1:].strip() for ln in lines[:3])[:500]
 
 
+def _progress(event: dict) -> None:
+    path = os.environ.get("PPK_BENCH_PROGRESS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def pytest_collection_finish(session):
+    _progress({"collected": len(session.items)})
+
+
+_STARTED: dict[str, float] = {}
+_CASE_OUTCOME: dict[str, str] = {}  # nodeid -> "passed", "skipped" or "failed" (worst phase)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _STARTED[nodeid] = time.time()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    seconds = round(time.time() - _STARTED.pop(nodeid, time.time()), 1)
+    outcome = _CASE_OUTCOME.pop(nodeid, "passed")
+    _progress({"case": nodeid.split("::", 1)[-1], "outcome": outcome, "seconds": seconds})
+
+
 def pytest_runtest_logreport(report):
+    if report.failed or (report.skipped and _CASE_OUTCOME.get(report.nodeid) != "failed"):
+        _CASE_OUTCOME[report.nodeid] = report.outcome
     if report.failed or (report.skipped and report.when in ("setup", "call")):
         _OUTCOMES.append(
             {

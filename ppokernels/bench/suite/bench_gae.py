@@ -18,6 +18,7 @@ from ppokernels.bench._common import copy_bandwidth_gbs, ppokernels_providers, r
 
 SHAPES = {
     "tiny": [(4, 64)],
+    "demo": [(64, 2048)],
     "cpu": [(64, 2048), (256, 1024), (8, 32768), (256, 4096)],
     "llm": [(64, 2048), (256, 4096), (8, 32768), (4096, 256)],
 }

@@ -15,6 +15,10 @@ Providers:
 - ``liger-grpo`` when importable: Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (the released class;
   beta = 0, its ``grpo`` loss type = the vanilla clip with a sequence-mean aggregation, torch
   chunks, compiled on the GPU), given the same inputs (one advantage per sequence).
+- ``trl-chunked`` / ``verl-fused-linear`` when importable: the trainers' own blockwise log-prob
+  heads (TRL 1.16 ``ChunkedLogProbFunction`` with its default 32768-column chunks; veRL 0.9.1
+  ``FusedLinearForPPO`` with 512-token chunks, which computes the entropy too), then the same
+  ``ppokernels.ppo_policy_loss``: the head is what differs, as for ``naive``.
 
 The loss is the vanilla clip with ``agg="seq-mean-token-mean"`` (Liger's ``grpo``), temperature 0.7,
 sequences of 512 tokens, one advantage per sequence. FLOPs counted: 6NHV for every provider (the
@@ -33,6 +37,7 @@ from ppokernels.losses import Clip
 
 SHAPES = {
     "tiny": [(32, 16, 331)],
+    "demo": [(1024, 256, 65536)],  # about a second per call on 2 CPU cores
     "cpu": [(1024, 512, 151936)],
     "llm": [(8192, 4096, 151936)],
 }
@@ -41,12 +46,31 @@ SEQ_LEN = 512
 CHUNK_SWEEP = (32, 64, 128)  # rows; the default is 128 MiB of fp32 logits (208 rows at V=151936)
 
 
+TRAINER_HEADS = ("trl-chunked", "verl-fused-linear")
+
+
 def providers(device):
     liger = peers.provider("liger-grpo", "liger-grpo")
+    heads = [peers.provider(name, name) for name in TRAINER_HEADS]
     ours = ppokernels_providers(device)
     cpu_cpp = device == "cpu" and "ppokernels-cpp" in ours
     sweep = [f"ppokernels-cpp-chunk{r}" for r in CHUNK_SWEEP] if cpu_cpp else []
-    return ["naive", "linear_logprobs", *ours, *sweep, liger]
+    return ["naive", "linear_logprobs", *ours, *sweep, liger, *heads]
+
+
+def _trainer_head(provider):
+    """(hidden [B, T, H], weight [V, H], labels [B, T]) -> the trainer's log-probs [B, T]."""
+    if provider == "trl-chunked":
+        fn = peers.peer(provider).apply
+        head = lambda h, w, y: fn(h, w, None, y, TEMPERATURE, 32768, None, 1.0, ())[0]  # noqa: E731
+    else:
+        module = peers.peer(provider)(chunk_size=512)
+        head = lambda h, w, y: module(h, w, y, temperature=TEMPERATURE)[0]  # noqa: E731
+
+    def logprobs(h, w, y):
+        return head(h.reshape(-1, h.shape[-1]), w, y.reshape(-1)).view(y.shape)
+
+    return logprobs
 
 
 @functools.cache
@@ -81,6 +105,14 @@ def _fn(provider, device):
             return ppokernels.ppo_policy_loss(lp, old, adv, m, **loss_kw).loss
 
         return two_step
+    if provider in TRAINER_HEADS:
+        head = _trainer_head(provider)
+
+        def trainer_head(h, w, y, old, adv, m):
+            lp = head(h, w, y)
+            return ppokernels.ppo_policy_loss(lp, old, adv, m, **loss_kw).loss
+
+        return trainer_head
     if provider == "liger-grpo":
         loss = _liger(device)
         return lambda h, w, y, old, adv, m: loss(h, w, y, m, adv, old_per_token_logps=old)[0]
@@ -106,8 +138,8 @@ def test_linear_ppo_policy_loss(benchmark, shape, provider, device):
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     mask[-1, T - T // 8 :] = False  # right padding
     fn = _fn(provider, device)
-    if provider == "liger-grpo":
-        benchmark.extra_info["peer_import"] = peers.how("liger-grpo")
+    if provider == "liger-grpo" or provider in TRAINER_HEADS:
+        benchmark.extra_info["peer_import"] = peers.how(provider)
 
     def step():
         return torch.autograd.grad(fn(hidden, weight, labels, old, adv, mask), (hidden, weight))

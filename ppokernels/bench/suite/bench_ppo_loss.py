@@ -15,7 +15,12 @@ from ppokernels import reference
 from ppokernels.bench._common import ppokernels_providers, provider_fn, run_mode
 from ppokernels.losses import Clip
 
-SHAPES = {"tiny": [(4, 64)], "cpu": [(64, 2048), (256, 4096)], "llm": [(256, 4096), (1024, 8192)]}
+SHAPES = {
+    "tiny": [(4, 64)],
+    "demo": [(64, 2048)],
+    "cpu": [(64, 2048), (256, 4096)],
+    "llm": [(256, 4096), (1024, 8192)],
+}
 AGG = "token-mean"
 
 
