@@ -27,7 +27,7 @@ demo: install
 	$(PYTHON) -m ppokernels.cli bench --preset demo --out bench-results
 
 test: install
-	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(PYTHON) -m pytest tests -q -rs -p no:cacheprovider
 	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable -x
 
 lint:
