@@ -98,7 +98,7 @@ Tensor group_advantages_backward_cpu(const Tensor& grad, const Tensor& scores,
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_advantages_group(Library& m) {
+void register_group_advantages(Library& m) {
   m.impl("group_advantages", TORCH_BOX(&group_advantages_cpu));
   m.impl("group_advantages_backward", TORCH_BOX(&group_advantages_backward_cpu));
 }

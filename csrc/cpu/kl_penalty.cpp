@@ -68,7 +68,7 @@ Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logprobs,
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_kl(Library& m) {
+void register_kl_penalty(Library& m) {
   m.impl("kl_penalty", TORCH_BOX(&kl_penalty_cpu));
   m.impl("kl_penalty_backward", TORCH_BOX(&kl_penalty_backward_cpu));
 }

@@ -222,7 +222,7 @@ Tensor masked_whiten_backward_cpu(const Tensor& grad, const Tensor& x, const Ten
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_advantages(Library& m) {
+void register_masked_whiten(Library& m) {
   m.impl("masked_moments", TORCH_BOX(&masked_moments_cpu));
   m.impl("masked_moments_backward", TORCH_BOX(&masked_moments_backward_cpu));
   m.impl("masked_whiten", TORCH_BOX(&masked_whiten_cpu));

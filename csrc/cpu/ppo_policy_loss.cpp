@@ -216,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor> ppo_policy_loss_backward_cpu(
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_ppo_loss(Library& m) {
+void register_ppo_policy_loss(Library& m) {
   m.impl("ppo_policy_loss", TORCH_BOX(&ppo_policy_loss_cpu));
   m.impl("ppo_policy_loss_backward", TORCH_BOX(&ppo_policy_loss_backward_cpu));
 }

@@ -270,7 +270,7 @@ void backward_cpu(const LogprobsBackwardArgs& a, double inv_temperature, int64_t
 }  // namespace
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_logprobs(Library& m) {
+void register_token_logprobs(Library& m) {
   m.impl("token_logprobs", TORCH_BOX(&token_logprobs_cpu));
   m.impl("token_logprobs_backward", TORCH_BOX(&token_logprobs_backward_op<backward_cpu>));
   m.impl("token_logprobs_backward_", TORCH_BOX(&token_logprobs_backward_inplace_op<backward_cpu>));

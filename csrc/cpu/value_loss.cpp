@@ -118,7 +118,7 @@ Tensor value_loss_backward_cpu(const Tensor& grad, const Tensor& values,
 }
 
 // This level's kernels, registered by csrc/cpu_isa.cpp when the running CPU selects the level.
-void register_ppo_loss_value(Library& m) {
+void register_value_loss(Library& m) {
   m.impl("value_loss", TORCH_BOX(&value_loss_cpu));
   m.impl("value_loss_backward", TORCH_BOX(&value_loss_backward_cpu));
 }
