@@ -106,7 +106,7 @@ STABLE_TORCH_LIBRARY(ppokernels, m) {
   // loss_mode / loss_params: a loss spec of ppokernels/losses.py (its mode and its PARAMS, e.g.
   // "vanilla", [clip_low, clip_high, dual_clip or inf]). Fused forward: (loss, metrics [clipfrac,
   // approx_kl, dual_clipfrac, kl, entropy], row_stats [B, 4] = per row the aggregation weight,
-  // ra, the surrogate's weight and rb of ppo_loss.h, saved for the backward).
+  // ra, the surrogate's weight and rb of ppo_policy_loss.h, saved for the backward).
   m.def(
       "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, str loss_mode, "

@@ -6,24 +6,16 @@ first, everything else keyword-only, and ``backend="auto" | "cpp" | "triton" | "
 """
 
 from ppokernels._backend import BackendUnavailable, info
-from ppokernels.ops.advantages import (
-    group_advantages,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-)
 from ppokernels.ops.gae import discounted_returns, gae
-from ppokernels.ops.kl import kl_penalty
+from ppokernels.ops.group_advantages import group_advantages
+from ppokernels.ops.kl_penalty import kl_penalty
 from ppokernels.ops.linear_logprobs import linear_logprobs
 from ppokernels.ops.linear_ppo_policy_loss import linear_ppo_policy_loss
-from ppokernels.ops.logprobs import token_logprobs
-from ppokernels.ops.ppo_loss import (
-    PolicyLossOutput,
-    ValueLossOutput,
-    ppo_policy_loss,
-    value_loss,
-)
+from ppokernels.ops.masked_whiten import masked_mean, masked_var, masked_whiten
+from ppokernels.ops.ppo_policy_loss import PolicyLossOutput, ppo_policy_loss
 from ppokernels.ops.rollout_correction import RolloutCorrectionOutput, rollout_correction
+from ppokernels.ops.token_logprobs import token_logprobs
+from ppokernels.ops.value_loss import ValueLossOutput, value_loss
 
 __version__ = "0.1.0"
 

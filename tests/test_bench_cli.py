@@ -42,7 +42,7 @@ def test_bench_smoke_writes_results_for_the_suite(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| kl_penalty | forward (4, 64) | reference |" in report
     assert (out / "kl_penalty.png").stat().st_size > 0
-    assert (out / "logs" / "bench_kl.log").exists()
+    assert (out / "logs" / "bench_kl_penalty.log").exists()
 
 
 FAKE = """

@@ -1,5 +1,6 @@
 """The competition's functions as the benchmark suite calls them (ppokernels/bench/peers.py and
-the providers of bench_logprobs / bench_linear_logprobs) compute what ppokernels computes: log-probs
+the providers of bench_token_logprobs / bench_linear_logprobs) compute what ppokernels computes:
+log-probs
 and entropy within fp32 rounding of the fp64 reference, gradients included, so the benchmark
 compares like with like. A peer that needs a GPU skips with "needs a CUDA GPU"; a missing package
 skips with the import error (a failure in CI, tests/conftest.py)."""
@@ -10,7 +11,7 @@ import torch
 from ppokernels import reference
 from ppokernels.bench import peers
 from ppokernels.bench.suite import bench_linear_logprobs as bll
-from ppokernels.bench.suite import bench_logprobs as blp
+from ppokernels.bench.suite import bench_token_logprobs as blp
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 

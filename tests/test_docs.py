@@ -93,11 +93,11 @@ def test_python_blocks_run(page, tmp_path):
 
 # op page -> the public functions it documents
 OP_PAGES = {
-    "logprobs.md": ["token_logprobs"],
+    "token_logprobs.md": ["token_logprobs"],
     "linear_logprobs.md": ["linear_logprobs"],
     "linear_ppo_policy_loss.md": ["linear_ppo_policy_loss"],
     "ppo_loss.md": ["ppo_policy_loss", "value_loss"],
-    "kl.md": ["kl_penalty"],
+    "kl_penalty.md": ["kl_penalty"],
     "gae.md": ["gae", "discounted_returns"],
     "rollout_correction.md": ["rollout_correction"],
     "advantages.md": ["masked_mean", "masked_var", "masked_whiten", "group_advantages"],

@@ -35,11 +35,11 @@ def _cpp_array(header: str, name: str) -> list[str]:
 
 
 def test_cpp_tables_are_the_python_vocabularies():
-    assert tuple(_cpp_array("ppo_loss_modes.h", "kPolicyModeNames")) == losses.LOSS_MODES
-    counts = [int(x) for x in _cpp_array("ppo_loss_modes.h", "kPolicyModeParams")]
+    assert tuple(_cpp_array("ppo_policy_loss_modes.h", "kPolicyModeNames")) == losses.LOSS_MODES
+    counts = [int(x) for x in _cpp_array("ppo_policy_loss_modes.h", "kPolicyModeParams")]
     assert counts == [len(c.PARAMS) for c in losses.LOSS_SPECS.values()]
     assert tuple(_cpp_array("agg.h", "kAggModeNames")) == losses.AGG_MODES
-    assert tuple(_cpp_array("kl.h", "kKLEstimatorNames")) == losses.KL_ESTIMATORS
+    assert tuple(_cpp_array("kl_penalty.h", "kKLEstimatorNames")) == losses.KL_ESTIMATORS
 
 
 def test_params_follow_the_documented_layout():

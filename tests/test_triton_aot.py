@@ -17,12 +17,14 @@ import pytest
 pytest.importorskip("triton")
 
 STEMS = (
-    "logprobs",
+    "token_logprobs",
     "linear_logprobs",
-    "kl",
-    "ppo_loss",
+    "kl_penalty",
+    "ppo_policy_loss",
+    "value_loss",
     "gae",
-    "advantages",
+    "masked_whiten",
+    "group_advantages",
     "rollout_correction",
 )
 

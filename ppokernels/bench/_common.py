@@ -176,7 +176,8 @@ def run_mode(benchmark, fn, args, mode: str, *, group: str, grad=None, **kw):
         out = fn(*args)
         if mode != "forward":
             out.backward(grad)
-            # the gradient is handed on, as to the layer below in training (bench_logprobs does
+            # the gradient is handed on, as to the layer below in training (bench_token_logprobs
+            # does
             # the same); summing it into a kept .grad would add a read-modify-write pass over the
             # input, the same for every provider, that a training step does not have
             for a in leaves:

@@ -43,8 +43,8 @@ PRESET_ARGS = {
 # GRPO loss; TRL's and veRL's chunked log-prob functions followed by the same loss), one policy
 # loss against veRL's eager formula, and GAE against the trainers' Python loop.
 DEMO_CASES = {
-    "bench_linear_ppo_loss": "not cpp-chunk and not linear_logprobs",
-    "bench_ppo_loss": "test_ppo_policy_loss and forward+backward",
+    "bench_linear_ppo_policy_loss": "not cpp-chunk and not linear_logprobs",
+    "bench_ppo_policy_loss": "test_ppo_policy_loss and forward+backward",
     "bench_gae": "test_gae_forward and not backward",
 }
 # `benchmark.group = f"<op> ..."`, or `group=f"<op> ..."` passed to _common.run_mode

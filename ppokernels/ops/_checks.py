@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ppokernels.losses import KL_ESTIMATORS
+from ppokernels.losses import AGG_MODES, KL_ESTIMATORS
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -87,6 +87,23 @@ def constant(op: str, name: str, x) -> None:
             f"{op}: {name} requires grad, but the fused kernels treat it as a constant "
             f"(rollout data); pass {name}.detach() or use backend='reference'"
         )
+
+
+def data2d(op: str, name: str, x, other_name: str | None = None, other=None) -> torch.Tensor:
+    """A float [B, T] tensor of a loss (shape and device of ``other`` when given), not on meta."""
+    tensor(op, name, x, ndim=2)
+    not_meta(op, name, x)
+    if other is not None:
+        like(op, name, x, other_name, other)
+    return x
+
+
+def agg(op: str, mode, num_tokens, num_seqs) -> tuple[float | None, float | None]:
+    """A loss aggregation (``AGG_MODES``) and its optional global counts, both > 0 when given."""
+    choice(op, "agg", mode, AGG_MODES)
+    num_tokens = positive(op, "num_tokens", num_tokens, allow_none=True)
+    num_seqs = positive(op, "num_seqs", num_seqs, allow_none=True)
+    return num_tokens, num_seqs
 
 
 def row_or_token(op: str, name: str, x, like: torch.Tensor) -> torch.Tensor:

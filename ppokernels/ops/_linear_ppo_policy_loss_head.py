@@ -19,7 +19,7 @@ from ppokernels._dtypes import acc_dtype
 from ppokernels.losses import LOSS_SPECS
 from ppokernels.ops._register import kernel, op
 from ppokernels.ops.linear_logprobs import CACHE_BYTES, default_chunk_size
-from ppokernels.ops.ppo_loss import PolicyOptions
+from ppokernels.ops.ppo_policy_loss import PolicyOptions
 
 PAD_LABEL = -1  # label of the zero rows that pad a chunk (no work, no gradient)
 ROW_ALIGN = 16  # chunks are zero-padded to a multiple: MKL gives a row the same bits for any M
@@ -77,7 +77,8 @@ class Head:
 
     ``rows``: the [B, T] (or [B]) per-row tensors old_logprobs, advantages, mask (the valid
     tokens), ref_logprobs, is_weights. ``options``: ppo_policy_loss's op scalars
-    (ppokernels/ops/ppo_loss.py PolicyOptions). ``kernels``: the backends ("cpp" or "triton") of
+    (ppokernels/ops/ppo_policy_loss.py PolicyOptions). ``kernels``: the backends ("cpp" or
+    "triton") of
     token_logprobs, ppo_policy_loss and linear_logprobs."""
 
     def __init__(
@@ -89,7 +90,8 @@ class Head:
         self.options = PolicyOptions(*options)
         b_tok, b_loss, b_lin = kernels
         self.tok_fwd = kernel("token_logprobs", b_tok)
-        # the in-place backward: the forward op's backward name + "_" (ppokernels/ops/logprobs.py)
+        # the in-place backward: the forward op's backward name + "_"
+        # (ppokernels/ops/token_logprobs.py)
         self.tok_bwd_ = op("ppokernels::" + kernel("token_logprobs_backward", b_tok).__name__ + "_")
         self.loss_fwd = kernel("ppo_policy_loss", b_loss)
         self.loss_bwd = kernel("ppo_policy_loss_backward", b_loss)

@@ -93,6 +93,32 @@ def register_autograd(qualname: str, backward, *, setup_context) -> None:
     _impl_library().impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
+def register_first_input_autograd(name: str, n_tensors: int, *, save_output: bool) -> None:
+    """The autograd of every built variant of an op that differentiates its first input only
+    (masked_moments, masked_whiten, group_advantages: masks and group ids take no gradient).
+
+    The op's inputs are ``n_tensors`` tensors, then scalars; its backward op
+    ``<name>_backward`` takes ``(grad, *tensors, *[output if save_output], *scalars)``.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.scalars = inputs[n_tensors:]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(*inputs[:n_tensors], *((output,) if save_output else ()))
+
+    def make_backward(backward_op):
+        def backward(ctx, grad):
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = backward_op(grad, *ctx.saved_tensors, *ctx.scalars)
+            return dx, *([None] * (n_tensors - 1 + len(ctx.scalars)))
+
+        return backward
+
+    for fwd, bwd in variants(name, f"{name}_backward"):
+        register_autograd(fwd, make_backward(op(bwd)), setup_context=setup_context)
+
+
 _LIBRARY: list = []
 
 

@@ -39,7 +39,7 @@ from ppokernels._dtypes import acc_dtype, bool_mask
 from ppokernels.losses import Clip, LossSpec
 from ppokernels.ops import _checks
 from ppokernels.ops._linear_ppo_policy_loss_head import ROW_ALIGN, Head
-from ppokernels.ops.ppo_loss import policy_options, ppo_policy_loss
+from ppokernels.ops.ppo_policy_loss import policy_options, ppo_policy_loss
 from ppokernels.reference import PolicyLossOutput
 
 __all__ = ["default_chunk_size", "linear_ppo_policy_loss"]

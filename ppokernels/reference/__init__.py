@@ -4,20 +4,17 @@ float64 inputs, and is differentiable by autograd. Names follow the RL literatur
 PPO-RLHF papers); the trainers' own formulas are in ``docs/semantics.md``.
 """
 
-from ppokernels.reference.advantages import group_advantages, masked_mean, masked_var, masked_whiten
 from ppokernels.reference.agg import agg_loss
 from ppokernels.reference.gae import discounted_returns, gae
-from ppokernels.reference.kl import kl_penalty
+from ppokernels.reference.group_advantages import group_advantages
+from ppokernels.reference.kl_penalty import kl_penalty
 from ppokernels.reference.linear_logprobs import linear_logprobs, linear_logprobs_stats
 from ppokernels.reference.linear_ppo_policy_loss import linear_ppo_policy_loss
-from ppokernels.reference.logprobs import token_logprobs
-from ppokernels.reference.ppo_loss import (
-    PolicyLossOutput,
-    ValueLossOutput,
-    ppo_policy_loss,
-    value_loss,
-)
+from ppokernels.reference.masked_whiten import masked_mean, masked_var, masked_whiten
+from ppokernels.reference.ppo_policy_loss import PolicyLossOutput, ppo_policy_loss
 from ppokernels.reference.rollout_correction import RolloutCorrectionOutput, rollout_correction
+from ppokernels.reference.token_logprobs import token_logprobs
+from ppokernels.reference.value_loss import ValueLossOutput, value_loss
 
 __all__ = [
     "PolicyLossOutput",

@@ -31,3 +31,10 @@ def agg_loss(values, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
     if agg == "seq-mean-token-sum-norm":
         return row_sum.sum() / (seqs * max(width, 1))
     raise ValueError(f"agg_loss: unknown agg {agg!r}")
+
+
+def masked_mean(x, mask):
+    """Mean of x over the valid tokens, 0 when there is none: the losses' metrics (clipfrac,
+    approx_kl), which are token means whatever the loss's aggregation."""
+    m = mask.bool()
+    return torch.where(m, x, 0).sum() / m.sum().clamp(min=1)

@@ -7,7 +7,7 @@ import torch
 from ppokernels._dtypes import acc_dtype as _acc
 from ppokernels.losses import Clip
 from ppokernels.reference.linear_logprobs import linear_logprobs_stats
-from ppokernels.reference.ppo_loss import ppo_policy_loss
+from ppokernels.reference.ppo_policy_loss import ppo_policy_loss
 
 
 def linear_ppo_policy_loss(

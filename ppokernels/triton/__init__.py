@@ -9,13 +9,13 @@ tensors (the interpreter is chosen when ``@triton.jit`` decorates a kernel).
 # its launchers can produce, compiled by tests/_triton_aot.py and audited by
 # tests/test_triton_audit.py.
 MODULES = (
-    "ppokernels.triton.advantages",
-    "ppokernels.triton.advantages_group",
     "ppokernels.triton.gae",
-    "ppokernels.triton.kl",
+    "ppokernels.triton.group_advantages",
+    "ppokernels.triton.kl_penalty",
     "ppokernels.triton.linear_logprobs",
-    "ppokernels.triton.logprobs",
-    "ppokernels.triton.ppo_loss",
-    "ppokernels.triton.ppo_loss_value",
+    "ppokernels.triton.masked_whiten",
+    "ppokernels.triton.ppo_policy_loss",
     "ppokernels.triton.rollout_correction",
+    "ppokernels.triton.token_logprobs",
+    "ppokernels.triton.value_loss",
 )

@@ -144,7 +144,8 @@ def expm1_minus_y(y):
 
 # ---------------------------------------------------------------- online softmax statistics
 # Per-row statistics of z = logits / temperature over the columns seen so far (the Triton form of
-# csrc/include/ppokernels/logprobs.h): m = max z, s = sum exp(z - m), u = sum exp(z - m) (z - m).
+# csrc/include/ppokernels/token_logprobs.h): m = max z, s = sum exp(z - m), u = sum exp(z - m) (z
+# - m).
 # Then lse = m + log s, E_p[z] = m + u / s, entropy = log s - u / s. Shared by token_logprobs and
 # linear_logprobs.
 

@@ -4,7 +4,7 @@ and entropy per row straight from hidden states and the lm_head weight, forward 
 Forward: one program per block of BLOCK_N rows walks the vocabulary in BLOCK_V tiles; each tile
 is a K loop of ``tl.dot`` over H with an fp32 accumulator, then an online update of the per-row
 statistics (max m, s = sum e^(z-m), u = sum e^(z-m) (z-m): ``SoftmaxStats`` of
-csrc/include/ppokernels/logprobs.h, ``softmax_stats_tile`` of triton/_common.py) and the label
+csrc/include/ppokernels/token_logprobs.h, ``softmax_stats_tile`` of triton/_common.py) and the label
 logit picked from the same accumulator. Tile columns past V are -inf. The tile shape never depends
 on N, so a row's bits do not depend on the batch it is in.
 

@@ -1,5 +1,5 @@
 // The aggregation of a per-token loss into a scalar, shared by the policy and the value loss
-// (its Python twin: ppokernels/reference/ppo_loss.py agg_loss, the specification, and the
+// (its Python twin: ppokernels/reference/agg.py agg_loss, the specification, and the
 // vocabulary AGG_MODES of ppokernels/losses.py). Every aggregation is a sum over rows of
 // row_scale * (the row's sum of token losses), so the forward needs one pass per row plus a
 // finalize, and the backward of a token is row_scale times the token's own derivative.

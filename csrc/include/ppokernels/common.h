@@ -70,6 +70,11 @@ template <typename T> PPK_HOST_DEVICE T vmax(T a, T b) { return VecOps<T>::max(a
 template <typename T> PPK_HOST_DEVICE T vclamp(T x, T lo, T hi) {
   return VecOps<T>::clamp(x, lo, hi);
 }
+// 1 where c holds, else 0 (c a bool, or a SIMD comparison mask).
+template <typename T, typename C>
+PPK_HOST_DEVICE T as_flag(C c) {
+  return vselect(c, T(1), T(0));
+}
 
 // ---------------------------------------------------------------- the exp(y) - 1 series
 // exp(y) - 1 cancels near y = 0 (and exp(-x) - 1 + x, the k3 KL estimator, cancels twice), so

@@ -32,15 +32,15 @@
 // Every csrc/cpu/<stem>.cpp; a new kernel source adds its stem here (tests/test_cpu_isa.py
 // checks the list against the directory).
 #define PPK_CPU_STEMS(X) \
-  X(advantages)          \
-  X(advantages_group)    \
   X(gae)                 \
-  X(kl)                  \
+  X(group_advantages)    \
+  X(kl_penalty)          \
   X(linear_logprobs)     \
-  X(logprobs)            \
-  X(ppo_loss)            \
-  X(ppo_loss_value)      \
-  X(rollout_correction)
+  X(masked_whiten)       \
+  X(ppo_policy_loss)     \
+  X(rollout_correction)  \
+  X(token_logprobs)      \
+  X(value_loss)
 
 #define PPK_DECLARE_REGISTER(stem) void register_##stem(torch::stable::detail::StableLibrary& m);
 

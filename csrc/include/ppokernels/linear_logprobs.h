@@ -1,6 +1,6 @@
 // Per-element math of linear_logprobs (log-probs and entropy from hidden states and the lm_head
 // weight), shared by the CPU kernel and any device kernel. The per-row softmax statistics are
-// SoftmaxStats of logprobs.h; this header adds the backward of one logit and a merge that is safe
+// SoftmaxStats of token_logprobs.h; this header adds the backward of one logit and a merge that is safe
 // for an empty side.
 //
 // Forward, per row i with z_j = (h_i . w_j + b_j) / T over the local vocabulary shard:
@@ -13,7 +13,7 @@
 // column a + b p_y is evaluated as (a + b) + b expm1(log p_y): 1 - p_y without cancellation.
 #pragma once
 #include "ppokernels/common.h"
-#include "ppokernels/logprobs.h"
+#include "ppokernels/token_logprobs.h"
 
 namespace ppokernels {
 

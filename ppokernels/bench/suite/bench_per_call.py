@@ -13,7 +13,7 @@ import torch
 import ppokernels
 from ppokernels import reference
 from ppokernels.bench._common import ppokernels_providers, run_mode
-from ppokernels.bench.suite.bench_ppo_loss import eager_policy_loss
+from ppokernels.bench.eager import eager_policy_loss
 from ppokernels.losses import Clip
 
 SHAPES = {

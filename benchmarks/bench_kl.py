@@ -1,4 +1,0 @@
-"""The cases of ``ppokernels/bench/suite/bench_kl.py`` (installed with the
-package, run by ``ppokernels bench``), exposed to ``pytest benchmarks`` in a checkout."""
-
-from ppokernels.bench.suite.bench_kl import *  # noqa: F403
