@@ -1,5 +1,5 @@
 """Every CPU op, forward and backward, on fixed inputs: run once per ISA level of the CPU kernels
-(tests/test_cpu_isa.py starts ``python tests/_cpu_isa_cases.py IN OUT`` with PPOKERNELS_CPU_ISA
+(tests/build/test_cpu_isa.py starts ``python tests/build/_cpu_isa_cases.py IN OUT`` with PPOKERNELS_CPU_ISA
 set) and once in fp64 on the reference backend, to compare the levels with each other and with
 the reference.
 

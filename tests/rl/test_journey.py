@@ -25,7 +25,7 @@ from ppokernels.cli import main  # noqa: E402
 from ppokernels.rl import ConfigError, RLConfig, Task  # noqa: E402
 from ppokernels.rl.tasks import TASKS, RewardError, check_rewards, get_task  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = [
     "--set",
     "batch_size=8",

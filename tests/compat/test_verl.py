@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _compat_data import TOL
-from _compat_data import close as _close
-from _compat_data import data as _data
-from _compat_data import mask as _mask
+
+from ._compat_data import TOL
+from ._compat_data import close as _close
+from ._compat_data import data as _data
+from ._compat_data import mask as _mask
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")  # the reason names the import error
 verl_F = pytest.importorskip("verl.utils.torch_functional")

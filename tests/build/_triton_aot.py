@@ -1,6 +1,6 @@
 """Compiles every Triton kernel configuration ahead of time for the given archs (no GPU needed).
 
-Run in a subprocess by tests/test_triton_aot.py and tests/test_triton_audit.py, without
+Run in a subprocess by tests/build/test_triton_aot.py and tests/build/test_triton_audit.py, without
 TRITON_INTERPRET (the interpreter replaces @triton.jit kernels by objects the compiler cannot
 take). The configurations are the ``AOT`` tables of the kernel modules (every input dtype, every
 constexpr switch, the runtime ``num_warps`` / ``num_stages``). Prints one JSON line:

@@ -23,7 +23,7 @@ from ppokernels.losses import (
     loss_spec,
 )
 
-HEADERS = Path(__file__).resolve().parents[1] / "csrc" / "include" / "ppokernels"
+HEADERS = Path(__file__).resolve().parents[2] / "csrc" / "include" / "ppokernels"
 
 
 def _cpp_array(header: str, name: str) -> list[str]:

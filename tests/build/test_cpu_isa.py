@@ -18,9 +18,9 @@ import torch
 from ppokernels import _backend
 from ppokernels.testing import TOL, binary_skip_reason
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _cpu_isa_cases as cases  # noqa: E402
+from . import _cpu_isa_cases as cases
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 X86 = platform.machine() in ("x86_64", "AMD64")
 if binary_skip_reason():
@@ -110,7 +110,7 @@ def per_level(tmp_path_factory):
     for isa in expected_levels():
         r = _run(
             [
-                os.path.join(ROOT, "tests", "_cpu_isa_cases.py"),
+                os.path.join(ROOT, "tests", "build", "_cpu_isa_cases.py"),
                 str(d / "in.pt"),
                 str(d / f"{isa}.pt"),
             ],

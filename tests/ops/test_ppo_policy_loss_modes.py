@@ -1,17 +1,18 @@
 """ppo_policy_loss's loss modes on every backend against the fp64 reference: loss, metrics and
 gradients, with masks with holes, right padding, an all-masked row, every aggregation, per-token
 and per-row advantages and importance weights, KL and entropy terms, bf16 inputs and bad input.
-(tests/test_compat_verl_modes.py and tests/test_compat_trl.py check the modes against the
+(tests/compat/test_verl_modes.py and tests/compat/test_trl.py check the modes against the
 trainers' own functions.)"""
 
 import pytest
 import torch
-from test_ppo_loss import AGGS, PARAMS, _extras, _policy_inputs, _tol
 
 import ppokernels
 from ppokernels import reference
 from ppokernels.losses import CISPO, DPPOKL, DPPOTV, DRO, GPG, GSPO, SAPO, Clip, GeoMean, Vespo
 from ppokernels.testing import binary_skip_reason
+
+from .test_ppo_policy_loss import AGGS, PARAMS, _extras, _policy_inputs, _tol
 
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
 # one configuration per mode, with its own options; clip_high != clip_low everywhere

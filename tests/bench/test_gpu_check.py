@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 _spec = importlib.util.spec_from_file_location(
     "check_gpu_out", ROOT / "benchmarks" / "check_gpu_out.py"

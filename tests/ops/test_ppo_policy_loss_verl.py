@@ -1,13 +1,14 @@
 """ppo_policy_loss against veRL 0.9.1's vanilla policy loss and agg_loss, written out as scalar
-loops (no veRL import: the formula itself; tests/test_compat_verl.py runs the real package)."""
+loops (no veRL import: the formula itself; tests/compat/test_verl.py runs the real package)."""
 
 import math
 
 import pytest
 import torch
-from test_ppo_loss import AGGS, CLIPS, _policy_inputs
 
 import ppokernels
+
+from .test_ppo_policy_loss import AGGS, CLIPS, _policy_inputs
 
 
 def _verl_policy(lp, old, adv, mask, agg, clip_low, clip_high, dual_clip):

@@ -2,16 +2,16 @@
 the extension moved to the stable ABI) against the C library, at every ISA level this CPU runs:
 exp and log within 2 ulp, log1p within 3, over a sweep of fp32 values with the special values in
 their right class (inf, NaN, 0, subnormals), and bf16 / fp16 stores rounding exactly as torch's
-scalar conversions. The C++ driver is tests/cpp/vecf_math.cpp, compiled here with g++."""
+scalar conversions. The C++ driver is tests/build/cpp/vecf_math.cpp, compiled here with g++."""
 
 import os
 import shutil
 import subprocess
 
 import pytest
-from test_cpu_isa import expected_levels
+from .test_cpu_isa import expected_levels
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = {  # setup.py CPU_LEVELS
     "scalar": ("DEFAULT", []),
     "avx2": ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
@@ -44,7 +44,7 @@ def test_math_within_2_ulp(level, torch_include, tmp_path):
         "-DTORCH_TARGET_VERSION=0x020b000000000000",
         f"-I{ROOT}/csrc/include",
         *torch_include,
-        os.path.join(ROOT, "tests", "cpp", "vecf_math.cpp"),
+        os.path.join(ROOT, "tests", "build", "cpp", "vecf_math.cpp"),
         "-o",
         exe,
     ]

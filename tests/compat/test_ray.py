@@ -5,7 +5,7 @@ driver process (never patched) still sees the trainer's own functions.
 
 veRL's hook is the string the README gives. OpenRLHF imports GPU-only packages (deepspeed,
 flash_attn, vllm) at import time, which this CPU machine lacks, so its hook is a function that
-stubs them as tests/test_compat_openrlhf.py does and then calls the same
+stubs them as tests/compat/test_openrlhf.py does and then calls the same
 ``ppokernels.compat.openrlhf.patch`` (on a GPU machine the stubs stand aside)."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-import test_compat_openrlhf  # noqa: E402
-from test_compat_openrlhf import _stub_gpu_packages  # noqa: E402
+from . import _compat_data, test_openrlhf  # noqa: E402
+from .test_openrlhf import _stub_gpu_packages  # noqa: E402
 
 # The workers cannot import the test modules: ship their functions by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-ray.cloudpickle.register_pickle_by_value(test_compat_openrlhf)
+ray.cloudpickle.register_pickle_by_value(test_openrlhf)
+ray.cloudpickle.register_pickle_by_value(_compat_data)
 
 
 def _openrlhf_hook() -> None:

@@ -1,7 +1,7 @@
 """The loop at scale (ppokernels.rl.parallel): FSDP2 against DDP from the same seed, a sharded
 checkpoint that resumes on the same trajectory, the FSDP2 run's OUT/model in plain transformers,
 bf16 and activation checkpointing. Multi-process tests run 2 CPU processes (gloo) under
-torchrun, as the DDP tests in test_rl.py do."""
+torchrun, as the DDP tests in rl/test_rl.py do."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_rl import VOLATILE, tiny, torchrun, trainer  # noqa: E402
-
 from ppokernels.rl import ConfigError, RLConfig  # noqa: E402
 from ppokernels.rl.models import backbone  # noqa: E402
 from ppokernels.rl.parallel import decoder_layers  # noqa: E402
+
+from .test_rl import VOLATILE, tiny, torchrun, trainer  # noqa: E402
 
 # One torchrun launch, several runs (process start-up dominates on 2 cores). Every run uses the
 # tied-embedding Qwen2 (the fused head sees the gathered, tied lm_head weight) and PPO (policy,

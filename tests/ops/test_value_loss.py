@@ -3,10 +3,11 @@ aggregation, loss, clipfrac and the gradient (NaN padding at masked positions in
 
 import pytest
 import torch
-from test_ppo_loss import AGGS, PARAMS, _tol, _value_inputs
 
 import ppokernels
 from ppokernels import reference
+
+from .test_ppo_policy_loss import AGGS, PARAMS, _tol, _value_inputs
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)

@@ -18,7 +18,7 @@ from ppokernels.testing import backend_params, binary_skip_reason
 
 PARAMS = backend_params()
 rc = sys.modules["ppokernels.reference.rollout_correction"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _data(B=7, T=37, seed=0, dtype=torch.float32, extreme=True, nan_masked=True, big=50.0):
@@ -258,7 +258,7 @@ def _impls(folder):
 
 def test_cuda_kernel_is_registered_and_listed(capsys):
     """csrc/cuda/rollout_correction.cu implements the schema for the CUDA key (it compiles in
-    tests/test_nvcc.py; on a GPU the tests above run it against the reference), as every CPU
+    tests/build/test_nvcc.py; on a GPU the tests above run it against the reference), as every CPU
     kernel has its CUDA twin; ``ppokernels info`` lists the op with the backends it has here."""
     assert "rollout_correction" in _impls("cuda")
     assert _impls("cpu") <= _impls("cuda")

@@ -326,7 +326,7 @@ def test_trl_vllm_importance_sampling(mode, clip, nan):
 @pytest.mark.parametrize("mode", VLLM_MODES)
 def test_trl_loss_with_correction(mode):
     """TRL's GRPO loss with the op's ratio equals it with TRL's own ratio (grpo_loss parity
-    with TRL's _compute_loss is tests/test_compat_trl.py's)."""
+    with TRL's _compute_loss is tests/compat/test_trl.py's)."""
     import ppokernels.compat.trl as ct
 
     ratio_src, _ = _trl_block(

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _compat_data import close as _close
+
+from ._compat_data import close as _close
 
 trl_utils = pytest.importorskip("trl.trainer.utils")  # the reason names the import error
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")

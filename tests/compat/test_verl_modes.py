@@ -1,16 +1,17 @@
 """Parity of ppokernels.compat.verl's policy-loss modes and advantage estimators with the
 released verl 0.9.1 functions: loss, gradient and metrics dict on multi-turn masks with holes and
 right padding, every aggregation, global-batch info, rollout IS weights; advantages with
-singleton groups. (tests/test_compat_verl.py covers vanilla, GAE, GRPO, RLOO, REINFORCE++.)"""
+singleton groups. (tests/compat/test_verl.py covers vanilla, GAE, GRPO, RLOO, REINFORCE++.)"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from _compat_data import close as _close
-from _compat_data import data as _data
-from _compat_data import mask as _mask
+
+from ._compat_data import close as _close
+from ._compat_data import data as _data
+from ._compat_data import mask as _mask
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")  # the reason names the import error
 from omegaconf import OmegaConf  # noqa: E402  (a verl dependency)
@@ -25,7 +26,7 @@ AGG = list(AGG_MODES)
 INFO = [{}, dict(dp_size=2, batch_num_tokens=71, global_batch_size=11, loss_scale_factor=20)]
 # veRL's own functions, captured before any patch() in this process can replace them
 VERL = {m: getattr(core_algos, f"compute_policy_loss_{m}") for m in POLICY_LOSSES}
-# bypass_mode needs a rollout_correction config: tests/test_compat_verl_rest.py
+# bypass_mode needs a rollout_correction config: tests/compat/test_verl_rest.py
 MODES = [m for m in POLICY_LOSSES if m != "bypass_mode"]
 
 

@@ -21,10 +21,11 @@ from unittest import mock
 
 import pytest
 import torch
-from _compat_data import close as _close
-from _compat_data import data as _data
 
 import ppokernels.compat.openrlhf as co
+
+from ._compat_data import close as _close
+from ._compat_data import data as _data
 
 STUBBED = ("deepspeed", "flash_attn", "vllm")
 

@@ -1,5 +1,5 @@
 // The SIMD math of csrc/include/ppokernels/cpu_vecf.h against the C library, for one ISA level
-// (tests/test_cpu_vecf.py compiles this file once per level the running CPU has). Prints the
+// (tests/build/test_cpu_vecf.py compiles this file once per level the running CPU has). Prints the
 // largest error in ulp of exp, log and log1p over a sweep of fp32 values, and the count of
 // special values (inf, NaN, 0, subnormals) whose result class differs from std::'s; and checks
 // the bf16 / fp16 round trips of load_float / store_float against the scalar conversions.

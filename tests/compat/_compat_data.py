@@ -1,4 +1,4 @@
-"""Inputs and tolerances shared by the compat parity tests (tests/test_compat_*.py)."""
+"""Inputs and tolerances shared by the compat parity tests (tests/compat/test_*.py)."""
 
 import torch
 

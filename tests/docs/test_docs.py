@@ -25,7 +25,7 @@ import pytest
 
 import ppokernels
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # README.md is absent where CI copies tests/ and docs/ beside an installed wheel
 PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if p.exists()]
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)

@@ -1,7 +1,7 @@
 """Parity of ppokernels.compat.verl's bypass_mode policy loss and optimal-token-baseline advantage
 estimators with the released verl 0.9.1 functions (issue 17): multi-turn masks with holes, right
 padding, an empty sample, singleton groups, every aggregation and global-batch info; loss,
-gradient and metrics dict, advantages and returns. (tests/test_compat_verl_modes.py covers the
+gradient and metrics dict, advantages and returns. (tests/compat/test_verl_modes.py covers the
 other modes and estimators.)"""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _compat_data import data as _data
-from _compat_data import mask as _mask
+
+from ._compat_data import data as _data
+from ._compat_data import mask as _mask
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")  # the reason names the import error
 from verl.trainer.config.algorithm import RolloutCorrectionConfig  # noqa: E402
