@@ -115,8 +115,8 @@ class OpSpec:
     differentiable indices of ``args`` that take gradients
     outputs        picks the tensors to compare from a return value (of ``fn`` and of
                    ``reference`` alike); default: a Tensor, or the tensors of a tuple/NamedTuple
-    masked_sample  ``masked_sample(device, dtype) -> Sample`` whose mask (``args[mask_arg]``) is
-                   all zero in some rows (or entirely); None: the op has no mask
+    masked_sample  ``masked_sample(device, dtype) -> Sample`` (or a list of them) whose mask
+                   (``args[mask_arg]``) is all zero in some rows or entirely; None: no mask
     mask_arg       index of the mask among ``args``
     masked_finite  the outputs of the masked sample must be finite (False where an all-masked
                    statistic is NaN by definition, e.g. masked_mean)
@@ -137,7 +137,7 @@ class OpSpec:
     samples: Callable[[str, torch.dtype], list[Sample]]
     differentiable: Sequence[int] = (0,)
     outputs: Callable[[Any], Sequence[torch.Tensor | None]] | None = None
-    masked_sample: Callable[[str, torch.dtype], Sample] | None = None
+    masked_sample: Callable[[str, torch.dtype], Sample | list[Sample]] | None = None
     mask_arg: int | None = None
     masked_finite: bool = True
     bad_inputs: Sequence[tuple[Callable[[], Any], type, str]] = ()
@@ -369,7 +369,11 @@ def conformance_tests(spec: OpSpec) -> dict[str, Callable]:
         @pytest.mark.parametrize("device, backend", params, ids=ids)
         def test_all_masked(device, backend, dtype):
             torch.manual_seed(0)
-            s = spec.masked_sample(device, dtype)
+            made = spec.masked_sample(device, dtype)
+            for s in made if isinstance(made, list) else [made]:
+                _check_masked(s, device, backend, dtype)
+
+        def _check_masked(s, device, backend, dtype):
             mask = s.args[spec.mask_arg]
             valid = mask.bool()
             assert (~valid).any(), f"{spec.name}: the masked sample masks nothing"

@@ -142,16 +142,6 @@ def test_policy_features(device, backend, feature, dtype):
     _check_policy(device, backend, dtype, **FEATURES[feature])
 
 
-def _value_inputs(B, T, dtype, device):
-    v = torch.randn(B, T, dtype=torch.float64)
-    vo = v + 0.4 * torch.randn(B, T, dtype=torch.float64)
-    ret = torch.randn(B, T, dtype=torch.float64)
-    mask = _mask(B, T, "cpu")
-    v = v.masked_fill(~mask, float("nan"))
-    t = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
-    return t(v), t(vo), t(ret), mask.to(device)
-
-
 @pytest.mark.parametrize("device, backend", PARAMS)
 def test_gradcheck(device, backend):
     lp, old, adv, mask = _policy_inputs(3, 6, torch.float64, device, garbage=False)
@@ -180,13 +170,6 @@ def test_gradcheck(device, backend):
 
     # the sequence ratio's gradient is straight-through by design, so only check it runs
     gspo(lp).backward()
-    v, vo, ret, vmask = _value_inputs(3, 6, torch.float64, device)
-    v = v.nan_to_num(0.5).requires_grad_()
-
-    def value(x):
-        return ppokernels.value_loss(x, vo, ret, vmask, clip=0.3, backend=backend).loss
-
-    assert torch.autograd.gradcheck(value, (v,))
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -204,15 +187,6 @@ def test_all_masked(device, backend, agg):
                 assert getattr(out, name).item() == 0.0, name
         (g,) = torch.autograd.grad(out.loss, x)
         assert torch.isfinite(g).all() and (g[~m] == 0).all()
-        v = lp.detach().nan_to_num(0.0).clone().requires_grad_()
-        vout = ppokernels.value_loss(
-            v, old.nan_to_num(0.0), adv, m, clip=0.2, agg=agg, backend=backend
-        )
-        assert torch.isfinite(vout.loss) and torch.isfinite(vout.clipfrac)
-        (gv,) = torch.autograd.grad(vout.loss, v)
-        assert (gv[~m] == 0).all()
-        if not m.any():
-            assert vout.loss.item() == 0.0 and (gv == 0).all()
     empty = torch.zeros(0, 5, device=device)
     out = ppokernels.ppo_policy_loss(empty, empty, empty, empty.bool(), agg=agg, backend=backend)
     assert out.loss.item() == 0.0
@@ -332,20 +306,12 @@ def test_opcheck_and_compile():
         torch.library.opcheck(
             torch.ops.ppokernels.ppo_policy_loss.default, (x, old, adv, mask, r, e, *args[2:])
         )
-    v, vo, ret, vmask = _value_inputs(4, 19, torch.float32, "cpu")
-    v = v.nan_to_num(0.0)
-    for clip, agg in [(None, "token-mean"), (0.2, "seq-mean-token-sum-norm")]:
-        torch.library.opcheck(
-            torch.ops.ppokernels.value_loss.default,
-            (v.clone().requires_grad_(), vo, ret, vmask, clip, agg, None, None),
-        )
 
     def step(x, r, e):
         kw = dict(ref_logprobs=r, kl_coef=0.1, entropy=e, entropy_coef=0.01)
         kw["loss"] = Clip(dual_clip=3.0)
         out = ppokernels.ppo_policy_loss(x, old, adv, mask, **kw, backend="cpp")
-        val = ppokernels.value_loss(x, old, adv, mask, clip=0.2, backend="cpp")
-        return out.loss + val.loss + out.clipfrac
+        return out.loss + out.clipfrac
 
     fn = torch.compile(step, fullgraph=True)
     xs = [t.clone().requires_grad_() for t in (lp, ref, ent)]
@@ -380,11 +346,6 @@ def test_opcheck_cuda():
         torch.library.opcheck(
             getattr(torch.ops.ppokernels, name).default,
             (lp.clone().requires_grad_(), old, adv, mask, *args),
-        )
-    for name in ["value_loss", "value_loss_triton"]:
-        torch.library.opcheck(
-            getattr(torch.ops.ppokernels, name).default,
-            (lp.clone().requires_grad_(), old, adv, mask, 0.2, "token-mean", None, None),
         )
 
 
@@ -430,23 +391,3 @@ def test_bad_input():
         pos = [args.pop(k) for k in ("logprobs", "old_logprobs", "advantages", "mask")]
         with pytest.raises(exc, match=msg):
             f(*pos, **args)
-    v = ppokernels.value_loss
-    with pytest.raises(ValueError, match="value_loss: old_values has shape"):
-        v(lp, old[:2], adv, mask)
-    with pytest.raises(ValueError, match="value_loss: returns has shape"):
-        v(lp, old, adv[:, :2], mask)
-    with pytest.raises(ValueError, match="value_loss: clip must be > 0"):
-        v(lp, old, adv, mask, clip=0.0)
-    with pytest.raises(ValueError, match="value_loss: agg must be one of"):
-        v(lp, old, adv, mask, agg="sum")
-    with pytest.raises(TypeError, match="value_loss: mask must be bool"):
-        v(lp, old, adv, mask.to(torch.complex64))
-    with pytest.raises(ValueError, match="value_loss: values is on the meta device"):
-        v(lp.to("meta"), old.to("meta"), adv.to("meta"), mask.to("meta"))
-    # rollout data: refused by every backend but an explicit "reference", with or without the binary
-    for name, kw in (("old_values", {"clip": 0.2}), ("returns", {})):
-        args = [lp, old.clone(), adv.clone(), mask]
-        args[1 if name == "old_values" else 2].requires_grad_()
-        with pytest.raises(ValueError, match=f"value_loss: {name} requires grad"):
-            v(*args, **kw)
-        v(*args, backend="reference", **kw).loss.backward()  # the reference differentiates it
