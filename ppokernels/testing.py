@@ -256,9 +256,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "-", text).strip("-")[:60]
 
 
-def conformance_tests(spec: OpSpec) -> dict[str, Callable]:
+def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
     """The standard test functions of ``spec``'s op, parametrised for pytest; install them in a
-    test module with ``globals().update(conformance_tests(SPEC))``."""
+    test module with ``globals().update(conformance_tests(SPEC))``. A second op in the same
+    module takes a ``prefix``: ``test_<prefix>_forward_backward``, ..."""
     import pytest
 
     names = _sample_names(spec)
@@ -354,6 +355,7 @@ def conformance_tests(spec: OpSpec) -> dict[str, Callable]:
             def f(*a):
                 return _pick(spec, spec.fn(*a, backend="cpp", **s.kwargs))
 
+            torch.compiler.reset()  # every op's f shares one code object: no recompile limit
             compiled = torch.compile(f, fullgraph=True)
             got, want = compiled(*s.args), f(*s.args)
             for k, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -430,4 +432,10 @@ def conformance_tests(spec: OpSpec) -> dict[str, Callable]:
 
         tests["test_bad_input"] = test_bad_input
 
+    if prefix:
+        renamed = {}
+        for key, fn in tests.items():
+            fn.__name__ = fn.__qualname__ = key.replace("test_", f"test_{prefix}_", 1)
+            renamed[fn.__name__] = fn
+        tests = renamed
     return tests

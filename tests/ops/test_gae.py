@@ -1,9 +1,14 @@
+"""gae and discounted_returns: the conformance blocks from ``ppokernels.testing`` (both modes,
+odd and tiled shapes, empty input, all-masked rows with NaN padding, bad input), then what is
+special to the scans: the trainers' own loops, long rows, low-precision inputs, NaN at a valid
+position."""
+
 import pytest
 import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import TOL, backend_params, binary_skip_reason
+from ppokernels.testing import TOL, OpSpec, Sample, backend_params, conformance_tests
 
 PARAMS = backend_params()
 MODES = ["skip", "zero"]
@@ -79,74 +84,138 @@ def test_matches_trainer_loops(device, backend, mode, kind):
 SHAPES = [(1, 1), (3, 7), (4, 130), (2, 1500), (37, 512), (20, 300)]
 
 
-@pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward_backward(device, backend, mode, shape, dtype):
-    B, T = shape
-    r, v, m = _inputs(B, T, dtype, device)
-    r.requires_grad_(True)
-    v.requires_grad_(True)
-    gamma, lam = 0.99, 0.95
-    adv, ret = ppokernels.gae(r, v, m, gamma=gamma, lam=lam, mode=mode, backend=backend)
-    r64, v64 = r.detach().double().requires_grad_(), v.detach().double().requires_grad_()
-    e_adv, e_ret = reference.gae(r64, v64, m, gamma=gamma, lam=lam, mode=mode)
+def _tol(dtype, backend):
     # long scans accumulate rounding: fp32 error grows ~ with the effective horizon 1/(1-gamma lam)
-    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    assert adv.dtype == ret.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    torch.testing.assert_close(adv.double(), e_adv, **tol)
-    torch.testing.assert_close(ret.double(), e_ret, **tol)
-    g_adv, g_ret = torch.randn_like(e_adv), torch.randn_like(e_ret)
-    grads = torch.autograd.grad((adv, ret), (r, v), (g_adv.to(adv.dtype), g_ret.to(adv.dtype)))
-    expect = torch.autograd.grad((e_adv, e_ret), (r64, v64), (g_adv, g_ret))
-    for got, want in zip(grads, expect, strict=True):
-        assert got.dtype == dtype
-        torch.testing.assert_close(got.double(), want, **tol)
+    return TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", [(4, 300), (18, 256)], ids=str)
-def test_discounted_returns(device, backend, mode, shape):
-    r, _, m = _inputs(*shape, torch.float64, device)
-    r.requires_grad_(True)
-    out = ppokernels.discounted_returns(r, m, gamma=0.9, mode=mode, backend=backend)
-    r64 = r.detach().clone().requires_grad_()
-    expect = reference.discounted_returns(r64, m, gamma=0.9, mode=mode)
-    torch.testing.assert_close(out, expect, **TOL[torch.float64])
-    via_gae = reference.gae(r64, torch.zeros_like(r64), m, gamma=0.9, lam=1.0, mode=mode)[0]
-    torch.testing.assert_close(expect, via_gae)
-    g = torch.randn_like(out)
-    torch.testing.assert_close(
-        torch.autograd.grad(out, r, g)[0],
-        torch.autograd.grad(expect, r64, g)[0],
-        **TOL[torch.float64],
-    )
-
-
-@pytest.mark.parametrize("device, backend", PARAMS)
-def test_gradcheck(device, backend):
-    # the Triton interpreter is slow: fewer elements and gradcheck's fast mode there
-    fast = backend == "triton" and device == "cpu"
-    r, v, m = (
-        _inputs(2, 5, torch.float64, device, "padded")
-        if fast
-        else _inputs(3, 9, torch.float64, device, "padded")
-    )
+def gae_samples(device, dtype):
+    out = []
     for mode in MODES:
+        for B, T in SHAPES:
+            r, v, m = _inputs(B, T, dtype, device)
+            kw = dict(gamma=0.99, lam=0.95, mode=mode)
+            out.append(Sample((r, v, m), kw, f"{mode}-{B}x{T}"))
+        # gradcheck-sized, prompt-side zeros, right padding and a multi-turn hole
+        kw = dict(gamma=0.9, lam=0.8, mode=mode)
+        out.append(Sample(_inputs(3, 9, dtype, device, "padded"), kw, f"{mode}-padded"))
+    for B, T in [(0, 5), (3, 0)]:
+        out.append(Sample(_inputs(B, T, dtype, device), dict(gamma=0.9, lam=0.9), f"empty-{B}x{T}"))
+    return out
 
-        def fn(r, v, mode=mode):
-            return ppokernels.gae(r, v, m, gamma=0.9, lam=0.8, mode=mode, backend=backend)
 
-        assert torch.autograd.gradcheck(
-            fn, (r.requires_grad_(), v.requires_grad_()), fast_mode=fast
-        )
+def gae_masked(device, dtype):
+    return [
+        Sample(_inputs(4, 12, dtype, device, kind), dict(gamma=0.9, lam=0.8, mode=mode), mode)
+        for mode in MODES
+        for kind in ["holes", "padded"]
+    ]
 
-        def fn2(r, mode=mode):
-            return ppokernels.discounted_returns(r, m, gamma=0.7, mode=mode, backend=backend)
 
-        assert torch.autograd.gradcheck(fn2, (r,), fast_mode=fast)
+def _gae_bad_inputs():
+    r, v, m = _inputs(2, 5, torch.float32, "cpu")
+    gae = ppokernels.gae
+    return [
+        (lambda: gae(r, v, m, gamma=1.5), ValueError, "gae: gamma must be in"),
+        (lambda: gae(r, v, m, lam=-0.1), ValueError, "gae: lam must be in"),
+        (
+            lambda: gae(r, v, m, gamma=torch.tensor(0.9)),
+            TypeError,
+            "gae: gamma must be a Python float",
+        ),
+        (lambda: gae(r, v, m, mode="carry"), ValueError, "gae: mode must be one of"),
+        (lambda: gae(r, v[:, :4], m), ValueError, "gae: values has shape"),
+        (lambda: gae(r, v, m[:1]), ValueError, "gae: mask has shape"),
+        (lambda: gae(r.long(), v, m), TypeError, "gae: rewards must be float"),
+        (lambda: gae(r, v.double(), m), TypeError, "gae: values is torch.float64"),
+        (lambda: gae(r, v, m.to("meta")), ValueError, "gae: mask is on meta"),
+        (
+            lambda: gae(r[0, 0], v[0, 0], m[0, 0]),
+            ValueError,
+            "gae: rewards must have a time dimension",
+        ),
+    ]
+
+
+def _gae_opcheck(s):
+    kw = dict(gamma=1.0, lam=1.0, mode="skip") | s.kwargs
+    r, v, m = s.args
+    args = (r.requires_grad_(), v.requires_grad_(), m, kw["gamma"], kw["lam"], kw["mode"])
+    return [(torch.ops.ppokernels.gae.default, args)]
+
+
+GAE = OpSpec(
+    name="gae",
+    fn=ppokernels.gae,
+    reference=reference.gae,
+    samples=gae_samples,
+    differentiable=(0, 1),
+    masked_sample=gae_masked,
+    mask_arg=2,
+    bad_inputs=_gae_bad_inputs(),
+    opcheck=_gae_opcheck,
+    tolerances=_tol,
+    gradcheck_samples=["skip-padded", "zero-padded"],
+    opcheck_samples=["skip-3x7", "zero-3x7"],
+)
+globals().update(conformance_tests(GAE))
+
+
+def returns_samples(device, dtype):
+    out = []
+    for mode in MODES:
+        for B, T in [(4, 300), (18, 256)]:
+            r, _, m = _inputs(B, T, dtype, device)
+            out.append(Sample((r, m), dict(gamma=0.9, mode=mode), f"{mode}-{B}x{T}"))
+        r, _, m = _inputs(3, 9, dtype, device, "padded")
+        out.append(Sample((r, m), dict(gamma=0.7, mode=mode), f"{mode}-padded"))
+    r, _, m = _inputs(0, 5, dtype, device)
+    out.append(Sample((r, m), dict(gamma=0.5), "empty"))
+    return out
+
+
+def returns_masked(device, dtype):
+    return [
+        Sample(_inputs(4, 12, dtype, device, "holes")[::2], dict(gamma=0.9, mode=mode), mode)
+        for mode in MODES
+    ]
+
+
+def _returns_opcheck(s):
+    kw = dict(gamma=1.0, mode="skip") | s.kwargs
+    r, m = s.args
+    return [(torch.ops.ppokernels.discounted_returns.default, (r, m, kw["gamma"], kw["mode"]))]
+
+
+def _returns_bad_inputs():
+    r, _, m = _inputs(2, 5, torch.float32, "cpu")
+    dr = ppokernels.discounted_returns
+    return [(lambda: dr(r, m, gamma=2.0), ValueError, "discounted_returns: gamma must be in")]
+
+
+RETURNS = OpSpec(
+    name="discounted_returns",
+    fn=ppokernels.discounted_returns,
+    reference=reference.discounted_returns,
+    samples=returns_samples,
+    differentiable=(0,),
+    masked_sample=returns_masked,
+    mask_arg=1,
+    bad_inputs=_returns_bad_inputs(),
+    opcheck=_returns_opcheck,
+    tolerances=_tol,
+    gradcheck_samples=["skip-padded", "zero-padded"],
+    opcheck_samples=["skip-4x300", "zero-4x300"],
+)
+globals().update(conformance_tests(RETURNS, prefix="discounted_returns"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_discounted_returns_is_gae_with_zero_values(mode):
+    r, _, m = _inputs(4, 300, torch.float64, "cpu")
+    expect = reference.discounted_returns(r, m, gamma=0.9, mode=mode)
+    via_gae = reference.gae(r, torch.zeros_like(r), m, gamma=0.9, lam=1.0, mode=mode)[0]
+    torch.testing.assert_close(expect, via_gae)
 
 
 @pytest.mark.parametrize("device, backend", [p for p in PARAMS if p[1] != "reference"])
@@ -189,76 +258,10 @@ def test_low_precision_inputs(device, backend, dtype, shape):
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
-def test_nan_handling_and_empty(device, backend):
+def test_nan_at_a_valid_position_propagates(device, backend):
     r, v, m = _inputs(2, 10, torch.float32, device, "full")
     m[:, -3:] = False
-    r[:, -2] = float("nan")  # padding may hold anything: never read
-    adv, _ = ppokernels.gae(r, v, m, gamma=0.9, lam=0.9, mode="skip", backend=backend)
-    assert torch.isfinite(adv).all()
     r[0, 3] = float("nan")  # a NaN reward at a valid position propagates backwards
     adv, _ = ppokernels.gae(r, v, m, gamma=0.9, lam=0.9, mode="zero", backend=backend)
     assert torch.isnan(adv[0, :4]).all() and torch.isfinite(adv[0, 4:]).all()
     assert torch.isfinite(adv[1]).all()
-    for shape in [(0, 5), (3, 0)]:
-        z = torch.zeros(shape, device=device)
-        a, ret = ppokernels.gae(z, z, z.bool(), gamma=0.9, lam=0.9, backend=backend)
-        assert a.shape == ret.shape == shape
-        assert ppokernels.discounted_returns(z, z, gamma=0.5, backend=backend).shape == shape
-
-
-def test_opcheck_and_compile():
-    if binary_skip_reason():
-        pytest.skip(binary_skip_reason())
-    r, v, m = _inputs(3, 11, torch.float32, "cpu")
-    for mode in MODES:
-        torch.library.opcheck(
-            torch.ops.ppokernels.gae.default,
-            (r.requires_grad_(), v.requires_grad_(), m, 0.9, 0.8, mode),
-        )
-        torch.library.opcheck(torch.ops.ppokernels.discounted_returns.default, (r, m, 0.9, mode))
-
-    def loss(r, v):
-        adv, ret = ppokernels.gae(r, v, m, gamma=0.9, lam=0.8, backend="cpp")
-        return adv.sum() + ret.square().sum() + ppokernels.discounted_returns(r, m).sum()
-
-    compiled = torch.compile(loss, fullgraph=True)
-    torch.testing.assert_close(compiled(r, v), loss(r, v))
-    g1 = torch.autograd.grad(compiled(r, v), (r, v))
-    g2 = torch.autograd.grad(loss(r, v), (r, v))
-    torch.testing.assert_close(g1, g2)
-
-
-@pytest.mark.cuda
-def test_opcheck_cuda():
-    r, v, m = _inputs(3, 11, torch.float32, "cuda")
-    for name in ["gae", "gae_triton"]:
-        torch.library.opcheck(
-            getattr(torch.ops.ppokernels, name).default,
-            (r.requires_grad_(), v.requires_grad_(), m, 0.9, 0.8, "skip"),
-        )
-
-
-def test_bad_input():
-    r, v, m = _inputs(2, 5, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="gae: gamma must be in"):
-        ppokernels.gae(r, v, m, gamma=1.5)
-    with pytest.raises(ValueError, match="gae: lam must be in"):
-        ppokernels.gae(r, v, m, lam=-0.1)
-    with pytest.raises(TypeError, match="gae: gamma must be a Python float"):
-        ppokernels.gae(r, v, m, gamma=torch.tensor(0.9))
-    with pytest.raises(ValueError, match="gae: mode must be one of"):
-        ppokernels.gae(r, v, m, mode="carry")
-    with pytest.raises(ValueError, match="gae: values has shape"):
-        ppokernels.gae(r, v[:, :4], m)
-    with pytest.raises(ValueError, match="gae: mask has shape"):
-        ppokernels.gae(r, v, m[:1])
-    with pytest.raises(TypeError, match="gae: rewards must be float"):
-        ppokernels.gae(r.long(), v, m)
-    with pytest.raises(TypeError, match="gae: values is torch.float64"):
-        ppokernels.gae(r, v.double(), m)
-    with pytest.raises(ValueError, match="gae: mask is on meta"):
-        ppokernels.gae(r, v, m.to("meta"))
-    with pytest.raises(ValueError, match="gae: rewards must have a time dimension"):
-        ppokernels.gae(r[0, 0], v[0, 0], m[0, 0])
-    with pytest.raises(ValueError, match="discounted_returns: gamma must be in"):
-        ppokernels.discounted_returns(r, m, gamma=2.0)
