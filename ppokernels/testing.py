@@ -120,12 +120,19 @@ class OpSpec:
     mask_arg       index of the mask among ``args``
     masked_finite  the outputs of the masked sample must be finite (False where an all-masked
                    statistic is NaN by definition, e.g. masked_mean)
+    nan_padding_against
+                   what the call with NaN at masked positions must equal: "clean" (the same call
+                   with the sample's own values there) or "reference" (the reference on the NaN
+                   input, where values at masked positions still reach the gradient, as the
+                   whitened padding does in masked_whiten)
     bad_inputs     ``[(call, exception type, message regex), ...]``; ``call()`` makes the bad call;
                    the regex names the op and the argument
     opcheck        ``opcheck(sample) -> [(OpOverload, args), ...]``: the registered C++ op(s) for
                    this sample; on CUDA the ``<op>_triton`` twin of each is checked too
     dtypes         floating dtypes of the forward/backward test
     tolerances     ``{dtype: dict(rtol=, atol=)}`` or ``f(dtype, backend) -> dict``
+    compile        True: torch.compile the public function; or ``compile(sample) -> (fn, args)``
+                   where the public function cannot be one graph (data-dependent shapes)
     gradcheck_samples / opcheck_samples / compile_samples
                    names of the samples each block runs on (None: all of them); opcheck and
                    compile default to the first sample (each call compiles)
@@ -140,12 +147,14 @@ class OpSpec:
     masked_sample: Callable[[str, torch.dtype], Sample | list[Sample]] | None = None
     mask_arg: int | None = None
     masked_finite: bool = True
+    nan_padding_against: str = "clean"
     bad_inputs: Sequence[tuple[Callable[[], Any], type, str]] = ()
     opcheck: Callable[[Sample], list[tuple[Any, tuple]]] | None = None
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64)
     tolerances: dict | Callable[[torch.dtype, str], dict] = dataclasses.field(
         default_factory=lambda: dict(TOL)
     )
+    compile: bool | Callable[[Sample], tuple[Callable, tuple]] = True
     gradcheck_samples: Sequence[str] | None = None
     opcheck_samples: Sequence[str] | None = None
     compile_samples: Sequence[str] | None = None
@@ -355,9 +364,14 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
             def f(*a):
                 return _pick(spec, spec.fn(*a, backend="cpp", **s.kwargs))
 
+            args = s.args
+            if callable(spec.compile):
+                g, args = spec.compile(s)
+                f = lambda *a: _pick(spec, g(*a))  # noqa: E731
+
             torch.compiler.reset()  # every op's f shares one code object: no recompile limit
             compiled = torch.compile(f, fullgraph=True)
-            got, want = compiled(*s.args), f(*s.args)
+            got, want = compiled(*args), f(*args)
             for k, (g, w) in enumerate(zip(got, want, strict=True)):
                 _close(g, w, f"{spec.name}: compiled output {k}", **TOL[torch.float32])
 
@@ -394,27 +408,32 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
             outs, leaves = _run(spec, s, backend)
             d_outs, d_leaves = _run(spec, d, backend)
             ref_outs, ref_leaves = _run(spec, s, None, to64=True)
+            against_ref = spec.nan_padding_against == "reference"
+            if against_ref:
+                dref_outs, dref_leaves = _run(spec, d, None, to64=True)
             upstream = _upstream(ref_outs, device)
             for k, (o, do, r) in enumerate(zip(outs, d_outs, ref_outs, strict=True)):
                 if o is None:
                     continue
                 _close(o, r, f"{spec.name}: all-masked output {k} vs the reference", **tol)
+                want = dref_outs[k] if against_ref else o
                 if o.shape == mask.shape:  # per-position output: its valid positions
-                    o, do = o[valid], do[valid]
+                    o, do, want = o[valid], do[valid], want[valid]
                 if spec.masked_finite and o.is_floating_point():
                     assert torch.isfinite(o).all(), f"{spec.name}: all-masked output {k}: {o}"
-                _close(do, o, f"{spec.name}: output {k} with NaN at masked positions", **tol)
+                _close(do, want, f"{spec.name}: output {k} with NaN at masked positions", **tol)
             got = _grads(outs, leaves, upstream)
             d_got = _grads(d_outs, d_leaves, upstream)
             want = _grads(ref_outs, ref_leaves, upstream)
-            for i, g, dg, w in zip(spec.differentiable, got, d_got, want, strict=True):
+            d_want = _grads(dref_outs, dref_leaves, upstream) if against_ref else got
+            for i, g, dg, w, dw in zip(spec.differentiable, got, d_got, want, d_want, strict=True):
                 if g is None:
                     continue
                 what = f"{spec.name}: gradient of argument {i}"
                 assert torch.isfinite(g).all(), f"{what} on all-masked rows: {g}"
                 assert torch.isfinite(dg).all(), f"{what} with NaN at masked positions: {dg}"
                 _close(g, w, f"{what} vs the reference", **tol)
-                _close(dg, g, f"{what} with NaN at masked positions", **tol)
+                _close(dg, dw, f"{what} with NaN at masked positions", **tol)
 
         tests["test_all_masked"] = test_all_masked
 
