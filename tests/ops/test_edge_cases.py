@@ -1,7 +1,8 @@
-"""Edge cases that once gave wrong gradients or NaN: one valid entry, aliasing (overlapping) logits, empty batches, veRL's token-sum with a tensor count and loose
-argument types. Each case runs on every backend built here and is checked against the reference
-or against a value written out from the formula. (NaN at masked positions: the all-masked block of
-the conformance harness, ppokernels.testing, in each op's test file.)"""
+"""Edge cases that once gave wrong gradients or NaN: one valid entry, aliasing (overlapping)
+logits, empty batches, veRL's token-sum with a tensor count and loose argument types. Each case
+runs on every backend built here and is checked against the reference or against a value written
+out from the formula. (NaN at masked positions: the all-masked block of the conformance harness,
+ppokernels.testing, in each op's test file.)"""
 
 import pytest
 import torch
