@@ -3,7 +3,15 @@ import torch
 
 import ppokernels
 from ppokernels import reference
-from ppokernels.testing import TOL, assert_close_to_reference, backend_params, binary_skip_reason
+from ppokernels.testing import (
+    TOL,
+    OpSpec,
+    Sample,
+    assert_close_to_reference,
+    backend_params,
+    binary_skip_reason,
+    conformance_tests,
+)
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
@@ -59,12 +67,64 @@ def _check_fwd_bwd(logits, labels, backend, temperature, with_entropy, inplace=F
     return x.grad
 
 
-@pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("with_entropy", [False, True])
-def test_forward_backward(device, backend, temperature, with_entropy):
-    logits, labels = _inputs((3, 5), _vocab(backend, 1271), device=device)
-    _check_fwd_bwd(logits, labels, backend, temperature, with_entropy)
+def samples(device, dtype):
+    out = []
+    for temperature in [1.0, 0.7]:
+        for with_entropy in [False, True]:
+            kw = dict(temperature=temperature, with_entropy=with_entropy)
+            name = f"T{temperature}-entropy{int(with_entropy)}"
+            out.append(Sample(_inputs((3, 5), 37, dtype, device), kw, name))
+    kw = dict(temperature=0.7, with_entropy=True)
+    out.append(Sample(_inputs((2, 3), 1271, dtype, device), kw, "V1271"))  # several vocab blocks
+    out.append(Sample(_inputs((2, 3), 7, dtype, device), kw, "small"))
+    logits, labels = _inputs((3, 4), 53, dtype, device)
+    kw = dict(with_entropy=True, ignore_index=-1)
+    out.append(Sample((logits, labels.fill_(-1)), kw, "all-ignored"))
+    out.append(Sample(_inputs((0,), 53, dtype, device), dict(with_entropy=True), "empty"))
+    return out
+
+
+def _opcheck(s):
+    kw = dict(temperature=1.0, with_entropy=False, ignore_index=-100) | s.kwargs
+    logits, labels = s.args
+    args = (logits.requires_grad_(), labels, kw["temperature"], kw["with_entropy"])
+    return [(torch.ops.ppokernels.token_logprobs.default, (*args, kw["ignore_index"], False))]
+
+
+def _bad_inputs():
+    logits, labels = _inputs((4,), 11, holes=False)
+    name = "token_logprobs"
+    f = ppokernels.token_logprobs
+    return [
+        (lambda: f(logits, labels[:3]), ValueError, f"{name}: labels has shape"),
+        (lambda: f(logits, labels.float()), TypeError, f"{name}: labels must be int64 or int32"),
+        (lambda: f(logits.long(), labels), TypeError, f"{name}: logits must be float"),
+        (lambda: f(logits, labels.to("meta")), ValueError, f"{name}: labels is on meta"),
+        (
+            lambda: f(logits, labels, temperature=0.0),
+            ValueError,
+            f"{name}: temperature must be > 0",
+        ),
+        (
+            lambda: f(logits, labels, ignore_index=1.5),
+            TypeError,
+            f"{name}: ignore_index must be an int",
+        ),
+        (lambda: f(logits, labels, backend="fast"), ValueError, f"{name}: backend"),
+    ]
+
+
+SPEC = OpSpec(
+    name="token_logprobs",
+    fn=ppokernels.token_logprobs,
+    reference=reference.token_logprobs,
+    samples=samples,
+    bad_inputs=_bad_inputs(),
+    opcheck=_opcheck,
+    gradcheck_samples=["small"],
+    opcheck_samples=["T0.7-entropy0", "T0.7-entropy1"],
+)
+globals().update(conformance_tests(SPEC))
 
 
 @pytest.mark.parametrize("device, backend", KERNELS)
@@ -110,23 +170,6 @@ def test_strided_rows(device, backend):
             a, _ = ppokernels.token_logprobs(logits, lab, backend=backend)
             b, _ = ppokernels.token_logprobs(logits.contiguous(), lab, backend=backend)
             assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("device, backend", PARAMS)
-def test_ignored_and_empty(device, backend):
-    V = _vocab(backend, 300)
-    logits, labels = _inputs((3, 4), V, device=device)
-    labels.fill_(-1)
-    x = logits.clone().requires_grad_()
-    lp, ent = ppokernels.token_logprobs(
-        x, labels, with_entropy=True, ignore_index=-1, backend=backend
-    )
-    assert (lp == 0).all() and (ent == 0).all()
-    (lp.sum() + ent.sum()).backward()
-    assert (x.grad == 0).all()
-    logits, labels = _inputs((0,), V, device=device)
-    lp, ent = ppokernels.token_logprobs(logits, labels, with_entropy=True, backend=backend)
-    assert lp.shape == ent.shape == (0,)
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -197,27 +240,11 @@ def test_confident_target_gradient(device, backend):
     torch.testing.assert_close(target, expect, rtol=0.02, atol=2e-7)
 
 
-@pytest.mark.parametrize("device, backend", PARAMS)
-def test_gradcheck(device, backend):
-    logits, labels = _inputs((2, 3), 7, dtype=torch.float64, device=device)
-
-    def fn(x):
-        lp, ent = ppokernels.token_logprobs(
-            x, labels, temperature=0.7, with_entropy=True, backend=backend
-        )
-        return lp, ent
-
-    assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
-
-
 @CPP
-def test_opcheck_and_compile():
+def test_opcheck_backward_and_compile_inplace():
+    """The backward ops (the forward: the conformance block) and the in-place backward compiled."""
     logits, labels = _inputs((3, 4), 53)
     ops = torch.ops.ppokernels
-    for ent in (False, True):
-        torch.library.opcheck(
-            ops.token_logprobs.default, (logits.requires_grad_(), labels, 0.7, ent, -100, False)
-        )
     lp, ent, lse = ops.token_logprobs(logits, labels, 0.7, True, -100, False)
     g = torch.randn_like(lp)
     bwd_args = (g, g, logits.detach(), labels, lse, ent, 0.7, -100)
@@ -245,16 +272,6 @@ def test_opcheck_and_compile():
         torch.testing.assert_close(x.grad, expect.grad)
 
 
-@pytest.mark.cuda
-def test_opcheck_cuda():
-    logits, labels = _inputs((3, 4), 53, device="cuda")
-    for name in ["token_logprobs", "token_logprobs_triton"]:
-        torch.library.opcheck(
-            getattr(torch.ops.ppokernels, name).default,
-            (logits.requires_grad_(), labels, 0.7, True, -100, False),
-        )
-
-
 @CPP
 def test_int64_offsets():
     """N * V > 2^31 elements (4.3 GB of bf16): offsets must not wrap. The backward runs in place,
@@ -280,23 +297,9 @@ def test_int64_offsets():
     del logits
 
 
-def test_bad_input():
+def test_labels_out_of_range_on_every_backend():
     logits, labels = _inputs((4,), 11, holes=False)
     name = "token_logprobs"
-    with pytest.raises(ValueError, match=f"{name}: labels has shape"):
-        ppokernels.token_logprobs(logits, labels[:3])
-    with pytest.raises(TypeError, match=f"{name}: labels must be int64 or int32"):
-        ppokernels.token_logprobs(logits, labels.float())
-    with pytest.raises(TypeError, match=f"{name}: logits must be float"):
-        ppokernels.token_logprobs(logits.long(), labels)
-    with pytest.raises(ValueError, match=f"{name}: labels is on meta"):
-        ppokernels.token_logprobs(logits, labels.to("meta"))
-    with pytest.raises(ValueError, match=f"{name}: temperature must be > 0"):
-        ppokernels.token_logprobs(logits, labels, temperature=0.0)
-    with pytest.raises(TypeError, match=f"{name}: ignore_index must be an int"):
-        ppokernels.token_logprobs(logits, labels, ignore_index=1.5)
-    with pytest.raises(ValueError, match=f"{name}: backend"):
-        ppokernels.token_logprobs(logits, labels, backend="fast")
     for _, backend in PARAMS:
         for bad in (11, -3):
             lab = labels.clone()
