@@ -379,7 +379,7 @@ GATES = [
 
 @pytest.mark.parametrize("level,mode,gating", GATES)
 def test_openrlhf_gating(level, mode, gating):
-    from test_compat_openrlhf import orl_loss  # OpenRLHF imported with its GPU stubs
+    from .test_openrlhf import orl_loss  # noqa: I001 (first: OpenRLHF imported with its GPU stubs)
 
     import ppokernels.compat.openrlhf as co
 
