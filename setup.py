@@ -3,8 +3,8 @@
 
 Both are compiled with -DTORCH_TARGET_VERSION = 2.11 and the Python limited API (abi3, cp311), so
 one binary wheel loads on every torch from 2.11 on and every CPython from 3.11 on: the binaries
-use only torch/csrc/stable, torch/headeronly and the C shim (tests/test_wheel.py checks that no
-at::, c10:: or torch:: C++ symbol is undefined in them).
+use only torch/csrc/stable, torch/headeronly and the C shim (tests/build/test_binary_abi.py checks
+that no at::, c10:: or torch:: C++ symbol is undefined in them).
 
 Environment knobs:
   PPOKERNELS_BUILD_EXT=0       pure-Python install (reference and Triton backends only)

@@ -34,10 +34,12 @@ start=$SECONDS
 stamp() { echo "== [wheels $(( SECONDS - start )) s] $*"; }
 
 # The op tests: every kernel family, the loader, the ABI gates, the ISA levels.
-# (test_edge_cases.py compares with veRL: it runs in step 3, where the trainers are installed.)
-OP_TESTS=(test_kl.py test_gae.py test_advantages.py test_ppo_loss.py test_ppo_loss_value.py
-  test_ppo_loss_modes.py test_logprobs.py test_linear_logprobs.py test_linear_ppo_loss.py
-  test_cpu_isa.py test_loading.py test_binary_abi.py test_nvcc.py)
+# (ops/test_edge_cases.py compares with veRL: it runs in step 3, where the trainers are installed.)
+OP_TESTS=(ops/test_kl_penalty.py ops/test_gae.py ops/test_masked_whiten.py
+  ops/test_group_advantages.py ops/test_ppo_policy_loss.py ops/test_value_loss.py
+  ops/test_ppo_policy_loss_modes.py ops/test_token_logprobs.py ops/test_linear_logprobs.py
+  ops/test_linear_ppo_policy_loss.py
+  build/test_cpu_isa.py build/test_loading.py build/test_binary_abi.py build/test_nvcc.py)
 
 # venv NAME PYTHON REQUIREMENT_FILE...: a cached venv with those requirements; prints its path.
 venv() {

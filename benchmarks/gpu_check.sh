@@ -139,7 +139,7 @@ build() {
 
 tests() {
   if ((REHEARSE)); then
-    "$PY" -m pytest "$ROOT/tests/test_kl.py" -q -p no:cacheprovider \
+    "$PY" -m pytest "$ROOT/tests/ops/test_kl_penalty.py" -q -p no:cacheprovider \
       -k "not compile and not opcheck" --junitxml="$WORK/junit.xml"
   else  # the CUDA-parametrised and CUDA-only tests (their ids contain "cuda")
     "$PY" -m pytest "$ROOT/tests" -q -p no:cacheprovider -k cuda --maxfail=20 \

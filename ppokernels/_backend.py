@@ -192,9 +192,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # "triton" or "cpp". The rule: the faster of the two in the GPU check's `llm` benchmarks
 # (benchmarks/gpu_check.sh), per op and input dtype. No GPU run has been recorded yet, so the
 # table is empty and `auto` takes Triton for every op on CUDA: its kernels are checked ahead of
-# time for sm_90 (wgmma in bf16, no register spills: tests/test_triton_audit.py), while the CUDA
-# C++ linear_logprobs (cuBLAS GEMMs on chunks with fused epilogues) is compile-checked only;
-# `backend="cpp"` runs it.
+# time for sm_90 (wgmma in bf16, no register spills: tests/build/test_triton_audit.py), while
+# the CUDA C++ linear_logprobs (cuBLAS GEMMs on chunks with fused epilogues) is compile-checked
+# only; `backend="cpp"` runs it.
 FASTEST_GPU: dict[str, str] = {}
 
 TRITON_HINT = (

@@ -19,8 +19,7 @@ its token loss ``L``, where it comes from, and what the two flag metrics of the 
 The torch ops take a spec as ``str loss_mode, float[] loss_params``: :attr:`LossSpec.mode` and
 :meth:`LossSpec.params`, whose order is the spec's ``PARAMS``; the C++ kernels
 (csrc/include/ppokernels/ppo_policy_loss_modes.h) and the Triton kernels (ppokernels/triton/) read
-that
-layout, and tests/test_losses.py fails when the C++ tables drift from the ones here.
+that layout, and tests/ops/test_losses.py fails when the C++ tables drift from the ones here.
 
 This module imports nothing but the standard library: setup code, configs and the trainers'
 drop-ins read it without torch.

@@ -1,7 +1,7 @@
 """The mismatch metrics of rollout_correction from its per-row statistics, in few torch calls.
 
 Same values as :func:`ppokernels.reference.rollout_correction.rollout_correction_metrics` (the
-specification, one readable line per metric; tests/test_rollout_correction.py compares the
+specification, one readable line per metric; tests/ops/test_rollout_correction.py compares the
 two), computed by reduction type instead of metric by metric: one column sum of ``row_stats``
 for every per-token mean, one [B, K] matrix of per-row values for the means over rows, one for
 the extremes, criteria side by side as [B, n_criteria] columns. About 60 torch calls whatever

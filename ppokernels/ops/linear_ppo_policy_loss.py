@@ -48,7 +48,8 @@ NAME = "linear_ppo_policy_loss"
 QUALNAME = "ppokernels::" + NAME
 BUFFER_BYTES = 128 << 20  # default size of the fp32 [R, V] logits/dlogits buffer
 # The schema of csrc/ops.cpp, defined here too when the binary is not loaded (the pure-Python
-# install runs the op on the Triton kernels); tests/test_linear_ppo_loss.py checks they agree.
+# install runs the op on the Triton kernels); tests/ops/test_linear_ppo_policy_loss.py checks
+# they agree.
 SCHEMA = (
     "linear_ppo_policy_loss(Tensor hidden, Tensor weight, Tensor labels, Tensor old_logprobs, "
     "Tensor advantages, Tensor mask, Tensor? bias, Tensor? ref_logprobs, Tensor? is_weights, "

@@ -246,8 +246,8 @@ register_fake_cpp("ppo_policy_loss_backward", _policy_backward_fake)
 
 # ------------------------------------------------------------------------------- autograd
 class PolicyInputs(NamedTuple):
-    """The ``ppo_policy_loss`` op's arguments by name (tests/test_ppo_loss.py checks them against
-    the C++ and Triton schemas)."""
+    """The ``ppo_policy_loss`` op's arguments by name (tests/ops/test_ppo_policy_loss.py checks
+    them against the C++ and Triton schemas)."""
 
     logprobs: torch.Tensor
     old_logprobs: torch.Tensor

@@ -4,7 +4,7 @@ log-probs, a rejection mask, and the mismatch metrics, from ``[B, T]`` log-probs
 This module holds the vocabularies of the op family (levels, modes, rejection criteria, the
 columns of the per-row statistics and the metric names) once; the C++ header
 ``csrc/include/ppokernels/rollout_correction.h`` spells the same tables and
-tests/test_rollout_correction.py checks them against these.
+tests/ops/test_rollout_correction.py checks them against these.
 
 Notation, per token t of row b (``m`` the mask, ``n_b`` the row's valid count):
 

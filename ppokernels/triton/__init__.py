@@ -6,8 +6,8 @@ tensors (the interpreter is chosen when ``@triton.jit`` decorates a kernel).
 """
 
 # Every kernel module; each holds an ``AOT`` table (``_common.Spec`` rows) of the configurations
-# its launchers can produce, compiled by tests/_triton_aot.py and audited by
-# tests/test_triton_audit.py.
+# its launchers can produce, compiled by tests/build/_triton_aot.py and audited by
+# tests/build/test_triton_audit.py.
 MODULES = (
     "ppokernels.triton.gae",
     "ppokernels.triton.group_advantages",

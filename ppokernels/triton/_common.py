@@ -3,7 +3,8 @@ tables.
 
 Every kernel module keeps its launch configurations (block sizes, ``num_warps``, ``num_stages``) in
 one table that both its launchers and its ``AOT`` table read, so the compile test
-(tests/_triton_aot.py) and the sm_90 audit (tests/test_triton_audit.py) build exactly what runs.
+(tests/build/_triton_aot.py) and the sm_90 audit (tests/build/test_triton_audit.py) build exactly
+what runs.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from ppokernels.triton._common import expm1, softmax_stats_tile
 # shapes are fixed (never chosen from N) so a row's bits do not depend on the batch. "logits":
 # the forward and the dlogits kernels (BLOCK_N x BLOCK_V tiles, K step BLOCK_K over H); "grad":
 # the two gradient GEMMs (BLOCK_N or BLOCK_V x BLOCK_H tiles). The shapes are the largest that
-# compile for sm_90 without register spills at these warps/stages (tests/test_triton_audit.py
+# compile for sm_90 without register spills at these warps/stages (tests/build/test_triton_audit.py
 # checks it for bf16, under triton 3.6 on the GPU machine's stack and the newest triton here): a
 # 128 x 128 fp32 accumulator plus the softmax temporaries spilled with 8 warps, and triton 3.6
 # spilled the forward's 64 x 128 tile with a K step of 64 (bf16) or 32 (fp32) too, and the

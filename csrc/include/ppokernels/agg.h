@@ -40,7 +40,7 @@ PPK_HOST_DEVICE double agg_row_scale(AggMode mode, double n_row, double n_total,
 }
 
 // The aggregations by name, in the order of AGG_MODES in ppokernels/losses.py (the index is the
-// AggMode code); tests/test_losses.py fails when the two drift.
+// AggMode code); tests/ops/test_losses.py fails when the two drift.
 constexpr const char* kAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
                                          "seq-mean-token-sum", "seq-mean-token-sum-norm"};
 

@@ -29,7 +29,7 @@
 #define CPU_CAPABILITY DEFAULT
 #endif
 
-// Every csrc/cpu/<stem>.cpp; a new kernel source adds its stem here (tests/test_cpu_isa.py
+// Every csrc/cpu/<stem>.cpp; a new kernel source adds its stem here (tests/build/test_cpu_isa.py
 // checks the list against the directory).
 #define PPK_CPU_STEMS(X) \
   X(gae)                 \

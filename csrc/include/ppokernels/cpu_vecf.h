@@ -20,7 +20,7 @@
 //   log(x) = e ln 2 + f - f^2 / 2 + f^3 P(f),  x = 2^e (1 + f)
 // Both are within 2 ulp of the correctly rounded value over the fp32 range (log1p, from log:
 // 3 ulp), the same order as the SLEEF / ATen functions they replace, and give inf, 0, NaN and
-// -inf where std:: does (tests/test_cpu_vecf.py checks all of it at every level).
+// -inf where std:: does (tests/build/test_cpu_vecf.py checks all of it at every level).
 #pragma once
 #include <immintrin.h>
 
@@ -356,7 +356,7 @@ inline VecF VecF::log() const {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // log(1 + x) from log(u), u = 1 + x, corrected by x / (u - 1) for the rounding of u
 // (D. Goldberg, "What every computer scientist should know about floating-point arithmetic",
-// 1991, theorem 4): within 3 ulp (tests/cpp/vecf_math.cpp), and x itself where u rounds to 1.
+// 1991, theorem 4): within 3 ulp (tests/build/cpp/vecf_math.cpp), and x itself where u rounds to 1.
 inline VecF VecF::log1p() const {
   const VecF x = *this;
   const VecF u = x + VecF(1.f);

@@ -58,7 +58,7 @@ PPK_HOST_DEVICE T kl_grad(T x, KLEstimator est, S clamp, bool straight_through) 
 }
 
 // The estimators by name, in the order of KL_ESTIMATORS in ppokernels/losses.py (the index is the
-// KLEstimator code); tests/test_losses.py fails when the two drift.
+// KLEstimator code); tests/ops/test_losses.py fails when the two drift.
 constexpr const char* kKLEstimatorNames[] = {"k1", "k2", "k3", "abs"};
 
 // Host-side parser: an estimator name, optionally suffixed by "+". False if unknown.

@@ -137,7 +137,7 @@ PPK_HOST_DEVICE void policy_row_values(PolicyMode mode, bool has_w, S s0, S s1, 
 
 // The loss modes by name, in the order of LOSS_MODES in ppokernels/losses.py (the index is the
 // PolicyMode code), and the length of each mode's loss_params (its spec's PARAMS there).
-// tests/test_losses.py reads both tables from this file and fails when they drift from Python's.
+// tests/ops/test_losses.py reads both tables from this file and fails when they drift from Python's.
 constexpr const char* kPolicyModeNames[kPolicyModes] = {
     "vanilla", "gspo", "sapo", "cispo", "gpg", "geo_mean", "dppo_tv", "dppo_kl", "dro", "vespo"};
 constexpr int kPolicyModeParams[kPolicyModes] = {3, 4, 2, 2, 0, 2, 3, 3, 1, 4};

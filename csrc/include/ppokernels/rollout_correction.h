@@ -1,7 +1,7 @@
 // Rollout correction: the per-token math of the importance weights between the trainer's and the
 // sampler's log-probs, the rejection criteria, and the per-row statistics their metrics are
 // reduced from. The specification is ppokernels/reference/rollout_correction.py, which holds the
-// same vocabularies (tests/test_rollout_correction.py checks these tables against it).
+// same vocabularies (tests/ops/test_rollout_correction.py checks these tables against it).
 // Written over T = float, double or a SIMD vector of floats (common.h), for the CPU and CUDA loops.
 #pragma once
 #include <cmath>
