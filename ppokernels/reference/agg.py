@@ -33,8 +33,9 @@ def agg_loss(values, mask, agg="token-mean", *, num_tokens=None, num_seqs=None):
     raise ValueError(f"agg_loss: unknown agg {agg!r}")
 
 
-def masked_mean(x, mask):
+def metric_mean(x, mask):
     """Mean of x over the valid tokens, 0 when there is none: the losses' metrics (clipfrac,
-    approx_kl), which are token means whatever the loss's aggregation."""
+    approx_kl), which are token means whatever the loss's aggregation. (Not the op
+    ``masked_mean``, whose empty mean is NaN as torch.mean's.)"""
     m = mask.bool()
     return torch.where(m, x, 0).sum() / m.sum().clamp(min=1)

@@ -24,7 +24,7 @@ from ppokernels.losses import (
     loss_spec,
 )
 from ppokernels.reference._clamp import clamp
-from ppokernels.reference.agg import agg_loss, masked_mean
+from ppokernels.reference.agg import agg_loss, metric_mean
 from ppokernels.reference.kl_penalty import kl_penalty
 
 
@@ -185,9 +185,9 @@ def ppo_policy_loss(
         ent = agg_loss(ent, m, agg, **agg_kw).detach()
     return PolicyLossOutput(
         loss=loss + agg_loss(extra, m, agg, **agg_kw),
-        clipfrac=masked_mean(flag0.to(dtype), m).detach(),
-        approx_kl=masked_mean(-logratio, m).detach(),
-        dual_clipfrac=masked_mean(flag1.to(dtype), m).detach(),
+        clipfrac=metric_mean(flag0.to(dtype), m).detach(),
+        approx_kl=metric_mean(-logratio, m).detach(),
+        dual_clipfrac=metric_mean(flag1.to(dtype), m).detach(),
         kl=kl,
         entropy=ent,
     )

@@ -8,7 +8,7 @@ import torch
 
 from ppokernels._dtypes import acc_dtype as _acc
 from ppokernels.reference._clamp import clamp
-from ppokernels.reference.agg import agg_loss, masked_mean
+from ppokernels.reference.agg import agg_loss, metric_mean
 
 
 class ValueLossOutput(NamedTuple):
@@ -49,5 +49,5 @@ def value_loss(
         loss = torch.maximum(err, errc)
     return ValueLossOutput(
         loss=0.5 * agg_loss(loss, m, agg, num_tokens=num_tokens, num_seqs=num_seqs),
-        clipfrac=masked_mean(clipped.to(dtype), m).detach(),
+        clipfrac=metric_mean(clipped.to(dtype), m).detach(),
     )

@@ -10,7 +10,7 @@ import triton.language as tl
 from ppokernels.losses import AGG_MODES
 
 AGG = {name: code for code, name in enumerate(AGG_MODES)}  # the AGG constexpr
-# Launch table of the ppo_loss kernels (read by the launchers and the AOT tables): the row and
+# Launch table of both losses' kernels (read by the launchers and the AOT tables): the row and
 # backward kernels step over BLOCK tokens, the finalize kernels over BLOCK_B rows (both fixed, so
 # the reduction order never depends on the batch).
 ROW_CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=3)
