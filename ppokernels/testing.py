@@ -83,7 +83,7 @@ def assert_close_to_reference(out, ref64, eager, *, factor: float = 2.0, atol: f
 #   test_opcheck           torch.library.opcheck of the registered C++ op (CPU), and of the C++
 #                          and ``_triton`` ops on CUDA
 #   test_compile           torch.compile(fullgraph=True) of the public function (cpp backend) ==
-#                          eager
+#                          eager, outputs and gradients
 #   test_all_masked        a sample with all-masked rows, NaN written at its masked positions:
 #                          outputs and gradients equal those of the clean sample (no NaN spreads),
 #                          finite, and equal to the reference's
@@ -112,7 +112,8 @@ class OpSpec:
     reference      the specification, called ``reference(*args_in_fp64, **kwargs)``
     samples        ``samples(device, dtype) -> list[Sample]``; floating tensors in ``dtype``
                    (called with the global seed set to 0, so the same names every time)
-    differentiable indices of ``args`` that take gradients
+    differentiable the arguments that take gradients: indices of ``args``, or names of keyword
+                   tensors (``"ref_logprobs"``; an absent or None one takes none)
     outputs        picks the tensors to compare from a return value (of ``fn`` and of
                    ``reference`` alike); default: a Tensor, or the tensors of a tuple/NamedTuple
     masked_sample  ``masked_sample(device, dtype) -> Sample`` (or a list of them) whose mask
@@ -131,8 +132,9 @@ class OpSpec:
                    this sample; on CUDA the ``<op>_triton`` twin of each is checked too
     dtypes         floating dtypes of the forward/backward test
     tolerances     ``{dtype: dict(rtol=, atol=)}`` or ``f(dtype, backend) -> dict``
-    compile        True: torch.compile the public function; or ``compile(sample) -> (fn, args)``
-                   where the public function cannot be one graph (data-dependent shapes)
+    compile        True: torch.compile the public function (outputs and gradients); or
+                   ``compile(sample) -> (fn, args)`` where the public function cannot be one
+                   graph (data-dependent shapes; outputs only)
     gradcheck_samples / opcheck_samples / compile_samples
                    names of the samples each block runs on (None: all of them); opcheck and
                    compile default to the first sample (each call compiles)
@@ -142,7 +144,7 @@ class OpSpec:
     fn: Callable
     reference: Callable
     samples: Callable[[str, torch.dtype], list[Sample]]
-    differentiable: Sequence[int] = (0,)
+    differentiable: Sequence[int | str] = (0,)
     outputs: Callable[[Any], Sequence[torch.Tensor | None]] | None = None
     masked_sample: Callable[[str, torch.dtype], Sample | list[Sample]] | None = None
     mask_arg: int | None = None
@@ -194,26 +196,48 @@ def _to64(x):
     return x
 
 
-def _leaves(args: tuple, diff: Sequence[int], cast=None) -> tuple[list, list]:
-    """``args`` with the differentiable tensors replaced by fresh leaves; (args, leaves)."""
-    args = [cast(a) if cast else a for a in args]
+def _arg(args: list, kwargs: dict, key: int | str):
+    """The argument ``key`` names: an index of ``args`` or a keyword of ``kwargs``."""
+    return kwargs.get(key) if isinstance(key, str) else args[key]
+
+
+def _set_arg(args: list, kwargs: dict, key: int | str, value) -> None:
+    if isinstance(key, str):
+        kwargs[key] = value
+    else:
+        args[key] = value
+
+
+def _what(key: int | str) -> str:
+    return f"argument {key}" if isinstance(key, int) else key
+
+
+def _leaves(sample: Sample, diff: Sequence[int | str], cast=None) -> tuple[list, dict, list]:
+    """``sample``'s arguments with the differentiable tensors replaced by fresh leaves; (args,
+    kwargs, leaves)."""
+    keep = lambda x: x  # noqa: E731
+    cast = cast or keep
+    args = [cast(a) for a in sample.args]
+    kwargs = {k: cast(v) for k, v in sample.kwargs.items()}
     leaves = []
-    for i in diff:
-        if args[i] is not None:
-            args[i] = args[i].detach().clone().requires_grad_(True)
-        leaves.append(args[i])  # None where the optional argument is not given
-    return args, leaves
+    for key in diff:
+        x = _arg(args, kwargs, key)
+        if x is not None:
+            x = x.detach().clone().requires_grad_(True)
+            _set_arg(args, kwargs, key, x)
+        leaves.append(x)  # None where the optional argument is not given
+    return args, kwargs, leaves
 
 
 def _run(spec: OpSpec, sample: Sample, backend: str, *, to64=False, diff=True):
     """Outputs and gradient leaves of one call of the op (or of the reference, ``backend=None``)."""
-    args, leaves = _leaves(
-        sample.args, spec.differentiable if diff else (), _to64 if to64 else None
+    args, kwargs, leaves = _leaves(
+        sample, spec.differentiable if diff else (), _to64 if to64 else None
     )
     if backend is None:
-        result = spec.reference(*args, **sample.kwargs)
+        result = spec.reference(*args, **kwargs)
     else:
-        result = spec.fn(*args, backend=backend, **sample.kwargs)
+        result = spec.fn(*args, backend=backend, **kwargs)
     return _pick(spec, result), leaves
 
 
@@ -300,7 +324,7 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
         got = _grads(outs, leaves, upstream)
         want = _grads(ref_outs, ref_leaves, upstream)
         for i, g, w in zip(spec.differentiable, got, want, strict=True):
-            _close(g, w, f"{spec.name}: gradient of argument {i}", **tol)
+            _close(g, w, f"{spec.name}: gradient of {_what(i)}", **tol)
 
     tests["test_forward_backward"] = test_forward_backward
 
@@ -311,15 +335,17 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
         @pytest.mark.parametrize("device, backend", params, ids=ids)
         def test_gradcheck(device, backend, sample):
             s = _sample(spec, device, torch.float64, sample)
-            args = list(s.args)
-            idx = [i for i in spec.differentiable if args[i] is not None]
-            inputs = tuple(args[i].detach().clone().requires_grad_(True) for i in idx)
+            args, kwargs = list(s.args), dict(s.kwargs)
+            keys = [k for k in spec.differentiable if _arg(args, kwargs, k) is not None]
+            inputs = tuple(
+                _arg(args, kwargs, k).detach().clone().requires_grad_(True) for k in keys
+            )
 
             def f(*xs):
-                a = list(args)
-                for i, x in zip(idx, xs, strict=True):
-                    a[i] = x
-                outs = _pick(spec, spec.fn(*a, backend=backend, **s.kwargs))
+                a, kw = list(args), dict(kwargs)
+                for k, x in zip(keys, xs, strict=True):
+                    _set_arg(a, kw, k, x)
+                outs = _pick(spec, spec.fn(*a, backend=backend, **kw))
                 return tuple(o for o in outs if o is not None and o.requires_grad)
 
             # the Triton interpreter is slow: random projections there
@@ -360,20 +386,32 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
             if binary_skip_reason():
                 pytest.skip(binary_skip_reason())
             s = _sample(spec, device, torch.float32, sample)
-
-            def f(*a):
-                return _pick(spec, spec.fn(*a, backend="cpp", **s.kwargs))
-
-            args = s.args
-            if callable(spec.compile):
+            torch.compiler.reset()  # every op's f shares one code object: no recompile limit
+            if callable(spec.compile):  # the op's own graph-friendly call: outputs only
                 g, args = spec.compile(s)
                 f = lambda *a: _pick(spec, g(*a))  # noqa: E731
+                got, want = torch.compile(f, fullgraph=True)(*args), f(*args)
+                for k, (o, w) in enumerate(zip(got, want, strict=True)):
+                    _close(o, w, f"{spec.name}: compiled output {k}", **TOL[torch.float32])
+                return
 
-            torch.compiler.reset()  # every op's f shares one code object: no recompile limit
-            compiled = torch.compile(f, fullgraph=True)
-            got, want = compiled(*args), f(*args)
-            for k, (g, w) in enumerate(zip(got, want, strict=True)):
-                _close(g, w, f"{spec.name}: compiled output {k}", **TOL[torch.float32])
+            def f(*a, **kw):
+                return _pick(spec, spec.fn(*a, backend="cpp", **kw))
+
+            # the compiled and the eager call each on their own leaves, every tensor an input
+            args, kwargs, leaves = _leaves(s, spec.differentiable)
+            e_args, e_kwargs, e_leaves = _leaves(s, spec.differentiable)
+            got = torch.compile(f, fullgraph=True)(*args, **kwargs)
+            want = f(*e_args, **e_kwargs)
+            for k, (o, w) in enumerate(zip(got, want, strict=True)):
+                _close(o, w, f"{spec.name}: compiled output {k}", **TOL[torch.float32])
+            upstream = [
+                torch.randn_like(w) if w is not None and w.requires_grad else None for w in want
+            ]
+            got_g = _grads(got, leaves, upstream)
+            want_g = _grads(want, e_leaves, upstream)
+            for i, a, b in zip(spec.differentiable, got_g, want_g, strict=True):
+                _close(a, b, f"{spec.name}: compiled gradient of {_what(i)}", **TOL[torch.float32])
 
         tests["test_compile"] = test_compile
 
@@ -393,17 +431,24 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
             mask = s.args[spec.mask_arg]
             valid = mask.bool()
             assert (~valid).any(), f"{spec.name}: the masked sample masks nothing"
-            # NaN at the masked positions of every floating argument shaped like the mask
-            dirty = list(s.args)
-            for i, a in enumerate(dirty):
+
+            # NaN at the masked positions of every floating argument (positional or keyword)
+            # shaped like the mask
+            def nan_padded(a):
                 if (
-                    i != spec.mask_arg
+                    a is not mask
                     and isinstance(a, torch.Tensor)
                     and a.is_floating_point()
                     and a.shape == mask.shape
                 ):
-                    dirty[i] = a.masked_fill(~valid, float("nan"))
-            d = Sample(tuple(dirty), s.kwargs, s.name)
+                    return a.masked_fill(~valid, float("nan"))
+                return a
+
+            d = Sample(
+                tuple(nan_padded(a) for a in s.args),
+                {k: nan_padded(v) for k, v in s.kwargs.items()},
+                s.name,
+            )
             tol = _tol(spec, dtype, backend)
             outs, leaves = _run(spec, s, backend)
             d_outs, d_leaves = _run(spec, d, backend)
@@ -429,7 +474,7 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
             for i, g, dg, w, dw in zip(spec.differentiable, got, d_got, want, d_want, strict=True):
                 if g is None:
                     continue
-                what = f"{spec.name}: gradient of argument {i}"
+                what = f"{spec.name}: gradient of {_what(i)}"
                 assert torch.isfinite(g).all(), f"{what} on all-masked rows: {g}"
                 assert torch.isfinite(dg).all(), f"{what} with NaN at masked positions: {dg}"
                 _close(g, w, f"{what} vs the reference", **tol)

@@ -136,3 +136,69 @@ def test_sample_names_must_be_unique():
     spec.samples = lambda device, dtype: _kl_samples(device, dtype) * 2
     with pytest.raises(AssertionError, match="sample names repeat"):
         conformance_tests(spec)
+
+
+# Keyword tensors: their gradients are checked, and NaN padding reaches them too.
+def _policy_samples(device, dtype):
+    g = lambda: torch.randn(3, 5, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+    lp, old, adv, ref = g(), g(), g(), g()
+    mask = torch.ones(3, 5, dtype=torch.bool, device=device)
+    mask[1, 2:] = False
+    kw = dict(ref_logprobs=ref, kl_coef=0.1)
+    return [Sample((lp, old, adv, mask), kw, "kl")]
+
+
+def _wrong_ref_grad(lp, old, adv, mask, *, ref_logprobs, backend="auto", **kw):
+    ref = _ScaleGrad.apply(ref_logprobs)
+    return ppokernels.ppo_policy_loss(lp, old, adv, mask, ref_logprobs=ref, backend=backend, **kw)
+
+
+def test_a_wrong_gradient_of_a_keyword_tensor_fails():
+    spec = OpSpec(
+        name="ppo_policy_loss",
+        fn=ppokernels.ppo_policy_loss,
+        reference=reference.ppo_policy_loss,
+        samples=_policy_samples,
+        differentiable=(0, "ref_logprobs"),
+    )
+    conformance_tests(spec)["test_forward_backward"](**CPU64, sample="kl")
+    spec.fn = _wrong_ref_grad
+    tests = conformance_tests(spec)
+    with pytest.raises(AssertionError, match="gradient of ref_logprobs"):
+        tests["test_forward_backward"](**CPU64, sample="kl")
+    with pytest.raises(Exception, match="Jacobian mismatch"):
+        tests["test_gradcheck"](device="cpu", backend="reference", sample="kl")
+
+
+def _weighted_rowsum_reference(x, mask, *, weights):
+    zero = torch.zeros_like(x)
+    return (torch.where(mask.bool(), x, zero) * torch.where(mask.bool(), weights, zero)).sum(-1)
+
+
+def _weighted_rowsum(x, mask, *, weights, backend="auto"):
+    return _weighted_rowsum_reference(x, mask, weights=weights)
+
+
+def _weighted_rowsum_nan(x, mask, *, weights, backend="auto"):
+    return (torch.where(mask.bool(), x, torch.zeros_like(x)) * weights).sum(-1)
+
+
+def _weighted_sample(device, dtype):
+    s = _masked_sample(device, dtype)
+    s.kwargs = dict(weights=torch.rand(3, 6, dtype=dtype, device=device))
+    return s
+
+
+def test_nan_padding_reaches_keyword_tensors():
+    spec = OpSpec(
+        name="rowsum",
+        fn=_weighted_rowsum,
+        reference=_weighted_rowsum_reference,
+        samples=lambda device, dtype: [_weighted_sample(device, dtype)],
+        masked_sample=_weighted_sample,
+        mask_arg=1,
+    )
+    conformance_tests(spec)["test_all_masked"](**CPU64)
+    spec.fn = _weighted_rowsum_nan
+    with pytest.raises(AssertionError, match="NaN at masked positions"):
+        conformance_tests(spec)["test_all_masked"](**CPU64)
