@@ -131,7 +131,10 @@ class OpSpec:
     opcheck        ``opcheck(sample) -> [(OpOverload, args), ...]``: the registered C++ op(s) for
                    this sample; on CUDA the ``<op>_triton`` twin of each is checked too
     dtypes         floating dtypes of the forward/backward test
-    tolerances     ``{dtype: dict(rtol=, atol=)}`` or ``f(dtype, backend) -> dict``
+    tolerances     ``{dtype: dict(rtol=, atol=)}`` or ``f(dtype, backend) -> dict``; either may
+                   give a tuple of dicts instead, one per output (the gradients take the first)
+    fixed_dtypes   ``{output index: dtype}`` for outputs whose dtype is not the accumulation
+                   dtype of the inputs (e.g. fp64 metrics of fp32 data)
     compile        True: torch.compile the public function (outputs and gradients); or
                    ``compile(sample) -> (fn, args)`` where the public function cannot be one
                    graph (data-dependent shapes; outputs only)
@@ -153,9 +156,10 @@ class OpSpec:
     bad_inputs: Sequence[tuple[Callable[[], Any], type, str]] = ()
     opcheck: Callable[[Sample], list[tuple[Any, tuple]]] | None = None
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64)
-    tolerances: dict | Callable[[torch.dtype, str], dict] = dataclasses.field(
+    tolerances: dict | Callable[[torch.dtype, str], dict | tuple] = dataclasses.field(
         default_factory=lambda: dict(TOL)
     )
+    fixed_dtypes: dict[int, torch.dtype] = dataclasses.field(default_factory=dict)
     compile: bool | Callable[[Sample], tuple[Callable, tuple]] = True
     gradcheck_samples: Sequence[str] | None = None
     opcheck_samples: Sequence[str] | None = None
@@ -170,10 +174,10 @@ def _pick(spec: OpSpec, result) -> tuple:
     return tuple(x for x in result if x is None or isinstance(x, torch.Tensor))
 
 
-def _tol(spec: OpSpec, dtype: torch.dtype, backend: str) -> dict:
-    if callable(spec.tolerances):
-        return spec.tolerances(dtype, backend)
-    return spec.tolerances[dtype]
+def _tol(spec: OpSpec, dtype: torch.dtype, backend: str, output: int = 0) -> dict:
+    """The tolerance of output ``output`` (and, for output 0, of the gradients)."""
+    tol = spec.tolerances(dtype, backend) if callable(spec.tolerances) else spec.tolerances[dtype]
+    return tol[output] if isinstance(tol, (tuple, list)) else tol
 
 
 def _sample(spec: OpSpec, device: str, dtype: torch.dtype, name: str) -> Sample:
@@ -313,10 +317,11 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for k, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
             if o is not None and o.is_floating_point():
-                assert o.dtype == acc, f"{spec.name}: output {k} is {o.dtype}, expected {acc}"
+                want = spec.fixed_dtypes.get(k, acc)
+                assert o.dtype == want, f"{spec.name}: output {k} is {o.dtype}, expected {want}"
             if o is not None:
                 assert o.shape == r.shape, f"{spec.name}: output {k} shape {o.shape} vs {r.shape}"
-            _close(o, r, f"{spec.name}: output {k}", **tol)
+            _close(o, r, f"{spec.name}: output {k}", **_tol(spec, dtype, backend, k))
         upstream = _upstream(ref_outs, device)
         for k, (o, g) in enumerate(zip(outs, upstream, strict=True)):
             if g is not None:
@@ -460,13 +465,14 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
             for k, (o, do, r) in enumerate(zip(outs, d_outs, ref_outs, strict=True)):
                 if o is None:
                     continue
-                _close(o, r, f"{spec.name}: all-masked output {k} vs the reference", **tol)
+                tol_k = _tol(spec, dtype, backend, k)
+                _close(o, r, f"{spec.name}: all-masked output {k} vs the reference", **tol_k)
                 want = dref_outs[k] if against_ref else o
                 if o.shape == mask.shape:  # per-position output: its valid positions
                     o, do, want = o[valid], do[valid], want[valid]
                 if spec.masked_finite and o.is_floating_point():
                     assert torch.isfinite(o).all(), f"{spec.name}: all-masked output {k}: {o}"
-                _close(do, want, f"{spec.name}: output {k} with NaN at masked positions", **tol)
+                _close(do, want, f"{spec.name}: output {k} with NaN at masked positions", **tol_k)
             got = _grads(outs, leaves, upstream)
             d_got = _grads(d_outs, d_leaves, upstream)
             want = _grads(ref_outs, ref_leaves, upstream)

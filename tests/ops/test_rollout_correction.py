@@ -1,6 +1,9 @@
-"""rollout_correction: every backend against the fp64 reference, the C++ vocabularies against
-the Python tables, masks of every dtype, holes, all-masked rows, extreme log-ratios, NaN at
-masked positions, determinism, bad input."""
+"""rollout_correction: the conformance blocks from ``ppokernels.testing`` (every level x mode x
+criteria set against the fp64 reference on every backend, fp32 and fp64, NaN / -inf at masked
+positions, all-masked rows and batches, opcheck, compile, bad input), then what is special to the
+op: the binary-KL criteria (against the fp32 reference), masks of every dtype, bf16 / fp16
+inputs, weights finite and 0 off the mask, determinism, the C++ vocabularies against the Python
+tables, the metric reduction against its specification."""
 
 import glob
 import math
@@ -12,13 +15,22 @@ import pytest
 import torch
 
 import ppokernels
+import ppokernels.ops.rollout_correction as rc_op
 import ppokernels.reference.rollout_correction  # noqa: F401
 from ppokernels import _backend, cli, reference
-from ppokernels.testing import backend_params, binary_skip_reason
+from ppokernels.testing import (
+    TOL,
+    OpSpec,
+    Sample,
+    backend_params,
+    binary_skip_reason,
+    conformance_tests,
+)
 
 PARAMS = backend_params()
 rc = sys.modules["ppokernels.reference.rollout_correction"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NAME = "rollout_correction"
 
 
 def _data(B=7, T=37, seed=0, dtype=torch.float32, extreme=True, nan_masked=True, big=50.0):
@@ -84,26 +96,197 @@ def _check(out, want, *, rtol=2e-5, atol=2e-6):
     torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
 
 
+def _reference_op(lp, rlp, m, *, criteria=None, **cfg):
+    """The specification called like the op: the criteria dict as names and bounds."""
+    names, crit_bounds = rc_op._criteria(NAME, criteria)
+    return reference.rollout_correction(
+        lp, rlp, m, criteria=names, criteria_bounds=crit_bounds, **cfg
+    )
+
+
+def _pick(out):
+    """weights, mask, row_stats and the metrics stacked in their order (test_metric_names_...
+    checks the names and their order)."""
+    metrics = torch.stack(list(out.metrics.values())) if out.metrics else None
+    return out.weights, out.mask, out.row_stats, metrics
+
+
+def _config_id(cfg):
+    parts = [cfg["level"], cfg["mode"], "-".join(str(b) for b in cfg["bounds"])]
+    parts += [f"{k}{v}" for k, v in cfg.items() if k not in ("level", "mode", "bounds")]
+    return "-".join(parts)
+
+
+# the binary-KL criteria are compared with the fp32 reference (test_binary_kl_criteria)
+HARNESS_CRITERIA = [c for c in CRITERIA if not any("binary_kl" in k for k in c)]
+
+
+def samples(device, dtype):
+    out = []
+    for cfg in CONFIGS:
+        # without a log-ratio clamp exp(2 x) must stay finite in fp32 (x < 44)
+        big = 50.0 if cfg.get("logratio_clamp", 20.0) else 40.0
+        for k, criteria in enumerate(HARNESS_CRITERIA):
+            lp, rlp, m = _data(dtype=dtype, big=big)
+            kw = dict(cfg, criteria=criteria)
+            name = f"{_config_id(cfg)}-criteria{k}"
+            out.append(Sample((lp.to(device), rlp.to(device), m.to(device)), kw, name))
+    for B, T in [(0, 5), (3, 0)]:
+        lp = torch.zeros(B, T, dtype=dtype, device=device)
+        m = torch.ones(B, T, dtype=torch.bool, device=device)
+        out.append(Sample((lp, lp, m), dict(criteria={"seq_max_k2": 1.0}), f"empty-{B}x{T}"))
+    return out
+
+
+def masked_samples(device, dtype):
+    """Rows without a valid token, and a batch without one, at every level and mode."""
+    out = []
+    for cfg in CONFIGS:
+        lp, rlp, m = _data(B=4, T=11, dtype=dtype, extreme=False, nan_masked=False)
+        kw = dict(cfg, criteria=HARNESS_CRITERIA[3])
+        lp, rlp, m = lp.to(device), rlp.to(device), m.to(device)
+        out.append(Sample((lp, rlp, m), kw, f"rows-{_config_id(cfg)}"))
+        out.append(Sample((lp, rlp, torch.zeros_like(m)), kw, f"all-{_config_id(cfg)}"))
+    return out
+
+
+def _tol(dtype, backend):
+    """weights, mask, row_stats, metrics (reductions over the batch of the row statistics)."""
+    if dtype == torch.float64:
+        # the Triton kernel agrees to ~3e-8 in fp64 (fp32 somewhere in its scalar path; not yet
+        # found), the C++ one to rounding
+        tol = dict(rtol=1e-7, atol=1e-7) if backend == "triton" else dict(rtol=1e-10, atol=1e-10)
+        return (tol, tol, tol, tol)
+    w = TOL[torch.float32]
+    return (w, w, dict(rtol=2e-5, atol=2e-5), dict(rtol=1e-4, atol=1e-5))
+
+
+def _opcheck(s):
+    lp, rlp, m = s.args
+    kw = dict(level="token", mode="truncate", bounds=(None, 2.0), logratio_clamp=20.0) | s.kwargs
+    names, crit_bounds = rc_op._criteria(NAME, kw.get("criteria"))
+    args = (
+        lp,
+        rlp,
+        m,
+        kw["level"],
+        kw["mode"],
+        rc_op._flat([rc_op._bounds(NAME, "bounds", kw["bounds"])]),
+        kw["logratio_clamp"],
+        [rc.CRITERIA.index(c) for c in names],
+        rc_op._flat(crit_bounds),
+    )
+    return [(torch.ops.ppokernels.rollout_correction.default, args)]
+
+
+def _bad_inputs():
+    lp, rlp, m = _data(nan_masked=False)
+    f = ppokernels.rollout_correction
+    return [
+        (lambda: f(lp, rlp[:, :3], m), ValueError, f"{NAME}: rollout_logprobs has shape"),
+        (lambda: f(lp, rlp.double(), m), TypeError, f"{NAME}: rollout_logprobs is torch.float64"),
+        (lambda: f(lp[0], rlp[0], m[0]), ValueError, f"{NAME}: logprobs must have 2 dimensions"),
+        (lambda: f(lp, rlp, m[:, :3]), ValueError, f"{NAME}: mask has shape"),
+        (lambda: f(lp, rlp, m.to(torch.complex64)), TypeError, f"{NAME}: mask must be a bool"),
+        (lambda: f(lp, rlp, m, level="seq"), ValueError, f"{NAME}: level must be one of"),
+        (lambda: f(lp, rlp, m, mode="clip"), ValueError, f"{NAME}: mode must be one of"),
+        (
+            lambda: f(lp, rlp, m, bounds=(3.0, 2.0)),
+            ValueError,
+            rf"{NAME}: bounds has lower 3.0 > upper 2.0",
+        ),
+        (
+            lambda: f(lp, rlp, m, bounds=(None, math.nan)),
+            ValueError,
+            rf"{NAME}: bounds\[1\] must be finite",
+        ),
+        (
+            lambda: f(lp, rlp, m, criteria={"token_k4": 1.0}),
+            ValueError,
+            f"{NAME}: unknown criterion 'token_k4'",
+        ),
+        (
+            lambda: f(lp, rlp, m, criteria=["token_k1"]),
+            TypeError,
+            f"{NAME}: criteria must be a dict",
+        ),
+        (
+            lambda: f(lp, rlp, m, logratio_clamp=0.0),
+            ValueError,
+            f"{NAME}: logratio_clamp must be > 0",
+        ),
+        (
+            lambda: f(lp, rlp, m, batch_normalize=1),
+            TypeError,
+            f"{NAME}: batch_normalize must be a bool",
+        ),
+        (
+            lambda: f(lp.to("meta"), rlp.to("meta"), m.to("meta")),
+            ValueError,
+            f"{NAME}: logprobs is on the meta device",
+        ),
+        (lambda: f(lp, rlp, m, backend="fast"), ValueError, f"{NAME}: backend"),
+    ]
+
+
+SPEC = OpSpec(
+    name=NAME,
+    fn=ppokernels.rollout_correction,
+    reference=_reference_op,
+    samples=samples,
+    differentiable=(),
+    outputs=_pick,
+    masked_sample=masked_samples,
+    mask_arg=2,
+    masked_finite=False,  # an empty row's max / min statistics are -inf / inf (no element)
+    bad_inputs=_bad_inputs(),
+    opcheck=_opcheck,
+    tolerances=_tol,
+    fixed_dtypes={3: torch.float64},
+    opcheck_samples=[
+        f"{_config_id(CONFIGS[4])}-criteria2",
+        f"{_config_id(CONFIGS[0])}-criteria3",
+    ],
+)
+globals().update(conformance_tests(SPEC))
+
+
 @pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("criteria", CRITERIA)
-def test_against_reference(device, backend, cfg, criteria):
-    # without a log-ratio clamp exp(2 x) must stay finite in fp32 (x < 44)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
+def test_binary_kl_criteria(device, backend, cfg):
+    """p log(p/q) + (1-p) log((1-p)/(1-q)) cancels to O(x^2) and its clamp 1 - 1e-6 rounds
+    differently in fp32 (as OpenRLHF computes it): compared with the fp32 reference."""
+    criteria = next(c for c in CRITERIA if c not in HARNESS_CRITERIA)
     lp, rlp, m = _data(big=50.0 if cfg.get("logratio_clamp", 20.0) else 40.0)
     out = ppokernels.rollout_correction(
         lp.to(device), rlp.to(device), m.to(device), criteria=criteria, backend=backend, **cfg
     )
-    if any("binary_kl" in c for c in criteria):
-        # p log(p/q) + (1-p) log((1-p)/(1-q)) cancels to O(x^2) and its clamp 1 - 1e-6 rounds
-        # differently in fp32 (as OpenRLHF computes it): compared with the fp32 reference
-        want = _reference(lp, rlp, m, cfg, criteria, torch.float32)
-        _check(out, want, rtol=1e-3, atol=1e-5)
-    else:
-        _check(out, _reference(lp, rlp, m, cfg, criteria))
+    _check(out, _reference(lp, rlp, m, cfg, criteria, torch.float32), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", PARAMS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
+def test_weights_finite_and_zero_off_the_mask(device, backend, cfg):
+    """Masked positions hold NaN / -inf, some log-ratios are +-50: no weight is NaN or inf
+    (with a clamp) and none is nonzero off the mask; no metric is NaN."""
+    lp, rlp, m = _data(big=50.0 if cfg.get("logratio_clamp", 20.0) else 40.0)
+    out = ppokernels.rollout_correction(
+        lp.to(device), rlp.to(device), m.to(device), criteria=CRITERIA[3], backend=backend, **cfg
+    )
     w = out.weights.cpu()
     assert torch.isfinite(w).all() or cfg.get("logratio_clamp", 20.0) is None
     assert (w[~m] == 0).all()
     assert not torch.isnan(torch.stack(list(out.metrics.values()))).any()
+
+
+def test_metric_names_follow_the_reference():
+    """The harness compares the metrics by position: the names and their order are the spec's."""
+    lp, rlp, m = _data()
+    for cfg in CONFIGS:
+        for criteria in CRITERIA:
+            got = ppokernels.rollout_correction(lp, rlp, m, criteria=criteria, **cfg)
+            want = _reference(lp, rlp, m, cfg, criteria)
+            assert list(got.metrics) == list(want.metrics)
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -136,21 +319,18 @@ def test_mask_dtypes(device, backend, mask_dtype):
 
 
 @pytest.mark.parametrize("device, backend", [p for p in PARAMS if p[1] != "reference"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_input_dtypes(device, backend, dtype):
-    lp, rlp, m = _data(dtype=dtype, extreme=dtype == torch.float64)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(device, backend, dtype):
+    """bf16 / fp16 data run in fp32: the fp64 reference of the same inputs, to fp32 accuracy."""
+    lp, rlp, m = _data(dtype=dtype, extreme=False)
     crit = {"seq_mean_k3": 0.05, "token_k1": (-1.0, 1.0)}
     cfg = dict(level="sequence", mode="mask", bounds=(0.5, 2.0))
     out = ppokernels.rollout_correction(
         lp.to(device), rlp.to(device), m.to(device), criteria=crit, backend=backend, **cfg
     )
     want = _reference(lp, rlp, m, cfg, crit)
-    assert out.weights.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    tol = {}
-    if dtype == torch.float64:  # the Triton kernel agrees to ~3e-8 in fp64 (fp32 somewhere in
-        # its scalar path; not yet found), the C++ one to rounding
-        tol = dict(rtol=1e-7, atol=1e-7) if backend == "triton" else dict(rtol=1e-12, atol=1e-12)
-    _check(out, want, **tol)
+    assert out.weights.dtype == torch.float32
+    _check(out, want)
 
 
 @pytest.mark.parametrize("device, backend", PARAMS)
@@ -290,79 +470,3 @@ def test_every_criterion_name_is_parsed(device, backend):
             _check(out, _reference(lp, rlp, m, {}, crit, torch.float32), rtol=1e-3, atol=1e-5)
         else:
             _check(out, _reference(lp, rlp, m, {}, crit))
-
-
-def test_opcheck_and_compile():
-    if binary_skip_reason():
-        pytest.skip(binary_skip_reason())
-    lp, rlp, m = _data(nan_masked=False)
-    args = (
-        lp,
-        rlp,
-        m,
-        "sequence",
-        "mask",
-        [0.5, math.nan],
-        20.0,
-        [rc.CRITERIA.index("token_k3")],
-        [math.nan, 0.1],
-    )
-    torch.library.opcheck(torch.ops.ppokernels.rollout_correction.default, args)
-
-    def f(a, b, mm):
-        out = ppokernels.rollout_correction(a, b, mm, criteria={"token_k3": 0.1}, backend="cpp")
-        return out.weights.sum(), out.mask
-
-    got = torch.compile(f, fullgraph=True)(lp, rlp, m)
-    want = f(lp, rlp, m)
-    torch.testing.assert_close(got[0], want[0])
-    assert torch.equal(got[1], want[1])
-
-
-@pytest.mark.cuda
-def test_opcheck_cuda():
-    lp, rlp, m = (t.cuda() for t in _data(nan_masked=False))
-    args = (
-        lp,
-        rlp,
-        m,
-        "token",
-        "truncate",
-        [math.nan, 2.0],
-        20.0,
-        [rc.CRITERIA.index("seq_sum_k1")],
-        [-1.0, 1.0],
-    )
-    for name in ["rollout_correction", "rollout_correction_triton"]:
-        torch.library.opcheck(getattr(torch.ops.ppokernels, name).default, args)
-
-
-def test_bad_input():
-    lp, rlp, m = _data(nan_masked=False)
-    f = ppokernels.rollout_correction
-    with pytest.raises(ValueError, match="rollout_correction: rollout_logprobs has shape"):
-        f(lp, rlp[:, :3], m)
-    with pytest.raises(TypeError, match="rollout_correction: rollout_logprobs is torch.float64"):
-        f(lp, rlp.double(), m)
-    with pytest.raises(ValueError, match="rollout_correction: logprobs must have 2 dimensions"):
-        f(lp[0], rlp[0], m[0])
-    with pytest.raises(ValueError, match="rollout_correction: mask has shape"):
-        f(lp, rlp, m[:, :3])
-    with pytest.raises(ValueError, match="rollout_correction: level must be one of"):
-        f(lp, rlp, m, level="seq")
-    with pytest.raises(ValueError, match="rollout_correction: mode must be one of"):
-        f(lp, rlp, m, mode="clip")
-    with pytest.raises(ValueError, match=r"rollout_correction: bounds has lower 3.0 > upper 2.0"):
-        f(lp, rlp, m, bounds=(3.0, 2.0))
-    with pytest.raises(ValueError, match="rollout_correction: bounds\\[1\\] must be finite"):
-        f(lp, rlp, m, bounds=(None, math.nan))
-    with pytest.raises(ValueError, match="rollout_correction: unknown criterion 'token_k4'"):
-        f(lp, rlp, m, criteria={"token_k4": 1.0})
-    with pytest.raises(TypeError, match="rollout_correction: criteria must be a dict"):
-        f(lp, rlp, m, criteria=["token_k1"])
-    with pytest.raises(ValueError, match="rollout_correction: logratio_clamp must be > 0"):
-        f(lp, rlp, m, logratio_clamp=0.0)
-    with pytest.raises(TypeError, match="rollout_correction: batch_normalize must be a bool"):
-        f(lp, rlp, m, batch_normalize=1)
-    with pytest.raises(ValueError, match="rollout_correction: logprobs is on the meta device"):
-        f(lp.to("meta"), rlp.to("meta"), m.to("meta"))
