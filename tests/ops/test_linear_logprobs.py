@@ -1,3 +1,11 @@
+"""linear_logprobs: the conformance blocks from ``ppokernels.testing`` ([B, T, H] and [N, H]
+hidden, bias or none, temperature, entropy or none, row chunks, no logits cache; fp32 and fp64
+against the fp64 reference on every backend, gradients of hidden, weight and bias; gradcheck,
+opcheck, compile, bad input), then what is special to the op: real vocabularies, rows that are
+all ignored, a frozen weight, bitwise determinism and batch invariance, int64 offsets, bf16
+error against eager, tensor parallelism over gloo, the logits cache (same bits as recomputing,
+its size, the GEMMs it saves, retain_graph)."""
+
 import os
 import tempfile
 
@@ -9,7 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ppokernels
 from ppokernels import reference
 from ppokernels.ops.linear_logprobs import CACHE_BYTES
-from ppokernels.testing import assert_close_to_reference, backend_params, binary_skip_reason
+from ppokernels.testing import (
+    TOL,
+    OpSpec,
+    Sample,
+    assert_close_to_reference,
+    backend_params,
+    binary_skip_reason,
+    conformance_tests,
+)
 
 PARAMS = backend_params()
 KERNELS = [p for p in PARAMS if p[1] != "reference"]
@@ -28,7 +44,146 @@ def _inputs(n, H, V, dtype=torch.float32, device="cpu", bias=False, holes=True, 
     return cast(hidden), cast(weight), labels.to(device), cast(b)
 
 
-def _check(device, backend, hidden, weight, labels, bias, temperature, tol, **kw):
+def _reference(hidden, weight, labels, *, chunk_size=None, **kw):
+    """The specification; ``chunk_size`` only tiles the kernels' work."""
+    return reference.linear_logprobs(hidden, weight, labels, **kw)
+
+
+def samples(device, dtype):
+    out = []
+    for temperature in (1.0, 0.7):
+        for bias in (False, True):
+            hidden, weight, labels, b = _inputs(2 * 9, 24, 1271, dtype, device, bias=bias)
+            kw = dict(bias=b, with_entropy=True, temperature=temperature)
+            args = (hidden.view(2, 9, 24), weight, labels.view(2, 9))  # [B, T, H]
+            out.append(Sample(args, kw, f"t{temperature}-{'bias' if bias else 'nobias'}"))
+    hidden, weight, labels, b = _inputs(37, 16, 301, dtype, device, bias=True)
+    out.append(Sample((hidden, weight, labels), dict(bias=b), "no-entropy"))
+    kw = dict(bias=b, with_entropy=True, chunk_size=16, cache_bytes=0)
+    out.append(Sample((hidden, weight, labels), kw, "chunks16-no-cache"))
+    kw = dict(with_entropy=True, chunk_size=16, cache_bytes=16 * 301 * 4)  # one chunk cached
+    out.append(Sample((hidden, weight, labels), kw, "chunks16-part-cache"))
+    hidden, weight, labels, b = _inputs(5, 3, 7, dtype, device, bias=True)
+    kw = dict(bias=b, temperature=0.7, with_entropy=True)
+    out.append(Sample((hidden, weight, labels), kw, "small"))
+    kw = dict(bias=b, with_entropy=True, ignore_index=-1)
+    out.append(Sample((hidden, weight, torch.full_like(labels, -1)), kw, "all-ignored"))
+    out.append(Sample((hidden[:0], weight, labels[:0]), dict(with_entropy=True), "empty"))
+    return out
+
+
+def _tol(dtype, backend):
+    return TOL32 if dtype == torch.float32 else TOL[torch.float64]
+
+
+def _opcheck(s):
+    hidden, weight, labels = s.args
+    kw = dict(bias=None, temperature=1.0, ignore_index=-100, chunk_size=16) | s.kwargs
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    H = hidden.shape[-1]
+    args = (
+        leaf(hidden.reshape(-1, H)),
+        leaf(weight),
+        labels.reshape(-1),
+        leaf(kw["bias"]),
+        kw["temperature"],
+        kw["ignore_index"],
+        0,  # vocab_start: the whole vocabulary
+        kw["chunk_size"],
+    )
+    op = torch.ops.ppokernels.linear_logprobs.default
+    return [(op, (*args, 0)), (op, (*args, CACHE_BYTES))]  # without and with the logits cache
+
+
+def _bad_inputs():
+    hidden, weight, labels, _ = _inputs(4, 8, 50)
+    f = ppokernels.linear_logprobs
+    r = reference.linear_logprobs
+    name = "linear_logprobs"
+    return [
+        (lambda: f(hidden, weight[:, :7], labels), ValueError, f"{name}: weight has H = 7"),
+        (
+            lambda: f(hidden, weight, labels.float()),
+            TypeError,
+            f"{name}: labels must be int64 or int32",
+        ),
+        (
+            lambda: f(hidden, weight, torch.tensor([0, 1, 50, 2])),
+            ValueError,
+            rf"{name}: labels must be in \[0, 50\)",
+        ),
+        (
+            lambda: f(hidden, weight, torch.tensor([0, -5, 3, 2])),
+            ValueError,
+            f"{name}: labels must be in",
+        ),
+        (lambda: f(hidden, weight, labels[:3]), ValueError, f"{name}: labels has shape"),
+        (lambda: f(hidden, weight, labels.to("meta")), ValueError, f"{name}: labels is on meta"),
+        (
+            lambda: f(hidden.to("meta"), weight.to("meta"), labels.to("meta")),
+            ValueError,
+            f"{name}: hidden is on the meta device",
+        ),
+        (lambda: f(hidden, weight.double(), labels), TypeError, f"{name}: weight is torch.float64"),
+        (
+            lambda: f(hidden, weight, labels, bias=torch.zeros(3)),
+            ValueError,
+            f"{name}: bias has 3 entries",
+        ),
+        (
+            lambda: f(hidden, weight, labels, temperature=0.0),
+            ValueError,
+            f"{name}: temperature must be > 0",
+        ),
+        (lambda: f(hidden, weight, labels, chunk_size=0), ValueError, f"{name}: chunk_size"),
+        (
+            lambda: f(hidden, weight, labels, cache_bytes=-1),
+            ValueError,
+            f"{name}: cache_bytes must be >= 0",
+        ),
+        (
+            lambda: f(hidden, weight, labels, cache_bytes=1.5),
+            TypeError,
+            f"{name}: cache_bytes must be an int",
+        ),
+        (
+            lambda: f(hidden, weight, labels, cache_bytes=True),
+            TypeError,
+            f"{name}: cache_bytes must be an int",
+        ),
+        (
+            lambda: r(hidden, weight, labels, cache_bytes=-1),
+            ValueError,
+            f"{name}: cache_bytes must be an int >= 0",
+        ),
+        (lambda: f(hidden, weight, labels, backend="fast"), ValueError, f"{name}: backend"),
+    ]
+
+
+SPEC = OpSpec(
+    name="linear_logprobs",
+    fn=ppokernels.linear_logprobs,
+    reference=_reference,
+    samples=samples,
+    differentiable=(0, 1, "bias"),
+    bad_inputs=_bad_inputs(),
+    opcheck=_opcheck,
+    tolerances=_tol,
+    gradcheck_samples=["small"],
+    opcheck_samples=["chunks16-no-cache"],
+    compile_samples=["chunks16-no-cache", "t0.7-bias"],
+)
+globals().update(conformance_tests(SPEC))
+
+
+def test_int32_labels():
+    hidden, weight, labels, _ = _inputs(4, 8, 50)
+    got = ppokernels.linear_logprobs(hidden, weight, labels.int())[0]
+    torch.testing.assert_close(got, ppokernels.linear_logprobs(hidden, weight, labels)[0])
+
+
+def _check(device, backend, hidden, weight, labels, bias, temperature, tol):
+    """The op against the fp64 reference, forward and backward, and zeros on ignored rows."""
     leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
     lp, ent = ppokernels.linear_logprobs(
         hidden,
@@ -38,15 +193,11 @@ def _check(device, backend, hidden, weight, labels, bias, temperature, tol, **kw
         with_entropy=True,
         temperature=temperature,
         backend=backend,
-        **kw,
     )
     ref = [t.detach().double().requires_grad_() for t in leaves]
     b64 = ref[2] if bias is not None else None
     e_lp, e_ent = reference.linear_logprobs(
         ref[0], ref[1], labels, bias=b64, with_entropy=True, temperature=temperature
-    )
-    assert lp.shape == labels.shape and lp.dtype == (
-        torch.float64 if hidden.dtype == torch.float64 else torch.float32
     )
     torch.testing.assert_close(lp.double(), e_lp, **tol)
     torch.testing.assert_close(ent.double(), e_ent, **tol)
@@ -57,15 +208,6 @@ def _check(device, backend, hidden, weight, labels, bias, temperature, tol, **kw
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, **tol)
     assert (got[0][ignored] == 0).all() and (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
-
-
-@pytest.mark.parametrize("device, backend", PARAMS)
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("bias", [False, True])
-def test_forward_backward(device, backend, temperature, bias):
-    hidden, weight, labels, b = _inputs(2 * 9, 24, 1271, device=device, bias=bias)
-    hidden = hidden.view(2, 9, 24)  # [B, T, H]
-    _check(device, backend, hidden, weight, labels.view(2, 9), b, temperature, TOL32)
 
 
 # the interpreter is too slow for real vocabularies: the CPU C++ kernel (its own skip without the
@@ -81,38 +223,6 @@ def test_large_vocab(device, backend, V):
     n = 3
     hidden, weight, labels, b = _inputs(n, 8, V, device=device, bias=True, holes=False)
     _check(device, backend, hidden, weight, labels, b, 0.7, TOL32)
-
-
-@pytest.mark.parametrize("device, backend", PARAMS)
-def test_gradcheck(device, backend):
-    hidden, weight, labels, b = _inputs(5, 3, 7, torch.float64, device, bias=True)
-    h, w, bb = (t.requires_grad_() for t in (hidden, weight, b))
-
-    def fn(h, w, bb):
-        return ppokernels.linear_logprobs(
-            h, w, labels, bias=bb, temperature=0.7, with_entropy=True, backend=backend
-        )
-
-    assert torch.autograd.gradcheck(fn, (h, w, bb))
-
-
-@pytest.mark.parametrize("device, backend", PARAMS)
-def test_all_ignored_and_empty(device, backend):
-    hidden, weight, labels, _ = _inputs(4, 8, 50, device=device)
-    hidden.requires_grad_()
-    lp, ent = ppokernels.linear_logprobs(
-        hidden,
-        weight,
-        torch.full_like(labels, -1),
-        ignore_index=-1,
-        with_entropy=True,
-        backend=backend,
-    )
-    assert (lp == 0).all() and (ent == 0).all()
-    (lp.sum() + ent.sum()).backward()
-    assert (hidden.grad == 0).all()
-    lp, ent = ppokernels.linear_logprobs(hidden[:0], weight, labels[:0], backend=backend)
-    assert lp.shape == (0,) and ent is None
 
 
 class _Record(TorchDispatchMode):
@@ -202,27 +312,6 @@ def test_bf16_error_vs_eager(device, backend):
     assert_close_to_reference(ent, e_ent, eager_ent)
 
 
-@CPP
-@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
-def test_opcheck_and_compile(cache_bytes):
-    hidden, weight, labels, b = _inputs(6, 8, 40, bias=True)
-    args = (hidden.requires_grad_(), weight.requires_grad_(), labels, b, 0.7, -100, 0, 16)
-    torch.library.opcheck(torch.ops.ppokernels.linear_logprobs.default, (*args, cache_bytes))
-
-    def fn(h, w):
-        lp, ent = ppokernels.linear_logprobs(
-            h, w, labels, with_entropy=True, cache_bytes=cache_bytes, backend="cpp"
-        )
-        return lp.sum() + ent.sum()
-
-    compiled = torch.compile(fn, fullgraph=True)
-    got, want = compiled(hidden, weight), fn(hidden, weight)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(
-        torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
-    )
-
-
 def _tp_worker(rank, world, init_file, backend, cache_bytes):
     import torch.distributed as dist
 
@@ -269,42 +358,6 @@ def test_tensor_parallel_gloo(backend, cache_bytes):
         pytest.skip(binary_skip_reason())
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_tp_worker, args=(2, os.path.join(d, "init"), backend, cache_bytes), nprocs=2)
-
-
-def test_bad_input():
-    hidden, weight, labels, _ = _inputs(4, 8, 50)
-    f = ppokernels.linear_logprobs
-    with pytest.raises(ValueError, match="linear_logprobs: weight has H = 7"):
-        f(hidden, weight[:, :7], labels)
-    with pytest.raises(TypeError, match="linear_logprobs: labels must be int64 or int32"):
-        f(hidden, weight, labels.float())
-    with pytest.raises(ValueError, match="linear_logprobs: labels must be in \\[0, 50\\)"):
-        f(hidden, weight, torch.tensor([0, 1, 50, 2]))
-    with pytest.raises(ValueError, match="linear_logprobs: labels must be in"):
-        f(hidden, weight, torch.tensor([0, -5, 3, 2]))
-    with pytest.raises(ValueError, match="linear_logprobs: labels has shape"):
-        f(hidden, weight, labels[:3])
-    with pytest.raises(ValueError, match="linear_logprobs: labels is on meta"):
-        f(hidden, weight, labels.to("meta"))
-    with pytest.raises(ValueError, match="linear_logprobs: hidden is on the meta device"):
-        f(hidden.to("meta"), weight.to("meta"), labels.to("meta"))
-    with pytest.raises(TypeError, match="linear_logprobs: weight is torch.float64"):
-        f(hidden, weight.double(), labels)
-    with pytest.raises(ValueError, match="linear_logprobs: bias has 3 entries"):
-        f(hidden, weight, labels, bias=torch.zeros(3))
-    with pytest.raises(ValueError, match="linear_logprobs: temperature must be > 0"):
-        f(hidden, weight, labels, temperature=0.0)
-    with pytest.raises(ValueError, match="linear_logprobs: chunk_size"):
-        f(hidden, weight, labels, chunk_size=0)
-    with pytest.raises(ValueError, match="linear_logprobs: cache_bytes must be >= 0"):
-        f(hidden, weight, labels, cache_bytes=-1)
-    with pytest.raises(TypeError, match="linear_logprobs: cache_bytes must be an int"):
-        f(hidden, weight, labels, cache_bytes=1.5)
-    with pytest.raises(TypeError, match="linear_logprobs: cache_bytes must be an int"):
-        f(hidden, weight, labels, cache_bytes=True)
-    with pytest.raises(ValueError, match="linear_logprobs: cache_bytes must be an int >= 0"):
-        reference.linear_logprobs(hidden, weight, labels, cache_bytes=-1)
-    assert f(hidden, weight, labels.int())[0].shape == (4,)  # int32 labels are fine
 
 
 def test_fastest_gpu_table_by_op_and_dtype(monkeypatch):
