@@ -141,6 +141,10 @@ class OpSpec:
     gradcheck_samples / opcheck_samples / compile_samples
                    names of the samples each block runs on (None: all of them); opcheck and
                    compile default to the first sample (each call compiles)
+    interpreter_samples
+                   names of the samples test_forward_backward runs on the Triton interpreter
+                   (backend "triton" on CPU tensors, slow where an op launches many kernels);
+                   None: all. On a GPU Triton runs every sample.
     """
 
     name: str
@@ -164,6 +168,7 @@ class OpSpec:
     gradcheck_samples: Sequence[str] | None = None
     opcheck_samples: Sequence[str] | None = None
     compile_samples: Sequence[str] | None = None
+    interpreter_samples: Sequence[str] | None = None
 
 
 def _pick(spec: OpSpec, result) -> tuple:
@@ -302,12 +307,19 @@ def conformance_tests(spec: OpSpec, prefix: str = "") -> dict[str, Callable]:
     names = _sample_names(spec)
     params = backend_params()
     ids = [f"{d}-{b}" for d, b in params]
-    sample_ids = names
     tests: dict[str, Callable] = {}
+    # every (device, backend) x dtype x sample, but the samples the Triton interpreter skips
+    interpreted = set(names if spec.interpreter_samples is None else spec.interpreter_samples)
+    assert interpreted <= set(names), f"{spec.name}: unknown interpreter_samples"
+    cases = [
+        pytest.param(d, b, dtype, name, id=f"{d}-{b}-{_ids([dtype])[0]}-{name}")
+        for d, b in params
+        for dtype in spec.dtypes
+        for name in names
+        if not (d == "cpu" and b == "triton") or name in interpreted
+    ]
 
-    @pytest.mark.parametrize("sample", names, ids=sample_ids)
-    @pytest.mark.parametrize("dtype", list(spec.dtypes), ids=_ids(spec.dtypes))
-    @pytest.mark.parametrize("device, backend", params, ids=ids)
+    @pytest.mark.parametrize("device, backend, dtype, sample", cases)
     def test_forward_backward(device, backend, dtype, sample):
         s = _sample(spec, device, dtype, sample)
         tol = _tol(spec, dtype, backend)

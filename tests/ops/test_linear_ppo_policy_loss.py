@@ -1,10 +1,14 @@
-"""linear_ppo_policy_loss against the naive head + loss it replaces: logits = h W^T + b built in
-full, torch.log_softmax, the plain-PyTorch reference policy loss (ppokernels.reference), and
-autograd through all of it, in float64. Masks are multi-turn with holes, right padding and an
-empty row; chunk sizes cut rows into segments (token modes) and force the unfused row path
-(sequence modes)."""
+"""linear_ppo_policy_loss: the conformance blocks from ``ppokernels.testing`` (every loss spec
+with rows cut into segments (token modes) or sent to the unfused path (sequence modes), every
+aggregation with and without global normalisers, KL / entropy / dual-clip / IS-weight terms,
+per-row advantages, fp32 and fp64 against the fp64 specification (reference module) on every
+backend, gradients of hidden, weight and bias; gradcheck, opcheck, compile, multi-turn masks with
+NaN padding, all-masked rows and batches, bad input). Then what is special to the op: the
+specification against the naive head it replaces (full logits, torch.log_softmax, the reference
+policy loss, autograd), chunking that does not change the numbers, the stored gradients scaled,
+handed over and recomputed for a retained graph, no_grad and a frozen weight, the schema."""
 
-import math
+import inspect
 
 import pytest
 import torch
@@ -12,18 +16,23 @@ import torch
 import ppokernels
 from ppokernels import reference
 from ppokernels.losses import AGG_MODES, LOSS_MODES, LOSS_SPECS, SAPO, Clip, loss_spec
-from ppokernels.testing import available_backends, backend_params, binary_skip_reason
+from ppokernels.testing import (
+    OpSpec,
+    Sample,
+    available_backends,
+    binary_skip_reason,
+    conformance_tests,
+)
 
-KERNELS = [p for p in backend_params() if p[1] != "reference"]
-# The head under test: the fused op on the C++ kernels. Without the binary (the pure-Python
-# install) the comparisons with the naive head check its reference path (HEAD), and the fused op's
-# own checks (chunking, stored gradients, opcheck) run on the Triton kernels where they run on CPU
-# tensors (FUSED; None: they skip), whose fp32 scalars (tau_neg = 1.05, ...) miss TOL64.
-HEAD = "reference" if binary_skip_reason() else "cpp"
+# The fused op's own checks (chunking, stored gradients) run on the C++ kernels, or without the
+# binary (the pure-Python install) on the Triton kernels where they run on CPU tensors (FUSED;
+# None: they skip), whose fp32 scalars (tau_neg = 1.05, ...) miss TOL64.
 FUSED = next((k for k in ("cpp", "triton") if k in available_backends("cpu")), None)
 AGGS = AGG_MODES
 MODE_FIELDS = {"dro": dict(beta=0.1), "cispo": dict(clip_high=0.3), "dppo_tv": dict(clip_high=0.3)}
 SEQUENCE_MODES = [m for m, c in LOSS_SPECS.items() if c.row_level]
+NAME = "linear_ppo_policy_loss"
+TOL64 = dict(rtol=1e-9, atol=1e-11)
 
 
 def _spec(mode):
@@ -110,9 +119,6 @@ def _assert_same(got, want, tol):
         torch.testing.assert_close(a.double(), x, **tol)
 
 
-TOL64 = dict(rtol=1e-9, atol=1e-11)
-
-
 def _fused_backend() -> str:
     """FUSED, or skip: without the binary and Triton on CPU the fused op has no kernels here."""
     if FUSED is None:
@@ -120,31 +126,42 @@ def _fused_backend() -> str:
     return FUSED
 
 
-@pytest.mark.parametrize("mode", LOSS_MODES)
-@pytest.mark.parametrize("chunk", [16, 64, None])  # 16: rows cut (or unfused), 64: whole rows
-def test_every_mode_matches_naive_head(mode, chunk):
-    b = _batch()
-    kw = dict(loss=_spec(mode))
-    got = _fused(b, 0.8, True, HEAD, chunk, **kw)
-    _assert_same(got, _naive(b, 0.8, True, **kw), TOL64)
+def _small(seed=9, V=7, dtype=torch.float64, device="cpu"):
+    b = _batch(B=3, T=12, H=3, V=V, dtype=dtype, device=device, seed=seed)
+    b["mask"][2, 4:] = True  # _batch empties row 2; keep tokens in every row here
+    b["labels"] = torch.where(b["mask"], b["labels"].clamp(min=0), -100)
+    return b
 
 
-@pytest.mark.parametrize("agg", AGGS)
-@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo"])
-def test_every_aggregation_and_global_normalisers(agg, mode):
-    b = _batch(seed=1)
-    for extra in ({}, dict(num_tokens=50.0, num_seqs=7.0)):
-        kw = dict(loss=_spec(mode), agg=agg, **extra)
-        _assert_same(_fused(b, 1.0, False, HEAD, 16, **kw), _naive(b, 1.0, False, **kw), TOL64)
+def _sample(name, b, **kw):
+    """A Sample of a _batch: the six tensors positional, the bias a keyword tensor."""
+    args = tuple(b[k] for k in ("hidden", "weight", "labels", "old", "adv", "mask"))
+    return Sample(args, kw, name)
 
 
-def test_kl_entropy_dual_clip_is_weights_and_row_advantages():
-    b = _batch(seed=2)
-    isw = torch.rand(4, 37, dtype=torch.float64) + 0.5  # a constant
+def samples(device, dtype):
+    out = []
+    for mode in LOSS_MODES:
+        for chunk in (16, 64, None):  # 16: rows cut (or unfused), 64: whole rows
+            b = _batch(dtype=dtype, device=device)
+            kw = dict(loss=_spec(mode), bias=b["bias"], temperature=0.8, with_entropy=True)
+            out.append(_sample(f"{mode}-chunk{chunk}", b, **kw, chunk_size=chunk))
+    for agg in AGGS:
+        for mode in ("vanilla", "gspo", "cispo"):
+            for extra in ({}, dict(num_tokens=50.0, num_seqs=7.0)):
+                b = _batch(dtype=dtype, device=device, seed=1)
+                kw = dict(loss=_spec(mode), agg=agg, chunk_size=16, **extra)
+                name = f"{agg}-{mode}" + ("-global" if extra else "")
+                out.append(_sample(name, b, **kw))
     for adv_rows in (False, True):
+        b = _batch(dtype=dtype, device=device, seed=2)
         if adv_rows:
             b["adv"] = b["adv"][:, 0].contiguous()
+        isw = (torch.rand(4, 37, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
         kw = dict(
+            bias=b["bias"],
+            temperature=0.7,
+            chunk_size=16,
             ref_logprobs=b["ref"],
             kl_coef=0.05,
             kl_estimator="k3",
@@ -153,16 +170,148 @@ def test_kl_entropy_dual_clip_is_weights_and_row_advantages():
             is_weights=isw,
             agg="seq-mean-token-mean",
         )
-        _assert_same(_fused(b, 0.7, True, HEAD, 16, **kw), _naive(b, 0.7, True, **kw), TOL64)
+        out.append(_sample("kl-entropy-dual-isw" + ("-adv-rows" if adv_rows else ""), b, **kw))
+    b = _small(dtype=dtype, device=device)
+    kw = dict(bias=b["bias"], temperature=0.9, chunk_size=2, entropy_coef=0.01)
+    out.append(_sample("small", b, **kw, ref_logprobs=b["ref"], kl_coef=0.1))
+    b = _small(seed=11, V=1271, dtype=dtype, device=device)
+    out.append(_sample("small-v1271", b, chunk_size=16, loss=SAPO(), with_entropy=True))
+    h = torch.zeros(0, 4, 3, dtype=dtype, device=device)
+    e = torch.zeros(0, 4, dtype=dtype, device=device)
+    y = torch.zeros(0, 4, dtype=torch.long, device=device)
+    w = torch.randn(7, 3, dtype=dtype, device=device)
+    out.append(Sample((h, w, y, e, e, e.bool()), {}, "empty"))
+    return out
 
 
-@pytest.mark.parametrize(("device", "backend"), KERNELS)
-def test_float32_kernels(device, backend):
-    b = _batch(B=4, T=21, H=16, V=97, dtype=torch.float32, device=device, seed=3)
-    kw = dict(loss=Clip(), ref_logprobs=b["ref"], kl_coef=0.1, entropy_coef=0.02)
-    tol = dict(rtol=2e-4, atol=2e-5)
-    got = _fused(b, 0.9, True, backend, 16, **kw)
-    _assert_same(got, _naive(b, 0.9, True, **kw), tol)
+def masked_samples(device, dtype):
+    """Rows without a valid token (_batch empties row 2) and a batch without one."""
+    b = _batch(B=3, T=20, dtype=dtype, device=device, seed=7)
+    kw = dict(bias=b["bias"], ref_logprobs=b["ref"], kl_coef=0.1, entropy_coef=0.1, chunk_size=16)
+    none = dict(b, mask=torch.zeros_like(b["mask"]))
+    return [_sample("rows", b, **kw), _sample("all", none, **kw)]
+
+
+def _reference(*args, chunk_size=None, **kw):
+    """The specification; ``chunk_size`` only tiles the kernels' work."""
+    return reference.linear_ppo_policy_loss(*args, **kw)
+
+
+def _tol(dtype, backend):
+    if dtype == torch.float32:
+        return dict(rtol=2e-4, atol=2e-5)  # fp32 GEMMs over H and sums over V
+    # the Triton kernels take their scalars (clip bounds, tau) as fp32
+    return dict(rtol=1e-6, atol=1e-7) if backend == "triton" else TOL64
+
+
+_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(ppokernels.linear_ppo_policy_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and k != "backend"
+}
+
+
+def _opcheck(s):
+    """The op's arguments for a sample, as the public function passes them: labels set to -100
+    off the mask, every kernel family on FUSED, the gradients of hidden, weight and bias."""
+    from ppokernels.ops.ppo_policy_loss import policy_options
+
+    hidden, weight, labels, old, adv, mask = s.args
+    kw = _DEFAULTS | s.kwargs
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    ent_on = kw["with_entropy"] or kw["entropy_coef"] != 0.0
+    policy = {k: kw[k] for k in inspect.signature(policy_options).parameters if k in kw}
+    _, options = policy_options(
+        NAME, **policy, has_ref=kw["ref_logprobs"] is not None, has_entropy=ent_on
+    )
+    valid = mask & (labels != kw["ignore_index"])
+    args = (
+        leaf(hidden),
+        leaf(weight),
+        torch.where(valid, labels, -100),
+        old,
+        adv,
+        valid,
+        leaf(kw["bias"]),
+        kw["ref_logprobs"],
+        kw["is_weights"],
+        kw["temperature"],
+        ent_on,
+        kw["chunk_size"] or 16,
+        *[FUSED] * 3,
+        *options,
+        [True, True, kw["bias"] is not None],
+    )
+    return [(torch.ops.ppokernels.linear_ppo_policy_loss.default, args)]
+
+
+def _bad_inputs():
+    b = _batch(seed=8)
+    base = dict(hidden=b["hidden"], weight=b["weight"], labels=b["labels"], old=b["old"])
+
+    def call(**change):
+        args = base | {k: v for k, v in change.items() if k in base}
+        kw = {k: v for k, v in change.items() if k not in base}
+        pos = (args["hidden"], args["weight"], args["labels"], args["old"], b["adv"], b["mask"])
+        return lambda: ppokernels.linear_ppo_policy_loss(*pos, **kw)
+
+    cases = [
+        (call(hidden=torch.zeros(4, 37)), ValueError, "hidden must have 3 dimensions"),
+        (call(weight=torch.zeros(53, 5, dtype=torch.float64)), ValueError, "weight has H = 5"),
+        (call(labels=torch.zeros(4, 36, dtype=torch.long)), ValueError, "labels has shape"),
+        (call(labels=torch.full((4, 37), 53)), ValueError, "labels must be in"),
+        (call(old=torch.zeros(4, 36, dtype=torch.float64)), ValueError, "old_logprobs has shape"),
+        (call(loss="ppo2"), ValueError, "unknown loss mode 'ppo2'"),
+        (call(loss=0.2), TypeError, "loss must be a loss spec"),
+        (call(temperature=0.0), ValueError, "temperature must be > 0"),
+        (call(chunk_size=0), ValueError, "chunk_size"),
+        (call(agg="mean"), ValueError, "agg must be one of"),
+        (call(bias=torch.zeros(3, dtype=torch.float64)), ValueError, "bias has 3 entries"),
+        (call(backend="fast"), ValueError, "backend"),
+    ]
+    return [(f, exc, f"{NAME}: .*{msg}") for f, exc, msg in cases]
+
+
+SPEC = OpSpec(
+    name=NAME,
+    fn=ppokernels.linear_ppo_policy_loss,
+    reference=_reference,
+    samples=samples,
+    differentiable=(0, 1, "bias"),
+    masked_sample=masked_samples,
+    mask_arg=5,
+    bad_inputs=_bad_inputs(),
+    opcheck=_opcheck if FUSED else None,
+    tolerances=_tol,
+    gradcheck_samples=["small"],
+    opcheck_samples=["small", "sapo-chunk16", "kl-entropy-dual-isw-adv-rows"],
+    compile_samples=["small-v1271", "kl-entropy-dual-isw"],
+    # the Triton interpreter runs a kernel launch per chunk and family: a sample per path
+    interpreter_samples=[
+        "vanilla-chunk16",
+        "gspo-chunk16",
+        "sapo-chunk64",
+        "seq-mean-token-mean-cispo-global",
+        "kl-entropy-dual-isw-adv-rows",
+        "small",
+        "empty",
+    ],
+)
+globals().update(conformance_tests(SPEC))
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_specification_is_the_naive_head(mode):
+    """The reference module (built on linear_logprobs_stats) equals the head it replaces."""
+    b = _batch(seed=3)
+    for kw in (dict(loss=_spec(mode)), dict(loss=_spec(mode), agg="seq-mean-token-sum-norm")):
+        want = _naive(b, 0.8, True, **kw)
+        leaves = [b[k].detach().double().requires_grad_() for k in ("hidden", "weight", "bias")]
+        args = (b["labels"], b["old"], b["adv"], b["mask"])
+        out = reference.linear_ppo_policy_loss(
+            *leaves[:2], *args, bias=leaves[2], temperature=0.8, with_entropy=True, **kw
+        )
+        _assert_same((out, torch.autograd.grad(out.loss, leaves)), want, TOL64)
 
 
 def test_sequence_modes_take_the_unfused_path_only_for_long_rows():
@@ -237,140 +386,6 @@ def test_no_grad_and_frozen_weight():
     (gh,) = torch.autograd.grad(got.loss, h)
     want = _naive(b, 1.0, False)[1][0]
     torch.testing.assert_close(gh, want, **TOL64)
-
-
-def test_all_tokens_masked_gives_zero_loss_and_gradients():
-    b = _batch(seed=7)
-    h = b["hidden"].detach().requires_grad_()
-    out = ppokernels.linear_ppo_policy_loss(
-        h, b["weight"], b["labels"], b["old"], b["adv"], torch.zeros_like(b["mask"])
-    )
-    (gh,) = torch.autograd.grad(out.loss, h)
-    assert out.loss.item() == 0.0 and out.clipfrac.item() == 0.0 and (gh == 0).all()
-
-
-@pytest.mark.parametrize(
-    ("change", "match"),
-    [
-        (dict(hidden=torch.zeros(4, 37)), "hidden"),
-        (dict(weight=torch.zeros(53, 5, dtype=torch.float64)), "weight"),
-        (dict(labels=torch.zeros(4, 36, dtype=torch.long)), "labels"),
-        (dict(labels=torch.full((4, 37), 53)), "labels must be in"),
-        (dict(old=torch.zeros(4, 36, dtype=torch.float64)), "old_logprobs"),
-        (dict(loss="ppo2"), "unknown loss mode 'ppo2'"),
-        (dict(loss=0.2), "loss must be a loss spec"),
-        (dict(temperature=0.0), "temperature"),
-        (dict(chunk_size=0), "chunk_size"),
-        (dict(agg="mean"), "agg must be one of"),
-    ],
-)
-def test_bad_input_names_the_op_and_argument(change, match):
-    b = _batch(seed=8)
-    args = dict(hidden=b["hidden"], weight=b["weight"], labels=b["labels"], old=b["old"])
-    kw = {k: v for k, v in change.items() if k not in args}
-    args.update({k: v for k, v in change.items() if k in args})
-    with pytest.raises((ValueError, TypeError), match=match) as e:
-        ppokernels.linear_ppo_policy_loss(
-            args["hidden"], args["weight"], args["labels"], args["old"], b["adv"], b["mask"], **kw
-        )
-    assert "linear_ppo_policy_loss" in str(e.value)
-
-
-def _small(seed=9, V=7):
-    b = _batch(B=3, T=12, H=3, V=V, seed=seed)
-    b["mask"][2, 4:] = True  # _batch empties row 2; keep tokens in every row here
-    b["labels"] = torch.where(b["mask"], b["labels"].clamp(min=0), -100)
-    return b
-
-
-def test_gradcheck_float64():
-    b = _small()
-    leaves = [b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")]
-
-    def f(h, w, bias):  # x 0.5: the scaled-copy backward (upstream 1 hands the stored ones over)
-        out = ppokernels.linear_ppo_policy_loss(
-            h,
-            w,
-            b["labels"],
-            b["old"],
-            b["adv"],
-            b["mask"],
-            bias=bias,
-            temperature=0.9,
-            chunk_size=2,
-            entropy_coef=0.01,
-            ref_logprobs=b["ref"],
-            kl_coef=0.1,
-        )
-        return 0.5 * out.loss
-
-    assert torch.autograd.gradcheck(f, leaves)
-
-
-def test_opcheck():
-    backends = [_fused_backend()] * 3
-    b = _small(seed=10)
-    h, w, bias = (b[k].detach().requires_grad_() for k in ("hidden", "weight", "bias"))
-    args = (
-        h,
-        w,
-        b["labels"],
-        b["old"],
-        b["adv"],
-        b["mask"],
-        bias,
-        b["ref"],
-        None,
-        0.8,
-        True,
-        16,
-        *backends,
-        "vanilla",
-        [0.2, 0.2, math.inf],
-        20.0,
-        "token-mean",
-        None,
-        None,
-        0.1,
-        "k3",
-        None,
-        0.01,
-        [True, True, True],
-    )
-    torch.library.opcheck(torch.ops.ppokernels.linear_ppo_policy_loss.default, args)
-
-
-def test_torch_compile_fullgraph():
-    b = _small(seed=11, V=1271)
-
-    def f(h, w):
-        out = ppokernels.linear_ppo_policy_loss(
-            h, w, b["labels"], b["old"], b["adv"], b["mask"], chunk_size=16
-        )
-        return out.loss, out.clipfrac
-
-    h = b["hidden"].detach().requires_grad_()
-    w = b["weight"].detach().requires_grad_()
-    got = torch.compile(f, fullgraph=True)(h, w)
-    want = f(h, w)
-    torch.testing.assert_close(got, want, **TOL64)
-    g_got = torch.autograd.grad(got[0], (h, w))
-    g_want = _naive(b, 1.0, False)[1]
-    for a, x in zip(g_got, g_want, strict=True):
-        torch.testing.assert_close(a, x, **TOL64)
-
-
-def test_reference_backend_and_empty_batch():
-    b = _small(seed=12)
-    kw = dict(loss=SAPO(), agg="seq-mean-token-sum")
-    _assert_same(_fused(b, 0.8, True, "reference", None, **kw), _naive(b, 0.8, True, **kw), TOL64)
-    h = torch.zeros(0, 4, 3, dtype=torch.float64, requires_grad=True)
-    e = torch.zeros(0, 4, dtype=torch.float64)
-    out = ppokernels.linear_ppo_policy_loss(
-        h, b["weight"], torch.zeros(0, 4, dtype=torch.long), e, e, e.bool()
-    )
-    (gh,) = torch.autograd.grad(out.loss, h)
-    assert out.loss.item() == 0.0 and gh.shape == h.shape
 
 
 def test_schema_is_the_one_in_ops_cpp():
