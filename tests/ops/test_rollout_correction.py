@@ -466,7 +466,7 @@ def test_every_criterion_name_is_parsed(device, backend):
         out = ppokernels.rollout_correction(
             lp.to(device), rlp.to(device), m.to(device), criteria=crit, backend=backend
         )
-        if "binary_kl" in name:  # see test_against_reference
+        if "binary_kl" in name:  # see test_binary_kl_criteria
             _check(out, _reference(lp, rlp, m, {}, crit, torch.float32), rtol=1e-3, atol=1e-5)
         else:
             _check(out, _reference(lp, rlp, m, {}, crit))
