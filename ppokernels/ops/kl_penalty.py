@@ -45,14 +45,9 @@ def kl_penalty(
     See also: :func:`ppokernels.reference.kl_penalty`.
     """
     name = "kl_penalty"
-    _checks.tensor(name, "logprobs", logprobs)
-    _checks.tensor(name, "ref_logprobs", ref_logprobs)
-    _checks.same_shape(name, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
-    _checks.same_device(name, "ref_logprobs", ref_logprobs, logprobs)
-    _checks.same_dtype(name, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    _checks.pair(name, "logprobs", logprobs, "ref_logprobs", ref_logprobs)
     _checks.kl_estimator(name, "estimator", estimator)
     clamp = _checks.positive(name, "clamp", clamp, allow_none=True)
-    _checks.not_meta(name, "logprobs", logprobs)
     b = _backend.choose(name, logprobs.device, backend)
     if b == "reference":
         return reference.kl_penalty(logprobs, ref_logprobs, estimator=estimator, clamp=clamp)

@@ -129,11 +129,7 @@ def rollout_correction(
         per criterion ``"<criterion>/<name>"``). Deterministic; no NaN from masked positions or
         rows without a valid token. Besides its outputs the op allocates nothing of size [B, T].
     """
-    _checks.tensor(NAME, "logprobs", logprobs, ndim=2)
-    _checks.tensor(NAME, "rollout_logprobs", rollout_logprobs, ndim=2)
-    _checks.same_shape(NAME, "rollout_logprobs", rollout_logprobs, "logprobs", logprobs)
-    _checks.same_device(NAME, "rollout_logprobs", rollout_logprobs, logprobs)
-    _checks.same_dtype(NAME, "rollout_logprobs", rollout_logprobs, "logprobs", logprobs)
+    _checks.pair(NAME, "logprobs", logprobs, "rollout_logprobs", rollout_logprobs, ndim=2)
     if not isinstance(mask, torch.Tensor) or mask.dtype.is_complex:
         raise TypeError(f"{NAME}: mask must be a bool, integer or floating torch.Tensor")
     _checks.like(NAME, "mask", mask, "logprobs", logprobs)
@@ -144,7 +140,6 @@ def rollout_correction(
         logratio_clamp = _checks.positive(NAME, "logratio_clamp", logratio_clamp)
     _checks.flag(NAME, "batch_normalize", batch_normalize)
     names, crit_bounds = _criteria(NAME, criteria)
-    _checks.not_meta(NAME, "logprobs", logprobs)
     b = _backend.choose(NAME, logprobs.device, backend)
     cfg = dict(bounds=bounds, logratio_clamp=logratio_clamp)
     if b == "reference":

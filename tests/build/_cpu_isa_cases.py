@@ -1,7 +1,7 @@
 """Every CPU op, forward and backward, on fixed inputs: run once per ISA level of the CPU kernels
-(tests/build/test_cpu_isa.py starts ``python tests/build/_cpu_isa_cases.py IN OUT`` with PPOKERNELS_CPU_ISA
-set) and once in fp64 on the reference backend, to compare the levels with each other and with
-the reference.
+(tests/build/test_cpu_isa.py starts ``python tests/build/_cpu_isa_cases.py IN OUT`` with
+PPOKERNELS_CPU_ISA set) and once in fp64 on the reference backend, to compare the levels with
+each other and with the reference.
 
 Shapes are not multiples of the SIMD widths (8 and 16 lanes), so every level runs its vector body
 and its scalar tail.

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from .test_cpu_isa import expected_levels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
