@@ -9,7 +9,7 @@ Backends:
 
 ``auto`` picks, for CUDA tensors, the faster built GPU kernel of the op (``FASTEST_GPU``, from the
 benchmarks), for CPU tensors the C++ kernel, and the reference when nothing is built.
-``PPOKERNELS_BACKEND`` replaces ``auto`` when set. Asking for a backend that is not built is an
+``PPOKERNELS_BACKEND``, when set before ppokernels is imported, replaces ``auto``. Asking for a backend that is not built is an
 error that says how to build it; there is no silent fallback.
 
 A binary that is present but cannot load (a torch older than the stable-ABI target, a missing
@@ -247,11 +247,15 @@ def fastest_gpu(op: str, dtype: torch.dtype | None = None) -> str:
     return FASTEST_GPU.get(op, "triton")
 
 
+# Read once, at import: an environment lookup costs about 0.5 us, paid by every op call.
+BACKEND_OVERRIDE = os.environ.get("PPOKERNELS_BACKEND") or None
+
+
 def requested(backend: str = "auto") -> str:
-    """The backend asked for: ``backend``, with ``auto`` replaced by PPOKERNELS_BACKEND when set
-    (not checked; :func:`choose` checks it and resolves ``auto``)."""
+    """The backend asked for: ``backend``, with ``auto`` replaced by PPOKERNELS_BACKEND when it
+    was set at import (not checked; :func:`choose` checks it and resolves ``auto``)."""
     if backend == "auto":
-        return os.environ.get("PPOKERNELS_BACKEND", "auto") or "auto"
+        return BACKEND_OVERRIDE or "auto"
     return backend
 
 
@@ -309,5 +313,5 @@ def info() -> dict[str, object]:
         "cpu_isa": cpu_isa(),
         "cuda_available": torch.cuda.is_available(),
         "triton_interpreter": interpreting(),
-        "backend_override": os.environ.get("PPOKERNELS_BACKEND"),
+        "backend_override": BACKEND_OVERRIDE,
     }

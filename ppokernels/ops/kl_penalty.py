@@ -71,8 +71,11 @@ register_fake_cpp("kl_penalty_backward", _fake_backward)
 def _setup_context(ctx, inputs, output):
     logprobs, ref_logprobs, ctx.estimator, ctx.clamp = inputs
     # the gradient of either input needs both (it is a function of their difference)
-    need = any(ctx.needs_input_grad[:2])
-    ctx.save_for_backward(*((logprobs, ref_logprobs) if need else (None, None)))
+    need = ctx.needs_input_grad
+    if need[0] or need[1]:
+        ctx.save_for_backward(logprobs, ref_logprobs)
+    else:
+        ctx.save_for_backward(None, None)
 
 
 def _make_backward(backward_op):
