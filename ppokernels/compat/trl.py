@@ -37,15 +37,21 @@ import torch
 
 import ppokernels as ppk
 from ppokernels.compat import Patcher
-from ppokernels.compat.trl_liger import LigerFusedLinearGRPOLoss
+from ppokernels.compat.trl_liger import (
+    LigerFusedLinearGRPOFunction,
+    LigerFusedLinearGRPOLoss,
+    liger_fused_linear_grpo,
+)
 from ppokernels.losses import CISPO, SAPO, Clip, Vespo
 from ppokernels.reference.rollout_correction import ROW_STATS
 
 __all__ = [
     "ChunkedLogProbFunction",
+    "LigerFusedLinearGRPOFunction",
     "LigerFusedLinearGRPOLoss",
     "entropy_from_logits",
     "grpo_loss",
+    "liger_fused_linear_grpo",
     "patch",
     "selective_log_softmax",
     "selective_log_softmax_and_entropy",
@@ -389,8 +395,10 @@ def patch(*, round_logits: bool = False) -> None:
     """Install the replacements in ``trl.trainer.utils`` (and every trl module that imported
     them by name): the three log-prob/entropy helpers and the fused LM head's
     ``_ChunkedLogProbFunction``; and, when liger-kernel is installed, ``LigerFusedLinearGRPOLoss``
-    in ``liger_kernel.chunked_loss(.grpo_loss)`` and every liger_kernel / trl module that bound
-    it by name (TRL 1.16's trainers look it up nowhere; earlier ones imported it from there).
+    and ``LigerFusedLinearGRPOFunction`` (``liger_kernel.chunked_loss.grpo_loss``) and the
+    functional ``liger_fused_linear_grpo`` (``.functional``), in their modules and every
+    liger_kernel / trl module that bound them by name (TRL 1.16's trainers look them up nowhere;
+    earlier ones imported the class from there).
 
     ``round_logits=True``: on bf16/fp16 weights the fused head rounds the logits to that dtype
     before the fp32 log-softmax, as TRL's own ``ChunkedLogProbFunction`` does, so a patched run
@@ -416,12 +424,18 @@ def patch(*, round_logits: bool = False) -> None:
         import liger_kernel.chunked_loss  # noqa: F401  (binds the class in its namespace)
     except ImportError:  # liger-kernel is optional: nothing to replace
         return
-    _PATCHER.everywhere(
-        ("trl", "liger_kernel"),
+    import liger_kernel.chunked_loss.functional  # noqa: F401  (binds liger_fused_linear_grpo)
+
+    grpo_loss, functional = (
         "liger_kernel.chunked_loss.grpo_loss",
-        "LigerFusedLinearGRPOLoss",
-        LigerFusedLinearGRPOLoss,
+        "liger_kernel.chunked_loss.functional",
     )
+    for module, name, ours in (
+        (grpo_loss, "LigerFusedLinearGRPOLoss", LigerFusedLinearGRPOLoss),
+        (grpo_loss, "LigerFusedLinearGRPOFunction", LigerFusedLinearGRPOFunction),
+        (functional, "liger_fused_linear_grpo", liger_fused_linear_grpo),
+    ):
+        _PATCHER.everywhere(("trl", "liger_kernel"), module, name, ours)
 
 
 def unpatch() -> None:

@@ -1,4 +1,5 @@
-"""Drop-in for Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (liger-kernel 0.8.5,
+"""Drop-in for Liger-Kernel's ``LigerFusedLinearGRPOLoss``, its ``LigerFusedLinearGRPOFunction``
+and the functional ``liger_fused_linear_grpo`` (liger-kernel 0.8.5,
 ``liger_kernel/chunked_loss/grpo_loss.py`` on ``fused_linear_ppo.py``'s chunk loop), computed with
 :func:`ppokernels.linear_ppo_policy_loss`: the lm_head, the log-probs and the GRPO loss in one
 chunked pass, three GEMMs per token and no ``[B T, V]`` logits.
@@ -31,7 +32,10 @@ Differences, by design: ``compiled`` is accepted and ignored (nothing is compile
 (:func:`ppokernels.ops.linear_ppo_policy_loss.default_chunk_size`). A valid token's label must be
 in ``[0, V)`` (Liger returns ``-logsumexp`` for any other id) and the mask must be 0/1. The
 loss is float32 (float64 for float64 inputs; Liger computes in float32 whatever the input).
-Liger asserts where this raises ValueError. Unsupported, raising NotImplementedError: ``delta <
+What Liger refuses (an unknown loss type or level, a sequence-level cispo / sapo / vespo,
+dr_grpo without max_completion_length, non-positive SAPO temperatures or delta) raises Liger's
+own exception type and message; inputs Liger runs into garbage or a crash (a bad shape, a label
+out of range, temperature 0) raise ValueError naming the class. Unsupported, raising NotImplementedError: ``delta <
 1 + epsilon_high`` (then the cap acts on positive advantages, which no PPO clip expresses) and
 vespo rows whose ``vllm_is_ratio`` log-sum over the padding leaves the per-token clamp range.
 
@@ -42,6 +46,7 @@ metric is a token mean, the op reports a row-mean aggregate), vespo with ``old =
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -92,11 +97,12 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         for k, val in dict(locals()).items():  # every argument, as an attribute of that name
             if k not in ("self", "__class__"):
                 setattr(self, k, val)
+        # Liger's own checks and messages (LigerFusedLinearGRPOLoss.__init__)
         for arg in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, arg) <= 0:
-                raise ValueError(f"{NAME}: {arg} must be positive, got {getattr(self, arg)}")
+                raise ValueError(f"{arg} must be positive, got {getattr(self, arg)}")
         if delta is not None and delta <= 0:
-            raise ValueError(f"{NAME}: delta must be positive, got {delta}")
+            raise ValueError(f"delta must be positive, got {delta}")
 
     def forward(
         self,
@@ -284,20 +290,22 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
 
     def _check_options(self, h, mask):
         lt, level = self.loss_type, self.importance_sampling_level
-        if lt not in LOSS_TYPES:
-            raise ValueError(f"{NAME}: unknown loss_type {lt!r}, expected one of {LOSS_TYPES}")
-        if level not in ("token", "sequence"):
-            raise ValueError(
-                f"{NAME}: unknown importance_sampling_level {level!r}, possible "
-                "values are 'token' and 'sequence'"
-            )
+        # what Liger refuses, with its exception types and messages (grpo_loss.py: the Function's
+        # forward, ppo_loss_fn; fused_linear_ppo.py asserts dr_grpo's max_completion_length)
         if level == "sequence" and lt in ("cispo", "sapo", "vespo"):
             raise ValueError(
-                f"{NAME}: sequence-level importance sampling is not supported for "
-                f"loss_type={lt!r}; use importance_sampling_level='token'"
+                f"Sequence-level importance sampling is not supported for loss_type='{lt}'. "
+                "Use importance_sampling_level='token' instead."
             )
         if lt == "dr_grpo" and self.max_completion_length is None:
-            raise ValueError(f"{NAME}: max_completion_length must be given for loss_type 'dr_grpo'")
+            raise AssertionError("max_completion_length must be provided for loss_type 'dr_grpo'")
+        if level not in ("token", "sequence"):
+            raise ValueError(
+                f"Unknown importance sampling level: {level}. Possible values are 'token' and "
+                "'sequence'."
+            )
+        if lt not in LOSS_TYPES:
+            raise ValueError(f"Unknown loss type: {lt}")
         strict = ("temperature", "epsilon_high") if lt == "cispo" else ("temperature",)
         for arg in ("epsilon_low", "epsilon_high", "temperature"):
             val = getattr(self, arg)
@@ -311,6 +319,78 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
                 f"{NAME}: _input must be a [B, T, H] tensor, got {tuple(getattr(h, 'shape', ()))}"
             )
         return h.shape[0], h.shape[1]
+
+
+class LigerFusedLinearGRPOFunction:
+    """Drop-in for Liger's ``LigerFusedLinearGRPOFunction`` (the ``autograd.Function`` under the
+    module, and through ``.apply`` the functional ``liger_fused_linear_grpo``): ``apply`` takes
+    Liger's arguments in Liger's order with its defaults and returns ``(loss, metrics)`` as the
+    module does; the loss is differentiable w.r.t. _input, weight and bias.
+
+    The Function skips the module's constructor checks, as Liger's does: its SAPO temperatures
+    are checked only where ``loss_type="sapo"`` reads them, with Liger's ``sapo_loss_fn``
+    message."""
+
+    @staticmethod
+    def apply(
+        _input,
+        weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        beta=0.04,
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        loss_type="dapo",
+        max_completion_length=None,
+        importance_sampling_level="token",
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
+        temperature=1.0,
+        compiled=True,
+        use_ref_model=True,
+        chunk_size=1,
+        vllm_is_ratio=None,
+        delta=None,
+        use_bias_correction_kl=False,
+        vespo_k_pos=2.0,
+        vespo_lambda_pos=3.0,
+        vespo_k_neg=3.0,
+        vespo_lambda_neg=2.0,
+        num_items_in_batch=None,
+    ):
+        if loss_type == "sapo" and min(sapo_temperature_pos, sapo_temperature_neg) <= 0:
+            raise ValueError("sapo_temperature must be > 0.")
+        module = LigerFusedLinearGRPOLoss.__new__(LigerFusedLinearGRPOLoss)
+        torch.nn.Module.__init__(module)
+        options = dict(locals())
+        for key in inspect.signature(LigerFusedLinearGRPOLoss).parameters:
+            setattr(module, key, options[key])
+        return module(
+            _input,
+            weight,
+            selected_token_ids,
+            attention_mask,
+            advantages,
+            bias,
+            ref_per_token_logps,
+            old_per_token_logps,
+            ref_input,
+            ref_weight,
+            ref_bias,
+            vllm_is_ratio,
+            num_items_in_batch,
+        )
+
+
+# Liger's functional name (liger_kernel.chunked_loss.functional)
+liger_fused_linear_grpo = LigerFusedLinearGRPOFunction.apply
 
 
 def dapo_normalizer(mask: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

@@ -18,6 +18,7 @@ liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
 
 import ppokernels.compat.trl as ct  # noqa: E402
+import ppokernels.compat.trl_liger as trl_liger  # noqa: E402
 from ppokernels.compat.trl_liger import LigerFusedLinearGRPOLoss  # noqa: E402
 
 Liger = liger_grpo.LigerFusedLinearGRPOLoss
@@ -224,19 +225,11 @@ def test_same_interface():
             assert getattr(ours, name) == getattr(theirs, name), name
 
 
-def test_errors():
+def test_errors_where_liger_computes_garbage_or_we_cannot():
+    """Inputs Liger takes but mis-handles, and the two cases the op does not support, raise our
+    own errors naming the class (what Liger refuses: test_refused_inputs_raise_liger_own_errors)."""
     d = _batch()
     args = (d["h"], d["w"], d["y"], d["m"], d["adv"])
-    with pytest.raises(ValueError, match="sapo_temperature_pos"):
-        LigerFusedLinearGRPOLoss(sapo_temperature_pos=0.0)
-    with pytest.raises(ValueError, match="Sequence-level|sequence-level"):
-        Liger(compiled=False, loss_type="cispo", importance_sampling_level="sequence")(*args)
-    with pytest.raises(ValueError, match="LigerFusedLinearGRPOLoss: sequence-level"):
-        LigerFusedLinearGRPOLoss(loss_type="cispo", importance_sampling_level="sequence")(*args)
-    with pytest.raises(ValueError, match="unknown loss_type"):
-        LigerFusedLinearGRPOLoss(loss_type="ppo", use_ref_model=False)(*args)
-    with pytest.raises(ValueError, match="max_completion_length"):
-        LigerFusedLinearGRPOLoss(loss_type="dr_grpo", use_ref_model=False)(*args)
     with pytest.raises(ValueError, match="use_ref_model=True needs"):
         LigerFusedLinearGRPOLoss()(*args)
     with pytest.raises(NotImplementedError, match="delta"):
@@ -283,3 +276,110 @@ def test_patch_installs_the_class_where_liger_and_trl_modules_bind_it():
             assert mod.LigerFusedLinearGRPOLoss is Liger
     finally:
         del sys.modules[user.__name__]
+
+
+# --------------------------------------------- the Function and the functional, Liger's errors
+LigerFunction = liger_grpo.LigerFusedLinearGRPOFunction
+
+
+def _apply(apply, d, **kw):
+    """``apply`` (a Function's, or a functional) the way Liger's module calls it: positionally,
+    with every argument after the tensors in Liger's order (``kw`` overrides the defaults)."""
+    args = dict(inspect.signature(trl_liger.LigerFusedLinearGRPOFunction.apply).parameters)
+    leaves = [d["h"].clone().requires_grad_(), d["w"].clone().requires_grad_()]
+    values = dict(
+        _input=leaves[0],
+        weight=leaves[1],
+        selected_token_ids=d["y"],
+        attention_mask=d["m"],
+        advantages=d["adv"],
+        compiled=False,
+    )
+    values |= kw
+    call = [values.get(k, p.default) for k, p in args.items()]
+    loss, metrics = apply(*call)
+    return loss, metrics, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "level"), [("dapo", "token"), ("sapo", "token"), ("grpo", "sequence")]
+)
+def test_function_and_functional_match_liger(loss_type, level):
+    """``LigerFusedLinearGRPOFunction.apply`` and ``liger_fused_linear_grpo`` give Liger's loss,
+    metrics and gradients."""
+    from liger_kernel.chunked_loss.functional import liger_fused_linear_grpo as liger_functional
+
+    d = _batch(seed=3)
+    kw = dict(
+        _init(loss_type, level, 0.04),
+        ref_per_token_logps=d["ref"],
+        old_per_token_logps=d["old"],
+    )
+    want = _apply(LigerFunction.apply, d, **kw)
+    for apply in (trl_liger.LigerFusedLinearGRPOFunction.apply, trl_liger.liger_fused_linear_grpo):
+        got = _apply(apply, d, **kw)
+        torch.testing.assert_close(got[0], want[0], **TOL, msg="loss")
+        for a, x in zip(got[1], want[1], strict=True):
+            torch.testing.assert_close(a.float(), x.float(), **TOL)
+        for a, x in zip(got[2], want[2], strict=True):
+            torch.testing.assert_close(a, x, **TOL)
+    assert liger_functional == LigerFunction.apply  # the functional is the Function's apply
+
+
+REFUSED = [
+    dict(loss_type="foo"),
+    dict(importance_sampling_level="seq"),
+    dict(importance_sampling_level="sequence", loss_type="cispo"),
+    dict(importance_sampling_level="sequence", loss_type="sapo"),
+    dict(importance_sampling_level="sequence", loss_type="vespo"),
+    dict(loss_type="dr_grpo", max_completion_length=None),
+    dict(sapo_temperature_pos=0.0),
+    dict(sapo_temperature_neg=-1.0),
+    dict(delta=0.0),
+    dict(loss_type="sapo", sapo_temperature_neg=0.0),
+]
+
+
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("bad", REFUSED, ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
+def test_refused_inputs_raise_liger_own_errors(bad):
+    """What Liger refuses raises Liger's exception type and message, from the module and from
+    the Function, whichever check of Liger's comes first."""
+    d = _batch(seed=4)
+    init = dict(_init("dapo", "token", 0.04), **bad)
+    call = dict(ref_per_token_logps=d["ref"])
+
+    for ours, theirs in ((LigerFusedLinearGRPOLoss, Liger),):
+        want = _error(lambda cls=theirs: _run(cls, d, init, **call))
+        assert _error(lambda cls=ours: _run(cls, d, init, **call)) == want
+    kw = dict(init, ref_per_token_logps=d["ref"])
+    try:  # Liger's Function skips the module's constructor checks: it may accept the input
+        want = _apply(LigerFunction.apply, d, **kw)
+    except Exception as e:
+        want = (type(e), str(e))
+        assert _error(lambda: _apply(trl_liger.LigerFusedLinearGRPOFunction.apply, d, **kw)) == want
+    else:
+        ours = trl_liger.LigerFusedLinearGRPOFunction.apply
+        if "delta" in bad:  # delta < 1 + epsilon_high: unsupported, documented (module docstring)
+            with pytest.raises(NotImplementedError, match="delta = 0.0 below 1 \\+ epsilon_high"):
+                _apply(ours, d, **kw)
+            return
+        torch.testing.assert_close(_apply(ours, d, **kw)[0], want[0], **TOL)
+
+
+def test_patch_installs_the_function_and_the_functional():
+    import liger_kernel.chunked_loss.functional as functional
+
+    ct.patch()
+    try:
+        assert liger_grpo.LigerFusedLinearGRPOFunction is trl_liger.LigerFusedLinearGRPOFunction
+        assert functional.liger_fused_linear_grpo is trl_liger.liger_fused_linear_grpo
+    finally:
+        ct.unpatch()
+    assert liger_grpo.LigerFusedLinearGRPOFunction is LigerFunction
+    assert functional.liger_fused_linear_grpo == LigerFunction.apply
