@@ -244,8 +244,14 @@ def grpo_loss(
     row means / G, bnpo = token mean / G, dr_grpo = sum / (B L) / G, dapo / cispo / vespo =
     sum / (num_items / num_processes * G / steps_per_generation), luspo = mean of row sums / G,
     with G = gradient_accumulation_steps in training (1 in eval)."""
+    # TRL's own refusals, in its order: the level, then the loss type
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(
+            f"Unknown importance sampling level: {importance_sampling_level}. Possible values are "
+            "'token' and 'sequence'."
+        )
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"grpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"Unknown loss type: {loss_type}")
     if loss_type == "cispo" and importance_sampling_level != "token":
         raise NotImplementedError("grpo_loss: cispo at importance_sampling_level='sequence'")
     if advantages.dim() == 1:
@@ -253,13 +259,10 @@ def grpo_loss(
     advantages = advantages.expand_as(per_token_logps)
     if importance_sampling_level == "token":
         lp, old = per_token_logps, old_per_token_logps
-    elif importance_sampling_level == "sequence":
-        # every token carries the sequence log-ratio (full gradient of the mean, as TRL)
+    else:  # sequence: every token carries the sequence log-ratio (full gradient of the mean)
         n = mask.sum(-1, keepdim=True).clamp(min=1.0)
         lp = ((per_token_logps * mask).sum(-1, keepdim=True) / n).expand_as(per_token_logps)
         old = ((old_per_token_logps * mask).sum(-1, keepdim=True) / n).expand_as(lp)
-    else:
-        raise ValueError(f"Unknown importance sampling level: {importance_sampling_level}.")
     clipped = loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
     if clipped and delta is not None and delta < 1 + epsilon_high:
         raise NotImplementedError("grpo_loss: delta below 1 + epsilon_high")
@@ -335,6 +338,18 @@ def vllm_importance_sampling_ratio(
     process-local values TRL logs: ``sampling/sampling_logp_difference/{mean,max}`` (|old -
     sampling| over valid, non-NaN tokens) and ``sampling/importance_sampling_ratio/{min,mean,
     max}`` (over valid tokens, or over rows), as 0-d tensors (0 when empty)."""
+    # TRL's refusals, in its order: GRPOConfig's checks of the bounds, then the mode at run time
+    if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+        raise ValueError(
+            f"vllm_importance_sampling_clip_min ({clip_min}) must be less than "
+            f"vllm_importance_sampling_clip_max ({clip_max})."
+        )
+    if mode in ("token_truncate", "sequence_truncate") and clip_min is None and clip_max is None:
+        raise ValueError(
+            "At least one of `vllm_importance_sampling_clip_min` or "
+            "`vllm_importance_sampling_clip_max` must be set when `vllm_importance_sampling_mode` "
+            "is a `*_truncate` mode."
+        )
     if mode not in VLLM_IS_MODES:
         raise ValueError(
             f"Unknown vLLM importance sampling level: {mode}. Possible values are "

@@ -323,6 +323,72 @@ def test_trl_vllm_importance_sampling(mode, clip, nan):
     _same_dict({k: v.item() for k, v in metrics.items()}, logged)
 
 
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "mode, clip",
+    [
+        ("token_mask", (2.0, 1.0)),
+        ("sequence_truncate", (3.0, 3.0)),
+        ("token_truncate", (None, None)),
+        ("sequence_truncate", (None, None)),
+        ("tok", (0.5, 2.0)),
+        ("tok", (2.0, 0.5)),
+    ],
+)
+def test_trl_vllm_importance_sampling_refusals(mode, clip):
+    """What TRL refuses (GRPOConfig's checks of the bounds, then the mode where its ratio is
+    computed) raises TRL's exception type and message, first refusal first."""
+    import warnings
+
+    from trl import GRPOConfig
+
+    import ppokernels.compat.trl as ct
+
+    ratio_src, _ = _trl_block(
+        "# Compute the importance sampling ratio when using vLLM",
+        "# Compute the per-token log probabilities for the reference model",
+    )
+    old, rollout, m = _data(seed=6)
+
+    def trl():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = GRPOConfig(
+                output_dir="unused",
+                report_to="none",
+                use_cpu=True,
+                bf16=False,
+                vllm_importance_sampling_mode=mode,
+                vllm_importance_sampling_clip_min=clip[0],
+                vllm_importance_sampling_clip_max=clip[1],
+            )
+        ns = dict(
+            self=SimpleNamespace(**{**vars(config), "use_vllm": True}),
+            torch=torch,
+            math=math,
+            completion_mask=m,
+            tool_mask=torch.ones_like(m),
+            old_per_token_logps=old,
+            sampling_per_token_logps=rollout,
+            device=old.device,
+            mode="train",
+        )
+        exec(ratio_src, ns)  # noqa: S102  (TRL's own lines)
+
+    want = _error(trl)
+    got = _error(
+        lambda: ct.vllm_importance_sampling_ratio(
+            old, rollout, m, mode=mode, clip_min=clip[0], clip_max=clip[1]
+        )
+    )
+    assert got == want
+
+
 @pytest.mark.parametrize("mode", VLLM_MODES)
 def test_trl_loss_with_correction(mode):
     """TRL's GRPO loss with the op's ratio equals it with TRL's own ratio (grpo_loss parity

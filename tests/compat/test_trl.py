@@ -334,12 +334,49 @@ def _grpo_parity(
     _close(go, gw)
 
 
-def test_grpo_loss_errors():
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "loss_type, level",
+    [("ppo", "token"), ("GRPO", "sequence"), ("grpo", "seq"), ("ppo", "tokens"), ("dapo", None)],
+)
+def test_grpo_loss_refusals_match_trl(loss_type, level):
+    """What TRL's _compute_loss refuses raises its exception type and message, level first."""
+    B, T = 3, 5
+    lp, mask = torch.randn(B, T), torch.ones(B, T)
+    inputs = dict(
+        prompt_ids=torch.zeros(B, 2, dtype=torch.long),
+        prompt_mask=torch.ones(B, 2, dtype=torch.long),
+        completion_ids=torch.zeros(B, T, dtype=torch.long),
+        completion_mask=mask,
+        advantages=torch.randn(B),
+        old_per_token_logps=lp,
+        num_items_in_batch=mask.sum(),
+    )
+    trainer = _trainer(loss_type, lp, 0.2, 0.28, level, None, 0.0, False, 1, 1, 1, True)
+    trainer.lp = lp
+    want = _error(lambda: grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs))
+    got = _error(
+        lambda: ct.grpo_loss(
+            lp, lp, inputs["advantages"], mask, loss_type=loss_type, importance_sampling_level=level
+        )
+    )
+    assert got == want
+
+
+def test_grpo_loss_refuses_what_it_cannot_compute():
+    """TRL computes these; the drop-in says so instead of computing something else."""
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError):
-        ct.grpo_loss(x, x, torch.zeros(2), x, loss_type="ppo")
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="grpo_loss: delta below 1 \\+ epsilon_high"):
         ct.grpo_loss(x, x, torch.zeros(2), x, delta=1.1, epsilon_high=0.28)
+    with pytest.raises(NotImplementedError, match="grpo_loss: cispo at importance_sampling_level"):
+        ct.grpo_loss(
+            x, x, torch.zeros(2), x, loss_type="cispo", importance_sampling_level="sequence"
+        )
 
 
 def test_patch_unpatch():
