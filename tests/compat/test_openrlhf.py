@@ -182,8 +182,45 @@ def test_compute_approx_kl(est, unbiased, with_old):
     assert oo.dtype == ow.dtype
     _close(oo, ow)
     _close(go, gw)
-    with pytest.raises(ValueError):
-        co.compute_approx_kl(lp, base, kl_estimator="k4")
+
+
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+REFUSED = [  # PolicyLoss's constructor checks, one per case, and where two fail the first wins
+    dict(dual_clip=1.0),
+    dict(dual_clip=0.5, is_correction_level="sequence"),
+    dict(is_correction_level="sequence"),
+    dict(is_correction_level="tok", is_correction_mode="truncate"),
+    dict(is_correction_mode="truncate"),
+    dict(is_correction_mode="truncate", is_correction_gating="kl"),
+    dict(is_correction_gating="kl"),
+    dict(is_correction_mode="clip", is_correction_level="seq"),
+    dict(is_correction_mode="clip", is_correction_level="token", is_correction_gating="tv"),
+    dict(is_correction_level="token", is_correction_gating="binary_kl"),
+    dict(is_correction_level="seq", is_correction_gating="tv", is_correction_threshold=(0.1, 1)),
+]
+
+
+@pytest.mark.parametrize("bad", REFUSED, ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
+def test_refused_inputs_raise_openrlhf_own_errors(bad):
+    """What OpenRLHF refuses raises its exception type and message, in its order of checks."""
+    assert _error(lambda: co.PolicyLoss(**bad)) == _error(lambda: orl_loss.PolicyLoss(**bad))
+
+
+def test_refused_calls_raise_openrlhf_own_errors():
+    """The loss type (checked when the loss runs) and the KL estimator, against OpenRLHF."""
+    lp, old, adv, mask = _data(seed=12)
+    for policy_loss_type in ("grpo", "PPO"):
+        args = dict(policy_loss_type=policy_loss_type)
+        want = _error(lambda a=args: orl_loss.PolicyLoss(**a)(lp, old, adv, mask))
+        assert _error(lambda a=args: co.PolicyLoss(**a)(lp, old, adv, mask)) == want
+    for est in ("k4", "K1", None):
+        want = _error(lambda e=est: orl_utils.compute_approx_kl(lp, old, kl_estimator=e))
+        assert _error(lambda e=est: co.compute_approx_kl(lp, old, kl_estimator=e)) == want
 
 
 @pytest.mark.parametrize("clip_range", [None, (-1.0, 1.0)])
