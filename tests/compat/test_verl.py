@@ -109,11 +109,17 @@ def test_kl_penalty(mode):
         _close(a, b)
 
 
-def test_kl_penalty_full_raises():
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+def test_kl_penalty_refusals_match_verl():
     lp, ref, _, _ = _data()
-    for mode in ("full", "nope"):
-        with pytest.raises(NotImplementedError):
-            cv.kl_penalty(lp, ref, mode)
+    for mode in ("full", "nope", "K3"):
+        want = _error(lambda m=mode: core_algos.kl_penalty(lp, ref, m))
+        assert _error(lambda m=mode: cv.kl_penalty(lp, ref, m)) == want
 
 
 # ------------------------------------------------------------------------------- losses
@@ -197,13 +203,21 @@ def test_agg_loss(mode, kw):
     _close(go[0], gw[0], equal_nan=True, **TOL)
 
 
-def test_agg_loss_errors():
+@pytest.mark.parametrize(
+    "mode, kw",
+    [
+        ("token-mean", dict(dp_size=2)),
+        ("seq-mean-token-mean", dict(dp_size=2)),
+        ("seq-mean-token-sum", dict(dp_size=2, batch_num_tokens=40)),
+        ("seq-mean-token-sum-norm", dict(dp_size=2)),
+        ("nope", {}),
+        ("nope", dict(dp_size=2)),
+    ],
+)
+def test_agg_loss_refusals_match_verl(mode, kw):
     x, _, _, mask = _data()
-    for mode in ("token-mean", "seq-mean-token-mean"):
-        with pytest.raises(ValueError):
-            cv.agg_loss(x, mask, mode, dp_size=2)
-    with pytest.raises(ValueError):
-        cv.agg_loss(x, mask, "nope")
+    want = _error(lambda: core_algos.agg_loss(x, mask, mode, **kw))
+    assert _error(lambda: cv.agg_loss(x, mask, mode, **kw)) == want
 
 
 @pytest.mark.parametrize("mode", AGG)
@@ -347,6 +361,29 @@ def test_fused_linear_for_ppo(temperature, shape):
     _close(ent, want[1].reshape(-1), atol=1e-4, rtol=1e-4)
     total, _ = cv.linear_cross_entropy(hidden, weight, ids, temperature, "mean")
     _close(total, want[0].mean(), atol=1e-4, rtol=1e-4)
+
+
+@needs_linear
+def test_fused_linear_refusals_match_verl():
+    """What veRL's fused linear log-probs refuse (a bad backend; hidden neither 2-D nor 3-D,
+    ids of another shape, by its torch path's asserts or its Liger path's ValueErrors; a
+    temperature or reduction of the wrong type) raises veRL's exception type and message."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    w, ids = torch.randn(11, 4), torch.zeros(2, 3, dtype=torch.long)
+    assert _error(lambda: cv.FusedLinearForPPO(impl_backend="cuda")) == _error(
+        lambda: FusedLinearForPPO(impl_backend="cuda")
+    )
+    for backend in ("torch", "liger"):
+        for h, y in ((torch.randn(4), ids[0, :1]), (torch.randn(2, 3, 4), ids[0])):
+            want = _error(lambda b=backend, h=h, y=y: FusedLinearForPPO(impl_backend=b)(h, w, y))
+            got = _error(lambda b=backend, h=h, y=y: cv.FusedLinearForPPO(impl_backend=b)(h, w, y))
+            assert got == want, backend
+    h = torch.randn(2, 3, 4)
+    for args in ((1, "none"), (1.0, None)):
+        want = _error(lambda a=args: linear_cross_entropy(h, w, ids, *a))
+        assert _error(lambda a=args: cv.linear_cross_entropy(h, w, ids, *a)) == want
 
 
 # ------------------------------------------------------------------------------ patching

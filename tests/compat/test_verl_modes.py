@@ -26,8 +26,17 @@ AGG = list(AGG_MODES)
 INFO = [{}, dict(dp_size=2, batch_num_tokens=71, global_batch_size=11, loss_scale_factor=20)]
 # veRL's own functions, captured before any patch() in this process can replace them
 VERL = {m: getattr(core_algos, f"compute_policy_loss_{m}") for m in POLICY_LOSSES}
+# veRL's PPO clip and REINFORCE++, captured as VERL
+VERL_VANILLA = core_algos.compute_policy_loss_vanilla
+VERL_RPP = core_algos.compute_reinforce_plus_plus_outcome_advantage
 # bypass_mode needs a rollout_correction config: tests/compat/test_verl_rest.py
 MODES = [m for m in POLICY_LOSSES if m != "bypass_mode"]
+
+
+def _error(fn):
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)
 
 
 def _config(info, **kw):
@@ -192,11 +201,33 @@ def test_gdpo_reward_components():
         _same("gdpo", r, m, INDEX, 1e-6, True, cfg, non_tensor_batch=extra, batch=batch)
 
 
-def test_passk_needs_pairs():
+def test_estimator_refusals_match_verl():
+    """What veRL's estimators refuse (Pass@k groups of one, no config, GDPO's reward keys)
+    raises veRL's exception type and message."""
     r, m = _rewards(9, seed=6)
-    cfg = OmegaConf.create({})
-    with pytest.raises(ValueError, match="Pass@k requires at least 2 samples per group"):
-        ESTIMATORS["grpo_passk"](r, m, INDEX, config=cfg)
+    att = torch.ones(9, 3 + m.shape[1], dtype=torch.long)
+    batch = {"prompts": torch.zeros(9, 3), "attention_mask": att}
+    extra = {"fmt": [0.5] * 9}
+    cases = [
+        ("grpo_passk", dict(config=OmegaConf.create({}))),
+        ("grpo_passk", dict(config=None)),
+        ("reinforce_plus_plus", dict(config=None)),
+        ("gdpo", dict(config=OmegaConf.create({}), non_tensor_batch=extra, batch=batch)),
+        (
+            "gdpo",
+            dict(
+                config=OmegaConf.create({"gdpo_reward_keys": ["fmt", "acc"]}),
+                non_tensor_batch=extra,
+                batch=batch,
+            ),
+        ),
+    ]
+    for name, kw in cases:
+        args = (r, m) if name == "reinforce_plus_plus" else (r, m, INDEX)
+        ours = ESTIMATORS.get(name) or cv.compute_reinforce_plus_plus_outcome_advantage
+        theirs = VERL_ADV.get(name) or VERL_RPP
+        want = _error(lambda f=theirs, a=args, k=kw: f(*a, **k))
+        assert _error(lambda f=ours, a=args, k=kw: f(*a, **k)) == want, name
 
 
 def test_patch_installs_every_estimator():
@@ -208,3 +239,30 @@ def test_patch_installs_every_estimator():
         cv.unpatch()
     for name, fn in VERL_ADV.items():
         assert core_algos.get_adv_estimator_fn(name) is fn
+
+
+REFUSED = [  # (mode, the config's fields veRL refuses; None: no config)
+    *[(m, None) for m in ["vanilla", *MODES]],
+    ("vanilla", dict(clip_ratio_c=1.0)),
+    ("clip_cov", dict(policy_loss=dict(clip_cov_ratio=0.0))),
+    ("kl_cov", dict(policy_loss=dict(kl_cov_ratio=-0.1))),
+    ("dro", dict(policy_loss=dict(dro_beta=0.0))),
+    ("dro", dict(policy_loss=dict(dro_beta=-1.0))),
+]
+
+
+@pytest.mark.parametrize("mode, bad", REFUSED, ids=lambda x: str(x))
+def test_refused_configs_raise_verl_own_errors(mode, bad):
+    """What veRL's policy losses refuse raises veRL's exception type and message."""
+    old, lp, adv, mask = _inputs()
+    if bad is None:
+        cfg = None
+    else:
+        bad = dict(bad)
+        if "policy_loss" in bad:
+            bad["policy_loss"] = PolicyLossConfig(**bad["policy_loss"])
+        cfg = _config({}, **bad)
+    ours = getattr(cv, f"compute_policy_loss_{mode}")
+    theirs = VERL_VANILLA if mode == "vanilla" else VERL[mode]
+    want = _error(lambda: theirs(old, lp, adv, mask, "token-mean", cfg))
+    assert _error(lambda: ours(old, lp, adv, mask, "token-mean", cfg)) == want

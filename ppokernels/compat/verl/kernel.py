@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 import ppokernels as ppk
@@ -54,7 +56,25 @@ class FusedLinearForPPO(torch.nn.Module):
         self.impl_backend = impl_backend
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        assert hidden_states.ndim in (2, 3), f"Invalid hidden_states shape {hidden_states.shape}"
+        # veRL's refusals: its Liger path (impl_backend="liger" with Liger installed) raises
+        # ValueError, its torch path asserts
+        if self.impl_backend == "liger" and importlib.util.find_spec("liger_kernel") is not None:
+            if hidden_states.ndim not in (2, 3):
+                raise ValueError(
+                    f"hidden_states must be 2D or 3D, got shape {tuple(hidden_states.shape)}"
+                )
+            if input_ids.shape != hidden_states.shape[:-1]:
+                raise ValueError(
+                    f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
+                    f"{tuple(hidden_states.shape[:-1])}"
+                )
+        assert hidden_states.ndim in (2, 3), (
+            f"Invalid hidden_states shape, received {hidden_states.shape}"
+        )
+        if hidden_states.ndim == 3:
+            assert input_ids.ndim == 2, (
+                f"input_ids shape doesn't match, {hidden_states.shape} {input_ids.shape}"
+            )
         shape = input_ids.shape
         lp, ent = ppk.linear_logprobs(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
