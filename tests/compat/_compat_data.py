@@ -1,5 +1,6 @@
 """Inputs and tolerances shared by the compat parity tests (tests/compat/test_*.py)."""
 
+import pytest
 import torch
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -27,3 +28,11 @@ def data(B=6, T=13, seed=0, scale=1.0):
 
 def close(a, b, **kw):
     torch.testing.assert_close(a, b, **(kw or TOL))
+
+
+def error(fn):
+    """``(type, message)`` of the exception ``fn()`` raises (a test fails if it raises none):
+    what a drop-in raises is compared with what its trainer raises."""
+    with pytest.raises(Exception) as e:
+        fn()
+    return type(e.value), str(e.value)

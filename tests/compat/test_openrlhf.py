@@ -26,6 +26,7 @@ import ppokernels.compat.openrlhf as co
 
 from ._compat_data import close as _close
 from ._compat_data import data as _data
+from ._compat_data import error as _error
 
 STUBBED = ("deepspeed", "flash_attn", "vllm")
 
@@ -182,12 +183,6 @@ def test_compute_approx_kl(est, unbiased, with_old):
     assert oo.dtype == ow.dtype
     _close(oo, ow)
     _close(go, gw)
-
-
-def _error(fn):
-    with pytest.raises(Exception) as e:
-        fn()
-    return type(e.value), str(e.value)
 
 
 REFUSED = [  # PolicyLoss's constructor checks, one per case, and where two fail the first wins

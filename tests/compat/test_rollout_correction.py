@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ._compat_data import error as _error
+
 verl_rc = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
 
 import ppokernels.compat.verl as ppk_verl  # noqa: E402
@@ -321,12 +323,6 @@ def test_trl_vllm_importance_sampling(mode, clip, nan):
     logged = {k: v[0] for k, v in trainer._metrics["train"].items()}
     assert set(logged) == set(metrics)
     _same_dict({k: v.item() for k, v in metrics.items()}, logged)
-
-
-def _error(fn):
-    with pytest.raises(Exception) as e:
-        fn()
-    return type(e.value), str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ._compat_data import close as _close
+from ._compat_data import error as _error
 
 trl_utils = pytest.importorskip("trl.trainer.utils")  # the reason names the import error
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
@@ -332,12 +333,6 @@ def _grpo_parity(
     (go,) = torch.autograd.grad(got, [y])
     _close(got, want)
     _close(go, gw)
-
-
-def _error(fn):
-    with pytest.raises(Exception) as e:
-        fn()
-    return type(e.value), str(e.value)
 
 
 @pytest.mark.parametrize(

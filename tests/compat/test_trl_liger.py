@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ._compat_data import error as _error
+
 liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
 
@@ -338,12 +340,6 @@ REFUSED = [
     dict(delta=0.0),
     dict(loss_type="sapo", sapo_temperature_neg=0.0),
 ]
-
-
-def _error(fn):
-    with pytest.raises(Exception) as e:
-        fn()
-    return type(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("bad", REFUSED, ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))

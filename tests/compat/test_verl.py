@@ -11,6 +11,7 @@ import torch
 from ._compat_data import TOL
 from ._compat_data import close as _close
 from ._compat_data import data as _data
+from ._compat_data import error as _error
 from ._compat_data import mask as _mask
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")  # the reason names the import error
@@ -107,12 +108,6 @@ def test_kl_penalty(mode):
     _close(got, want)
     for a, b in zip(go, gw, strict=True):
         _close(a, b)
-
-
-def _error(fn):
-    with pytest.raises(Exception) as e:
-        fn()
-    return type(e.value), str(e.value)
 
 
 def test_kl_penalty_refusals_match_verl():

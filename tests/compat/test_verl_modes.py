@@ -11,6 +11,7 @@ import torch
 
 from ._compat_data import close as _close
 from ._compat_data import data as _data
+from ._compat_data import error as _error
 from ._compat_data import mask as _mask
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")  # the reason names the import error
@@ -31,12 +32,6 @@ VERL_VANILLA = core_algos.compute_policy_loss_vanilla
 VERL_RPP = core_algos.compute_reinforce_plus_plus_outcome_advantage
 # bypass_mode needs a rollout_correction config: tests/compat/test_verl_rest.py
 MODES = [m for m in POLICY_LOSSES if m != "bypass_mode"]
-
-
-def _error(fn):
-    with pytest.raises(Exception) as e:
-        fn()
-    return type(e.value), str(e.value)
 
 
 def _config(info, **kw):
