@@ -9,8 +9,8 @@ Backends:
 
 ``auto`` picks, for CUDA tensors, the faster built GPU kernel of the op (``FASTEST_GPU``, from the
 benchmarks), for CPU tensors the C++ kernel, and the reference when nothing is built.
-``PPOKERNELS_BACKEND``, when set before ppokernels is imported, replaces ``auto``. Asking for a backend that is not built is an
-error that says how to build it; there is no silent fallback.
+``PPOKERNELS_BACKEND``, when set before ppokernels is imported, replaces ``auto``. Asking for a
+backend that is not built is an error that says how to build it; there is no silent fallback.
 
 A binary that is present but cannot load (a torch older than the stable-ABI target, a missing
 CUDA runtime, an undefined symbol) never breaks ``import ppokernels``: the import warns once,

@@ -35,9 +35,10 @@ loss is float32 (float64 for float64 inputs; Liger computes in float32 whatever 
 What Liger refuses (an unknown loss type or level, a sequence-level cispo / sapo / vespo,
 dr_grpo without max_completion_length, non-positive SAPO temperatures or delta) raises Liger's
 own exception type and message; inputs Liger runs into garbage or a crash (a bad shape, a label
-out of range, temperature 0) raise ValueError naming the class. Unsupported, raising NotImplementedError: ``delta <
-1 + epsilon_high`` (then the cap acts on positive advantages, which no PPO clip expresses) and
-vespo rows whose ``vllm_is_ratio`` log-sum over the padding leaves the per-token clamp range.
+out of range, temperature 0) raise ValueError naming the class. Unsupported, raising
+NotImplementedError: ``delta < 1 + epsilon_high`` (then the cap acts on positive advantages,
+which no PPO clip expresses) and vespo rows whose ``vllm_is_ratio`` log-sum over the padding
+leaves the per-token clamp range.
 
 Cases the fused op cannot score take ``ppokernels.linear_logprobs`` + ``ppo_policy_loss`` (four
 GEMMs): luspo with a ``[B, T]`` per-token loss, an IS-corrected KL, the KL of grpo / sapo (its
