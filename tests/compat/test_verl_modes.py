@@ -27,7 +27,7 @@ AGG = list(AGG_MODES)
 INFO = [{}, dict(dp_size=2, batch_num_tokens=71, global_batch_size=11, loss_scale_factor=20)]
 # veRL's own functions, captured before any patch() in this process can replace them
 VERL = {m: getattr(core_algos, f"compute_policy_loss_{m}") for m in POLICY_LOSSES}
-# veRL's PPO clip and REINFORCE++, captured as VERL
+# veRL's PPO clip and REINFORCE++, captured before any patch() likewise
 VERL_VANILLA = core_algos.compute_policy_loss_vanilla
 VERL_RPP = core_algos.compute_reinforce_plus_plus_outcome_advantage
 # bypass_mode needs a rollout_correction config: tests/compat/test_verl_rest.py

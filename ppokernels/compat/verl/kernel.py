@@ -54,11 +54,15 @@ class FusedLinearForPPO(torch.nn.Module):
             )
         self.chunk_size = chunk_size
         self.impl_backend = impl_backend
+        # veRL takes its Liger path for impl_backend="liger" when Liger is installed; looked up
+        # once here, not on every forward (find_spec walks sys.path)
+        self._liger_path = (
+            impl_backend == "liger" and importlib.util.find_spec("liger_kernel") is not None
+        )
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        # veRL's refusals: its Liger path (impl_backend="liger" with Liger installed) raises
-        # ValueError, its torch path asserts
-        if self.impl_backend == "liger" and importlib.util.find_spec("liger_kernel") is not None:
+        # veRL's refusals: its Liger path raises ValueError, its torch path asserts
+        if self._liger_path:
             if hidden_states.ndim not in (2, 3):
                 raise ValueError(
                     f"hidden_states must be 2D or 3D, got shape {tuple(hidden_states.shape)}"
